@@ -1,0 +1,23 @@
+//! Contracts shared by every layer of the platform.
+//!
+//! * [`event`]: the click event and its validation (parse, don't validate);
+//! * [`schema`]: the Arrow schema of the lake's `events` table;
+//! * [`decode`]: raw Kafka records → one Arrow batch plus rejections;
+//! * [`views`]: the view definitions every layer executes;
+//! * [`cut`]: partitions, offsets, segments and the offset cut.
+//!
+//! This crate holds contracts, not machinery: it depends on no Kafka or
+//! PostgreSQL client. The SQL migrations live in the workspace's
+//! `migrations/` folder and are applied by every binary at start.
+
+pub mod cut;
+pub mod decode;
+pub mod event;
+pub mod schema;
+pub mod views;
+
+pub use cut::{OffsetCut, Offset, Partition, Segment};
+pub use decode::{Decoded, EventDecoder, RawRecord, RejectedRecord};
+pub use event::{Event, EventType, RejectReason, Rejection};
+pub use schema::events_schema;
+pub use views::{ViewDef, ALL_VIEWS};

@@ -1,0 +1,57 @@
+//! Arrow schemas of the lake.
+//!
+//! The `events` Delta table holds the event columns, where each record came
+//! from in Kafka (`kafka_partition`, `kafka_offset`) and the two partition
+//! columns (`event_date`, `event_hour`), derived from `event_time` in UTC.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// Column names, so no layer spells one differently.
+pub mod col {
+    pub const EVENT_ID: &str = "event_id";
+    pub const EVENT_TYPE: &str = "event_type";
+    pub const EVENT_TIME: &str = "event_time";
+    pub const USER_ID: &str = "user_id";
+    pub const SESSION_ID: &str = "session_id";
+    pub const PRODUCT_ID: &str = "product_id";
+    pub const QUANTITY: &str = "quantity";
+    pub const PRICE_CENTS: &str = "price_cents";
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    pub const KAFKA_PARTITION: &str = "kafka_partition";
+    pub const KAFKA_OFFSET: &str = "kafka_offset";
+    pub const EVENT_DATE: &str = "event_date";
+    pub const EVENT_HOUR: &str = "event_hour";
+}
+
+/// The lake's partition columns, in order.
+pub const PARTITION_COLUMNS: [&str; 2] = [col::EVENT_DATE, col::EVENT_HOUR];
+
+/// `event_time` and every hour key: microseconds, UTC.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+static EVENTS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new(col::EVENT_ID, DataType::Utf8, false),
+        Field::new(col::EVENT_TYPE, DataType::Utf8, false),
+        Field::new(col::EVENT_TIME, timestamp_type(), false),
+        Field::new(col::USER_ID, DataType::Utf8, false),
+        Field::new(col::SESSION_ID, DataType::Utf8, false),
+        Field::new(col::PRODUCT_ID, DataType::Utf8, false),
+        Field::new(col::QUANTITY, DataType::Int32, true),
+        Field::new(col::PRICE_CENTS, DataType::Int64, true),
+        Field::new(col::SCHEMA_VERSION, DataType::Int32, false),
+        Field::new(col::KAFKA_PARTITION, DataType::Int32, false),
+        Field::new(col::KAFKA_OFFSET, DataType::Int64, false),
+        Field::new(col::EVENT_DATE, DataType::Utf8, false),
+        Field::new(col::EVENT_HOUR, DataType::Int32, false),
+    ]))
+});
+
+/// Schema of the `events` table and of every decoded batch.
+pub fn events_schema() -> SchemaRef {
+    Arc::clone(&EVENTS)
+}

@@ -1,0 +1,460 @@
+//! View definitions: each view is written down once, as data, and every
+//! layer executes that one definition.
+//!
+//! A [`ViewDef`] names its key columns and its measures. A measure is a
+//! per-event SQL expression plus a [`Merge`] rule; the aggregate that
+//! computes a view from raw events is the merge rule applied to the
+//! expression, and the same rule re-aggregates partial results. From this:
+//!
+//! * [`ViewDef::batch_sql`]: the batch layer's DataFusion query over a lake
+//!   snapshot, below the offset cut;
+//! * [`ViewDef::speed_sql`]: the speed layer's DataFusion query over one
+//!   micro-batch, grouped additionally by Kafka partition and offset segment
+//!   (for views with additive measures);
+//! * [`ViewDef::speed_upsert_sql`]: how a delta folds into `speed.<view>`;
+//! * [`ViewDef::serving_view_sql`]: the PostgreSQL view `serving.<view>`
+//!   that merges `batch.<view>` with the speed rows at or above the cut;
+//! * [`ViewDef::batch_table_ddl`] / [`ViewDef::speed_table_ddl`]: the tables.
+//!
+//! Expressions are written in the SQL subset that DataFusion and PostgreSQL
+//! share (`CASE`, `CAST`, `date_trunc`, comparison, arithmetic), over the
+//! columns of [`crate::schema::events_schema`].
+
+use std::fmt::Write as _;
+
+use crate::schema::col;
+
+/// How partial results of a measure combine. The same function aggregates
+/// events into a view and merges partial views into one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// Additive (counts, sums). Needs the offset cut to avoid double counting.
+    Sum,
+    /// Idempotent greatest value (last-seen times). Merges without segments:
+    /// counting a record twice cannot change a maximum.
+    Max,
+}
+
+impl Merge {
+    fn aggregate(self) -> &'static str {
+        match self {
+            Merge::Sum => "sum",
+            Merge::Max => "max",
+        }
+    }
+}
+
+/// Column types, mapped to both Arrow (through DataFusion) and PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlType {
+    BigInt,
+    Text,
+    TimestampTz,
+}
+
+impl SqlType {
+    pub fn postgres(self) -> &'static str {
+        match self {
+            SqlType::BigInt => "bigint",
+            SqlType::Text => "text",
+            SqlType::TimestampTz => "timestamptz",
+        }
+    }
+}
+
+/// A grouping column of a view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    pub name: &'static str,
+    /// Per-event expression over the source.
+    pub expr: &'static str,
+    pub ty: SqlType,
+}
+
+/// A value column of a view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    pub name: &'static str,
+    /// Per-event expression; the view holds `merge(expr)` per key.
+    pub expr: &'static str,
+    pub ty: SqlType,
+    pub merge: Merge,
+}
+
+/// What a view is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The `events` table (lake snapshot or micro-batch).
+    Events,
+    /// `events` joined with the product catalog (`products`), for keys that
+    /// need a product's attributes. Events of unknown products keep their
+    /// place under the key expression's fallback.
+    EventsWithCatalog,
+}
+
+/// One view, defined once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewDef {
+    pub name: &'static str,
+    pub source: Source,
+    pub keys: &'static [Key],
+    pub measures: &'static [Measure],
+    /// Events the view considers at all (`None`: every event).
+    pub filter: Option<&'static str>,
+    /// Roles that may read `serving.<view>`. User-level views are never
+    /// readable by [`Reader::Dashboard`].
+    pub readers: &'static [Reader],
+}
+
+/// The read-only roles of `DESIGN.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    /// Marketing dashboards and BI tools: aggregates only.
+    Dashboard,
+    /// The recommender: what personalised recommendations need.
+    Recommender,
+}
+
+impl Reader {
+    pub fn role(self) -> &'static str {
+        match self {
+            Reader::Dashboard => "dashboard_reader",
+            Reader::Recommender => "recommender_reader",
+        }
+    }
+}
+
+/// Name of the speed-table column holding the Kafka partition.
+pub const PARTITION_COLUMN: &str = "kafka_partition";
+/// Name of the speed-table column holding the offset segment.
+pub const SEGMENT_COLUMN: &str = "segment";
+
+impl ViewDef {
+    /// Whether speed rows carry partition and segment: needed as soon as one
+    /// measure is additive, since only those can be double counted.
+    pub fn segmented(&self) -> bool {
+        self.measures.iter().any(|m| m.merge == Merge::Sum)
+    }
+
+    pub fn key_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.keys.iter().map(|k| k.name)
+    }
+
+    pub fn measure_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.measures.iter().map(|m| m.name)
+    }
+
+    /// Columns of `batch.<view>`: keys then measures.
+    pub fn batch_columns(&self) -> Vec<(&'static str, SqlType)> {
+        let keys = self.keys.iter().map(|k| (k.name, k.ty));
+        keys.chain(self.measures.iter().map(|m| (m.name, m.ty))).collect()
+    }
+
+    /// Columns of `speed.<view>`: keys, partition and segment (when
+    /// segmented), then measures. The speed query's output has this order.
+    pub fn speed_columns(&self) -> Vec<(&'static str, SqlType)> {
+        let mut cols: Vec<_> = self.keys.iter().map(|k| (k.name, k.ty)).collect();
+        if self.segmented() {
+            cols.push((PARTITION_COLUMN, SqlType::BigInt));
+            cols.push((SEGMENT_COLUMN, SqlType::BigInt));
+        }
+        cols.extend(self.measures.iter().map(|m| (m.name, m.ty)));
+        cols
+    }
+
+    fn from_clause(&self, events: &str) -> String {
+        match self.source {
+            Source::Events => format!("{events} AS e"),
+            Source::EventsWithCatalog => {
+                format!("{events} AS e LEFT JOIN products AS p ON p.product_id = e.product_id")
+            }
+        }
+    }
+
+    fn select_list(&self, out: &mut String, extra_keys: &[(&str, &str)]) {
+        let mut items: Vec<String> = self.keys.iter().map(|k| format!("{} AS {}", k.expr, k.name)).collect();
+        items.extend(extra_keys.iter().map(|(expr, name)| format!("{expr} AS {name}")));
+        items.extend(self.measures.iter().map(|m| format!("{}({}) AS {}", m.merge.aggregate(), m.expr, m.name)));
+        out.push_str(&items.join(",\n       "));
+    }
+
+    fn where_clause(&self, out: &mut String, predicate: Option<&str>) {
+        let conds: Vec<String> = self.filter.into_iter().chain(predicate).map(|c| format!("({c})")).collect();
+        if !conds.is_empty() {
+            let _ = write!(out, "\nWHERE {}", conds.join(" AND "));
+        }
+    }
+
+    fn group_by(out: &mut String, n: usize) {
+        let positions: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+        let _ = write!(out, "\nGROUP BY {}", positions.join(", "));
+    }
+
+    /// The batch query (DataFusion SQL) over the table registered as
+    /// `events` (and `products` for catalog views), restricted by
+    /// `predicate` (the offset cut, and the hours to recompute).
+    pub fn batch_sql(&self, predicate: Option<&str>) -> String {
+        let mut sql = String::from("SELECT ");
+        self.select_list(&mut sql, &[]);
+        let _ = write!(sql, "\nFROM {}", self.from_clause("events"));
+        self.where_clause(&mut sql, predicate);
+        Self::group_by(&mut sql, self.keys.len());
+        sql
+    }
+
+    /// The speed query (DataFusion SQL) over one micro-batch registered as
+    /// `events`; output columns are [`Self::speed_columns`].
+    pub fn speed_sql(&self, segment_size: i64) -> String {
+        let mut sql = String::from("SELECT ");
+        let partition = format!("CAST(e.{} AS BIGINT)", col::KAFKA_PARTITION);
+        let segment = format!("e.{} / {segment_size}", col::KAFKA_OFFSET);
+        let extra: &[(&str, &str)] = if self.segmented() {
+            &[(&partition, PARTITION_COLUMN), (&segment, SEGMENT_COLUMN)]
+        } else {
+            &[]
+        };
+        self.select_list(&mut sql, extra);
+        let _ = write!(sql, "\nFROM {}", self.from_clause("events"));
+        self.where_clause(&mut sql, None);
+        Self::group_by(&mut sql, self.keys.len() + extra.len());
+        sql
+    }
+
+    fn column_ddl(cols: &[(&str, SqlType)], not_null: usize) -> String {
+        cols.iter()
+            .enumerate()
+            .map(|(i, (name, ty))| {
+                let null = if i < not_null { " NOT NULL" } else { "" };
+                format!("    {name} {}{null}", ty.postgres())
+            })
+            .collect::<Vec<_>>()
+            .join(",\n")
+    }
+
+    /// `CREATE TABLE` for `<schema>.<view>` in the batch layout (used for
+    /// `batch.*` and its staging copies).
+    pub fn batch_table_ddl(&self, schema: &str) -> String {
+        let cols = Self::column_ddl(&self.batch_columns(), self.keys.len());
+        let pk: Vec<_> = self.key_names().collect();
+        format!(
+            "CREATE TABLE {schema}.{} (\n{cols},\n    PRIMARY KEY ({})\n)",
+            self.name,
+            pk.join(", ")
+        )
+    }
+
+    fn speed_key_names(&self) -> Vec<&'static str> {
+        let mut pk: Vec<_> = self.key_names().collect();
+        if self.segmented() {
+            pk.extend([PARTITION_COLUMN, SEGMENT_COLUMN]);
+        }
+        pk
+    }
+
+    /// `CREATE TABLE` for `speed.<view>`.
+    pub fn speed_table_ddl(&self) -> String {
+        let pk = self.speed_key_names();
+        let cols = Self::column_ddl(&self.speed_columns(), pk.len());
+        format!(
+            "CREATE TABLE speed.{} (\n{cols},\n    PRIMARY KEY ({})\n)",
+            self.name,
+            pk.join(", ")
+        )
+    }
+
+    /// Folds the rows of `source` (same columns as `speed.<view>`) into
+    /// `speed.<view>`: additive measures add, `max` measures keep the
+    /// greatest.
+    pub fn speed_upsert_sql(&self, source: &str) -> String {
+        let cols: Vec<_> = self.speed_columns().iter().map(|(n, _)| *n).collect();
+        let updates: Vec<String> = self
+            .measures
+            .iter()
+            .map(|m| match m.merge {
+                Merge::Sum => format!("{0} = t.{0} + EXCLUDED.{0}", m.name),
+                Merge::Max => format!("{0} = GREATEST(t.{0}, EXCLUDED.{0})", m.name),
+            })
+            .collect();
+        format!(
+            "INSERT INTO speed.{name} AS t ({cols})\nSELECT {cols} FROM {source}\nON CONFLICT ({pk}) DO UPDATE SET\n    {updates}",
+            name = self.name,
+            cols = cols.join(", "),
+            pk = self.speed_key_names().join(", "),
+            updates = updates.join(",\n    "),
+        )
+    }
+
+    /// The PostgreSQL view `serving.<view>`: batch rows plus the speed rows
+    /// at or above the cut of their partition, merged per key.
+    pub fn serving_view_sql(&self) -> String {
+        let keys: Vec<_> = self.key_names().collect();
+        let measures: Vec<_> = self.measure_names().collect();
+        let merged: Vec<String> = self
+            .measures
+            .iter()
+            .map(|m| match (m.merge, m.ty) {
+                // PostgreSQL widens sum(bigint) to numeric; totals fit bigint.
+                (Merge::Sum, SqlType::BigInt) => format!("sum({0})::bigint AS {0}", m.name),
+                (merge, _) => format!("{}({1}) AS {1}", merge.aggregate(), m.name),
+            })
+            .collect();
+        let plain = [keys.clone(), measures.clone()].concat().join(", ");
+        let speed_cols: Vec<String> = keys.iter().chain(&measures).map(|c| format!("s.{c}")).collect();
+        let speed_branch = if self.segmented() {
+            format!(
+                "SELECT {cols}\n    FROM speed.{name} AS s\n    CROSS JOIN ops.deployment AS d\n    LEFT JOIN ops.cut AS c ON c.kafka_partition = s.{PARTITION_COLUMN}\n    WHERE s.{SEGMENT_COLUMN} * d.segment_size >= COALESCE(c.cut_offset, 0)",
+                cols = speed_cols.join(", "),
+                name = self.name,
+            )
+        } else {
+            format!("SELECT {} FROM speed.{} AS s", speed_cols.join(", "), self.name)
+        };
+        format!(
+            "CREATE OR REPLACE VIEW serving.{name} AS\nSELECT {keys},\n       {merged}\nFROM (\n    SELECT {plain} FROM batch.{name}\n    UNION ALL\n    {speed_branch}\n) AS merged\nGROUP BY {keys}",
+            name = self.name,
+            keys = keys.join(", "),
+            merged = merged.join(",\n       "),
+        )
+    }
+}
+
+const fn sum(name: &'static str, expr: &'static str) -> Measure {
+    Measure {
+        name,
+        expr,
+        ty: SqlType::BigInt,
+        merge: Merge::Sum,
+    }
+}
+
+const fn last_time(name: &'static str, expr: &'static str) -> Measure {
+    Measure {
+        name,
+        expr,
+        ty: SqlType::TimestampTz,
+        merge: Merge::Max,
+    }
+}
+
+/// The demand measures of `DESIGN.md`, shared by the product and category
+/// views.
+const DEMAND_MEASURES: &[Measure] = &[
+    sum("views", "CASE WHEN e.event_type = 'page_view' THEN 1 ELSE 0 END"),
+    sum("cart_adds", "CASE WHEN e.event_type = 'add_to_cart' THEN 1 ELSE 0 END"),
+    sum("cart_removes", "CASE WHEN e.event_type = 'remove_from_cart' THEN 1 ELSE 0 END"),
+    sum("purchases", "CASE WHEN e.event_type = 'purchase' THEN 1 ELSE 0 END"),
+    sum("units", "CASE WHEN e.event_type = 'purchase' THEN CAST(e.quantity AS BIGINT) ELSE 0 END"),
+    sum(
+        "revenue_cents",
+        "CASE WHEN e.event_type = 'purchase' THEN CAST(e.quantity AS BIGINT) * e.price_cents ELSE 0 END",
+    ),
+];
+
+const HOUR: Key = Key {
+    name: "hour",
+    expr: "date_trunc('hour', e.event_time)",
+    ty: SqlType::TimestampTz,
+};
+
+/// Hourly demand per product.
+pub const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
+    name: "product_demand_hourly",
+    source: Source::Events,
+    keys: &[
+        HOUR,
+        Key {
+            name: "product_id",
+            expr: "e.product_id",
+            ty: SqlType::Text,
+        },
+    ],
+    measures: DEMAND_MEASURES,
+    filter: None,
+    readers: &[Reader::Dashboard],
+};
+
+/// Last interaction times per user and product, for recommendations.
+pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
+    name: "user_product_state",
+    source: Source::Events,
+    keys: &[
+        Key {
+            name: "user_id",
+            expr: "e.user_id",
+            ty: SqlType::Text,
+        },
+        Key {
+            name: "product_id",
+            expr: "e.product_id",
+            ty: SqlType::Text,
+        },
+    ],
+    measures: &[
+        last_time("last_viewed_at", "CASE WHEN e.event_type = 'page_view' THEN e.event_time END"),
+        last_time("last_carted_at", "CASE WHEN e.event_type = 'add_to_cart' THEN e.event_time END"),
+        last_time("last_removed_at", "CASE WHEN e.event_type = 'remove_from_cart' THEN e.event_time END"),
+        last_time("last_purchased_at", "CASE WHEN e.event_type = 'purchase' THEN e.event_time END"),
+    ],
+    filter: None,
+    readers: &[Reader::Recommender],
+};
+
+/// Every view the platform maintains, in publish order.
+pub const ALL_VIEWS: &[ViewDef] = &[PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE];
+
+/// Looks a view up by name.
+pub fn view(name: &str) -> Option<&'static ViewDef> {
+    ALL_VIEWS.iter().find(|v| v.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_demand_sql_snapshots() {
+        let v = PRODUCT_DEMAND_HOURLY;
+        insta::assert_snapshot!("product_demand_batch", v.batch_sql(Some("e.kafka_offset < 100")));
+        insta::assert_snapshot!("product_demand_speed", v.speed_sql(1000));
+        insta::assert_snapshot!("product_demand_upsert", v.speed_upsert_sql("delta"));
+        insta::assert_snapshot!("product_demand_serving", v.serving_view_sql());
+        insta::assert_snapshot!("product_demand_batch_ddl", v.batch_table_ddl("batch"));
+        insta::assert_snapshot!("product_demand_speed_ddl", v.speed_table_ddl());
+    }
+
+    #[test]
+    fn max_only_views_are_not_segmented() {
+        let v = USER_PRODUCT_STATE;
+        assert!(!v.segmented());
+        assert!(PRODUCT_DEMAND_HOURLY.segmented());
+        assert!(!v.speed_sql(1000).contains("segment"));
+        insta::assert_snapshot!("user_product_state_upsert", v.speed_upsert_sql("delta"));
+        insta::assert_snapshot!("user_product_state_serving", v.serving_view_sql());
+    }
+
+    #[test]
+    fn speed_columns_order_matches_speed_query_and_table() {
+        let v = PRODUCT_DEMAND_HOURLY;
+        let names: Vec<_> = v.speed_columns().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["hour", "product_id", "kafka_partition", "segment", "views", "cart_adds", "cart_removes", "purchases", "units", "revenue_cents"]
+        );
+        let sql = v.speed_sql(1000);
+        let mut last = 0;
+        for n in names {
+            let at = sql.find(&format!("AS {n}")).unwrap_or_else(|| panic!("{n} missing from {sql}"));
+            assert!(at > last, "{n} out of order");
+            last = at;
+        }
+    }
+
+    #[test]
+    fn view_names_are_unique_and_found() {
+        for v in ALL_VIEWS {
+            assert_eq!(view(v.name), Some(v));
+            assert_eq!(ALL_VIEWS.iter().filter(|w| w.name == v.name).count(), 1);
+        }
+        assert_eq!(view("nope"), None);
+    }
+}
