@@ -1,1 +1,8 @@
+//! The platform under test: the load generator and its shop model, the bad
+//! records, and (for the tests in `tests/`) the fixture that talks to the
+//! local stack.
 
+pub mod fixture;
+pub mod generator;
+pub mod malformed;
+pub mod shop;

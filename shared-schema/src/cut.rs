@@ -99,11 +99,8 @@ impl OffsetCut {
         if self.0.is_empty() {
             return "FALSE".into();
         }
-        let terms: Vec<String> = self
-            .0
-            .iter()
-            .map(|(p, o)| format!("(e.kafka_partition = {} AND e.kafka_offset < {})", p.0, o.0))
-            .collect();
+        let terms: Vec<String> =
+            self.0.iter().map(|(p, o)| format!("(e.kafka_partition = {} AND e.kafka_offset < {})", p.0, o.0)).collect();
         terms.join(" OR ")
     }
 }
@@ -116,14 +113,20 @@ mod tests {
     #[test]
     fn cut_rounds_down_to_segment_boundaries() {
         let size = SegmentSize::new(100).unwrap();
-        let cut = OffsetCut::from_lake([(Partition(0), Offset(250)), (Partition(1), Offset(99)), (Partition(2), Offset(300))], size);
+        let cut = OffsetCut::from_lake(
+            [(Partition(0), Offset(250)), (Partition(1), Offset(99)), (Partition(2), Offset(300))],
+            size,
+        );
         assert_eq!(cut.get(Partition(0)), Offset(200));
         assert_eq!(cut.get(Partition(1)), Offset(0));
         assert_eq!(cut.get(Partition(2)), Offset(300));
         assert_eq!(cut.get(Partition(9)), Offset(0), "unknown partitions are uncovered");
         assert!(cut.covers(Partition(0), Offset(199)));
         assert!(!cut.covers(Partition(0), Offset(200)));
-        assert_eq!(cut.predicate(), "(e.kafka_partition = 0 AND e.kafka_offset < 200) OR (e.kafka_partition = 1 AND e.kafka_offset < 0) OR (e.kafka_partition = 2 AND e.kafka_offset < 300)");
+        assert_eq!(
+            cut.predicate(),
+            "(e.kafka_partition = 0 AND e.kafka_offset < 200) OR (e.kafka_partition = 1 AND e.kafka_offset < 0) OR (e.kafka_partition = 2 AND e.kafka_offset < 300)"
+        );
         assert_eq!(OffsetCut::new().predicate(), "FALSE");
     }
 

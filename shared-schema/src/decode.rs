@@ -122,12 +122,9 @@ impl EventDecoder {
         for (index, r) in records.iter().enumerate() {
             match Event::parse(r.payload, now) {
                 Ok(e) => events.push((e, r.partition, r.offset)),
-                Err(rejection) => rejected.push(RejectedRecord {
-                    index,
-                    partition: r.partition,
-                    offset: r.offset,
-                    rejection,
-                }),
+                Err(rejection) => {
+                    rejected.push(RejectedRecord { index, partition: r.partition, offset: r.offset, rejection })
+                }
             }
         }
         let rows: Vec<LakeRow<'_>> = events.iter().map(|(e, p, o)| LakeRow::new(e, *p, *o)).collect();

@@ -51,12 +51,8 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 4] = [
-        EventType::PageView,
-        EventType::AddToCart,
-        EventType::RemoveFromCart,
-        EventType::Purchase,
-    ];
+    pub const ALL: [EventType; 4] =
+        [EventType::PageView, EventType::AddToCart, EventType::RemoveFromCart, EventType::Purchase];
 
     /// The wire name, as in the JSON and in every table.
     pub fn as_str(self) -> &'static str {
@@ -183,11 +179,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            field,
-            detail: detail.into(),
-        }
+        Self { reason, field, detail: detail.into() }
     }
 
     fn field(reason: RejectReason, field: &'static str, detail: impl Into<String>) -> Self {
@@ -235,15 +227,10 @@ impl<'a> Event<'a> {
     pub fn parse(bytes: &'a [u8], now: DateTime<Utc>) -> Result<Event<'a>, Rejection> {
         use RejectReason::*;
         if bytes.len() > MAX_RECORD_BYTES {
-            return Err(Rejection::new(
-                Oversized,
-                None,
-                format!("{} bytes, limit {MAX_RECORD_BYTES}", bytes.len()),
-            ));
+            return Err(Rejection::new(Oversized, None, format!("{} bytes, limit {MAX_RECORD_BYTES}", bytes.len())));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            Rejection::new(NotUtf8, None, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| Rejection::new(NotUtf8, None, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
         if nesting_exceeds(text.as_bytes(), MAX_NESTING) {
             return Err(Rejection::new(TooDeep, None, format!("nested deeper than {MAX_NESTING} levels")));
         }
@@ -265,7 +252,10 @@ impl<'a> Event<'a> {
             Rejection::field(
                 UnknownEventType,
                 "event_type",
-                format!("{:?} is not one of page_view, add_to_cart, remove_from_cart, purchase", truncate(&event_type_raw)),
+                format!(
+                    "{:?} is not one of page_view, add_to_cart, remove_from_cart, purchase",
+                    truncate(&event_type_raw)
+                ),
             )
         })?;
         let event_id = id_field(wire.event_id, "event_id")?;
@@ -382,20 +372,19 @@ fn int_field(
         other => return required(other, field).map(|_| None),
     };
     let text = raw.get();
-    let wrong_type = || {
-        Rejection::field(
-            RejectReason::WrongType,
-            field,
-            format!("expected an integer, got {}", truncate(text)),
-        )
-    };
+    let wrong_type =
+        || Rejection::field(RejectReason::WrongType, field, format!("expected an integer, got {}", truncate(text)));
     let value: i64 = match serde_json::from_str::<serde_json::Number>(text) {
         Ok(n) => match n.as_i64() {
             Some(v) => v,
             // An integer literal too large for i64 is a range problem; a
             // fraction or an exponent is a type problem.
             None if is_integer_literal(text) => {
-                if text.starts_with('-') { i64::MIN } else { i64::MAX }
+                if text.starts_with('-') {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                }
             }
             None => return Err(wrong_type()),
         },
@@ -575,7 +564,11 @@ mod tests {
             (with("quantity", "-3"), InvalidValue, Some("quantity")),
             (GOOD.replace(r#""quantity":1"#, r#""quantity":100000000000000000000"#), InvalidValue, Some("quantity")),
             (with("price_cents", "-1"), InvalidValue, Some("price_cents")),
-            (GOOD.replace(r#""price_cents":1999"#, r#""price_cents":18446744073709551615"#), InvalidValue, Some("price_cents")),
+            (
+                GOOD.replace(r#""price_cents":1999"#, r#""price_cents":18446744073709551615"#),
+                InvalidValue,
+                Some("price_cents"),
+            ),
             (with("schema_version", "0"), InvalidValue, Some("schema_version")),
             (with("user_id", r#""""#), InvalidValue, Some("user_id")),
             (with("user_id", &format!("{:?}", "u".repeat(MAX_ID_BYTES + 1))), InvalidValue, Some("user_id")),

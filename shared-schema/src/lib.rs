@@ -16,8 +16,8 @@ pub mod event;
 pub mod schema;
 pub mod views;
 
-pub use cut::{OffsetCut, Offset, Partition, Segment};
+pub use cut::{Offset, OffsetCut, Partition, Segment};
 pub use decode::{Decoded, EventDecoder, RawRecord, RejectedRecord};
 pub use event::{Event, EventType, RejectReason, Rejection};
-pub use schema::events_schema;
-pub use views::{ViewDef, ALL_VIEWS};
+pub use schema::{events_schema, rejected_schema};
+pub use views::{ALL_VIEWS, ViewDef};

@@ -55,3 +55,38 @@ static EVENTS: LazyLock<SchemaRef> = LazyLock::new(|| {
 pub fn events_schema() -> SchemaRef {
     Arc::clone(&EVENTS)
 }
+
+/// Column names of the `events_rejected` table.
+pub mod rejected_col {
+    pub const KAFKA_PARTITION: &str = "kafka_partition";
+    pub const KAFKA_OFFSET: &str = "kafka_offset";
+    pub const KAFKA_KEY: &str = "kafka_key";
+    pub const PAYLOAD: &str = "payload";
+    pub const REASON: &str = "reason";
+    pub const FIELD: &str = "field";
+    pub const DETAIL: &str = "detail";
+    pub const REJECTED_AT: &str = "rejected_at";
+    pub const REJECTED_DATE: &str = "rejected_date";
+}
+
+static REJECTED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    use rejected_col::*;
+    Arc::new(Schema::new(vec![
+        Field::new(KAFKA_PARTITION, DataType::Int32, false),
+        Field::new(KAFKA_OFFSET, DataType::Int64, false),
+        Field::new(KAFKA_KEY, DataType::Binary, true),
+        Field::new(PAYLOAD, DataType::Binary, false),
+        Field::new(REASON, DataType::Utf8, false),
+        Field::new(FIELD, DataType::Utf8, true),
+        Field::new(DETAIL, DataType::Utf8, false),
+        Field::new(REJECTED_AT, timestamp_type(), false),
+        Field::new(REJECTED_DATE, DataType::Utf8, false),
+    ]))
+});
+
+/// Schema of the lake's `events_rejected` table: the original bytes of every
+/// rejected record, where it came from, and why (`reason` is a
+/// [`crate::RejectReason`] name). Partitioned by `rejected_date`.
+pub fn rejected_schema() -> SchemaRef {
+    Arc::clone(&REJECTED)
+}

@@ -162,7 +162,7 @@ impl ViewDef {
         cols
     }
 
-    fn from_clause(&self, events: &str) -> String {
+    fn source_clause(&self, events: &str) -> String {
         match self.source {
             Source::Events => format!("{events} AS e"),
             Source::EventsWithCatalog => {
@@ -196,7 +196,7 @@ impl ViewDef {
     pub fn batch_sql(&self, predicate: Option<&str>) -> String {
         let mut sql = String::from("SELECT ");
         self.select_list(&mut sql, &[]);
-        let _ = write!(sql, "\nFROM {}", self.from_clause("events"));
+        let _ = write!(sql, "\nFROM {}", self.source_clause("events"));
         self.where_clause(&mut sql, predicate);
         Self::group_by(&mut sql, self.keys.len());
         sql
@@ -208,13 +208,10 @@ impl ViewDef {
         let mut sql = String::from("SELECT ");
         let partition = format!("CAST(e.{} AS BIGINT)", col::KAFKA_PARTITION);
         let segment = format!("e.{} / {segment_size}", col::KAFKA_OFFSET);
-        let extra: &[(&str, &str)] = if self.segmented() {
-            &[(&partition, PARTITION_COLUMN), (&segment, SEGMENT_COLUMN)]
-        } else {
-            &[]
-        };
+        let extra: &[(&str, &str)] =
+            if self.segmented() { &[(&partition, PARTITION_COLUMN), (&segment, SEGMENT_COLUMN)] } else { &[] };
         self.select_list(&mut sql, extra);
-        let _ = write!(sql, "\nFROM {}", self.from_clause("events"));
+        let _ = write!(sql, "\nFROM {}", self.source_clause("events"));
         self.where_clause(&mut sql, None);
         Self::group_by(&mut sql, self.keys.len() + extra.len());
         sql
@@ -236,11 +233,7 @@ impl ViewDef {
     pub fn batch_table_ddl(&self, schema: &str) -> String {
         let cols = Self::column_ddl(&self.batch_columns(), self.keys.len());
         let pk: Vec<_> = self.key_names().collect();
-        format!(
-            "CREATE TABLE {schema}.{} (\n{cols},\n    PRIMARY KEY ({})\n)",
-            self.name,
-            pk.join(", ")
-        )
+        format!("CREATE TABLE {schema}.{} (\n{cols},\n    PRIMARY KEY ({})\n)", self.name, pk.join(", "))
     }
 
     fn speed_key_names(&self) -> Vec<&'static str> {
@@ -255,11 +248,7 @@ impl ViewDef {
     pub fn speed_table_ddl(&self) -> String {
         let pk = self.speed_key_names();
         let cols = Self::column_ddl(&self.speed_columns(), pk.len());
-        format!(
-            "CREATE TABLE speed.{} (\n{cols},\n    PRIMARY KEY ({})\n)",
-            self.name,
-            pk.join(", ")
-        )
+        format!("CREATE TABLE speed.{} (\n{cols},\n    PRIMARY KEY ({})\n)", self.name, pk.join(", "))
     }
 
     /// Folds the rows of `source` (same columns as `speed.<view>`) into
@@ -319,21 +308,11 @@ impl ViewDef {
 }
 
 const fn sum(name: &'static str, expr: &'static str) -> Measure {
-    Measure {
-        name,
-        expr,
-        ty: SqlType::BigInt,
-        merge: Merge::Sum,
-    }
+    Measure { name, expr, ty: SqlType::BigInt, merge: Merge::Sum }
 }
 
 const fn last_time(name: &'static str, expr: &'static str) -> Measure {
-    Measure {
-        name,
-        expr,
-        ty: SqlType::TimestampTz,
-        merge: Merge::Max,
-    }
+    Measure { name, expr, ty: SqlType::TimestampTz, merge: Merge::Max }
 }
 
 /// The demand measures of `DESIGN.md`, shared by the product and category
@@ -350,24 +329,13 @@ const DEMAND_MEASURES: &[Measure] = &[
     ),
 ];
 
-const HOUR: Key = Key {
-    name: "hour",
-    expr: "date_trunc('hour', e.event_time)",
-    ty: SqlType::TimestampTz,
-};
+const HOUR: Key = Key { name: "hour", expr: "date_trunc('hour', e.event_time)", ty: SqlType::TimestampTz };
 
 /// Hourly demand per product.
 pub const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
     name: "product_demand_hourly",
     source: Source::Events,
-    keys: &[
-        HOUR,
-        Key {
-            name: "product_id",
-            expr: "e.product_id",
-            ty: SqlType::Text,
-        },
-    ],
+    keys: &[HOUR, Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text }],
     measures: DEMAND_MEASURES,
     filter: None,
     readers: &[Reader::Dashboard],
@@ -378,16 +346,8 @@ pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
     name: "user_product_state",
     source: Source::Events,
     keys: &[
-        Key {
-            name: "user_id",
-            expr: "e.user_id",
-            ty: SqlType::Text,
-        },
-        Key {
-            name: "product_id",
-            expr: "e.product_id",
-            ty: SqlType::Text,
-        },
+        Key { name: "user_id", expr: "e.user_id", ty: SqlType::Text },
+        Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text },
     ],
     measures: &[
         last_time("last_viewed_at", "CASE WHEN e.event_type = 'page_view' THEN e.event_time END"),
@@ -438,7 +398,18 @@ mod tests {
         let names: Vec<_> = v.speed_columns().iter().map(|(n, _)| *n).collect();
         assert_eq!(
             names,
-            ["hour", "product_id", "kafka_partition", "segment", "views", "cart_adds", "cart_removes", "purchases", "units", "revenue_cents"]
+            [
+                "hour",
+                "product_id",
+                "kafka_partition",
+                "segment",
+                "views",
+                "cart_adds",
+                "cart_removes",
+                "purchases",
+                "units",
+                "revenue_cents"
+            ]
         );
         let sql = v.speed_sql(1000);
         let mut last = 0;

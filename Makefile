@@ -1,0 +1,59 @@
+# Lambda-architecture data platform: the two commands are `make demo` and
+# `make test`; everything else here is for working on it.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Builds and installed tools live outside the clone, so a second run (or CI
+# on the same machine) reuses them.
+export LAMBDA_CACHE ?= $(HOME)/.cache/lambda-platform
+export CARGO_TARGET_DIR ?= $(LAMBDA_CACHE)/target
+export KAFKA_BROKERS ?= 127.0.0.1:9092
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:5433/lambda
+export SALES_DATABASE_URL ?= postgres://postgres@127.0.0.1:5433/sales
+export LAKE_URI ?= $(CURDIR)/.local/lake
+
+STACK := scripts/stack.sh
+BIN := $(CARGO_TARGET_DIR)/debug
+
+.PHONY: help up down status logs psql clean build generate demo test lint fmt
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+up: ## start PostgreSQL and the Kafka broker on loopback (idempotent)
+	@$(STACK) up
+
+down: ## stop them
+	@$(STACK) down
+
+status: ## what runs where
+	@$(STACK) status
+
+logs: ## follow the stack's logs
+	@$(STACK) logs
+
+psql: ## a psql shell on the platform database
+	@psql "$(DATABASE_URL)"
+
+clean: down ## stop the stack and delete its state (.local/)
+	rm -rf .local
+
+build: ## build every binary (dev profile, shared with the tests)
+	cargo build --workspace --bins
+
+generate: build ## generate shop traffic: make generate ARGS="--backfill-hours 24"
+	$(BIN)/generate $(ARGS)
+
+demo: ## set everything up and run the pipeline locally
+	@scripts/demo.sh
+
+lint: ## rustfmt and clippy, as CI runs them
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+test: ## the whole suite against a real local stack (starts and stops it)
+	@scripts/test.sh

@@ -1,0 +1,101 @@
+//! The one fixture every integration test shares: it talks to the stack
+//! that `make up` started (or `make test` starts) and gives each test its
+//! own database and topics, so tests run in parallel without seeing each
+//! other. Leftovers of an earlier run of the same test are dropped first.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::{AssertSqlSafe, Executor, PgPool};
+
+/// Where the local stack listens (env overrides as for the binaries).
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub brokers: String,
+    /// Server URL without a database name.
+    pub postgres: String,
+}
+
+impl Stack {
+    pub fn from_env() -> Self {
+        let db = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5433/lambda".into());
+        let server = db.rsplit_once('/').map_or(db.clone(), |(s, _)| s.to_string());
+        Self { brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()), postgres: server }
+    }
+
+    fn admin_url(&self) -> String {
+        format!("{}/postgres", self.postgres)
+    }
+
+    /// A new, empty database for `test`; an earlier run's copy is dropped.
+    pub async fn fresh_database(&self, test: &str) -> anyhow::Result<(String, PgPool)> {
+        let name = format!("test_{}", sanitize(test));
+        let admin = PgPool::connect(&self.admin_url())
+            .await
+            .with_context(|| format!("connecting to {} (run `make up` first)", self.admin_url()))?;
+        admin.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await?;
+        admin.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
+        admin.close().await;
+        let url = format!("{}/{name}", self.postgres);
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await?;
+        Ok((url, pool))
+    }
+
+    fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .with_context(|| format!("Kafka admin client for {}", self.brokers))
+    }
+
+    /// A new topic for `test` with `partitions` partitions; an earlier
+    /// run's topic of the same name is deleted first.
+    pub async fn fresh_topic(&self, test: &str, partitions: i32) -> anyhow::Result<String> {
+        let name = format!("test.{}.{}", sanitize(test), std::process::id());
+        let admin = self.admin()?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let stale: Vec<String> =
+            self.topics()?.into_iter().filter(|t| t.starts_with(&format!("test.{}.", sanitize(test)))).collect();
+        if !stale.is_empty() {
+            let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
+            let _ = admin.delete_topics(&refs, &opts).await;
+        }
+        let results = admin
+            .create_topics(&[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &opts)
+            .await
+            .context("creating a test topic")?;
+        for r in results {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
+        // Wait until the broker reports the topic with all its partitions.
+        for _ in 0..100 {
+            if self.partitions(&name)? == partitions as usize {
+                return Ok(name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("topic {name} did not appear with {partitions} partitions")
+    }
+
+    fn metadata_consumer(&self) -> anyhow::Result<BaseConsumer> {
+        Ok(ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?)
+    }
+
+    pub fn topics(&self) -> anyhow::Result<Vec<String>> {
+        let md = self.metadata_consumer()?.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
+    }
+
+    pub fn partitions(&self, topic: &str) -> anyhow::Result<usize> {
+        let md = self.metadata_consumer()?.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect()
+}

@@ -1,0 +1,371 @@
+//! The load generator: seeds the shop's catalog and streams its traffic to
+//! Kafka, as history (`--backfill-hours`) and/or live (`--rate`,
+//! `--duration`), with optional malformed records and a ground-truth file
+//! of the injected demand spikes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use serde::Serialize;
+use sqlx::Executor;
+
+use crate::malformed;
+use crate::shop::{Shop, ShopConfig, ShopEvent, Spike};
+
+/// Generate realistic shop traffic into Kafka.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "generate", version, about, long_about = None)]
+pub struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topic to produce to.
+    #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+    pub topic: String,
+    /// The shop's database, whose `products` table is seeded with the catalog.
+    #[arg(long, env = "SALES_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/sales")]
+    pub sales_database_url: String,
+    /// Do not touch the shop database.
+    #[arg(long)]
+    pub no_catalog: bool,
+    /// Random seed: the same seed gives the same shop and traffic.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub products: usize,
+    #[arg(long, default_value_t = 12)]
+    pub categories: usize,
+    #[arg(long, default_value_t = 10_000)]
+    pub users: usize,
+    /// History to generate, in hours before now, sent as fast as the broker takes it.
+    #[arg(long, default_value_t = 0)]
+    pub backfill_hours: u32,
+    /// Average events per second: the live rate, and the traffic level of the history.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// How long to send live traffic after the history (e.g. 90s, 10m, 1h); 0 for none.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Demand spikes to inject (default: one per 12 hours of history, at least one).
+    #[arg(long)]
+    pub spikes: Option<usize>,
+    /// Start a spike right at the beginning of live traffic (for the demo).
+    #[arg(long)]
+    pub live_spike: bool,
+    /// Fraction of extra malformed records mixed into the traffic (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_fraction: f64,
+    /// Where the ground truth (spikes, counts) is written.
+    #[arg(long, default_value = ".local/generator/truth.json")]
+    pub truth: PathBuf,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What the generator sent: the ground truth for tests and quality metrics.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Truth {
+    pub seed: u64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub spikes: Vec<Spike>,
+    pub events_sent: u64,
+    pub bad_sent: u64,
+    pub events_by_type: BTreeMap<String, u64>,
+    pub bad_by_reason: BTreeMap<String, u64>,
+    pub revenue_cents: i64,
+    pub delivery_failures: u64,
+}
+
+#[derive(Default)]
+struct Delivery {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Context(Arc<Delivery>);
+
+impl ClientContext for Context {}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.ok.fetch_add(1, Ordering::Relaxed),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "delivery failed");
+                self.0.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+struct Sender {
+    producer: ThreadedProducer<Context>,
+    delivery: Arc<Delivery>,
+    topic: String,
+    truth: Truth,
+    rng: StdRng,
+    bad_fraction: f64,
+}
+
+impl Sender {
+    fn send_raw(&mut self, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    // Backpressure: wait for the broker to take what is queued.
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    return Err(e).with_context(|| format!("producing to topic {}", self.topic));
+                }
+            }
+        }
+    }
+
+    fn send_event(&mut self, e: &ShopEvent) -> anyhow::Result<()> {
+        self.send_raw(&e.user_id, e.to_json().as_bytes())?;
+        self.truth.events_sent += 1;
+        *self.truth.events_by_type.entry(e.event_type.as_str().into()).or_default() += 1;
+        self.truth.revenue_cents += e.revenue_cents();
+        if self.bad_fraction > 0.0 && self.rng.random_bool(self.bad_fraction.min(1.0)) {
+            let n = self.truth.bad_sent;
+            let (kind, bytes) = malformed::random(Utc::now(), n, &mut self.rng);
+            self.send_raw(&format!("u-bad-{}", n % 50), &bytes)?;
+            self.truth.bad_sent += 1;
+            *self.truth.bad_by_reason.entry(kind.reason.as_str().into()).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+fn progress(quiet: bool, len: Option<u64>, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+async fn seed_catalog(url: &str, shop: &Shop) -> anyhow::Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .with_context(|| {
+            format!("connecting to the shop database {url} (`make up` creates it; --no-catalog skips it)")
+        })?;
+    pool.execute(
+        "CREATE TABLE IF NOT EXISTS products (
+            product_id  text PRIMARY KEY,
+            name        text NOT NULL,
+            category    text NOT NULL,
+            price_cents bigint NOT NULL,
+            updated_at  timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .context("creating sales.products")?;
+    let mut tx = pool.begin().await?;
+    for chunk in shop.products.chunks(1000) {
+        let ids: Vec<&str> = chunk.iter().map(|p| p.product_id.as_str()).collect();
+        let names: Vec<&str> = chunk.iter().map(|p| p.name.as_str()).collect();
+        let cats: Vec<&str> = chunk.iter().map(|p| p.category.as_str()).collect();
+        let prices: Vec<i64> = chunk.iter().map(|p| p.price_cents).collect();
+        sqlx::query(
+            "INSERT INTO products (product_id, name, category, price_cents)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+             ON CONFLICT (product_id) DO UPDATE SET
+                name = EXCLUDED.name, category = EXCLUDED.category, price_cents = EXCLUDED.price_cents,
+                updated_at = CASE WHEN (products.name, products.category, products.price_cents)
+                                  IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.category, EXCLUDED.price_cents)
+                             THEN now() ELSE products.updated_at END",
+        )
+        .bind(ids)
+        .bind(names)
+        .bind(cats)
+        .bind(prices)
+        .execute(&mut *tx)
+        .await
+        .context("seeding sales.products")?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn producer(brokers: &str, delivery: Arc<Delivery>) -> anyhow::Result<ThreadedProducer<Context>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.timeout.ms", "120000")
+        .create_with_context(Context(delivery))
+        .with_context(|| format!("creating a Kafka producer for {brokers}"))
+}
+
+/// Runs the generator; returns the truth it also wrote to `args.truth`.
+pub async fn run(args: Args) -> anyhow::Result<Truth> {
+    if !(0.0..=1.0).contains(&args.bad_fraction) {
+        anyhow::bail!("--bad-fraction must be between 0 and 1, got {}", args.bad_fraction);
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        anyhow::bail!("--rate must be a positive number of events per second, got {}", args.rate);
+    }
+    if args.backfill_hours == 0 && args.duration.is_zero() {
+        anyhow::bail!("nothing to do: give --backfill-hours N and/or --duration D (e.g. --duration 60s)");
+    }
+    let shop = Shop::new(ShopConfig {
+        seed: args.seed,
+        products: args.products,
+        categories: args.categories,
+        users: args.users,
+        rate: args.rate,
+    });
+    if !args.no_catalog {
+        seed_catalog(&args.sales_database_url, &shop).await?;
+        tracing::info!(products = shop.products.len(), "seeded sales.products");
+    }
+
+    let now = Utc::now();
+    let mut rng = StdRng::seed_from_u64(args.seed ^ now.timestamp() as u64);
+    let history_start =
+        now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now) - TimeDelta::hours(i64::from(args.backfill_hours));
+    let live_end = now + TimeDelta::from_std(args.duration).unwrap_or_default();
+    let n_spikes = args.spikes.unwrap_or((args.backfill_hours as usize / 12).max(1));
+    let mut spikes = if args.backfill_hours > 0 {
+        shop.plan_spikes(n_spikes, history_start, live_end.max(now + TimeDelta::hours(1)), &mut rng)
+    } else {
+        Vec::new()
+    };
+    if args.live_spike && !args.duration.is_zero() {
+        let mut s = shop.plan_spikes(1, now, now + TimeDelta::hours(3), &mut rng);
+        if let Some(first) = s.first_mut() {
+            first.start = now;
+            first.end = now + TimeDelta::hours(3);
+            first.multiplier = 8.0;
+        }
+        spikes.extend(s);
+    }
+
+    let delivery = Arc::new(Delivery::default());
+    let mut sender = Sender {
+        producer: producer(&args.brokers, Arc::clone(&delivery))?,
+        delivery,
+        topic: args.topic.clone(),
+        truth: Truth { seed: args.seed, started_at: Some(now), spikes: spikes.clone(), ..Truth::default() },
+        rng: StdRng::seed_from_u64(args.seed.wrapping_add(1)),
+        bad_fraction: args.bad_fraction,
+    };
+
+    let started = Instant::now();
+    if args.backfill_hours > 0 {
+        let expected = (args.rate * 3600.0 * f64::from(args.backfill_hours)) as u64;
+        let bar = progress(args.quiet, Some(expected), "history");
+        for h in 0..i64::from(args.backfill_hours) {
+            let from = history_start + TimeDelta::hours(h);
+            let events = shop.events_between(from, from + TimeDelta::hours(1), &spikes, now, &mut rng);
+            for e in &events {
+                sender.send_event(e)?;
+            }
+            bar.inc(events.len() as u64);
+        }
+        bar.finish_with_message("history sent");
+    }
+
+    if !args.duration.is_zero() {
+        let bar = progress(args.quiet, Some(args.duration.as_secs()), "live");
+        let live_start = Instant::now();
+        let tick = Duration::from_millis(100);
+        let mut next = live_start;
+        let mut last = Utc::now();
+        while live_start.elapsed() < args.duration {
+            next += tick;
+            let wall = Utc::now();
+            // Sessions arriving in the last tick, sent now with their times
+            // compressed to now (a live user clicks in real time).
+            let events = shop.events_between(last, wall, &spikes, DateTime::<Utc>::MAX_UTC, &mut rng);
+            last = wall;
+            for (i, e) in events.iter().enumerate() {
+                let mut e = e.clone();
+                e.event_time = wall + TimeDelta::microseconds(i as i64);
+                sender.send_event(&e)?;
+            }
+            bar.set_position(live_start.elapsed().as_secs());
+            bar.set_message(format!("{} events", sender.truth.events_sent));
+            tokio::time::sleep_until(next.into()).await;
+        }
+        bar.finish_with_message("live traffic done");
+    }
+
+    let flush_bar = progress(args.quiet, None, "flushing");
+    flush_bar.enable_steady_tick(Duration::from_millis(200));
+    sender.producer.flush(Duration::from_secs(120)).context("waiting for the broker to acknowledge every record")?;
+    flush_bar.finish_and_clear();
+    let mut truth = sender.truth;
+    truth.finished_at = Some(Utc::now());
+    truth.delivery_failures = sender.delivery.failed.load(Ordering::Relaxed);
+    let delivered = sender.delivery.ok.load(Ordering::Relaxed);
+
+    if let Some(dir) = args.truth.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&args.truth, serde_json::to_vec_pretty(&truth)?)
+        .with_context(|| format!("writing {}", args.truth.display()))?;
+
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "sent {} events ({}) and {} malformed records to `{}` in {:.1}s ({:.0} records/s); {} acknowledged, {} failed",
+        truth.events_sent,
+        truth.events_by_type.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "),
+        truth.bad_sent,
+        args.topic,
+        secs,
+        (truth.events_sent + truth.bad_sent) as f64 / secs.max(1e-9),
+        delivered,
+        truth.delivery_failures,
+    );
+    for s in &truth.spikes {
+        println!(
+            "spike: {} x{} from {} to {}",
+            s.product_id,
+            s.multiplier,
+            s.start.format("%Y-%m-%d %H:%M"),
+            s.end.format("%Y-%m-%d %H:%M")
+        );
+    }
+    println!("ground truth written to {}", args.truth.display());
+    if truth.delivery_failures > 0 {
+        anyhow::bail!("{} records were not acknowledged by the broker", truth.delivery_failures);
+    }
+    Ok(truth)
+}

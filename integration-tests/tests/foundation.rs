@@ -1,0 +1,339 @@
+//! Foundation against the real stack: migrations and generated views in
+//! PostgreSQL, the roles, the exact merge SQL, the view definitions in
+//! DataFusion, and the generator's traffic through a real Kafka broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Int64Type, TimestampMicrosecondType};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use integration_tests::fixture::Stack;
+use integration_tests::generator::{self, Args};
+use integration_tests::shop::{Shop, ShopConfig};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+use shared_schema::{ALL_VIEWS, EventDecoder, EventType, RawRecord, events_schema};
+use sqlx::{PgPool, Row};
+
+async fn columns(pool: &PgPool, schema: &str, table: &str) -> Vec<(String, String)> {
+    sqlx::query(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns
+         WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+fn pg_type(ty: shared_schema::views::SqlType) -> &'static str {
+    match ty.postgres() {
+        "timestamptz" => "timestamp with time zone",
+        other => other,
+    }
+}
+
+fn expected(cols: Vec<(&'static str, shared_schema::views::SqlType)>) -> Vec<(String, String)> {
+    cols.into_iter().map(|(n, t)| (n.to_string(), pg_type(t).to_string())).collect()
+}
+
+#[tokio::test]
+async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
+    let (_, pool) = Stack::from_env().fresh_database("migrations").await.unwrap();
+    let d1 = platform::db::prepare(&pool, Some(500)).await.unwrap();
+    let d2 = platform::db::prepare(&pool, None).await.unwrap();
+    assert_eq!(d1, d2, "a second prepare changes nothing");
+    assert_eq!(d1.segment_size.get(), 500);
+    let err = platform::db::prepare(&pool, Some(1000)).await.unwrap_err();
+    assert!(err.to_string().contains("segment size is 500"), "{err}");
+
+    for v in ALL_VIEWS {
+        assert_eq!(columns(&pool, "batch", v.name).await, expected(v.batch_columns()), "batch.{}", v.name);
+        assert_eq!(columns(&pool, "speed", v.name).await, expected(v.speed_columns()), "speed.{}", v.name);
+        let serving: Vec<(String, String)> = expected(v.batch_columns());
+        assert_eq!(columns(&pool, "serving", v.name).await, serving, "serving.{}", v.name);
+    }
+    let views: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.generated_views").fetch_one(&pool).await.unwrap();
+    assert_eq!(views, ALL_VIEWS.len() as i64);
+}
+
+#[tokio::test]
+async fn dashboard_reader_sees_aggregates_only_and_writes_nothing() {
+    let (_, pool) = Stack::from_env().fresh_database("roles").await.unwrap();
+    platform::db::prepare(&pool, None).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE dashboard_reader").execute(&mut *tx).await.unwrap();
+    sqlx::query("SELECT count(*) FROM serving.product_demand_hourly").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    for denied in [
+        "SELECT count(*) FROM serving.user_product_state",
+        "SELECT count(*) FROM batch.product_demand_hourly",
+        "SELECT count(*) FROM speed.product_demand_hourly",
+        "DELETE FROM ops.cut",
+        "CREATE TABLE serving.x (a int)",
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL ROLE dashboard_reader").execute(&mut *tx).await.unwrap();
+        let err = sqlx::query(denied).execute(&mut *tx).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{denied}: {err}");
+        tx.rollback().await.unwrap();
+    }
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE recommender_reader").execute(&mut *tx).await.unwrap();
+    sqlx::query("SELECT count(*) FROM serving.user_product_state").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+}
+
+/// serving = batch + speed rows at or above the cut, per partition: rows
+/// of segments below the cut are the batch's and must not count twice.
+#[tokio::test]
+async fn serving_view_merges_batch_and_speed_exactly_at_the_cut() {
+    let (_, pool) = Stack::from_env().fresh_database("merge").await.unwrap();
+    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let hour = "2026-11-24 13:00:00+00";
+    sqlx::query("INSERT INTO batch.product_demand_hourly VALUES ($1::timestamptz, 'p-1', 10, 1, 0, 1, 2, 500)")
+        .bind(hour)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Partition 0 cut at offset 300 (segment 3); partition 1 has no cut.
+    sqlx::query("INSERT INTO ops.cut (kafka_partition, cut_offset) VALUES (0, 300)").execute(&pool).await.unwrap();
+    for (partition, segment, views) in [(0, 2, 1000), (0, 3, 5), (0, 4, 7), (1, 0, 11)] {
+        sqlx::query(
+            "INSERT INTO speed.product_demand_hourly VALUES ($1::timestamptz, 'p-1', $2, $3, $4, 0, 0, 0, 0, 0)",
+        )
+        .bind(hour)
+        .bind(partition as i64)
+        .bind(segment as i64)
+        .bind(views as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let row = sqlx::query(
+        "SELECT views, cart_adds, revenue_cents FROM serving.product_demand_hourly WHERE product_id = 'p-1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (views, adds, revenue): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((views, adds, revenue), (10 + 5 + 7 + 11, 1, 500), "segment 2 of partition 0 lies below the cut");
+
+    // The speed upsert adds deltas into the same segment row.
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE d2 (LIKE speed.product_demand_hourly)").execute(&mut *conn).await.unwrap();
+    sqlx::query("INSERT INTO d2 VALUES ($1::timestamptz, 'p-1', 0, 4, 3, 0, 0, 0, 0, 0)")
+        .bind(hour)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(PRODUCT_DEMAND_HOURLY.speed_upsert_sql("d2"))).execute(&mut *conn).await.unwrap();
+    let v: i64 =
+        sqlx::query_scalar("SELECT views FROM speed.product_demand_hourly WHERE kafka_partition = 0 AND segment = 4")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(v, 10);
+}
+
+/// Independent computation of product_demand_hourly from the generator's
+/// own events, in plain Rust: the view definition must agree exactly.
+fn expected_product_demand(events: &[integration_tests::shop::ShopEvent]) -> BTreeMap<(i64, String), [i64; 6]> {
+    let mut out: BTreeMap<(i64, String), [i64; 6]> = BTreeMap::new();
+    for e in events {
+        let hour = e.event_time.timestamp_micros().div_euclid(3_600_000_000) * 3_600_000_000;
+        let m = out.entry((hour, e.product_id.clone())).or_default();
+        match e.event_type {
+            EventType::PageView => m[0] += 1,
+            EventType::AddToCart => m[1] += 1,
+            EventType::RemoveFromCart => m[2] += 1,
+            EventType::Purchase => {
+                m[3] += 1;
+                m[4] += i64::from(e.quantity.unwrap());
+                m[5] += e.revenue_cents();
+            }
+        }
+    }
+    out
+}
+
+async fn run_sql(batch: RecordBatch, sql: &str) -> Vec<RecordBatch> {
+    let ctx = SessionContext::new();
+    let table = MemTable::try_new(events_schema(), vec![vec![batch]]).unwrap();
+    ctx.register_table("events", Arc::new(table)).unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+fn demand_rows(batches: &[RecordBatch], view: &ViewDef) -> BTreeMap<(i64, String), [i64; 6]> {
+    let mut out: BTreeMap<(i64, String), [i64; 6]> = BTreeMap::new();
+    for b in batches {
+        let hour = b.column_by_name("hour").unwrap().as_primitive::<TimestampMicrosecondType>();
+        let product = cast(b.column_by_name("product_id").unwrap(), &DataType::Utf8).unwrap();
+        let product = product.as_string::<i32>();
+        for i in 0..b.num_rows() {
+            let m = out.entry((hour.value(i), product.value(i).to_string())).or_default();
+            for (k, name) in view.measure_names().enumerate() {
+                m[k] += b.column_by_name(name).unwrap().as_primitive::<Int64Type>().value(i);
+            }
+        }
+    }
+    out
+}
+
+/// One definition, two executions: the batch query over everything and the
+/// speed query's per-segment deltas summed up both equal an independent
+/// computation; and batch(below cut) + speed(at or above cut) = batch(all).
+#[tokio::test]
+async fn view_definition_executes_identically_for_batch_and_speed() {
+    let shop = Shop::new(ShopConfig { products: 50, users: 300, rate: 5.0, ..ShopConfig::default() });
+    let t0: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 11, 20, 0, 0, 0).unwrap();
+    let now = t0 + TimeDelta::days(2);
+    let events = shop.events_between(t0, t0 + TimeDelta::hours(6), &[], now, &mut StdRng::seed_from_u64(9));
+    let payloads: Vec<String> = events.iter().map(|e| e.to_json()).collect();
+    let records: Vec<RawRecord<'_>> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| RawRecord { partition: (i % 3) as i32, offset: (i / 3) as i64, payload: p.as_bytes() })
+        .collect();
+    let decoded = EventDecoder::new().decode(&records, now).unwrap();
+    assert!(decoded.rejected.is_empty());
+    let truth = expected_product_demand(&events);
+
+    let view = &PRODUCT_DEMAND_HOURLY;
+    let all = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql(None)).await, view);
+    assert_eq!(all, truth, "batch query equals the independent computation");
+    let speed = demand_rows(&run_sql(decoded.batch.clone(), &view.speed_sql(7)).await, view);
+    assert_eq!(speed, truth, "summed speed deltas equal the independent computation");
+
+    for cut_at in [0i64, 7, 70, 140, 100_000] {
+        let mut cut = shared_schema::OffsetCut::new();
+        for p in 0..3 {
+            cut.insert(shared_schema::Partition(p), shared_schema::Offset(cut_at + 7 * i64::from(p)));
+        }
+        let below = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql(Some(&cut.predicate()))).await, view);
+        let above_sql = format!(
+            "SELECT * FROM ({}) WHERE NOT ({})",
+            view.speed_sql(7),
+            cut.predicate().replace("e.kafka_partition", "kafka_partition").replace("e.kafka_offset", "segment * 7")
+        );
+        let above = demand_rows(&run_sql(decoded.batch.clone(), &above_sql).await, view);
+        let mut merged = below.clone();
+        for (k, m) in above {
+            let e = merged.entry(k).or_default();
+            for i in 0..6 {
+                e[i] += m[i];
+            }
+        }
+        assert_eq!(merged, truth, "cut at {cut_at}: below + above = all");
+    }
+}
+
+/// The generator's history and malformed records go through a real broker
+/// and come back whole: every event decodes, every bad record is rejected
+/// with the reason it was made for, and records are keyed by user.
+#[tokio::test]
+async fn generated_traffic_round_trips_through_kafka() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("generator", 4).await.unwrap();
+    let (sales_url, sales) = stack.fresh_database("generator_sales").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = Args {
+        brokers: stack.brokers.clone(),
+        topic: topic.clone(),
+        sales_database_url: sales_url,
+        no_catalog: false,
+        seed: 7,
+        products: 40,
+        categories: 5,
+        users: 200,
+        backfill_hours: 2,
+        rate: 0.5,
+        duration: Duration::ZERO,
+        spikes: Some(1),
+        live_spike: false,
+        bad_fraction: 0.2,
+        truth: dir.path().join("truth.json"),
+        quiet: true,
+    };
+    let truth = generator::run(args).await.unwrap();
+    assert!(truth.events_sent > 1000, "{}", truth.events_sent);
+    assert!(truth.bad_sent > 100, "{}", truth.bad_sent);
+    assert_eq!(truth.spikes.len(), 1);
+    let written: generator::Truth =
+        serde_json::from_slice(&std::fs::read(dir.path().join("truth.json")).unwrap()).unwrap();
+    assert_eq!(written.events_sent, truth.events_sent);
+    let products: i64 = sqlx::query_scalar("SELECT count(*) FROM products").fetch_one(&sales).await.unwrap();
+    assert_eq!(products, 40);
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .set("group.id", format!("{topic}.check"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let total = truth.events_sent + truth.bad_sent;
+    struct Received {
+        partition: i32,
+        offset: i64,
+        payload: Vec<u8>,
+        key: Option<Vec<u8>>,
+    }
+    let mut payloads: Vec<Received> = Vec::new();
+    while (payloads.len() as u64) < total {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("records stopped arriving before all were read")
+            .unwrap();
+        payloads.push(Received {
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            key: m.key().map(<[u8]>::to_vec),
+        });
+    }
+    let records: Vec<RawRecord<'_>> =
+        payloads.iter().map(|r| RawRecord { partition: r.partition, offset: r.offset, payload: &r.payload }).collect();
+    let decoded = EventDecoder::new().decode(&records, Utc::now()).unwrap();
+    assert_eq!(decoded.batch.num_rows() as u64, truth.events_sent);
+    assert_eq!(decoded.rejected.len() as u64, truth.bad_sent);
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &decoded.rejected {
+        *reasons.entry(r.rejection.reason.as_str().to_string()).or_default() += 1;
+    }
+    assert_eq!(reasons, truth.bad_by_reason);
+
+    // Keyed by user: one user's events all sit in one partition.
+    let users = decoded.batch.column_by_name("user_id").unwrap().as_string::<i32>();
+    let parts = decoded
+        .batch
+        .column_by_name("kafka_partition")
+        .unwrap()
+        .as_primitive::<datafusion::arrow::datatypes::Int32Type>();
+    let mut home: BTreeMap<&str, i32> = BTreeMap::new();
+    for i in 0..decoded.batch.num_rows() {
+        let p = *home.entry(users.value(i)).or_insert(parts.value(i));
+        assert_eq!(p, parts.value(i), "user {} spans partitions", users.value(i));
+    }
+    for Received { payload, key, .. } in payloads.iter().take(50) {
+        if let Ok(e) = shared_schema::Event::parse(payload, Utc::now()) {
+            assert_eq!(key.as_deref(), Some(e.user_id.as_bytes()));
+        }
+    }
+}

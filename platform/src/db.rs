@@ -1,0 +1,175 @@
+//! PostgreSQL set-up shared by every layer.
+//!
+//! `shared-schema` says *what* the database holds (migrations, view
+//! definitions); this crate does the few things every binary must do with
+//! it at start, the same way everywhere:
+//!
+//! 1. connect, retrying while the server is not up yet ([`connect`]);
+//! 2. apply the workspace's SQL migrations (sqlx takes an advisory lock, so
+//!    several binaries starting at once is safe);
+//! 3. fix the deployment's segment size on first start ([`Deployment`]);
+//! 4. (re)create the `serving.*` views from the view definitions when a
+//!    definition changed, with their grants ([`sync_serving_views`]).
+
+use std::time::Duration;
+
+use shared_schema::cut::SegmentSize;
+use shared_schema::views::{ALL_VIEWS, ViewDef};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Executor, PgPool};
+
+/// The migrations of `migrations/`, embedded in every binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Default segment size: offsets per segment when the schema is created.
+pub const DEFAULT_SEGMENT_SIZE: i64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot reach PostgreSQL at {url}: {source} (is it running? `make up` starts the local one)")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("invalid DATABASE_URL {url:?}: {source}")]
+    Url { url: String, source: sqlx::Error },
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the deployment's segment size is {stored}, but {requested} was requested; it is fixed when the schema is created"
+    )]
+    SegmentSizeMismatch { stored: i64, requested: i64 },
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Settings fixed for the deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deployment {
+    pub segment_size: SegmentSize,
+}
+
+/// Opens a pool, retrying for up to `wait` while the server refuses.
+pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url.parse().map_err(|source| DbError::Url { url: redact(url), source })?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await;
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            Err(source) if tokio::time::Instant::now() >= deadline => {
+                return Err(DbError::Connect { url: redact(url), source });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "PostgreSQL not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Everything a binary does to the schema at start: migrations, the
+/// deployment row and the generated serving views. Idempotent.
+pub async fn prepare(pool: &PgPool, segment_size: Option<i64>) -> Result<Deployment, DbError> {
+    MIGRATOR.run(pool).await?;
+    let deployment = ensure_deployment(pool, segment_size).await?;
+    sync_serving_views(pool, ALL_VIEWS).await?;
+    Ok(deployment)
+}
+
+/// Stores the segment size on first start and returns what is stored. A
+/// different explicit request later is an error, never a silent change:
+/// changing it would break the offset cut.
+pub async fn ensure_deployment(pool: &PgPool, requested: Option<i64>) -> Result<Deployment, DbError> {
+    let size = requested.unwrap_or(DEFAULT_SEGMENT_SIZE);
+    sqlx::query("INSERT INTO ops.deployment (segment_size) VALUES ($1) ON CONFLICT (singleton) DO NOTHING")
+        .bind(size)
+        .execute(pool)
+        .await?;
+    let stored: i64 = sqlx::query_scalar("SELECT segment_size FROM ops.deployment").fetch_one(pool).await?;
+    if let Some(requested) = requested.filter(|r| *r != stored) {
+        return Err(DbError::SegmentSizeMismatch { stored, requested });
+    }
+    let segment_size = SegmentSize::new(stored).ok_or(DbError::SegmentSizeMismatch { stored, requested: size })?;
+    Ok(Deployment { segment_size })
+}
+
+/// A stable fingerprint of a view's generated SQL and grants (FNV-1a).
+fn fingerprint(view: &ViewDef) -> String {
+    let mut text = view.serving_view_sql();
+    for r in view.readers {
+        text.push_str(r.role());
+    }
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// Re-creates the `serving.*` views whose definition changed, in one
+/// transaction, so readers see either the old or the new set.
+pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), DbError> {
+    let mut tx = pool.begin().await?;
+    // Serialises concurrent starts; the lock ends with the transaction.
+    tx.execute("LOCK TABLE ops.generated_views IN EXCLUSIVE MODE").await?;
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, fingerprint FROM ops.generated_views").fetch_all(&mut *tx).await?;
+    let changed: Vec<&ViewDef> =
+        views.iter().filter(|v| !stored.iter().any(|(n, f)| n == v.name && *f == fingerprint(v))).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    for view in &changed {
+        tracing::info!(view = view.name, "creating generated serving view");
+        // Drop first: CREATE OR REPLACE cannot remove or reorder columns.
+        let mut ddl = format!("DROP VIEW IF EXISTS serving.{};\n{};\n", view.name, view.serving_view_sql());
+        for reader in view.readers {
+            ddl.push_str(&format!("GRANT SELECT ON serving.{} TO {};\n", view.name, reader.role()));
+        }
+        sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO ops.generated_views (name, fingerprint) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, updated_at = now()",
+        )
+        .bind(view.name)
+        .bind(fingerprint(view))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h:5433/db"), "postgres://u:***@h:5433/db");
+        assert_eq!(redact("postgres://postgres@127.0.0.1:5433/lambda"), "postgres://postgres@127.0.0.1:5433/lambda");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn fingerprints_differ_between_views_and_are_stable() {
+        let [a, b] = [&ALL_VIEWS[0], &ALL_VIEWS[1]];
+        assert_ne!(fingerprint(a), fingerprint(b));
+        assert_eq!(fingerprint(a), fingerprint(a));
+    }
+}

@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The local stack, without Docker: PostgreSQL (Debian's server, run as the
+# `postgres` user) and the tansu Kafka broker, on loopback, state under .local/.
+#
+#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu)
+#   scripts/stack.sh up        start both (idempotent), topics, migrations
+#   scripts/stack.sh down      stop both
+#   scripts/stack.sh status    what runs where
+#   scripts/stack.sh logs      follow the logs
+#   scripts/stack.sh restart-postgres | restart-broker   (fault injection)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LOCAL=${LOCAL_DIR:-$ROOT/.local}
+CACHE=${LAMBDA_CACHE:-$HOME/.cache/lambda-platform}
+TANSU=${TANSU:-$CACHE/tools/bin/tansu}
+TANSU_VERSION=0.6.0
+PG_PORT=${PG_PORT:-5433}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+PG_URL="postgres://postgres@127.0.0.1:$PG_PORT"
+LOGS=$LOCAL/logs
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+pg_bin() {
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+    [ -n "$dir" ] && [ -x "$dir/pg_ctl" ] && echo "$dir"
+}
+
+as_postgres() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+install_tools() {
+    if [ -z "$(pg_bin)" ]; then
+        say "installing PostgreSQL server (Debian package)"
+        command -v apt-get >/dev/null || die "no PostgreSQL server and no apt-get; install PostgreSQL 15+ server binaries"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null
+    fi
+    [ -n "$(pg_bin)" ] || die "PostgreSQL server binaries not found under /usr/lib/postgresql"
+    command -v psql >/dev/null || die "psql not found; install postgresql-client"
+    if [ ! -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+        say "installing tansu $TANSU_VERSION into $CACHE/tools (first time only, about 11 minutes)"
+        cargo install --quiet --locked --root "$CACHE/tools" tansu --version "$TANSU_VERSION" --features libsql
+    fi
+}
+
+# PostgreSQL must be able to reach its data directory as the postgres user.
+# When the clone sits under a directory it cannot traverse (a home folder
+# with mode 700, say), the data lives in /var/tmp and .local/pg links to it.
+pg_dir() {
+    local want=$LOCAL/pg
+    if [ -L "$want" ] || [ -d "$want" ]; then echo "$want"; return; fi
+    mkdir -p "$LOCAL"
+    if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$LOCAL" 2>/dev/null; then
+        local alt
+        alt=/var/tmp/lambda-platform-$(printf '%s' "$LOCAL" | md5sum | cut -c1-12)/pg
+        mkdir -p "$alt"
+        ln -sfn "$alt" "$want"
+    else
+        mkdir -p "$want"
+    fi
+    echo "$want"
+}
+
+pg_running() {
+    local dir=$LOCAL/pg
+    [ -e "$dir/data/postmaster.pid" ] && as_postgres "$(pg_bin)/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
+}
+
+start_postgres() {
+    local bin dir
+    bin=$(pg_bin)
+    dir=$(pg_dir)
+    mkdir -p "$LOGS"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres: "$(readlink -f "$dir")"
+        touch "$LOGS/postgres.log" && chown postgres: "$LOGS/postgres.log"
+    fi
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        say "initialising PostgreSQL in $dir/data"
+        as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 --no-locale >"$LOGS/initdb.log" 2>&1 \
+            || die "initdb failed; see $LOGS/initdb.log"
+        mkdir -p "$dir/run" && [ "$(id -u)" = 0 ] && chown postgres: "$dir/run"
+        cat >>"$dir/data/postgresql.conf" <<CONF
+# lambda-platform local stack
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$(readlink -f "$dir")/run'
+max_connections = 200
+shared_buffers = 256MB
+logging_collector = off
+CONF
+    fi
+    if pg_running; then return; fi
+    say "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null \
+        || die "PostgreSQL did not start; see $LOGS/postgres.log"
+}
+
+wait_postgres() {
+    for _ in $(seq 1 120); do
+        psql "$PG_URL/postgres" -qtAc 'SELECT 1' >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    die "PostgreSQL does not answer on 127.0.0.1:$PG_PORT; see $LOGS/postgres.log"
+}
+
+create_databases() {
+    local db
+    for db in lambda sales; do
+        if [ -z "$(psql "$PG_URL/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+            psql "$PG_URL/postgres" -qc "CREATE DATABASE $db" >/dev/null
+        fi
+    done
+}
+
+tansu_pid() { cat "$LOCAL/tansu/tansu.pid" 2>/dev/null || true; }
+
+tansu_running() {
+    local pid
+    pid=$(tansu_pid)
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_tansu() {
+    mkdir -p "$LOCAL/tansu" "$LOGS"
+    if tansu_running; then return; fi
+    if port_open "$KAFKA_PORT"; then
+        die "port $KAFKA_PORT is taken by another process; stop it or set KAFKA_PORT"
+    fi
+    say "starting tansu broker on 127.0.0.1:$KAFKA_PORT"
+    (
+        cd "$LOCAL/tansu"
+        # setsid: the broker outlives this script and make.
+        setsid "$TANSU" broker \
+            --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --storage-engine "sqlite://tansu.db" \
+            >>"$LOGS/tansu.log" 2>&1 </dev/null &
+        echo $! >tansu.pid
+    )
+}
+
+wait_tansu() {
+    for _ in $(seq 1 120); do
+        if port_open "$KAFKA_PORT" && "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; then
+            return 0
+        fi
+        tansu_running || die "tansu exited; see $LOGS/tansu.log"
+        sleep 0.5
+    done
+    die "tansu does not answer on 127.0.0.1:$KAFKA_PORT; see $LOGS/tansu.log"
+}
+
+create_topic() {
+    local name=$1 partitions=$2
+    if "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null | grep -q "\"$name\"\|^$name\$\|[[:space:]]$name[[:space:]]"; then
+        return 0
+    fi
+    "$TANSU" topic create "$name" --partitions "$partitions" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$LOGS/tansu.log" 2>&1 || true
+}
+
+migrate() {
+    say "applying migrations"
+    cargo run --quiet -p serving-layer -- migrate --database-url "$PG_URL/lambda" \
+        || die "migrations failed (see the message above)"
+}
+
+up() {
+    install_tools
+    start_postgres
+    wait_postgres
+    create_databases
+    start_tansu
+    wait_tansu
+    create_topic events 4
+    create_topic events.dlq 1
+    migrate
+    status
+}
+
+stop_tansu() {
+    local pid
+    pid=$(tansu_pid)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        say "stopping tansu (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$LOCAL/tansu/tansu.pid"
+}
+
+stop_postgres() {
+    if pg_running; then
+        say "stopping PostgreSQL"
+        as_postgres "$(pg_bin)/pg_ctl" -D "$LOCAL/pg/data" -m fast -w stop >/dev/null || true
+    fi
+}
+
+down() {
+    stop_tansu
+    stop_postgres
+}
+
+status() {
+    if pg_running; then
+        echo "PostgreSQL  running   $PG_URL/lambda   (shop catalog: $PG_URL/sales)"
+    else
+        echo "PostgreSQL  stopped"
+    fi
+    if tansu_running; then
+        echo "Kafka       running   127.0.0.1:$KAFKA_PORT  (tansu $TANSU_VERSION, topics: events x4, events.dlq)"
+    else
+        echo "Kafka       stopped"
+    fi
+    echo "lake        ${LAKE_URI:-$LOCAL/lake}"
+    echo "logs        $LOGS/"
+}
+
+case "${1:-}" in
+    tools) install_tools ;;
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    logs) mkdir -p "$LOGS"; touch "$LOGS/postgres.log" "$LOGS/tansu.log"; tail -n 50 -F "$LOGS"/*.log ;;
+    restart-postgres) stop_postgres; start_postgres; wait_postgres ;;
+    restart-broker) stop_tansu; start_tansu; wait_tansu ;;
+    *) echo "usage: $0 tools|up|down|status|logs|restart-postgres|restart-broker" >&2; exit 2 ;;
+esac

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# `make test`: formatting, lints and the whole test suite, including the
+# integration tests against a real PostgreSQL and Kafka broker that this
+# script starts first and stops afterwards (unless they were already up).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+STACK=scripts/stack.sh
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all --check
+
+step "tools: PostgreSQL server and tansu"
+$STACK tools
+
+was_up=false
+if $STACK status | grep -q "PostgreSQL  running" && $STACK status | grep -q "Kafka       running"; then
+    was_up=true
+fi
+if ! $was_up; then
+    trap '$STACK down >/dev/null 2>&1 || true' EXIT
+fi
+
+step "build (dev profile)"
+cargo build --workspace --all-targets --locked
+
+step "local stack"
+$STACK up
+
+step "lints (clippy -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (nextest)"
+cargo nextest run --workspace --locked --no-fail-fast
