@@ -122,6 +122,20 @@ impl Lake {
     }
 }
 
+/// Registers `table`'s current snapshot in `ctx` under `name`, with the
+/// object store it needs, so DataFusion SQL can read it.
+pub async fn register(
+    ctx: &datafusion::prelude::SessionContext,
+    name: &str,
+    table: &DeltaTable,
+) -> Result<(), LakeError> {
+    let delta = |source: DeltaTableError| LakeError::Delta { table: name.to_string(), source };
+    table.update_datafusion_session(&ctx.state()).map_err(delta)?;
+    let provider = table.table_provider().await.map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
+    ctx.register_table(name, provider).map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
+    Ok(())
+}
+
 /// The Delta application id under which the ingest records partition `p`
 /// of `topic`.
 pub fn ingest_app_id(topic: &str, partition: i32) -> String {

@@ -1,0 +1,170 @@
+//! `batch-layer ingest` against the real broker and a real Delta table on
+//! disk: every offset lands exactly once, across restarts and kill -9.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::{self, EVENTS_TABLE, Lake, REJECTED_TABLE};
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::prelude::SessionContext;
+use integration_tests::fixture::{Stack, binary};
+use integration_tests::generator::{self, Args, Truth};
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
+    Args {
+        brokers: stack.brokers.clone(),
+        topic: topic.to_string(),
+        sales_database_url: String::new(),
+        no_catalog: true,
+        seed,
+        products: 60,
+        categories: 6,
+        users: 400,
+        backfill_hours: hours,
+        rate,
+        duration: Duration::ZERO,
+        spikes: Some(1),
+        live_spike: false,
+        bad_fraction: bad,
+        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
+        quiet: true,
+    }
+}
+
+fn config(stack: &Stack, topic: &str, lake: &Lake) -> IngestConfig {
+    IngestConfig {
+        brokers: stack.brokers.clone(),
+        topic: topic.to_string(),
+        lake: lake.clone(),
+        flush_interval: Duration::from_secs(2),
+        flush_records: 2_000,
+        until_caught_up: true,
+        show_progress: false,
+    }
+}
+
+/// (rows, distinct (partition, offset) pairs) of a lake table.
+async fn counts(lake: &Lake, table: &str) -> (i64, i64) {
+    let Some(t) = lake.open(table).await.unwrap() else { return (0, 0) };
+    let ctx = SessionContext::new();
+    lake::register(&ctx, "t", &t).await.unwrap();
+    let batches = ctx
+        .sql("SELECT count(*) AS n, count(DISTINCT CAST(kafka_partition AS BIGINT) * 1000000000000 + kafka_offset) AS d FROM t")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let b = &batches[0];
+    (b.column(0).as_primitive::<Int64Type>().value(0), b.column(1).as_primitive::<Int64Type>().value(0))
+}
+
+async fn reasons(lake: &Lake) -> BTreeMap<String, u64> {
+    let t = lake.open(REJECTED_TABLE).await.unwrap().unwrap();
+    let ctx = SessionContext::new();
+    lake::register(&ctx, "r", &t).await.unwrap();
+    let batches = ctx.sql("SELECT reason, count(*) FROM r GROUP BY reason").await.unwrap().collect().await.unwrap();
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let reason =
+            datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+        for i in 0..b.num_rows() {
+            out.insert(
+                reason.as_string::<i32>().value(i).to_string(),
+                b.column(1).as_primitive::<Int64Type>().value(i) as u64,
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn ingest_commits_every_offset_once_and_resumes_from_the_lake() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("ingest_resume", 4).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+
+    let first: Truth = generator::run(generator_args(&stack, &topic, 1, 2, 0.6, 0.05)).await.unwrap();
+    let s1 = ingest::run(config(&stack, &topic, &lake), CancellationToken::new()).await.unwrap();
+    assert_eq!(s1.events, first.events_sent);
+    assert_eq!(s1.rejected, first.bad_sent);
+    assert_eq!(counts(&lake, EVENTS_TABLE).await, (first.events_sent as i64, first.events_sent as i64));
+    assert_eq!(reasons(&lake).await, first.bad_by_reason, "every rejected record is kept with its reason");
+
+    // Nothing new: a second run reads nothing and commits nothing.
+    let idle = ingest::run(config(&stack, &topic, &lake), CancellationToken::new()).await.unwrap();
+    assert_eq!((idle.records, idle.commits), (0, 0));
+
+    // More traffic: the next run resumes exactly where the lake ends.
+    let second = generator::run(generator_args(&stack, &topic, 2, 1, 0.6, 0.05)).await.unwrap();
+    let s2 = ingest::run(config(&stack, &topic, &lake), CancellationToken::new()).await.unwrap();
+    assert_eq!(s2.records, second.events_sent + second.bad_sent);
+    let total = (first.events_sent + second.events_sent) as i64;
+    assert_eq!(counts(&lake, EVENTS_TABLE).await, (total, total));
+    let bad = (first.bad_sent + second.bad_sent) as i64;
+    assert_eq!(counts(&lake, REJECTED_TABLE).await, (bad, bad));
+
+    // The table's txn offsets are the end of every partition.
+    let table = lake.open(EVENTS_TABLE).await.unwrap().unwrap();
+    let committed = lake::committed_offsets(&table, &topic, 0..4).await.unwrap();
+    let sum: i64 = committed.values().sum();
+    assert_eq!(sum, total + bad, "offsets cover every record, valid or not");
+}
+
+/// Kill -9 the ingest process at random moments, restart it each time,
+/// then let it catch up: the lake holds every event exactly once.
+#[tokio::test]
+async fn kill_during_ingest_loses_and_duplicates_nothing() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("ingest_kill", 4).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake_path = dir.path().join("lake");
+    let truth = generator::run(generator_args(&stack, &topic, 3, 6, 4.0, 0.02)).await.unwrap();
+    let bin = binary("batch-layer");
+    let spawn = |until_caught_up: bool| {
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.args(["ingest", "--topic", &topic, "--flush-records", "400", "--flush-interval", "1s"])
+            .env("KAFKA_BROKERS", &stack.brokers)
+            .env("LAKE_URI", &lake_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if until_caught_up {
+            cmd.arg("--until-caught-up");
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut kills = 0;
+    let mut progress = Vec::new();
+    for _ in 0..5 {
+        let mut child = spawn(false);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(400..1500))).await;
+        child.start_kill().unwrap(); // SIGKILL
+        child.wait().await.unwrap();
+        kills += 1;
+        let lake = Lake::parse(lake_path.to_str().unwrap()).unwrap();
+        let (rows, distinct) = counts(&lake, EVENTS_TABLE).await;
+        eprintln!("after kill {kills}: {rows} rows in the lake of {} sent", truth.events_sent);
+        assert_eq!(rows, distinct, "a kill left a duplicate");
+        progress.push(rows);
+    }
+    assert!(progress.iter().any(|r| *r > 0), "the ingest made progress between kills: {progress:?}");
+    assert!(
+        progress.first() < Some(&(truth.events_sent as i64)),
+        "the first kill interrupted the ingest: {progress:?}"
+    );
+    let status = spawn(true).wait().await.unwrap();
+    assert!(status.success(), "final catch-up run failed: {status}");
+    let lake = Lake::parse(lake_path.to_str().unwrap()).unwrap();
+    let n = truth.events_sent as i64;
+    assert_eq!(counts(&lake, EVENTS_TABLE).await, (n, n), "after {kills} kills");
+    let bad = truth.bad_sent as i64;
+    assert_eq!(counts(&lake, REJECTED_TABLE).await, (bad, bad));
+}
