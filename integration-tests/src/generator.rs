@@ -21,6 +21,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use serde::Serialize;
+use shared_schema::EventType;
 use sqlx::Executor;
 
 use crate::malformed;
@@ -90,6 +91,50 @@ pub struct Truth {
     pub bad_by_reason: BTreeMap<String, u64>,
     pub revenue_cents: i64,
     pub delivery_failures: u64,
+    /// `product_demand_hourly` of everything sent, computed here
+    /// independently of the platform's code: the exact answer.
+    pub demand: Vec<DemandRow>,
+}
+
+/// One row of the expected `product_demand_hourly`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Demand {
+    pub views: i64,
+    pub cart_adds: i64,
+    pub cart_removes: i64,
+    pub purchases: i64,
+    pub units: i64,
+    pub revenue_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DemandRow {
+    pub hour: DateTime<Utc>,
+    pub product_id: String,
+    #[serde(flatten)]
+    pub demand: Demand,
+}
+
+impl Demand {
+    pub fn add(&mut self, e: &ShopEvent) {
+        match e.event_type {
+            EventType::PageView => self.views += 1,
+            EventType::AddToCart => self.cart_adds += 1,
+            EventType::RemoveFromCart => self.cart_removes += 1,
+            EventType::Purchase => {
+                self.purchases += 1;
+                self.units += i64::from(e.quantity.unwrap_or(0));
+                self.revenue_cents += e.revenue_cents();
+            }
+        }
+    }
+}
+
+impl Truth {
+    /// The expected demand keyed by (hour, product).
+    pub fn demand_map(&self) -> BTreeMap<(DateTime<Utc>, String), Demand> {
+        self.demand.iter().map(|r| ((r.hour, r.product_id.clone()), r.demand)).collect()
+    }
 }
 
 #[derive(Default)]
@@ -121,6 +166,7 @@ struct Sender {
     delivery: Arc<Delivery>,
     topic: String,
     truth: Truth,
+    demand: BTreeMap<(DateTime<Utc>, String), Demand>,
     rng: StdRng,
     bad_fraction: f64,
 }
@@ -148,6 +194,8 @@ impl Sender {
         self.truth.events_sent += 1;
         *self.truth.events_by_type.entry(e.event_type.as_str().into()).or_default() += 1;
         self.truth.revenue_cents += e.revenue_cents();
+        let hour = e.event_time.duration_trunc(TimeDelta::hours(1)).unwrap_or(e.event_time);
+        self.demand.entry((hour, e.product_id.clone())).or_default().add(e);
         if self.bad_fraction > 0.0 && self.rng.random_bool(self.bad_fraction.min(1.0)) {
             let n = self.truth.bad_sent;
             let (kind, bytes) = malformed::random(Utc::now(), n, &mut self.rng);
@@ -283,6 +331,7 @@ pub async fn run(args: Args) -> anyhow::Result<Truth> {
         delivery,
         topic: args.topic.clone(),
         truth: Truth { seed: args.seed, started_at: Some(now), spikes: spikes.clone(), ..Truth::default() },
+        demand: BTreeMap::new(),
         rng: StdRng::seed_from_u64(args.seed.wrapping_add(1)),
         bad_fraction: args.bad_fraction,
     };
@@ -332,6 +381,8 @@ pub async fn run(args: Args) -> anyhow::Result<Truth> {
     sender.producer.flush(Duration::from_secs(120)).context("waiting for the broker to acknowledge every record")?;
     flush_bar.finish_and_clear();
     let mut truth = sender.truth;
+    truth.demand =
+        sender.demand.into_iter().map(|((hour, product_id), demand)| DemandRow { hour, product_id, demand }).collect();
     truth.finished_at = Some(Utc::now());
     truth.delivery_failures = sender.delivery.failed.load(Ordering::Relaxed);
     let delivered = sender.delivery.ok.load(Ordering::Relaxed);

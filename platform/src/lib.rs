@@ -5,11 +5,15 @@
 //!   one-line error report of a failed command;
 //! * [`db`]: connecting to PostgreSQL, migrations, the deployment's segment
 //!   size and the generated `serving.*` views;
-//! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM.
+//! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM;
+//! * [`ops_http`]: `/metrics`, `/healthz`, `/readyz` for long-running processes;
+//! * [`pgcopy`]: Arrow batches → PostgreSQL binary `COPY`.
 //!
 //! Contracts (event, schemas, view definitions) live in `shared-schema`;
 //! this crate is machinery.
 
 pub mod db;
 pub mod logging;
+pub mod ops_http;
+pub mod pgcopy;
 pub mod shutdown;

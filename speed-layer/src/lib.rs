@@ -1,1 +1,13 @@
+//! Speed layer: exactly-once, sub-second view deltas.
+//!
+//! * [`stream`]: the consume → micro-batch → flush loop;
+//! * [`deltas`]: view deltas of a micro-batch, from the shared view definitions;
+//! * [`offsets`]: positions in PostgreSQL, advanced conditionally (fencing);
+//! * [`dlq`]: rejected records to `events.dlq` with their reason;
+//! * [`cli`]: the `speed-layer` command line.
 
+pub mod cli;
+pub mod deltas;
+pub mod dlq;
+pub mod offsets;
+pub mod stream;

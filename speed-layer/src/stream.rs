@@ -1,0 +1,442 @@
+//! The speed layer's loop: consume, buffer a micro-batch, flush it in one
+//! PostgreSQL transaction.
+//!
+//! Positions come from PostgreSQL, never from the broker's group offsets:
+//! the first record seen of a partition (after start or a rebalance) makes
+//! the loop load that partition's stored offset, seek there if the broker
+//! started elsewhere, and from then on accept only the exact next offset.
+//! A flush = decode → DLQ the rejects (acknowledged) → DataFusion deltas →
+//! one transaction: COPY deltas into temporary tables, fold them into
+//! `speed.*`, advance the offsets conditionally (see [`crate::offsets`]).
+//! A crash at any point leaves either the whole flush or none of it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use shared_schema::cut::SegmentSize;
+use shared_schema::{EventDecoder, RawRecord};
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::deltas::{self, ViewDelta};
+use crate::dlq::{DeadLetter, Dlq};
+use crate::offsets::{self, Advance};
+
+/// What `speed-layer run` needs.
+#[derive(Debug, Clone)]
+pub struct SpeedConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group_id: String,
+    pub database_url: String,
+    /// Flush at the latest this long after the first buffered record.
+    pub flush_interval: Duration,
+    /// Flush as soon as this many records are buffered.
+    pub max_batch: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (port 0: any).
+    pub ops_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpeedError {
+    #[error("Kafka ({brokers}): {source}")]
+    Kafka { brokers: String, source: Box<KafkaError> },
+    #[error(transparent)]
+    Db(#[from] platform::db::DbError),
+    #[error("ops endpoint on {addr}: {source}")]
+    Ops { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Partitions assigned or revoked since the loop last looked: their
+/// positions must be reloaded from PostgreSQL.
+#[derive(Default)]
+struct RebalanceLog(Mutex<BTreeSet<i32>>);
+
+struct Context(Arc<RebalanceLog>);
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let tpl = match rebalance {
+            Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        let mut log = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        log.extend(tpl.elements().iter().map(|e| e.partition()));
+        tracing::info!(?rebalance, "partitions rebalanced");
+    }
+}
+
+struct Buffered {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+}
+
+/// Runs until `shutdown`; flushes what it holds before returning.
+pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(), SpeedError> {
+    let kafka = |source: KafkaError| SpeedError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) };
+    let ready = platform::ops_http::Readiness::default();
+    let (ops_addr, ops_task) = platform::ops_http::serve(config.ops_addr, ready.clone(), shutdown.clone())
+        .await
+        .map_err(|source| SpeedError::Ops { addr: config.ops_addr, source })?;
+    tracing::info!(%ops_addr, "serving /metrics, /healthz, /readyz");
+
+    let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(60)).await?;
+    let deployment = platform::db::prepare(&pool, None).await?;
+    let log = Arc::new(RebalanceLog::default());
+    let consumer: StreamConsumer<Context> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // A killed instance's partitions move on within seconds, not minutes.
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "20000")
+        .set("fetch.wait.max.ms", "50")
+        .create_with_context(Context(Arc::clone(&log)))
+        .map_err(kafka)?;
+    consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+    let dlq = Dlq::new(&config.brokers, &config.dlq_topic, &config.topic).map_err(kafka)?;
+    ready.set(true);
+    tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");
+
+    let mut state = Loop {
+        config: &config,
+        pool: &pool,
+        consumer: &consumer,
+        dlq: &dlq,
+        segment_size: deployment.segment_size,
+        positions: BTreeMap::new(),
+        buffer: Vec::new(),
+        first_at: None,
+        decoder: EventDecoder::new(),
+        ready: ready.clone(),
+        rebalances: Arc::clone(&log),
+    };
+    loop {
+        state.apply_rebalances();
+        let due = state.first_at.is_some_and(|t| t.elapsed() >= config.flush_interval);
+        if !state.buffer.is_empty() && (due || state.buffer.len() >= config.max_batch || shutdown.is_cancelled()) {
+            state.flush(&shutdown).await;
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let wait = match state.first_at {
+            Some(t) => config.flush_interval.saturating_sub(t.elapsed()),
+            None => Duration::from_millis(250),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            received = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()) => match received {
+                Err(_) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Ok(m)) => state.accept(m.partition(), m.offset(), m.key(), m.payload()).await,
+            }
+        }
+    }
+    ready.set(false);
+    tracing::info!("speed layer stopped cleanly");
+    drop(consumer);
+    let _ = ops_task.await;
+    Ok(())
+}
+
+struct Loop<'a> {
+    config: &'a SpeedConfig,
+    pool: &'a PgPool,
+    consumer: &'a StreamConsumer<Context>,
+    dlq: &'a Dlq,
+    segment_size: SegmentSize,
+    /// Per partition, the next offset this instance accepts.
+    positions: BTreeMap<i32, i64>,
+    buffer: Vec<Buffered>,
+    first_at: Option<Instant>,
+    decoder: EventDecoder,
+    ready: platform::ops_http::Readiness,
+    rebalances: Arc<RebalanceLog>,
+}
+
+impl Loop<'_> {
+    /// Forgets the position and the buffered records of every partition
+    /// assigned or revoked since the last look: records of an earlier
+    /// assignment are re-read from the offset PostgreSQL holds.
+    fn apply_rebalances(&mut self) {
+        let changed = std::mem::take(&mut *self.rebalances.0.lock().unwrap_or_else(|p| p.into_inner()));
+        if changed.is_empty() {
+            return;
+        }
+        for p in &changed {
+            self.positions.remove(p);
+        }
+        let before = self.buffer.len();
+        self.buffer.retain(|b| !changed.contains(&b.partition));
+        if self.buffer.is_empty() {
+            self.first_at = None;
+        }
+        if before != self.buffer.len() {
+            tracing::info!(
+                dropped = before - self.buffer.len(),
+                ?changed,
+                "rebalance: buffered records will be re-read"
+            );
+        }
+    }
+
+    async fn accept(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        // A rebalance callback may have run while this record was fetched.
+        self.apply_rebalances();
+        let expected = match self.positions.get(&partition) {
+            Some(next) => *next,
+            None => match offsets::load(self.pool, &[partition]).await {
+                Ok(loaded) => {
+                    let next = loaded.get(&partition).copied().unwrap_or(0);
+                    self.positions.insert(partition, next);
+                    next
+                }
+                Err(e) => {
+                    // Seek back so the record comes again once PostgreSQL answers.
+                    tracing::warn!(error = %e, partition, "cannot load the stored offset; retrying");
+                    self.seek(partition, offset);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return;
+                }
+            },
+        };
+        if offset < expected {
+            return; // already counted (replay after a seek or rebalance)
+        }
+        if offset > expected {
+            // The broker started past what PostgreSQL holds: go back.
+            self.seek(partition, expected);
+            return;
+        }
+        self.positions.insert(partition, offset + 1);
+        let payload = payload.unwrap_or_default();
+        metrics::counter!("speed_records_total").increment(1);
+        metrics::counter!("speed_bytes_total").increment(payload.len() as u64);
+        self.buffer.push(Buffered { partition, offset, key: key.map(<[u8]>::to_vec), payload: payload.to_vec() });
+        self.first_at.get_or_insert_with(Instant::now);
+    }
+
+    fn seek(&self, partition: i32, offset: i64) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(&self.config.topic, partition, Offset::Offset(offset)).is_ok()
+            && let Err(e) = self.consumer.seek_partitions(tpl, Duration::from_secs(5))
+        {
+            tracing::warn!(error = %e, partition, offset, "seek failed; will retry on the next record");
+        }
+    }
+
+    /// Flushes the buffer, retrying with capped backoff while PostgreSQL or
+    /// the broker is away (progress stops, the process does not).
+    async fn flush(&mut self, shutdown: &CancellationToken) {
+        let buffer = std::mem::take(&mut self.buffer);
+        self.first_at = None;
+        let mut delay = Duration::from_millis(100);
+        let mut failing = false;
+        let mut dlq_done = false;
+        loop {
+            match self.try_flush(&buffer, &mut dlq_done).await {
+                Ok(Flushed::Committed) => {
+                    if failing {
+                        tracing::info!("flushing works again");
+                    }
+                    self.ready.set(true);
+                    return;
+                }
+                Ok(Flushed::Fenced(partitions)) => {
+                    // Another instance moved these partitions: drop the whole
+                    // micro-batch and re-read every partition from PostgreSQL.
+                    tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
+                    self.positions.clear();
+                    return;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "flush failed; retrying with backoff until it succeeds");
+                        failing = true;
+                    }
+                    self.ready.set(false);
+                    metrics::counter!("speed_flush_failures_total").increment(1);
+                    if shutdown.is_cancelled() && delay >= Duration::from_secs(5) {
+                        // Nothing was committed; the next start resumes from PostgreSQL.
+                        tracing::warn!("shutting down with an uncommitted micro-batch; it will be re-read");
+                        return;
+                    }
+                    let jitter = Duration::from_millis(rand_jitter(delay.as_millis() as u64 / 4));
+                    tokio::time::sleep(delay + jitter).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One attempt; `dlq_done` remembers across attempts that the rejects
+    /// of this micro-batch are already acknowledged by the DLQ.
+    async fn try_flush(&mut self, buffer: &[Buffered], dlq_done: &mut bool) -> Result<Flushed, FlushError> {
+        let started = Instant::now();
+        let records: Vec<RawRecord<'_>> = buffer
+            .iter()
+            .map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload })
+            .collect();
+        let decoded = self.decoder.decode(&records, Utc::now())?;
+
+        let rejected: Vec<_> = decoded
+            .rejected
+            .iter()
+            .map(|r| {
+                let b = &buffer[r.index];
+                DeadLetter { record: r, key: b.key.as_deref(), payload: b.payload.as_slice() }
+            })
+            .collect();
+        if !*dlq_done {
+            self.dlq.send(&rejected).await.map_err(|e| FlushError::Dlq(Box::new(e)))?;
+            *dlq_done = true;
+        }
+
+        let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
+        for b in buffer {
+            let a = advances.entry(b.partition).or_insert(Advance {
+                partition: b.partition,
+                from: b.offset,
+                to: b.offset + 1,
+                last_event_time: None,
+            });
+            a.from = a.from.min(b.offset);
+            a.to = a.to.max(b.offset + 1);
+        }
+        let counts = buffer.iter().fold(BTreeMap::<i32, i64>::new(), |mut m, b| {
+            *m.entry(b.partition).or_default() += 1;
+            m
+        });
+        if advances.values().any(|a| counts.get(&a.partition) != Some(&(a.to - a.from))) {
+            // Never commit a micro-batch with a gap or a repeat: start over
+            // from what PostgreSQL holds.
+            tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
+            return Ok(Flushed::Fenced(advances.keys().copied().collect()));
+        }
+        for (p, t) in last_event_times(&decoded.batch) {
+            if let Some(a) = advances.get_mut(&p) {
+                a.last_event_time = a.last_event_time.max(Some(t));
+            }
+        }
+        let deltas = deltas::compute(decoded.batch, self.segment_size).await?;
+
+        let mut tx = self.pool.begin().await?;
+        let advances: Vec<Advance> = advances.into_values().collect();
+        let fenced = offsets::advance(&mut tx, &advances).await?;
+        if !fenced.is_empty() {
+            tx.rollback().await?;
+            return Ok(Flushed::Fenced(fenced));
+        }
+        let mut rows = 0;
+        for delta in &deltas {
+            rows += write_delta(&mut tx, delta).await?;
+        }
+        tx.commit().await?;
+
+        // Informational only (positions live in PostgreSQL): lets Kafka
+        // tooling show the group's lag.
+        let mut tpl = TopicPartitionList::new();
+        for a in &advances {
+            let _ = tpl.add_partition_offset(&self.config.topic, a.partition, Offset::Offset(a.to));
+        }
+        let _ = self.consumer.commit(&tpl, CommitMode::Async);
+
+        let secs = started.elapsed().as_secs_f64();
+        metrics::histogram!("speed_flush_seconds").record(secs);
+        metrics::counter!("speed_rows_written_total").increment(rows);
+        metrics::counter!("speed_dlq_total").increment(rejected.len() as u64);
+        for a in &advances {
+            if let Some(t) = a.last_event_time {
+                metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
+                    .set(t.timestamp_millis() as f64 / 1000.0);
+            }
+        }
+        tracing::debug!(records = buffer.len(), rejected = rejected.len(), rows, ms = secs * 1000.0, "flushed");
+        Ok(Flushed::Committed)
+    }
+}
+
+enum Flushed {
+    Committed,
+    Fenced(Vec<i32>),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    #[error("decoding: {0}")]
+    Decode(#[from] shared_schema::decode::DecodeError),
+    #[error("DLQ: {0}")]
+    Dlq(Box<KafkaError>),
+    #[error("computing deltas: {0}")]
+    Deltas(#[from] datafusion::error::DataFusionError),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("encoding COPY data: {0}")]
+    Copy(#[from] platform::pgcopy::CopyError),
+}
+
+/// COPYs a view's deltas into a temporary table and folds them into
+/// `speed.<view>` with the view's merge rules.
+async fn write_delta(conn: &mut sqlx::PgConnection, delta: &ViewDelta) -> Result<u64, FlushError> {
+    if delta.rows() == 0 {
+        return Ok(0);
+    }
+    let name = delta.view.name;
+    let temp = format!("speed_delta_{name}");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE speed.{name}) ON COMMIT DELETE ROWS"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let data = platform::pgcopy::encode(&delta.batches)?;
+    let statement = format!("COPY {temp} FROM STDIN (FORMAT binary)");
+    let mut copy = conn.copy_in_raw(&statement).await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    let done = sqlx::query(AssertSqlSafe(delta.view.speed_upsert_sql(&temp))).execute(&mut *conn).await?;
+    Ok(done.rows_affected())
+}
+
+fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(i32, DateTime<Utc>)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
+    use shared_schema::schema::col;
+    let (Some(t), Some(p)) = (batch.column_by_name(col::EVENT_TIME), batch.column_by_name(col::KAFKA_PARTITION)) else {
+        return Vec::new();
+    };
+    let t = t.as_primitive::<TimestampMicrosecondType>();
+    let p = p.as_primitive::<Int32Type>();
+    p.values()
+        .iter()
+        .zip(t.values())
+        .filter_map(|(p, t)| DateTime::from_timestamp_micros(*t).map(|t| (*p, t)))
+        .collect()
+}
+
+fn rand_jitter(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    u64::from(nanos) % max
+}
