@@ -16,7 +16,7 @@ export LAKE_URI ?= $(CURDIR)/.local/lake
 STACK := scripts/stack.sh
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: help up down status logs psql clean build generate demo test lint fmt
+.PHONY: help up down status logs psql clean build generate demo demo-stop test lint fmt
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ generate: build ## generate shop traffic: make generate ARGS="--backfill-hours 2
 
 demo: ## set everything up and run the pipeline locally
 	@scripts/demo.sh
+
+demo-stop: ## stop what the demo started, then the stack
+	@if [ -f .local/run/speed-layer.pid ]; then kill "$$(cat .local/run/speed-layer.pid)" 2>/dev/null || true; rm -f .local/run/speed-layer.pid; fi
+	@$(STACK) down
 
 lint: ## rustfmt and clippy, as CI runs them
 	cargo fmt --all --check

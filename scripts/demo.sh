@@ -9,6 +9,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAMBDA_CACHE/target}
 LOGS=$ROOT/.local/logs
 mkdir -p "$LOGS"
 BIN=$CARGO_TARGET_DIR/debug
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5433/lambda}
 
 current=""
 trap 'rc=$?; if [ $rc -ne 0 ]; then printf "\nerror: demo step \"%s\" failed (exit %s); see the output above and %s/\n" "$current" "$rc" "$LOGS" >&2; fi' EXIT
@@ -28,9 +29,35 @@ step "generate one hour of shop history into topic 'events'"
 "$BIN/generate" --backfill-hours "${DEMO_HISTORY_HOURS:-1}" --rate "${DEMO_RATE:-20}" --bad-fraction 0.01 \
     --truth .local/generator/truth.json
 
+step "batch layer: drain 'events' into the Delta lake (.local/lake)"
+"$BIN/batch-layer" ingest --until-caught-up --lake-uri "$ROOT/.local/lake"
+
+step "speed layer: start in the background (log: .local/logs/speed-layer.log)"
+mkdir -p "$ROOT/.local/run"
+if [ -f "$ROOT/.local/run/speed-layer.pid" ] && kill -0 "$(cat "$ROOT/.local/run/speed-layer.pid")" 2>/dev/null; then
+    kill "$(cat "$ROOT/.local/run/speed-layer.pid")" && sleep 1
+fi
+setsid "$BIN/speed-layer" run >>"$LOGS/speed-layer.log" 2>&1 </dev/null &
+echo $! >"$ROOT/.local/run/speed-layer.pid"
+# Wait until the speed layer has stopped moving: it holds the whole topic.
+prev=-1
+for _ in $(seq 1 120); do
+    kill -0 "$(cat "$ROOT/.local/run/speed-layer.pid")" 2>/dev/null || { echo "speed layer exited; see $LOGS/speed-layer.log" >&2; exit 1; }
+    now=$(psql "$DATABASE_URL" -qtAc "SELECT COALESCE(sum(next_offset), 0) FROM ops.speed_offsets" 2>/dev/null || echo -1)
+    if [ "$now" -gt 0 ] && [ "$now" = "$prev" ]; then break; fi
+    prev=$now
+    sleep 2
+done
+echo "speed layer at $prev offsets"
+
+step "what the dashboards read: serving.product_demand_hourly, top products of the last hours"
+psql "$DATABASE_URL" -P pager=off -c "SELECT hour, product_id, views, cart_adds, purchases, revenue_cents
+    FROM serving.product_demand_hourly ORDER BY hour DESC, views DESC LIMIT 10"
+
 cat <<TXT
 
-The stack is up and the topic 'events' holds an hour of shop traffic.
+The stack is up, the lake holds the generated history, and the speed layer
+keeps serving.product_demand_hourly current (it is still running).
 
   where                 what
   --------------------  ---------------------------------------------------
@@ -41,8 +68,11 @@ The stack is up and the topic 'events' holds an hour of shop traffic.
   make psql                                  the platform database
   psql postgres://postgres@127.0.0.1:5433/sales -c 'TABLE products LIMIT 5'
   make generate ARGS="--duration 60s --rate 100"   more traffic, live
-  make status | make logs | make down | make clean
+  psql "\$DATABASE_URL" -c 'TABLE serving.product_demand_hourly LIMIT 5'
+  curl -s 127.0.0.1:9101/metrics | grep ^speed_      speed-layer metrics
+  make demo-stop                                     stop the speed layer and the stack
+  make status | make logs | make clean
 
-The batch, speed and serving layers are being built (see the issues); this
-demo grows with them.
+Batch recompute, the serving API and the dashboard are being built (see the
+issues); this demo grows with them.
 TXT

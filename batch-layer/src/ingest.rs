@@ -246,8 +246,25 @@ struct Flushed {
     commits: u64,
 }
 
-fn txns(topic: &str, next: &BTreeMap<i32, i64>, touched: impl Fn(i32) -> bool) -> Vec<Transaction> {
-    next.iter().filter(|(p, _)| touched(**p)).map(|(p, o)| Transaction::new(ingest_app_id(topic, *p), *o)).collect()
+/// The offsets a commit records for the partitions this flush read: the
+/// position reached, but never below what the table already holds. (A
+/// table can be ahead of the replay position: `events_rejected` commits
+/// before `events`, so after a kill between the two the replay starts
+/// below it; recording the lower offset would make a later replay write
+/// those rejects again.)
+fn advanced(
+    committed: &BTreeMap<i32, i64>,
+    next: &BTreeMap<i32, i64>,
+    touched: &std::collections::BTreeSet<i32>,
+) -> BTreeMap<i32, i64> {
+    touched
+        .iter()
+        .filter_map(|p| next.get(p).map(|n| (*p, (*n).max(committed.get(p).copied().unwrap_or(0)))))
+        .collect()
+}
+
+fn txns(topic: &str, offsets: &BTreeMap<i32, i64>) -> Vec<Transaction> {
+    offsets.iter().map(|(p, o)| Transaction::new(ingest_app_id(topic, *p), *o)).collect()
 }
 
 async fn flush(
@@ -272,8 +289,8 @@ async fn flush(
         .collect();
     if !fresh.is_empty() {
         let batch = rejected_batch(&fresh, &buffer)?;
-        let props = CommitProperties::default()
-            .with_application_transactions(txns(&config.topic, next, |p| touched.contains(&p)));
+        let offsets = advanced(&tables.rejected_next, next, &touched);
+        let props = CommitProperties::default().with_application_transactions(txns(&config.topic, &offsets));
         let table = tables.rejected.clone();
         tables.rejected = table
             .write(vec![batch])
@@ -281,17 +298,15 @@ async fn flush(
             .with_commit_properties(props)
             .await
             .map_err(|source| IngestError::Commit { table: REJECTED_TABLE, source: Box::new(source) })?;
-        for p in &touched {
-            tables.rejected_next.insert(*p, next[p]);
-        }
+        tables.rejected_next.extend(offsets);
         out.rejected = fresh.len() as u64;
         out.commits += 1;
     }
 
     // 2. Valid events, with the offsets they bring the table to.
     if decoded.batch.num_rows() > 0 {
-        let props = CommitProperties::default()
-            .with_application_transactions(txns(&config.topic, next, |p| touched.contains(&p)));
+        let offsets = advanced(&tables.events_next, next, &touched);
+        let props = CommitProperties::default().with_application_transactions(txns(&config.topic, &offsets));
         let table = tables.events.clone();
         tables.events = table
             .write(vec![decoded.batch.clone()])
@@ -299,9 +314,7 @@ async fn flush(
             .with_commit_properties(props)
             .await
             .map_err(|source| IngestError::Commit { table: EVENTS_TABLE, source: Box::new(source) })?;
-        for p in &touched {
-            tables.events_next.insert(*p, next[p]);
-        }
+        tables.events_next.extend(offsets);
         out.events = decoded.batch.num_rows() as u64;
         out.commits += 1;
     }
@@ -358,4 +371,17 @@ fn rejected_batch(rejected: &[&RejectedRecord], buffer: &[Buffered]) -> Result<R
             Arc::new(date.finish()),
         ],
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_offsets_never_move_back() {
+        let committed = BTreeMap::from([(0, 1062), (1, 10)]);
+        let next = BTreeMap::from([(0, 1000), (1, 311), (2, 5)]);
+        let touched = [0, 1].into_iter().collect();
+        assert_eq!(advanced(&committed, &next, &touched), BTreeMap::from([(0, 1062), (1, 311)]));
+    }
 }

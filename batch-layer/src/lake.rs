@@ -115,6 +115,10 @@ impl Lake {
 
     /// Opens an existing table, or `None` when there is none yet.
     pub async fn open(&self, name: &str) -> Result<Option<DeltaTable>, LakeError> {
+        let url = self.table_url(name);
+        if url.scheme() == "file" && url.to_file_path().is_ok_and(|p| !p.exists()) {
+            return Ok(None);
+        }
         let table = DeltaTable::try_from_url(self.table_url(name))
             .await
             .map_err(|source| LakeError::Delta { table: name.to_string(), source })?;

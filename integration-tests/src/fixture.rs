@@ -90,6 +90,17 @@ impl Stack {
         Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
     }
 
+    /// Records in `topic` (sum of high watermarks minus low watermarks).
+    pub fn topic_size(&self, topic: &str) -> anyhow::Result<i64> {
+        let consumer = self.metadata_consumer()?;
+        let mut total = 0;
+        for p in 0..self.partitions(topic)? {
+            let (low, high) = consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(10))?;
+            total += high - low;
+        }
+        Ok(total)
+    }
+
     pub fn partitions(&self, topic: &str) -> anyhow::Result<usize> {
         let md = self.metadata_consumer()?.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
