@@ -34,17 +34,22 @@ step "batch layer: drain 'events' into the Delta lake (.local/lake)"
 
 step "speed layer: start in the background (log: .local/logs/speed-layer.log)"
 mkdir -p "$ROOT/.local/run"
-if [ -f "$ROOT/.local/run/speed-layer.pid" ] && kill -0 "$(cat "$ROOT/.local/run/speed-layer.pid")" 2>/dev/null; then
-    kill "$(cat "$ROOT/.local/run/speed-layer.pid")" && sleep 1
+old=$(cat "$ROOT/.local/run/speed-layer.pid" 2>/dev/null || true)
+if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
+    kill "$old"  # SIGTERM: it flushes, leaves its consumer group and exits
+    for _ in $(seq 1 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
 fi
 setsid "$BIN/speed-layer" run >>"$LOGS/speed-layer.log" 2>&1 </dev/null &
 echo $! >"$ROOT/.local/run/speed-layer.pid"
-# Wait until the speed layer has stopped moving: it holds the whole topic.
+# Wait until the speed layer has stopped moving (three equal readings):
+# then it holds the whole topic.
 prev=-1
-for _ in $(seq 1 120); do
+same=0
+for _ in $(seq 1 150); do
     kill -0 "$(cat "$ROOT/.local/run/speed-layer.pid")" 2>/dev/null || { echo "speed layer exited; see $LOGS/speed-layer.log" >&2; exit 1; }
     now=$(psql "$DATABASE_URL" -qtAc "SELECT COALESCE(sum(next_offset), 0) FROM ops.speed_offsets" 2>/dev/null || echo -1)
-    if [ "$now" -gt 0 ] && [ "$now" = "$prev" ]; then break; fi
+    if [ "$now" -gt 0 ] && [ "$now" = "$prev" ]; then same=$((same + 1)); else same=0; fi
+    [ "$same" -ge 2 ] && break
     prev=$now
     sleep 2
 done

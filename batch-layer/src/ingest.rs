@@ -107,7 +107,6 @@ fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
         .set("fetch.message.max.bytes", "4194304")
         .create()
         .map_err(|source| IngestError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) })
@@ -197,7 +196,6 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             received = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()) => {
                 match received {
                     Err(_elapsed) => continue,
-                    Ok(Err(KafkaError::PartitionEOF(_))) => continue,
                     Ok(Err(e)) => {
                         // Transient broker trouble: librdkafka reconnects by itself.
                         tracing::warn!(error = %e, "Kafka consumer error; retrying");
@@ -257,10 +255,7 @@ fn advanced(
     next: &BTreeMap<i32, i64>,
     touched: &std::collections::BTreeSet<i32>,
 ) -> BTreeMap<i32, i64> {
-    touched
-        .iter()
-        .filter_map(|p| next.get(p).map(|n| (*p, (*n).max(committed.get(p).copied().unwrap_or(0)))))
-        .collect()
+    touched.iter().filter_map(|p| next.get(p).map(|n| (*p, (*n).max(committed.get(p).copied().unwrap_or(0))))).collect()
 }
 
 fn txns(topic: &str, offsets: &BTreeMap<i32, i64>) -> Vec<Transaction> {
