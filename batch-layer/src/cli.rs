@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::ingest::{self, IngestConfig};
 use crate::lake::Lake;
+use crate::recompute::{self, RunConfig, RunOutcome};
 
 /// Batch layer of the Lambda data platform: the lake and the exact recompute.
 #[derive(Debug, Parser)]
@@ -39,6 +40,20 @@ pub enum Command {
         #[arg(long)]
         until_caught_up: bool,
     },
+    /// Recompute every view from the lake and publish it with its offset cut,
+    /// atomically (a full recompute; quality checks gate the publish).
+    Run {
+        /// Platform database.
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        database_url: String,
+        /// Topic whose offsets the lake records.
+        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+        topic: String,
+        /// Largest accepted drop of a view's row count against the last
+        /// published run, as a fraction (0.5 = half).
+        #[arg(long, default_value_t = 0.5)]
+        max_shrink: f64,
+    },
 }
 
 /// Runs the parsed command.
@@ -64,6 +79,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.records, s.events, s.rejected, s.commits, s.offsets
             );
             Ok(())
+        }
+        Command::Run { database_url, topic, max_shrink } => {
+            if !(0.0..=1.0).contains(&max_shrink) {
+                anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
+            }
+            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink };
+            match recompute::run(&config).await? {
+                RunOutcome::Published { run_id, delta_version, cut, rows } => {
+                    let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+                    let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
+                    println!(
+                        "run {run_id}: published lake version {delta_version} with cut [{}]; rows: {}",
+                        cut.join(", "),
+                        rows.join(", ")
+                    );
+                    Ok(())
+                }
+                RunOutcome::Unchanged { delta_version } => {
+                    println!(
+                        "the lake is unchanged since the last published run (version {delta_version}); nothing new to publish"
+                    );
+                    Ok(())
+                }
+                RunOutcome::Rejected { run_id, report } => {
+                    anyhow::bail!(
+                        "run {run_id} failed its quality checks and published nothing ({}); the last good views keep serving",
+                        report.summary()
+                    )
+                }
+                RunOutcome::Busy => {
+                    anyhow::bail!("another batch run holds the lock; nothing published (wait for it to finish)")
+                }
+            }
         }
     }
 }

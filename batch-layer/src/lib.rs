@@ -2,8 +2,12 @@
 //!
 //! * [`lake`]: where the Delta Lake is, its tables, committed offsets;
 //! * [`ingest`]: Kafka → Delta table `events`, each offset exactly once;
+//! * [`recompute`]: views from one snapshot, published with the cut atomically;
+//! * [`quality`]: the gate a batch must pass before it is published;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod cli;
 pub mod ingest;
 pub mod lake;
+pub mod quality;
+pub mod recompute;

@@ -10,6 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
 /// Where the local stack listens (env overrides as for the binaries).
@@ -57,19 +58,31 @@ impl Stack {
     pub async fn fresh_topic(&self, test: &str, partitions: i32) -> anyhow::Result<String> {
         let name = format!("test.{}.{}", sanitize(test), std::process::id());
         let admin = self.admin()?;
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(20)))
+            .request_timeout(Some(Duration::from_secs(30)));
         let stale: Vec<String> =
             self.topics()?.into_iter().filter(|t| t.starts_with(&format!("test.{}.", sanitize(test)))).collect();
         if !stale.is_empty() {
             let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
             let _ = admin.delete_topics(&refs, &opts).await;
         }
-        let results = admin
-            .create_topics(&[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &opts)
-            .await
-            .context("creating a test topic")?;
-        for r in results {
-            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        // A busy broker can time an admin request out: retry, and accept a
+        // topic that an earlier attempt did create.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match admin.create_topics(&[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &opts).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) | None => break,
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break,
+                    Some(Err((t, e))) => last_error = Some(anyhow::anyhow!("creating topic {t}: {e}")),
+                },
+                Err(e) => last_error = Some(anyhow::anyhow!("creating topic {name}: {e}")),
+            }
+            if self.partitions(&name).unwrap_or(0) == partitions as usize {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         // Wait until the broker reports the topic with all its partitions.
         for _ in 0..100 {
@@ -78,7 +91,7 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::bail!("topic {name} did not appear with {partitions} partitions")
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("topic {name} did not appear with {partitions} partitions")))
     }
 
     fn metadata_consumer(&self) -> anyhow::Result<BaseConsumer> {

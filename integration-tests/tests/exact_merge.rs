@@ -1,0 +1,234 @@
+//! The exact merge at the Kafka-offset cut, end to end on the real stack:
+//! the speed layer counts everything, a batch run lands (lake snapshot →
+//! views → PostgreSQL with its cut, in one transaction), and no number a
+//! dashboard reads changes, not even for one read in between.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::Lake;
+use batch_layer::recompute::{self, RunConfig, RunOutcome};
+use chrono::{DateTime, Utc};
+use integration_tests::fixture::Stack;
+use integration_tests::generator::{self, Args, Demand, Truth};
+use speed_layer::stream::{self, SpeedConfig};
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+type DemandMap = BTreeMap<(DateTime<Utc>, String), Demand>;
+
+fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
+    Args {
+        brokers: stack.brokers.clone(),
+        topic: topic.to_string(),
+        sales_database_url: String::new(),
+        no_catalog: true,
+        seed,
+        products: 60,
+        categories: 6,
+        users: 400,
+        backfill_hours: hours,
+        rate: 1.0,
+        duration: Duration::ZERO,
+        spikes: Some(1),
+        live_spike: false,
+        bad_fraction: 0.02,
+        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
+        quiet: true,
+    }
+}
+
+async fn serving_demand(pool: &PgPool) -> DemandMap {
+    sqlx::query(
+        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
+         FROM serving.product_demand_hourly",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        let d = Demand {
+            views: r.get(2),
+            cart_adds: r.get(3),
+            cart_removes: r.get(4),
+            purchases: r.get(5),
+            units: r.get(6),
+            revenue_cents: r.get(7),
+        };
+        ((r.get(0), r.get(1)), d)
+    })
+    .collect()
+}
+
+fn merged(truths: &[&Truth]) -> DemandMap {
+    let mut out = DemandMap::new();
+    for t in truths {
+        for (k, d) in t.demand_map() {
+            let e = out.entry(k).or_default();
+            e.views += d.views;
+            e.cart_adds += d.cart_adds;
+            e.cart_removes += d.cart_removes;
+            e.purchases += d.purchases;
+            e.units += d.units;
+            e.revenue_cents += d.revenue_cents;
+        }
+    }
+    out
+}
+
+fn assert_demand_eq(actual: &DemandMap, expected: &DemandMap, what: &str) {
+    let keys: std::collections::BTreeSet<_> = actual.keys().chain(expected.keys()).collect();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| actual.get(*k) != expected.get(*k))
+        .take(5)
+        .map(|k| format!("{k:?}: actual {:?}, expected {:?}", actual.get(k), expected.get(k)))
+        .collect();
+    assert!(diffs.is_empty(), "{what}: keys differ, e.g.\n{}", diffs.join("\n"));
+}
+
+async fn wait_for_speed(pool: &PgPool, total: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if n == total {
+            return;
+        }
+        assert!(n < total && tokio::time::Instant::now() < deadline, "speed layer at {n} of {total}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    sqlx::query_as(
+        "SELECT user_id, product_id, last_viewed_at, last_purchased_at FROM serving.user_product_state ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Reads the serving totals continuously until stopped; returns every
+/// distinct (views, revenue) pair it saw, and how many reads it made.
+fn watch_totals(pool: PgPool, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<(i64, i64)>, usize)> {
+    tokio::spawn(async move {
+        let mut seen: Vec<(i64, i64)> = Vec::new();
+        let mut reads = 0;
+        while !stop.load(Ordering::Relaxed) {
+            reads += 1;
+            let t: (i64, i64) = sqlx::query_as(
+                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint
+                 FROM serving.product_demand_hourly",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if seen.last() != Some(&t) {
+                seen.push(t);
+            }
+        }
+        (seen, reads)
+    })
+}
+
+#[tokio::test]
+async fn batch_landing_changes_no_serving_number() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("exact_merge", 4).await.unwrap();
+    let dlq = stack.fresh_topic("exact_merge_dlq", 1).await.unwrap();
+    let (url, pool) = stack.fresh_database("exact_merge").await.unwrap();
+    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig {
+        brokers: stack.brokers.clone(),
+        topic: topic.clone(),
+        lake: lake.clone(),
+        flush_interval: Duration::from_secs(1),
+        flush_records: 5_000,
+        until_caught_up: true,
+        show_progress: false,
+    };
+    let run_config = RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5 };
+
+    let shutdown = CancellationToken::new();
+    let speed = tokio::spawn(stream::run(
+        SpeedConfig {
+            brokers: stack.brokers.clone(),
+            topic: topic.clone(),
+            dlq_topic: dlq.clone(),
+            group_id: format!("{topic}.speed"),
+            database_url: url.clone(),
+            flush_interval: Duration::from_millis(100),
+            max_batch: 5_000,
+            ops_addr: "127.0.0.1:0".parse().unwrap(),
+        },
+        shutdown.clone(),
+    ));
+
+    let mut truths: Vec<Truth> = Vec::new();
+    let mut total = 0i64;
+    for round in 0..2u64 {
+        let truth = generator::run(generator_args(&stack, &topic, 40 + round, 3)).await.unwrap();
+        total += (truth.events_sent + truth.bad_sent) as i64;
+        truths.push(truth);
+        let expected = merged(&truths.iter().collect::<Vec<_>>());
+
+        wait_for_speed(&pool, total).await;
+        let before = serving_demand(&pool).await;
+        assert_demand_eq(&before, &expected, "speed layer alone");
+        let users_before = user_state(&pool).await;
+
+        let summary = ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+        assert!(summary.records > 0);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = watch_totals(pool.clone(), Arc::clone(&stop));
+        let outcome = recompute::run(&run_config).await.unwrap();
+        stop.store(true, Ordering::Relaxed);
+        let (seen, reads) = watcher.await.unwrap();
+        assert!(reads >= 2, "the reader read {reads} times during the batch run");
+        let RunOutcome::Published { cut, rows, .. } = outcome else { panic!("round {round}: {outcome:?}") };
+        eprintln!("round {round}: {reads} reads during the batch landing, totals {seen:?}");
+        assert_eq!(seen.len(), 1, "round {round}: a reader saw the totals change while the batch landed: {seen:?}");
+
+        // The cut sits on segment boundaries and covers most of the topic.
+        let covered: i64 = cut.iter().map(|(_, o)| o.0).sum();
+        assert!(cut.iter().all(|(_, o)| o.0 % 100 == 0), "{cut:?}");
+        assert!(covered > total - 4 * 100 && covered <= total, "cut covers {covered} of {total}");
+        assert!(rows["product_demand_hourly"] > 0);
+
+        let after = serving_demand(&pool).await;
+        assert_demand_eq(&after, &expected, "after the batch landed");
+        assert_eq!(user_state(&pool).await, users_before, "round {round}: user_product_state moved");
+
+        // Speed rows below the cut are gone; the batch holds them now.
+        let stale: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM speed.product_demand_hourly s JOIN ops.cut c USING (kafka_partition)
+             WHERE (s.segment + 1) * 100 <= c.cut_offset",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(stale, 0);
+        let batch_rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM batch.product_demand_hourly").fetch_one(&pool).await.unwrap();
+        assert_eq!(batch_rows as u64, rows["product_demand_hourly"]);
+    }
+
+    // Nothing new in the lake: the next run publishes nothing and says so.
+    assert!(matches!(recompute::run(&run_config).await.unwrap(), RunOutcome::Unchanged { .. }));
+    let runs: Vec<(String,)> =
+        sqlx::query_as("SELECT status FROM ops.batch_runs ORDER BY run_id").fetch_all(&pool).await.unwrap();
+    assert_eq!(runs, [("published".to_string(),), ("published".to_string(),)]);
+
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+}
