@@ -31,7 +31,7 @@ use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
 use crate::quality::{self, QualityReport};
 
 /// Advisory-lock key of batch runs ("lambdaBR").
-const RUN_LOCK: i64 = 0x6c61_6d62_6461_4252;
+pub const RUN_LOCK: i64 = 0x6c61_6d62_6461_4252;
 
 /// What `run` needs.
 #[derive(Debug, Clone)]

@@ -1,0 +1,124 @@
+//! `batch-layer run` guards: a failed quality check publishes nothing and
+//! keeps the last good views; overlapping runs cannot both publish; the
+//! published tables equal an independent computation.
+
+use std::time::Duration;
+
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::Lake;
+use batch_layer::recompute::{self, RUN_LOCK, RunConfig, RunOutcome};
+use integration_tests::fixture::Stack;
+use integration_tests::generator::{self, Args, Demand};
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
+    Args {
+        brokers: stack.brokers.clone(),
+        topic: topic.to_string(),
+        sales_database_url: String::new(),
+        no_catalog: true,
+        seed,
+        products: 40,
+        categories: 4,
+        users: 300,
+        backfill_hours: 2,
+        rate: 1.0,
+        duration: Duration::ZERO,
+        spikes: Some(1),
+        live_spike: false,
+        bad_fraction: 0.0,
+        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
+        quiet: true,
+    }
+}
+
+async fn batch_demand(pool: &PgPool) -> Vec<(chrono::DateTime<chrono::Utc>, String, Demand)> {
+    sqlx::query(
+        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
+         FROM batch.product_demand_hourly ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        let d = Demand {
+            views: r.get(2),
+            cart_adds: r.get(3),
+            cart_removes: r.get(4),
+            purchases: r.get(5),
+            units: r.get(6),
+            revenue_cents: r.get(7),
+        };
+        (r.get(0), r.get(1), d)
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn quality_gate_and_lock_keep_the_last_good_views() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("batch_run", 2).await.unwrap();
+    // Segment size 1: the cut is the lake's end, so the batch holds everything.
+    let (url, pool) = stack.fresh_database("batch_run").await.unwrap();
+    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig {
+        brokers: stack.brokers.clone(),
+        topic: topic.clone(),
+        lake: lake.clone(),
+        flush_interval: Duration::from_secs(1),
+        flush_records: 10_000,
+        until_caught_up: true,
+        show_progress: false,
+    };
+    let config = RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5 };
+
+    let truth = generator::run(generator_args(&stack, &topic, 61)).await.unwrap();
+    ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+    assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
+    let good = batch_demand(&pool).await;
+    let expected: Vec<_> = truth.demand_map().into_iter().map(|((h, p), d)| (h, p, d)).collect();
+    assert_eq!(good, expected, "batch.product_demand_hourly equals the independent computation");
+
+    // New data arrives, but the last good run claims far more rows than
+    // any new run can have: the row-count check must block the publish.
+    generator::run(generator_args(&stack, &topic, 62)).await.unwrap();
+    ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+    sqlx::query(
+        "UPDATE ops.batch_runs SET rows_per_view = jsonb_set(rows_per_view, '{product_demand_hourly}', '1000000')
+         WHERE status = 'published'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let cut_before: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut ORDER BY 1").fetch_all(&pool).await.unwrap();
+    match recompute::run(&config).await.unwrap() {
+        RunOutcome::Rejected { report, .. } => {
+            assert_eq!(report.failures.len(), 1, "{}", report.summary());
+            assert_eq!((report.failures[0].view, report.failures[0].check), ("product_demand_hourly", "row_count"));
+        }
+        other => panic!("expected the quality gate to reject the run, got {other:?}"),
+    }
+    assert_eq!(batch_demand(&pool).await, good, "a rejected run publishes nothing");
+    let cut_after: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut ORDER BY 1").fetch_all(&pool).await.unwrap();
+    assert_eq!(cut_after, cut_before, "a rejected run moves no cut");
+    let status: String = sqlx::query_scalar("SELECT status FROM ops.batch_runs ORDER BY run_id DESC LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "rejected");
+
+    // Another run holds the lock: this one cannot publish.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(RUN_LOCK).execute(&mut *holder).await.unwrap();
+    let relaxed = RunConfig { max_shrink: 1.0, ..config.clone() };
+    assert_eq!(recompute::run(&relaxed).await.unwrap(), RunOutcome::Busy);
+    sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *holder).await.unwrap();
+    assert!(matches!(recompute::run(&relaxed).await.unwrap(), RunOutcome::Published { .. }));
+    assert_ne!(batch_demand(&pool).await, good, "once the lock is free the new data is published");
+}
