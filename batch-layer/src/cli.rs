@@ -54,6 +54,21 @@ pub enum Command {
         #[arg(long, default_value_t = 0.5)]
         max_shrink: f64,
     },
+    /// Run `run` every period, aligned to the clock (e.g. --every 1h runs at :00), until SIGTERM.
+    Schedule {
+        /// The period between runs (e.g. 1h, 15m).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        every: Duration,
+        /// Platform database.
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        database_url: String,
+        /// Topic whose offsets the lake records.
+        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+        topic: String,
+        /// Largest accepted drop of a view's row count against the last published run.
+        #[arg(long, default_value_t = 0.5)]
+        max_shrink: f64,
+    },
 }
 
 /// Runs the parsed command.
@@ -112,6 +127,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("another batch run holds the lock; nothing published (wait for it to finish)")
                 }
             }
+        }
+        Command::Schedule { every, database_url, topic, max_shrink } => {
+            if every < Duration::from_secs(1) {
+                anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
+            }
+            if !(0.0..=1.0).contains(&max_shrink) {
+                anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
+            }
+            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink };
+            crate::schedule::run(config, every, shutdown).await;
+            Ok(())
         }
     }
 }

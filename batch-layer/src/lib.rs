@@ -4,6 +4,7 @@
 //! * [`ingest`]: Kafka → Delta table `events`, each offset exactly once;
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
+//! * [`schedule`]: `run` every period, aligned to the clock;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod cli;
@@ -11,3 +12,4 @@ pub mod ingest;
 pub mod lake;
 pub mod quality;
 pub mod recompute;
+pub mod schedule;

@@ -8,8 +8,9 @@ use tracing_subscriber::EnvFilter;
 /// Structured logs through `tracing`: human-readable on a terminal, JSON
 /// lines otherwise (services, CI). `RUST_LOG` filters; default `info`.
 pub fn init() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,sqlx::postgres::notice=warn,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn")
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) is harmless; ignore the error it returns.
     let _ = if std::io::stderr().is_terminal() {
