@@ -49,7 +49,8 @@ demo: ## set everything up and run the pipeline locally
 	@scripts/demo.sh
 
 demo-stop: ## stop what the demo started, then the stack
-	@if [ -f .local/run/speed-layer.pid ]; then kill "$$(cat .local/run/speed-layer.pid)" 2>/dev/null || true; rm -f .local/run/speed-layer.pid; fi
+	@for f in .local/run/*.pid; do [ -f "$$f" ] || continue; kill "$$(cat "$$f")" 2>/dev/null || true; rm -f "$$f"; done
+	@sleep 1
 	@$(STACK) down
 
 lint: ## rustfmt and clippy, as CI runs them

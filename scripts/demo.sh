@@ -32,15 +32,29 @@ step "generate one hour of shop history into topic 'events'"
 step "batch layer: drain 'events' into the Delta lake (.local/lake)"
 "$BIN/batch-layer" ingest --until-caught-up --lake-uri "$ROOT/.local/lake"
 
-step "speed layer: start in the background (log: .local/logs/speed-layer.log)"
-mkdir -p "$ROOT/.local/run"
-old=$(cat "$ROOT/.local/run/speed-layer.pid" 2>/dev/null || true)
-if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
-    kill "$old"  # SIGTERM: it flushes, leaves its consumer group and exits
-    for _ in $(seq 1 50); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
-fi
-setsid "$BIN/speed-layer" run >>"$LOGS/speed-layer.log" 2>&1 </dev/null &
-echo $! >"$ROOT/.local/run/speed-layer.pid"
+# start_bg NAME CMD...: (re)start a background process, log in .local/logs/NAME.log
+start_bg() {
+    local name=$1; shift
+    local pidfile="$ROOT/.local/run/$name.pid" old
+    mkdir -p "$ROOT/.local/run"
+    old=$(cat "$pidfile" 2>/dev/null || true)
+    if [ -n "$old" ] && kill -0 "$old" 2>/dev/null; then
+        kill "$old"  # SIGTERM: it finishes its unit of work and exits
+        for _ in $(seq 1 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
+    fi
+    setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+}
+
+step "speed layer, continuous lake ingest and a batch run every ${DEMO_BATCH_EVERY:-5m}: start in the background"
+start_bg speed-layer "$BIN/speed-layer" run
+start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$ROOT/.local/lake" --flush-interval 10s
+start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$ROOT/.local/lake"
+echo "logs: $LOGS/{speed-layer,ingest,batch-schedule}.log"
+
+step "batch layer: publish a first batch run now"
+"$BIN/batch-layer" run --lake-uri "$ROOT/.local/lake"
+
 # Wait until the speed layer has stopped moving (three equal readings):
 # then it holds the whole topic.
 prev=-1
@@ -61,8 +75,10 @@ psql "$DATABASE_URL" -P pager=off -c "SELECT hour, product_id, views, cart_adds,
 
 cat <<TXT
 
-The stack is up, the lake holds the generated history, and the speed layer
-keeps serving.product_demand_hourly current (it is still running).
+The pipeline runs: the speed layer keeps speed.* current within a second,
+the ingest appends to the Delta lake, and a batch run every
+${DEMO_BATCH_EVERY:-5m} republishes batch.* with its offset cut. The
+serving.* views merge both exactly.
 
   where                 what
   --------------------  ---------------------------------------------------
@@ -75,7 +91,8 @@ keeps serving.product_demand_hourly current (it is still running).
   make generate ARGS="--duration 60s --rate 100"   more traffic, live
   psql "\$DATABASE_URL" -c 'TABLE serving.product_demand_hourly LIMIT 5'
   curl -s 127.0.0.1:9101/metrics | grep ^speed_      speed-layer metrics
-  make demo-stop                                     stop the speed layer and the stack
+  psql "\$DATABASE_URL" -c 'TABLE ops.batch_runs'     batch runs and their cuts
+  make demo-stop                                     stop the pipeline and the stack
   make status | make logs | make clean
 
 Batch recompute, the serving API and the dashboard are being built (see the

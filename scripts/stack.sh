@@ -159,11 +159,16 @@ wait_tansu() {
 }
 
 create_topic() {
-    local name=$1 partitions=$2
-    if "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null | grep -q "\"$name\"\|^$name\$\|[[:space:]]$name[[:space:]]"; then
+    local name=$1 partitions=$2 list
+    # Never create blind: if the listing fails, stop (re-creating an existing
+    # topic must not be attempted on a broker we cannot see).
+    list=$("$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>>"$LOGS/tansu.log") \
+        || die "cannot list topics on 127.0.0.1:$KAFKA_PORT; see $LOGS/tansu.log"
+    if printf '%s' "$list" | grep -q "\"name\":\"$name\""; then
         return 0
     fi
-    "$TANSU" topic create "$name" --partitions "$partitions" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$LOGS/tansu.log" 2>&1 || true
+    "$TANSU" topic create "$name" --partitions "$partitions" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$LOGS/tansu.log" 2>&1 \
+        || die "creating topic $name failed; see $LOGS/tansu.log"
 }
 
 migrate() {

@@ -60,6 +60,10 @@ pub enum IngestError {
     Kafka { brokers: String, source: Box<KafkaError> },
     #[error("topic {topic:?} does not exist on {brokers} (`make up` creates `events`)")]
     NoTopic { topic: String, brokers: String },
+    #[error(
+        "topic {topic:?} partition {partition} ends at offset {end}, but the lake already holds offsets up to {lake}: the topic was recreated or truncated; point LAKE_URI at a new lake or restore the topic"
+    )]
+    TopicBehindLake { topic: String, partition: i32, end: i64, lake: i64 },
     #[error("committing to Delta table {table}: {source}")]
     Commit { table: &'static str, source: Box<deltalake::DeltaTableError> },
     #[error("decoding records failed: {0}")]
@@ -149,6 +153,14 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         let start = tables.events_next.get(&p).copied().unwrap_or(0);
         assignment.add_partition_offset(&config.topic, p, Offset::Offset(start)).map_err(kafka)?;
         let (low, high) = consumer.fetch_watermarks(&config.topic, p, Duration::from_secs(30)).map_err(kafka)?;
+        if high < start {
+            return Err(IngestError::TopicBehindLake {
+                topic: config.topic.clone(),
+                partition: p,
+                end: high,
+                lake: start,
+            });
+        }
         ends.insert(p, high);
         backlog += (high - start.max(low)).max(0) as u64;
     }

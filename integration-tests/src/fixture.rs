@@ -53,20 +53,19 @@ impl Stack {
             .with_context(|| format!("Kafka admin client for {}", self.brokers))
     }
 
-    /// A new topic for `test` with `partitions` partitions; an earlier
-    /// run's topic of the same name is deleted first.
+    /// A new topic for `test` with `partitions` partitions, under a name
+    /// no earlier run used.
+    ///
+    /// Topics are never deleted: tansu 0.6.0's topic deletion (sqlite
+    /// storage) removes the metadata of *every* topic of the cluster, which
+    /// would pull the topics out from under tests running in parallel.
     pub async fn fresh_topic(&self, test: &str, partitions: i32) -> anyhow::Result<String> {
-        let name = format!("test.{}.{}", sanitize(test), std::process::id());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let name = format!("test.{}.{}.{}", sanitize(test), std::process::id(), nanos % 1_000_000_000);
         let admin = self.admin()?;
         let opts = AdminOptions::new()
             .operation_timeout(Some(Duration::from_secs(20)))
             .request_timeout(Some(Duration::from_secs(30)));
-        let stale: Vec<String> =
-            self.topics()?.into_iter().filter(|t| t.starts_with(&format!("test.{}.", sanitize(test)))).collect();
-        if !stale.is_empty() {
-            let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
-            let _ = admin.delete_topics(&refs, &opts).await;
-        }
         // A busy broker can time an admin request out: retry, and accept a
         // topic that an earlier attempt did create.
         let mut last_error = None;
