@@ -195,9 +195,12 @@ stop_tansu() {
     pid=$(tansu_pid)
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
         say "stopping tansu (pid $pid)"
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        # SIGKILL on purpose: tansu 0.6.0 tears its storage down before its
+        # listener on SIGTERM, and a broker stopped that way mid-stream comes
+        # back unable to serve idempotent producers. Its sqlite storage
+        # recovers from a kill like from a crash.
         kill -9 "$pid" 2>/dev/null || true
+        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     fi
     rm -f "$LOCAL/tansu/tansu.pid"
 }

@@ -40,8 +40,9 @@ pub enum Command {
         #[arg(long)]
         until_caught_up: bool,
     },
-    /// Recompute every view from the lake and publish it with its offset cut,
-    /// atomically (a full recompute; quality checks gate the publish).
+    /// Recompute the views from the lake and publish them with their offset cut,
+    /// atomically: incremental by default (only the hours new events touched),
+    /// everything with --full; quality checks gate the publish.
     Run {
         /// Platform database.
         #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
@@ -53,6 +54,9 @@ pub enum Command {
         /// published run, as a fraction (0.5 = half).
         #[arg(long, default_value_t = 0.5)]
         max_shrink: f64,
+        /// Recompute every hour, not only those new events touched (also when the lake is unchanged).
+        #[arg(long)]
+        full: bool,
     },
     /// Run `run` every period, aligned to the clock (e.g. --every 1h runs at :00), until SIGTERM.
     Schedule {
@@ -95,17 +99,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { database_url, topic, max_shrink } => {
+        Command::Run { database_url, topic, max_shrink, full } => {
             if !(0.0..=1.0).contains(&max_shrink) {
                 anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
             }
-            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink };
+            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink, full };
             match recompute::run(&config).await? {
-                RunOutcome::Published { run_id, delta_version, cut, rows } => {
+                RunOutcome::Published { run_id, delta_version, cut, rows, hours } => {
                     let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{p}:{o}")).collect();
                     let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
+                    let what = match hours {
+                        Some(h) => format!("incremental, {h} hours recomputed"),
+                        None => "full recompute".to_string(),
+                    };
                     println!(
-                        "run {run_id}: published lake version {delta_version} with cut [{}]; rows: {}",
+                        "run {run_id} ({what}): published lake version {delta_version} with cut [{}]; rows now: {}",
                         cut.join(", "),
                         rows.join(", ")
                     );
@@ -135,7 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if !(0.0..=1.0).contains(&max_shrink) {
                 anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
             }
-            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink };
+            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink, full: false };
             crate::schedule::run(config, every, shutdown).await;
             Ok(())
         }

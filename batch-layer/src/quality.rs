@@ -39,7 +39,7 @@ impl QualityReport {
 
 /// Runs every check over the computed views.
 pub fn check(
-    computed: &[(&'static ViewDef, Vec<RecordBatch>)],
+    computed: &[(&'static ViewDef, &[RecordBatch])],
     previous_rows: &BTreeMap<String, u64>,
     max_shrink: f64,
     now: DateTime<Utc>,
@@ -51,7 +51,7 @@ pub fn check(
         let mut null_keys = 0;
         let mut negative = 0;
         let mut future = 0;
-        for b in batches {
+        for b in batches.iter() {
             for key in view.keys {
                 if let Some(col) = b.column_by_name(key.name) {
                     null_keys += col.null_count();
@@ -126,7 +126,7 @@ mod tests {
     #[test]
     fn good_batch_passes() {
         let b = batch(vec![Some(0)], vec![Some("p")], vec![5]);
-        let report = check(&[(&PRODUCT_DEMAND_HOURLY, vec![b])], &BTreeMap::new(), 0.5, now());
+        let report = check(&[(&PRODUCT_DEMAND_HOURLY, &[b][..])], &BTreeMap::new(), 0.5, now());
         assert!(report.passed(), "{}", report.summary());
     }
 
@@ -135,7 +135,7 @@ mod tests {
         let future = now().timestamp_micros() + 2 * 3_600_000_000;
         let b = batch(vec![None, Some(future)], vec![Some("p"), None], vec![-1, 3]);
         let prev = BTreeMap::from([("product_demand_hourly".to_string(), 10)]);
-        let report = check(&[(&PRODUCT_DEMAND_HOURLY, vec![b])], &prev, 0.5, now());
+        let report = check(&[(&PRODUCT_DEMAND_HOURLY, &[b][..])], &prev, 0.5, now());
         let checks: Vec<_> = report.failures.iter().map(|f| f.check).collect();
         assert_eq!(checks, ["null_keys", "negative_measures", "future_times", "row_count"]);
     }

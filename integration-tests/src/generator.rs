@@ -70,6 +70,10 @@ pub struct Args {
     /// Fraction of extra malformed records mixed into the traffic (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     pub bad_fraction: f64,
+    /// Fraction of events that arrive late: their event time lies 1 to 6
+    /// hours before the traffic around them (a phone back online, a retried upload).
+    #[arg(long, default_value_t = 0.0)]
+    pub late_fraction: f64,
     /// Where the ground truth (spikes, counts) is written.
     #[arg(long, default_value = ".local/generator/truth.json")]
     pub truth: PathBuf,
@@ -169,6 +173,7 @@ struct Sender {
     demand: BTreeMap<(DateTime<Utc>, String), Demand>,
     rng: StdRng,
     bad_fraction: f64,
+    late_fraction: f64,
 }
 
 impl Sender {
@@ -190,6 +195,15 @@ impl Sender {
     }
 
     fn send_event(&mut self, e: &ShopEvent) -> anyhow::Result<()> {
+        let late;
+        let e = if self.late_fraction > 0.0 && self.rng.random_bool(self.late_fraction.min(1.0)) {
+            let mut shifted = e.clone();
+            shifted.event_time -= TimeDelta::minutes(self.rng.random_range(60..=360));
+            late = shifted;
+            &late
+        } else {
+            e
+        };
         self.send_raw(&e.user_id, e.to_json().as_bytes())?;
         self.truth.events_sent += 1;
         *self.truth.events_by_type.entry(e.event_type.as_str().into()).or_default() += 1;
@@ -283,6 +297,9 @@ fn producer(brokers: &str, delivery: Arc<Delivery>) -> anyhow::Result<ThreadedPr
 
 /// Runs the generator; returns the truth it also wrote to `args.truth`.
 pub async fn run(args: Args) -> anyhow::Result<Truth> {
+    if !(0.0..=1.0).contains(&args.late_fraction) {
+        anyhow::bail!("--late-fraction must be between 0 and 1, got {}", args.late_fraction);
+    }
     if !(0.0..=1.0).contains(&args.bad_fraction) {
         anyhow::bail!("--bad-fraction must be between 0 and 1, got {}", args.bad_fraction);
     }
@@ -334,6 +351,7 @@ pub async fn run(args: Args) -> anyhow::Result<Truth> {
         demand: BTreeMap::new(),
         rng: StdRng::seed_from_u64(args.seed.wrapping_add(1)),
         bad_fraction: args.bad_fraction,
+        late_fraction: args.late_fraction,
     };
 
     let started = Instant::now();

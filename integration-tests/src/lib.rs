@@ -5,4 +5,5 @@
 pub mod fixture;
 pub mod generator;
 pub mod malformed;
+pub mod private_stack;
 pub mod shop;

@@ -31,6 +31,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
         spikes: Some(1),
         live_spike: false,
         bad_fraction: bad,
+        late_fraction: 0.0,
         truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
         quiet: true,
     }

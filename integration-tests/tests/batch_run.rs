@@ -13,6 +13,10 @@ use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
+    late_args(stack, topic, seed, 0.0)
+}
+
+fn late_args(stack: &Stack, topic: &str, seed: u64, late_fraction: f64) -> Args {
     Args {
         brokers: stack.brokers.clone(),
         topic: topic.to_string(),
@@ -28,6 +32,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
         spikes: Some(1),
         live_spike: false,
         bad_fraction: 0.0,
+        late_fraction,
         truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
         quiet: true,
     }
@@ -74,7 +79,9 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
         until_caught_up: true,
         show_progress: false,
     };
-    let config = RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5 };
+    // Full runs: the row-count check compares whole tables.
+    let config =
+        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: true };
 
     let truth = generator::run(generator_args(&stack, &topic, 61)).await.unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
@@ -121,4 +128,57 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *holder).await.unwrap();
     assert!(matches!(recompute::run(&relaxed).await.unwrap(), RunOutcome::Published { .. }));
     assert_ne!(batch_demand(&pool).await, good, "once the lock is free the new data is published");
+}
+
+async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)> {
+    sqlx::query_as("SELECT user_id, product_id, last_viewed_at FROM batch.user_product_state ORDER BY 1, 2")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Incremental runs (only the hours new events touched, late events
+/// included) publish exactly what a full recompute publishes.
+#[tokio::test]
+async fn incremental_runs_equal_a_full_recompute_with_late_events() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("incremental", 2).await.unwrap();
+    let (url, pool) = stack.fresh_database("incremental").await.unwrap();
+    platform::db::prepare(&pool, Some(50)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig {
+        brokers: stack.brokers.clone(),
+        topic: topic.clone(),
+        lake: lake.clone(),
+        flush_interval: Duration::from_secs(1),
+        flush_records: 3_000,
+        until_caught_up: true,
+        show_progress: false,
+    };
+    let incremental =
+        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: false };
+
+    let mut hours_seen = Vec::new();
+    for seed in [71, 72, 73] {
+        generator::run(late_args(&stack, &topic, seed, 0.1)).await.unwrap();
+        ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+        match recompute::run(&incremental).await.unwrap() {
+            RunOutcome::Published { hours, .. } => hours_seen.push(hours),
+            other => panic!("seed {seed}: {other:?}"),
+        }
+    }
+    assert_eq!(hours_seen[0], None, "the first run is a full one");
+    assert!(hours_seen[1..].iter().all(|h| h.is_some_and(|h| h > 0)), "{hours_seen:?}");
+    let modes: Vec<(String,)> =
+        sqlx::query_as("SELECT mode FROM ops.batch_runs ORDER BY run_id").fetch_all(&pool).await.unwrap();
+    assert_eq!(modes.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(), ["full", "incremental", "incremental"]);
+
+    let demand = batch_demand(&pool).await;
+    let users = user_state(&pool).await;
+    let full = RunConfig { full: true, ..incremental.clone() };
+    assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { hours: None, .. }));
+    assert_eq!(batch_demand(&pool).await, demand, "product_demand_hourly: incremental = full");
+    assert_eq!(user_state(&pool).await, users, "user_product_state: incremental = full");
+    assert!(matches!(recompute::run(&incremental).await.unwrap(), RunOutcome::Unchanged { .. }));
 }

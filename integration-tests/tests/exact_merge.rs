@@ -36,6 +36,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
         spikes: Some(1),
         live_spike: false,
         bad_fraction: 0.02,
+        late_fraction: 0.05,
         truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
         quiet: true,
     }
@@ -156,7 +157,8 @@ async fn batch_landing_changes_no_serving_number() {
         until_caught_up: true,
         show_progress: false,
     };
-    let run_config = RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5 };
+    let run_config =
+        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: false };
 
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(

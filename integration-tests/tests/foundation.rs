@@ -267,6 +267,7 @@ async fn generated_traffic_round_trips_through_kafka() {
         spikes: Some(1),
         live_spike: false,
         bad_fraction: 0.2,
+        late_fraction: 0.0,
         truth: dir.path().join("truth.json"),
         quiet: true,
     };

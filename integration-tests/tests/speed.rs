@@ -33,6 +33,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
         spikes: Some(1),
         live_spike: false,
         bad_fraction: bad,
+        late_fraction: 0.0,
         truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
         quiet: true,
     }
@@ -182,28 +183,44 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     let truth = generator::run(generator_args(&stack, &topic, 22, 8, 3.0, 0.01)).await.unwrap();
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let bin = binary("speed-layer");
-    let spawn = || {
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("speed-layer.log");
+    // Each incarnation joins under its own group id: positions live in
+    // PostgreSQL, so the group is irrelevant to exactness, and tansu 0.6.0's
+    // group coordinator can keep assigning partitions to a killed member.
+    let spawn = |incarnation: u32| {
+        let group = format!("{topic}.speed.{incarnation}");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         tokio::process::Command::new(&bin)
-            .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
+            .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &group])
             .args(["--max-batch", "300", "--flush-interval", "50ms", "--ops-addr", "127.0.0.1:0"])
             .env("KAFKA_BROKERS", &stack.brokers)
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .unwrap()
     };
+    let log_tail = || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut progress = Vec::new();
     let mut last = 0;
-    for _ in 0..3 {
+    for incarnation in 0..3 {
         // Kill only once this instance is demonstrably mid-stream: it has
         // committed past the previous instance.
-        let mut child = spawn();
+        let mut child = spawn(incarnation);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         while consumed(&pool).await <= last {
-            assert!(tokio::time::Instant::now() < deadline, "a restarted instance made no progress");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a restarted instance made no progress; its log:\n{}",
+                log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
@@ -214,7 +231,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     }
     eprintln!("offsets committed after each kill: {progress:?} of {total}");
     assert!(progress[2] < total, "every kill interrupted the stream: {progress:?} of {total}");
-    let mut child = spawn();
+    let mut child = spawn(3);
     wait_for_offsets(&pool, total, Duration::from_secs(240)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();

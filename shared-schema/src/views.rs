@@ -104,6 +104,10 @@ pub struct ViewDef {
     /// Roles that may read `serving.<view>`. User-level views are never
     /// readable by [`Reader::Dashboard`].
     pub readers: &'static [Reader],
+    /// The key that is the event's hour (`date_trunc('hour', event_time)`),
+    /// if any: an incremental batch run recomputes only the hours that new
+    /// events touched.
+    pub hour_key: Option<&'static str>,
 }
 
 /// The read-only roles of `DESIGN.md`.
@@ -256,6 +260,25 @@ impl ViewDef {
     /// greatest.
     pub fn speed_upsert_sql(&self, source: &str) -> String {
         let cols: Vec<_> = self.speed_columns().iter().map(|(n, _)| *n).collect();
+        self.upsert_sql(&format!("speed.{}", self.name), &cols, &self.speed_key_names(), source)
+    }
+
+    /// Folds the rows of `source` (same columns as `batch.<view>`) into
+    /// `batch.<view>` with the merge rules: how an incremental batch run
+    /// extends a view whose measures all merge by `max`.
+    pub fn batch_upsert_sql(&self, source: &str) -> String {
+        let cols: Vec<_> = self.batch_columns().iter().map(|(n, _)| *n).collect();
+        let keys: Vec<_> = self.key_names().collect();
+        self.upsert_sql(&format!("batch.{}", self.name), &cols, &keys, source)
+    }
+
+    /// Whether an incremental batch run may fold new rows into the view
+    /// (every measure idempotent) instead of recomputing whole hours.
+    pub fn mergeable_by_upsert(&self) -> bool {
+        self.measures.iter().all(|m| m.merge == Merge::Max)
+    }
+
+    fn upsert_sql(&self, target: &str, cols: &[&str], conflict: &[&str], source: &str) -> String {
         let updates: Vec<String> = self
             .measures
             .iter()
@@ -265,10 +288,9 @@ impl ViewDef {
             })
             .collect();
         format!(
-            "INSERT INTO speed.{name} AS t ({cols})\nSELECT {cols} FROM {source}\nON CONFLICT ({pk}) DO UPDATE SET\n    {updates}",
-            name = self.name,
+            "INSERT INTO {target} AS t ({cols})\nSELECT {cols} FROM {source}\nON CONFLICT ({pk}) DO UPDATE SET\n    {updates}",
             cols = cols.join(", "),
-            pk = self.speed_key_names().join(", "),
+            pk = conflict.join(", "),
             updates = updates.join(",\n    "),
         )
     }
@@ -339,6 +361,7 @@ pub const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
     measures: DEMAND_MEASURES,
     filter: None,
     readers: &[Reader::Dashboard],
+    hour_key: Some("hour"),
 };
 
 /// Last interaction times per user and product, for recommendations.
@@ -357,6 +380,7 @@ pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
     ],
     filter: None,
     readers: &[Reader::Recommender],
+    hour_key: None,
 };
 
 /// Every view the platform maintains, in publish order.
@@ -380,6 +404,19 @@ mod tests {
         insta::assert_snapshot!("product_demand_serving", v.serving_view_sql());
         insta::assert_snapshot!("product_demand_batch_ddl", v.batch_table_ddl("batch"));
         insta::assert_snapshot!("product_demand_speed_ddl", v.speed_table_ddl());
+    }
+
+    #[test]
+    fn hour_keys_are_the_event_hour() {
+        for v in ALL_VIEWS {
+            if let Some(name) = v.hour_key {
+                let key = v.keys.iter().find(|k| k.name == name).expect("hour key is a key");
+                assert_eq!(key.expr, "date_trunc('hour', e.event_time)", "{}", v.name);
+            } else {
+                assert!(v.mergeable_by_upsert(), "{} needs an hour key or max-only measures", v.name);
+            }
+        }
+        insta::assert_snapshot!("user_product_state_batch_upsert", USER_PRODUCT_STATE.batch_upsert_sql("staging"));
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! A stack of one's own for fault-injection tests: a PostgreSQL server and a
+//! tansu broker on free loopback ports, with their data in a fresh directory.
+//! Restarting either cannot disturb the tests that share the local stack
+//! (5433/9092). Dropping the stack stops both and removes the directory
+//! (kept, and its path printed, when the test panicked).
+//!
+//! Needs Debian's PostgreSQL server under `/usr/lib/postgresql/*/bin` and
+//! tansu in `$LAMBDA_CACHE/tools/bin` (`scripts/stack.sh tools` installs
+//! both). As root, PostgreSQL runs as the `postgres` user.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::{AssertSqlSafe, Executor, PgPool};
+
+/// A private PostgreSQL and tansu broker; see the module docs.
+#[derive(Debug)]
+pub struct PrivateStack {
+    dir: PathBuf,
+    pg_bin: PathBuf,
+    pg_port: u16,
+    kafka_port: u16,
+    tansu_bin: PathBuf,
+    tansu: Option<Child>,
+}
+
+impl PrivateStack {
+    /// Initialises and starts both servers; returns once both answer.
+    pub async fn start() -> anyhow::Result<Self> {
+        let pg_bin = pg_bin()?;
+        let cache = std::env::var_os("LAMBDA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/lambda-platform")
+        });
+        let tansu_bin = cache.join("tools/bin/tansu");
+        anyhow::ensure!(tansu_bin.exists(), "{} is missing: run `scripts/stack.sh tools`", tansu_bin.display());
+
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let dir = PathBuf::from("/var/tmp").join(format!(
+            "lambda-private-{}-{}-{nanos}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(dir.join("pg/run")).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir.join("tansu"))?;
+        let mut stack = Self { dir, pg_bin, pg_port: free_port()?, kafka_port: free_port()?, tansu_bin, tansu: None };
+        if is_root() {
+            run(Command::new("chown").arg("-R").arg("postgres:").arg(stack.dir.join("pg")))?;
+            // PostgreSQL must traverse the directory (it is 0755 by umask, normally).
+            run(Command::new("chmod").arg("755").arg(&stack.dir))?;
+        }
+        run(stack.as_postgres(stack.pg_bin.join("initdb")).arg("-D").arg(stack.dir.join("pg/data")).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-locale",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]))
+        .context("initdb")?;
+        stack.start_postgres().await?;
+        stack.start_broker().await?;
+        Ok(stack)
+    }
+
+    /// Kafka bootstrap servers of the private broker.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.kafka_port)
+    }
+
+    /// URL of database `db` on the private server.
+    pub fn database_url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.pg_port)
+    }
+
+    /// Creates database `db` and returns its URL and a small pool.
+    pub async fn create_database(&self, db: &str) -> anyhow::Result<(String, PgPool)> {
+        let admin =
+            PgPool::connect(&self.database_url("postgres")).await.context("connecting to the private server")?;
+        admin.execute(AssertSqlSafe(format!("CREATE DATABASE {db}"))).await?;
+        admin.close().await;
+        let url = self.database_url(db);
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
+        Ok((url, pool))
+    }
+
+    /// Creates `topic` and waits until the broker reports all its partitions.
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", self.brokers()).create()?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for r in admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &opts).await? {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
+        for _ in 0..100 {
+            if self.partitions(topic).await? == partitions as usize {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("topic {topic} did not appear with {partitions} partitions")
+    }
+
+    async fn partitions(&self, topic: &str) -> anyhow::Result<usize> {
+        let brokers = self.brokers();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+        })
+        .await?
+    }
+
+    /// Stops PostgreSQL (immediate: connections drop mid-transaction), keeps
+    /// it down until `down_until` completes (a sleep, or a poll for the
+    /// clients to notice), starts it again on the same port and data.
+    pub async fn restart_postgres(&mut self, down_until: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.stop_postgres()?;
+        down_until.await;
+        self.start_postgres().await
+    }
+
+    /// Kills the broker (SIGKILL), keeps it down until `down_until`
+    /// completes, starts it again on the same port and storage: topics,
+    /// records and group offsets survive.
+    pub async fn restart_broker(&mut self, down_until: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.stop_broker();
+        down_until.await;
+        self.start_broker().await
+    }
+
+    /// `program` as the `postgres` user when root (the server refuses root).
+    fn as_postgres(&self, program: PathBuf) -> Command {
+        let mut c = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        c.current_dir(self.dir.join("pg"));
+        c
+    }
+
+    async fn start_postgres(&self) -> anyhow::Result<()> {
+        let options =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.pg_port, self.dir.join("pg/run").display());
+        let mut cmd = self.as_postgres(self.pg_bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(self.dir.join("pg/data"))
+            .arg("-l")
+            .arg(self.dir.join("pg/postgres.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"]);
+        tokio::task::spawn_blocking(move || run(&mut cmd))
+            .await?
+            .with_context(|| format!("starting PostgreSQL; see {}", self.dir.join("pg/postgres.log").display()))?;
+        let url = self.database_url("postgres");
+        for _ in 0..200 {
+            if let Ok(pool) = PgPool::connect(&url).await {
+                pool.close().await;
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("PostgreSQL does not answer on port {}", self.pg_port)
+    }
+
+    fn stop_postgres(&self) -> anyhow::Result<()> {
+        run(self.as_postgres(self.pg_bin.join("pg_ctl")).arg("-D").arg(self.dir.join("pg/data")).args([
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]))
+        .context("stopping PostgreSQL")
+    }
+
+    async fn start_broker(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log"))?;
+        let url = format!("tcp://127.0.0.1:{}", self.kafka_port);
+        let child = Command::new(&self.tansu_bin)
+            .current_dir(self.dir.join("tansu"))
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.tansu_bin.display()))?;
+        self.tansu = Some(child);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.kafka_port));
+        for _ in 0..300 {
+            if let Some(status) = self.tansu.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("tansu exited with {status}; see {}", self.dir.join("tansu.log").display());
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() && self.metadata_answers().await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("tansu does not answer on {addr}; see {}", self.dir.join("tansu.log").display())
+    }
+
+    async fn metadata_answers(&self) -> bool {
+        let brokers = self.brokers();
+        tokio::task::spawn_blocking(move || {
+            let consumer: Result<BaseConsumer, _> = ClientConfig::new().set("bootstrap.servers", &brokers).create();
+            consumer.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok())
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// SIGKILL: a crash. (tansu 0.6.0 on SIGTERM stops its storage before
+    /// its listeners and can leave the idempotent-producer state such that the
+    /// restarted broker's storage panics on the next produce.)
+    fn stop_broker(&mut self) {
+        if let Some(mut child) = self.tansu.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateStack {
+    fn drop(&mut self) {
+        self.stop_broker();
+        let _ = self.stop_postgres();
+        if std::thread::panicking() {
+            eprintln!("private stack kept for inspection: {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The newest Debian PostgreSQL server binaries.
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql: run `scripts/stack.sh tools`")?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).context("no PostgreSQL server under /usr/lib/postgresql/*/bin")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+fn is_root() -> bool {
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
