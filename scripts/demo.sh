@@ -47,7 +47,7 @@ start_bg() {
 }
 
 step "speed layer, continuous lake ingest and a batch run every ${DEMO_BATCH_EVERY:-5m}: start in the background"
-start_bg speed-layer "$BIN/speed-layer" run
+start_bg speed-layer "$BIN/speed-layer" run --assignment all
 start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$ROOT/.local/lake" --flush-interval 10s
 start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$ROOT/.local/lake"
 echo "logs: $LOGS/{speed-layer,ingest,batch-schedule}.log"

@@ -57,6 +57,8 @@ pub enum Command {
         /// Recompute every hour, not only those new events touched (also when the lake is unchanged).
         #[arg(long)]
         full: bool,
+        #[command(flatten)]
+        catalog: CatalogArgs,
     },
     /// Run `run` every period, aligned to the clock (e.g. --every 1h runs at :00), until SIGTERM.
     Schedule {
@@ -72,7 +74,26 @@ pub enum Command {
         /// Largest accepted drop of a view's row count against the last published run.
         #[arg(long, default_value_t = 0.5)]
         max_shrink: f64,
+        #[command(flatten)]
+        catalog: CatalogArgs,
     },
+}
+
+/// Where each run snapshots the product catalog from.
+#[derive(Debug, clap::Args)]
+pub struct CatalogArgs {
+    /// The shop's database (its `products` table is snapshotted read-only into the lake).
+    #[arg(long, env = "SALES_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/sales")]
+    sales_database_url: String,
+    /// Do not snapshot the catalog.
+    #[arg(long)]
+    no_catalog: bool,
+}
+
+impl CatalogArgs {
+    fn url(self) -> Option<String> {
+        (!self.no_catalog).then_some(self.sales_database_url)
+    }
 }
 
 /// Runs the parsed command.
@@ -99,11 +120,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { database_url, topic, max_shrink, full } => {
+        Command::Run { database_url, topic, max_shrink, full, catalog } => {
             if !(0.0..=1.0).contains(&max_shrink) {
                 anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
             }
-            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink, full };
+            let config = RunConfig {
+                database_url,
+                lake: Lake::parse(&cli.lake_uri)?,
+                topic,
+                max_shrink,
+                full,
+                sales_database_url: catalog.url(),
+            };
             match recompute::run(&config).await? {
                 RunOutcome::Published { run_id, delta_version, cut, rows, hours } => {
                     let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{p}:{o}")).collect();
@@ -136,14 +164,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Schedule { every, database_url, topic, max_shrink } => {
+        Command::Schedule { every, database_url, topic, max_shrink, catalog } => {
             if every < Duration::from_secs(1) {
                 anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
             }
             if !(0.0..=1.0).contains(&max_shrink) {
                 anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
             }
-            let config = RunConfig { database_url, lake: Lake::parse(&cli.lake_uri)?, topic, max_shrink, full: false };
+            let config = RunConfig {
+                database_url,
+                lake: Lake::parse(&cli.lake_uri)?,
+                topic,
+                max_shrink,
+                full: false,
+                sales_database_url: catalog.url(),
+            };
             crate::schedule::run(config, every, shutdown).await;
             Ok(())
         }

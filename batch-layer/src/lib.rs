@@ -1,12 +1,14 @@
 //! Batch layer: the lake is the source of truth.
 //!
 //! * [`lake`]: where the Delta Lake is, its tables, committed offsets;
+//! * [`catalog`]: read-only snapshot of the shop's products into the lake;
 //! * [`ingest`]: Kafka → Delta table `events`, each offset exactly once;
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
 //! * [`schedule`]: `run` every period, aligned to the clock;
 //! * [`cli`]: the `batch-layer` command line.
 
+pub mod catalog;
 pub mod cli;
 pub mod ingest;
 pub mod lake;

@@ -45,6 +45,9 @@ pub struct RunConfig {
     pub max_shrink: f64,
     /// Recompute everything instead of only what new events touched.
     pub full: bool,
+    /// The shop's database, whose `products` table each run snapshots into
+    /// the lake (`None`: skip the catalog).
+    pub sales_database_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,14 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RUN_LOCK).fetch_one(&mut *lock_conn).await?;
     if !locked {
         return Ok(RunOutcome::Busy);
+    }
+    if let Some(url) = &config.sales_database_url {
+        // No view reads the catalog yet, so a shop database that is away
+        // costs this run its snapshot, not its publish.
+        match crate::catalog::snapshot(url, &config.lake, &pool).await {
+            Ok(s) => tracing::info!(products = s.products, schema_changed = s.schema_changed, "catalog snapshot taken"),
+            Err(e) => tracing::warn!(error = %e, "catalog snapshot skipped"),
+        }
     }
     let outcome = locked_run(config, &pool, deployment, started).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *lock_conn).await;

@@ -80,8 +80,14 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
         show_progress: false,
     };
     // Full runs: the row-count check compares whole tables.
-    let config =
-        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: true };
+    let config = RunConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        topic: topic.clone(),
+        max_shrink: 0.5,
+        full: true,
+        sales_database_url: None,
+    };
 
     let truth = generator::run(generator_args(&stack, &topic, 61)).await.unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
@@ -156,8 +162,14 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
         until_caught_up: true,
         show_progress: false,
     };
-    let incremental =
-        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: false };
+    let incremental = RunConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        topic: topic.clone(),
+        max_shrink: 0.5,
+        full: false,
+        sales_database_url: None,
+    };
 
     let mut hours_seen = Vec::new();
     for seed in [71, 72, 73] {
@@ -181,4 +193,66 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     assert_eq!(batch_demand(&pool).await, demand, "product_demand_hourly: incremental = full");
     assert_eq!(user_state(&pool).await, users, "user_product_state: incremental = full");
     assert!(matches!(recompute::run(&incremental).await.unwrap(), RunOutcome::Unchanged { .. }));
+}
+
+/// Each run snapshots the shop's catalog into the lake's `products` table;
+/// a changed column list is recorded and reported.
+#[tokio::test]
+async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("catalog", 1).await.unwrap();
+    let (sales_url, sales) = stack.fresh_database("catalog_sales").await.unwrap();
+    let (url, pool) = stack.fresh_database("catalog").await.unwrap();
+    platform::db::prepare(&pool, Some(10)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let mut args = generator_args(&stack, &topic, 81);
+    args.no_catalog = false;
+    args.sales_database_url = sales_url.clone();
+    generator::run(args).await.unwrap();
+
+    let first = batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap();
+    assert_eq!((first.products, first.schema_changed), (40, false));
+    let table = lake.open(batch_layer::lake::PRODUCTS_TABLE).await.unwrap().expect("products table");
+    let ctx = datafusion::prelude::SessionContext::new();
+    batch_layer::lake::register(&ctx, "products", &table).await.unwrap();
+    let n = ctx.sql("SELECT count(*) FROM products").await.unwrap().collect().await.unwrap();
+    use datafusion::arrow::array::AsArray;
+    assert_eq!(n[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0), 40);
+
+    // Same schema again: nothing new recorded.
+    assert!(!batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap().schema_changed);
+    sqlx::query("ALTER TABLE products ADD COLUMN brand text").execute(&sales).await.unwrap();
+    let changed = batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap();
+    assert!(changed.schema_changed);
+    assert!(changed.columns.iter().any(|(c, _)| c == "brand"));
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.catalog_schema").fetch_one(&pool).await.unwrap();
+    assert_eq!(seen, 2);
+    let kind: String = sqlx::query_scalar("SELECT kind FROM ops.notifications ORDER BY id DESC LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "catalog_schema_changed");
+
+    // A run takes the snapshot itself, and an unreachable shop database does
+    // not stop it from publishing.
+    let ingest_config = IngestConfig {
+        brokers: stack.brokers.clone(),
+        topic: topic.clone(),
+        lake: lake.clone(),
+        flush_interval: Duration::from_secs(1),
+        flush_records: 10_000,
+        until_caught_up: true,
+        show_progress: false,
+    };
+    ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
+    let config = RunConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        topic: topic.clone(),
+        max_shrink: 0.5,
+        full: false,
+        sales_database_url: Some("postgres://postgres@127.0.0.1:1/nowhere".into()),
+    };
+    assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
 }

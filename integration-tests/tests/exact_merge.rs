@@ -14,7 +14,7 @@ use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, Utc};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args, Demand, Truth};
-use speed_layer::stream::{self, SpeedConfig};
+use speed_layer::stream::{self, Assignment, SpeedConfig};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -157,8 +157,14 @@ async fn batch_landing_changes_no_serving_number() {
         until_caught_up: true,
         show_progress: false,
     };
-    let run_config =
-        RunConfig { database_url: url.clone(), lake: lake.clone(), topic: topic.clone(), max_shrink: 0.5, full: false };
+    let run_config = RunConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        topic: topic.clone(),
+        max_shrink: 0.5,
+        full: false,
+        sales_database_url: None,
+    };
 
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
@@ -171,6 +177,7 @@ async fn batch_landing_changes_no_serving_number() {
             flush_interval: Duration::from_millis(100),
             max_batch: 5_000,
             ops_addr: "127.0.0.1:0".parse().unwrap(),
+            assignment: Assignment::Group,
         },
         shutdown.clone(),
     ));

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
-use speed_layer::stream::{self, SpeedConfig};
+use speed_layer::stream::{self, Assignment, SpeedConfig};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +112,7 @@ fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
         flush_interval: Duration::from_millis(200),
         max_batch: 5_000,
         ops_addr: "127.0.0.1:0".parse().unwrap(),
+        assignment: Assignment::Group,
     }
 }
 
@@ -185,15 +186,25 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     let bin = binary("speed-layer");
     let logs = tempfile::tempdir().unwrap();
     let log_path = logs.path().join("speed-layer.log");
-    // Each incarnation joins under its own group id: positions live in
-    // PostgreSQL, so the group is irrelevant to exactness, and tansu 0.6.0's
-    // group coordinator can keep assigning partitions to a killed member.
+    // Each incarnation takes every partition directly (`--assignment all`):
+    // positions live in PostgreSQL, so group coordination is irrelevant to
+    // exactness, and tansu 0.6.0's group coordinator can keep assigning
+    // partitions to a killed member. (Groups are tested in speed_faults.)
     let spawn = |incarnation: u32| {
         let group = format!("{topic}.speed.{incarnation}");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         tokio::process::Command::new(&bin)
             .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &group])
-            .args(["--max-batch", "300", "--flush-interval", "50ms", "--ops-addr", "127.0.0.1:0"])
+            .args([
+                "--max-batch",
+                "300",
+                "--flush-interval",
+                "50ms",
+                "--ops-addr",
+                "127.0.0.1:0",
+                "--assignment",
+                "all",
+            ])
             .env("KAFKA_BROKERS", &stack.brokers)
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())

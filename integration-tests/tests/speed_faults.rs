@@ -15,7 +15,7 @@ use integration_tests::private_stack::PrivateStack;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
-use speed_layer::stream::{self, SpeedConfig, SpeedError};
+use speed_layer::stream::{self, Assignment, SpeedConfig, SpeedError};
 use sqlx::{PgPool, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -80,6 +80,7 @@ fn config(brokers: &str, url: &str) -> SpeedConfig {
         flush_interval: Duration::from_millis(50),
         max_batch: 300,
         ops_addr: "127.0.0.1:0".parse().unwrap(),
+        assignment: Assignment::Group,
     }
 }
 

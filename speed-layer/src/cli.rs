@@ -43,6 +43,10 @@ pub enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, env = "SPEED_OPS_ADDR", default_value = "127.0.0.1:9101")]
         ops_addr: SocketAddr,
+        /// `group`: instances in the consumer group split the partitions;
+        /// `all`: this instance takes every partition itself (single instance).
+        #[arg(long, env = "SPEED_ASSIGNMENT", value_enum, default_value = "group")]
+        assignment: crate::stream::Assignment,
     },
 }
 
@@ -50,15 +54,34 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::on_signals();
     match cli.command {
-        Command::Run { brokers, topic, dlq_topic, group_id, database_url, flush_interval, max_batch, ops_addr } => {
+        Command::Run {
+            brokers,
+            topic,
+            dlq_topic,
+            group_id,
+            database_url,
+            flush_interval,
+            max_batch,
+            ops_addr,
+            assignment,
+        } => {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
             }
             if flush_interval.is_zero() {
                 anyhow::bail!("--flush-interval must be positive, e.g. 200ms");
             }
-            let config =
-                SpeedConfig { brokers, topic, dlq_topic, group_id, database_url, flush_interval, max_batch, ops_addr };
+            let config = SpeedConfig {
+                brokers,
+                topic,
+                dlq_topic,
+                group_id,
+                database_url,
+                flush_interval,
+                max_batch,
+                ops_addr,
+                assignment,
+            };
             stream::run(config, shutdown).await?;
             Ok(())
         }

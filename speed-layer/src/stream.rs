@@ -42,6 +42,20 @@ pub struct SpeedConfig {
     pub max_batch: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (port 0: any).
     pub ops_addr: SocketAddr,
+    /// How partitions are shared out.
+    pub assignment: Assignment,
+}
+
+/// How an instance gets its partitions. Either way its positions come from
+/// PostgreSQL and its commits are fenced, so totals stay exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Assignment {
+    /// Join the consumer group; instances split the partitions (scale-out).
+    Group,
+    /// Take every partition directly, without group coordination: one
+    /// instance, no rebalances (also sidesteps brokers whose group
+    /// coordinator is unreliable).
+    All,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,14 +116,34 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        // A killed instance's partitions move on within seconds, not minutes.
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "20000")
+        // A killed instance's partitions move on within seconds, yet a
+        // loaded broker does not make a live member miss its session.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .set("max.poll.interval.ms", "30000")
         .set("fetch.wait.max.ms", "50")
         .create_with_context(Context(Arc::clone(&log)))
         .map_err(kafka)?;
-    consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+    match config.assignment {
+        Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(kafka)?,
+        Assignment::All => {
+            let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30)).map_err(kafka)?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == config.topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let stored = offsets::load(&pool, &partitions).await.map_err(|e| SpeedError::Db(e.into()))?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                let next = stored.get(p).copied().unwrap_or(0);
+                tpl.add_partition_offset(&config.topic, *p, Offset::Offset(next)).map_err(kafka)?;
+            }
+            consumer.assign(&tpl).map_err(kafka)?;
+            tracing::info!(partitions = partitions.len(), "assigned every partition directly");
+        }
+    }
     let dlq = Dlq::new(&config.brokers, &config.dlq_topic, &config.topic).map_err(kafka)?;
     ready.set(true);
     tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");

@@ -1,0 +1,141 @@
+//! The product catalog: a consistent, read-only snapshot of the shop's
+//! `products` table, kept in the lake as the Delta table `products`.
+//!
+//! The shop's database is someone else's production system (often a
+//! replica), so the snapshot is one `REPEATABLE READ READ ONLY` transaction
+//! with a statement timeout: it sees one consistent state and can never hold
+//! the shop up. Each snapshot overwrites the Delta table (its history keeps
+//! the earlier ones). The catalog's column list is fingerprinted; a change
+//! is recorded in `ops.catalog_schema` and reported in `ops.notifications`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use chrono::{DateTime, Utc};
+use deltalake::protocol::SaveMode;
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+use crate::lake::{Lake, LakeError, PRODUCTS_TABLE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("shop database {url}: {source}")]
+    Shop { url: String, source: sqlx::Error },
+    #[error("the shop database has no `products` table with product_id, name, category, price_cents, updated_at")]
+    NoProducts,
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("writing the Delta table products: {0}")]
+    Delta(#[from] deltalake::DeltaTableError),
+    #[error("building the catalog batch: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("recording the catalog schema: {0}")]
+    Ops(#[from] sqlx::Error),
+}
+
+/// What a snapshot found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogSnapshot {
+    pub products: usize,
+    pub columns: Vec<(String, String)>,
+    /// The column list differs from the one the last run saw.
+    pub schema_changed: bool,
+}
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("category", DataType::Utf8, true),
+        Field::new("price_cents", DataType::Int64, true),
+        Field::new("updated_at", shared_schema::schema::timestamp_type(), true),
+    ]))
+}
+
+/// Takes the snapshot, writes it to the lake and records its schema.
+pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<CatalogSnapshot, CatalogError> {
+    let shop = |source| CatalogError::Shop { url: platform::db::redact(shop_url), source };
+    let options: PgConnectOptions = shop_url.parse().map_err(shop)?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| shop(sqlx::Error::PoolTimedOut))?
+        .map_err(shop)?;
+    let mut tx = conn.begin().await.map_err(shop)?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await.map_err(shop)?;
+    sqlx::query("SET LOCAL statement_timeout = '30s'").execute(&mut *tx).await.map_err(shop)?;
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'products' ORDER BY ordinal_position",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(shop)?;
+    let needed = ["product_id", "name", "category", "price_cents", "updated_at"];
+    if !needed.iter().all(|n| columns.iter().any(|(c, _)| c == n)) {
+        return Err(CatalogError::NoProducts);
+    }
+    let rows = sqlx::query(
+        "SELECT product_id::text, name::text, category::text, price_cents::bigint, updated_at::timestamptz
+         FROM products ORDER BY product_id",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(shop)?;
+    tx.commit().await.map_err(shop)?;
+
+    let mut id = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let mut category = StringBuilder::new();
+    let mut price = Int64Builder::new();
+    let mut updated = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    for r in &rows {
+        id.append_value(r.get::<String, _>(0));
+        name.append_option(r.get::<Option<String>, _>(1));
+        category.append_option(r.get::<Option<String>, _>(2));
+        price.append_option(r.get::<Option<i64>, _>(3));
+        updated.append_option(r.get::<Option<DateTime<Utc>>, _>(4).map(|t| t.timestamp_micros()));
+    }
+    let batch = RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(id.finish()),
+            Arc::new(name.finish()),
+            Arc::new(category.finish()),
+            Arc::new(price.finish()),
+            Arc::new(updated.finish()),
+        ],
+    )?;
+    let table = lake.open_or_create(PRODUCTS_TABLE, &schema(), &[]).await?;
+    table.write(vec![batch]).with_save_mode(SaveMode::Overwrite).await?;
+
+    let fingerprint = columns.iter().map(|(c, t)| format!("{c}:{t}")).collect::<Vec<_>>().join(",");
+    let previous: Option<String> =
+        sqlx::query_scalar("SELECT fingerprint FROM ops.catalog_schema ORDER BY id DESC LIMIT 1")
+            .fetch_optional(ops)
+            .await?;
+    let schema_changed = previous.as_ref().is_some_and(|p| *p != fingerprint);
+    if previous.as_ref() != Some(&fingerprint) {
+        let cols = json!(columns.iter().map(|(c, t)| json!({"column": c, "type": t})).collect::<Vec<_>>());
+        sqlx::query("INSERT INTO ops.catalog_schema (fingerprint, columns, products) VALUES ($1, $2, $3)")
+            .bind(&fingerprint)
+            .bind(&cols)
+            .bind(rows.len() as i64)
+            .execute(ops)
+            .await?;
+    }
+    if schema_changed {
+        tracing::warn!(before = ?previous, after = %fingerprint, "the catalog's schema changed in the shop database");
+        sqlx::query(
+            "INSERT INTO ops.notifications (kind, severity, summary, details)
+             VALUES ('catalog_schema_changed', 'warning', 'The products table of the shop database changed its columns', $1)",
+        )
+        .bind(json!({"before": previous, "after": fingerprint}))
+        .execute(ops)
+        .await?;
+    }
+    Ok(CatalogSnapshot { products: rows.len(), columns, schema_changed })
+}
