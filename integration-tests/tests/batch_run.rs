@@ -7,9 +7,10 @@ use std::time::Duration;
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RUN_LOCK, RunConfig, RunOutcome};
+use integration_tests::checks::{DemandMap, assert_demand_eq, demand};
 use integration_tests::fixture::Stack;
-use integration_tests::generator::{self, Args, Demand};
-use sqlx::{PgPool, Row};
+use integration_tests::generator::{self, Args};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
@@ -38,27 +39,8 @@ fn late_args(stack: &Stack, topic: &str, seed: u64, late_fraction: f64) -> Args 
     }
 }
 
-async fn batch_demand(pool: &PgPool) -> Vec<(chrono::DateTime<chrono::Utc>, String, Demand)> {
-    sqlx::query(
-        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
-         FROM batch.product_demand_hourly ORDER BY 1, 2",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| {
-        let d = Demand {
-            views: r.get(2),
-            cart_adds: r.get(3),
-            cart_removes: r.get(4),
-            purchases: r.get(5),
-            units: r.get(6),
-            revenue_cents: r.get(7),
-        };
-        (r.get(0), r.get(1), d)
-    })
-    .collect()
+async fn batch_demand(pool: &PgPool) -> DemandMap {
+    demand(pool, "batch.product_demand_hourly").await
 }
 
 #[tokio::test]
@@ -93,8 +75,7 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
     assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
     let good = batch_demand(&pool).await;
-    let expected: Vec<_> = truth.demand_map().into_iter().map(|((h, p), d)| (h, p, d)).collect();
-    assert_eq!(good, expected, "batch.product_demand_hourly equals the independent computation");
+    assert_demand_eq(&good, &truth.demand_map(), "batch.product_demand_hourly against the independent computation");
 
     // New data arrives, but the last good run claims far more rows than
     // any new run can have: the row-count check must block the publish.

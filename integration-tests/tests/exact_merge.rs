@@ -3,7 +3,6 @@
 //! views → PostgreSQL with its cut, in one transaction), and no number a
 //! dashboard reads changes, not even for one read in between.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,13 +11,12 @@ use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, Utc};
+use integration_tests::checks::{assert_demand_eq, merged, serving_demand};
 use integration_tests::fixture::Stack;
-use integration_tests::generator::{self, Args, Demand, Truth};
+use integration_tests::generator::{self, Args, Truth};
 use speed_layer::stream::{self, Assignment, SpeedConfig};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-
-type DemandMap = BTreeMap<(DateTime<Utc>, String), Demand>;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
     Args {
@@ -40,56 +38,6 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
         truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
         quiet: true,
     }
-}
-
-async fn serving_demand(pool: &PgPool) -> DemandMap {
-    sqlx::query(
-        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
-         FROM serving.product_demand_hourly",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| {
-        let d = Demand {
-            views: r.get(2),
-            cart_adds: r.get(3),
-            cart_removes: r.get(4),
-            purchases: r.get(5),
-            units: r.get(6),
-            revenue_cents: r.get(7),
-        };
-        ((r.get(0), r.get(1)), d)
-    })
-    .collect()
-}
-
-fn merged(truths: &[&Truth]) -> DemandMap {
-    let mut out = DemandMap::new();
-    for t in truths {
-        for (k, d) in t.demand_map() {
-            let e = out.entry(k).or_default();
-            e.views += d.views;
-            e.cart_adds += d.cart_adds;
-            e.cart_removes += d.cart_removes;
-            e.purchases += d.purchases;
-            e.units += d.units;
-            e.revenue_cents += d.revenue_cents;
-        }
-    }
-    out
-}
-
-fn assert_demand_eq(actual: &DemandMap, expected: &DemandMap, what: &str) {
-    let keys: std::collections::BTreeSet<_> = actual.keys().chain(expected.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| actual.get(*k) != expected.get(*k))
-        .take(5)
-        .map(|k| format!("{k:?}: actual {:?}, expected {:?}", actual.get(k), expected.get(k)))
-        .collect();
-    assert!(diffs.is_empty(), "{what}: keys differ, e.g.\n{}", diffs.join("\n"));
 }
 
 async fn wait_for_speed(pool: &PgPool, total: i64) {

@@ -7,14 +7,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use integration_tests::checks::{assert_demand_eq, serving_demand};
 use integration_tests::fixture::{Stack, binary};
-use integration_tests::generator::{self, Args, Demand, Truth};
+use integration_tests::generator::{self, Args, Truth};
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
 use speed_layer::stream::{self, Assignment, SpeedConfig};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
@@ -39,29 +40,6 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
     }
 }
 
-async fn serving_demand(pool: &PgPool) -> BTreeMap<(DateTime<Utc>, String), Demand> {
-    sqlx::query(
-        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
-         FROM serving.product_demand_hourly",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| {
-        let d = Demand {
-            views: r.get(2),
-            cart_adds: r.get(3),
-            cart_removes: r.get(4),
-            purchases: r.get(5),
-            units: r.get(6),
-            revenue_cents: r.get(7),
-        };
-        ((r.get(0), r.get(1)), d)
-    })
-    .collect()
-}
-
 async fn consumed(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
         .fetch_one(pool)
@@ -80,26 +58,6 @@ async fn wait_for_offsets(pool: &PgPool, total: i64, within: Duration) {
         assert!(tokio::time::Instant::now() < deadline, "speed layer stuck at {n} of {total} offsets");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Compares demand maps, reporting a few differing keys instead of both maps.
-fn assert_demand_eq(
-    actual: &BTreeMap<(DateTime<Utc>, String), Demand>,
-    expected: &BTreeMap<(DateTime<Utc>, String), Demand>,
-) {
-    let keys: std::collections::BTreeSet<_> = actual.keys().chain(expected.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| actual.get(*k) != expected.get(*k))
-        .map(|k| format!("{k:?}: actual {:?}, expected {:?}", actual.get(k), expected.get(k)))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} of {} keys differ, e.g.\n{}",
-        diffs.len(),
-        expected.len(),
-        diffs[..diffs.len().min(5)].join("\n")
-    );
 }
 
 fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
@@ -158,7 +116,7 @@ async fn speed_totals_equal_an_independent_computation_and_bad_records_reach_the
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
-    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map());
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
     // Speed rows are tagged by partition and 100-offset segment.
     let segments: i64 =
         sqlx::query_scalar("SELECT count(DISTINCT (kafka_partition, segment)) FROM speed.product_demand_hourly")
@@ -246,5 +204,5 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     wait_for_offsets(&pool, total, Duration::from_secs(240)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map());
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
 }

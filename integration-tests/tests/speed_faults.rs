@@ -8,15 +8,15 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use integration_tests::checks::{assert_demand_eq, serving_demand};
 use integration_tests::fixture::binary;
-use integration_tests::generator::{self, Args, Demand, Truth};
+use integration_tests::generator::{self, Args, Truth};
 use integration_tests::private_stack::PrivateStack;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
 use speed_layer::stream::{self, Assignment, SpeedConfig, SpeedError};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -82,49 +82,6 @@ fn config(brokers: &str, url: &str) -> SpeedConfig {
         ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::Group,
     }
-}
-
-async fn serving_demand(pool: &PgPool) -> BTreeMap<(DateTime<Utc>, String), Demand> {
-    sqlx::query(
-        "SELECT hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents
-         FROM serving.product_demand_hourly",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| {
-        let d = Demand {
-            views: r.get(2),
-            cart_adds: r.get(3),
-            cart_removes: r.get(4),
-            purchases: r.get(5),
-            units: r.get(6),
-            revenue_cents: r.get(7),
-        };
-        ((r.get(0), r.get(1)), d)
-    })
-    .collect()
-}
-
-/// Compares demand maps, reporting a few differing keys instead of both maps.
-fn assert_demand_eq(
-    actual: &BTreeMap<(DateTime<Utc>, String), Demand>,
-    expected: &BTreeMap<(DateTime<Utc>, String), Demand>,
-) {
-    let keys: BTreeSet<_> = actual.keys().chain(expected.keys()).collect();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter(|k| actual.get(*k) != expected.get(*k))
-        .map(|k| format!("{k:?}: actual {:?}, expected {:?}", actual.get(k), expected.get(k)))
-        .collect();
-    assert!(
-        diffs.is_empty(),
-        "{} of {} keys differ, e.g.\n{}",
-        diffs.len(),
-        expected.len(),
-        diffs[..diffs.len().min(5)].join("\n")
-    );
 }
 
 /// Offsets committed by the speed layer (sum of next offsets); `None`
@@ -284,7 +241,7 @@ async fn survives(fault: Fault, seed: u64) {
     shutdown.cancel();
     task.take().unwrap().await.unwrap().unwrap();
 
-    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map());
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
     let (reasons, repeats) = dlq_distinct(&stack.brokers(), truth.bad_sent).await;
     eprintln!("DLQ: {} distinct bad records, {repeats} repeats", truth.bad_sent);
     assert_eq!(reasons, truth.bad_by_reason);
@@ -386,7 +343,7 @@ async fn two_instances_split_the_partitions_exactly() {
 
     assert!(records_a > 0.0 && records_b > 0.0, "one instance did all the work: {records_a} and {records_b}");
     assert!(records_a + records_b >= total as f64, "{records_a} + {records_b} < {total}");
-    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map());
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
     let (reasons, repeats) = dlq_distinct(&stack.brokers(), truth.bad_sent).await;
     eprintln!("DLQ: {} distinct bad records, {repeats} repeats", truth.bad_sent);
     assert_eq!(reasons, truth.bad_by_reason);
