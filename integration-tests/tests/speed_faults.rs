@@ -336,6 +336,19 @@ async fn two_instances_split_the_partitions_exactly() {
     let records_a = metric(&http_get(ops_a, "/metrics").await.unwrap().1, "speed_records_total");
     let records_b = metric(&http_get(ops_b, "/metrics").await.unwrap().1, "speed_records_total");
     eprintln!("records accepted: first {records_a}, second {records_b}, topic {total}");
+    // Caught up, each instance reports every partition's lag as zero.
+    for ops in [ops_a, ops_b] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = http_get(ops, "/metrics").await.unwrap().1;
+            let series = text.lines().filter(|l| l.starts_with("speed_partition_lag_records{")).count();
+            if series == 4 && metric(&text, "speed_partition_lag_records") == 0.0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "lag metrics never showed 4 partitions at 0:\n{text}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     for child in [&mut a, &mut b] {
         child.start_kill().unwrap();
         child.wait().await.unwrap();

@@ -4,10 +4,12 @@
 //! * [`deltas`]: view deltas of a micro-batch, from the shared view definitions;
 //! * [`offsets`]: positions in PostgreSQL, advanced conditionally (fencing);
 //! * [`dlq`]: rejected records to `events.dlq` with their reason;
+//! * [`lag`]: per-partition lag and event age as metrics;
 //! * [`cli`]: the `speed-layer` command line.
 
 pub mod cli;
 pub mod deltas;
 pub mod dlq;
+pub mod lag;
 pub mod offsets;
 pub mod stream;

@@ -145,6 +145,13 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
     let dlq = Dlq::new(&config.brokers, &config.dlq_topic, &config.topic).map_err(kafka)?;
+    let lag = tokio::spawn(crate::lag::watch(
+        config.brokers.clone(),
+        config.topic.clone(),
+        pool.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
     ready.set(true);
     tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");
 
@@ -189,6 +196,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     ready.set(false);
     tracing::info!("speed layer stopped cleanly");
     drop(consumer);
+    let _ = lag.await;
     let _ = ops_task.await;
     Ok(())
 }

@@ -1,0 +1,61 @@
+//! Per-partition lag, as operators read it: how many records of the topic
+//! the speed layer has not folded into `speed.*` yet (the broker's high
+//! watermark minus the next offset stored in PostgreSQL), and how old the
+//! newest event folded in is.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Publishes `speed_partition_lag_records{partition}` and
+/// `speed_event_age_seconds` every `every` until `shutdown`.
+pub async fn watch(brokers: String, topic: String, pool: PgPool, every: Duration, shutdown: CancellationToken) {
+    let consumer: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", &brokers).create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "lag metrics disabled: cannot create a metadata client");
+            return;
+        }
+    };
+    let consumer = std::sync::Arc::new(consumer);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let stored: Vec<(i32, i64, Option<DateTime<Utc>>)> =
+            match sqlx::query_as("SELECT kafka_partition, next_offset, last_event_time FROM ops.speed_offsets")
+                .fetch_all(&pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(_) => continue, // PostgreSQL away: the flush loop reports it
+            };
+        if let Some(newest) = stored.iter().filter_map(|(_, _, t)| *t).max() {
+            metrics::gauge!("speed_event_age_seconds").set((Utc::now() - newest).num_milliseconds() as f64 / 1000.0);
+        }
+        let c = std::sync::Arc::clone(&consumer);
+        let topic = topic.clone();
+        let ends = tokio::task::spawn_blocking(move || {
+            let partitions = c
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>())
+                .unwrap_or_default();
+            partitions
+                .into_iter()
+                .filter_map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok().map(|(_, high)| (p, high)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (p, high) in ends {
+            let next = stored.iter().find(|(sp, _, _)| *sp == p).map_or(0, |(_, n, _)| *n);
+            metrics::gauge!("speed_partition_lag_records", "partition" => p.to_string())
+                .set((high - next).max(0) as f64);
+        }
+    }
+}
