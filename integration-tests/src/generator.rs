@@ -82,6 +82,32 @@ pub struct Args {
     pub quiet: bool,
 }
 
+impl Args {
+    /// A small shop for tests: history only, no catalog, no bad or late
+    /// records; tests override what they need with struct-update syntax.
+    pub fn for_tests(brokers: &str, topic: &str, seed: u64) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            sales_database_url: String::new(),
+            no_catalog: true,
+            seed,
+            products: 60,
+            categories: 6,
+            users: 400,
+            backfill_hours: 2,
+            rate: 1.0,
+            duration: Duration::ZERO,
+            spikes: Some(1),
+            live_spike: false,
+            bad_fraction: 0.0,
+            late_fraction: 0.0,
+            truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}-{}.json", std::process::id())),
+            quiet: true,
+        }
+    }
+}
+
 /// What the generator sent: the ground truth for tests and quality metrics.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Truth {

@@ -16,25 +16,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
-    Args {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        sales_database_url: String::new(),
-        no_catalog: true,
-        seed,
-        products: 60,
-        categories: 6,
-        users: 400,
-        backfill_hours: hours,
-        rate,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
-        bad_fraction: bad,
-        late_fraction: 0.0,
-        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
-        quiet: true,
-    }
+    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
 }
 
 fn config(stack: &Stack, topic: &str, lake: &Lake) -> IngestConfig {

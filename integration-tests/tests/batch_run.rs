@@ -18,25 +18,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
 }
 
 fn late_args(stack: &Stack, topic: &str, seed: u64, late_fraction: f64) -> Args {
-    Args {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        sales_database_url: String::new(),
-        no_catalog: true,
-        seed,
-        products: 40,
-        categories: 4,
-        users: 300,
-        backfill_hours: 2,
-        rate: 1.0,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
-        bad_fraction: 0.0,
-        late_fraction,
-        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
-        quiet: true,
-    }
+    Args { products: 40, categories: 4, users: 300, late_fraction, ..Args::for_tests(&stack.brokers, topic, seed) }
 }
 
 async fn batch_demand(pool: &PgPool) -> DemandMap {

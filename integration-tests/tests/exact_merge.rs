@@ -20,23 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
     Args {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        sales_database_url: String::new(),
-        no_catalog: true,
-        seed,
-        products: 60,
-        categories: 6,
-        users: 400,
         backfill_hours: hours,
-        rate: 1.0,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
         bad_fraction: 0.02,
         late_fraction: 0.05,
-        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
-        quiet: true,
+        ..Args::for_tests(&stack.brokers, topic, seed)
     }
 }
 
@@ -125,7 +112,7 @@ async fn batch_landing_changes_no_serving_number() {
             flush_interval: Duration::from_millis(100),
             max_batch: 5_000,
             ops_addr: "127.0.0.1:0".parse().unwrap(),
-            assignment: Assignment::Group,
+            assignment: Assignment::All,
         },
         shutdown.clone(),
     ));

@@ -253,23 +253,16 @@ async fn generated_traffic_round_trips_through_kafka() {
     let (sales_url, sales) = stack.fresh_database("generator_sales").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let args = Args {
-        brokers: stack.brokers.clone(),
-        topic: topic.clone(),
         sales_database_url: sales_url,
         no_catalog: false,
         seed: 7,
         products: 40,
         categories: 5,
         users: 200,
-        backfill_hours: 2,
         rate: 0.5,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
         bad_fraction: 0.2,
-        late_fraction: 0.0,
         truth: dir.path().join("truth.json"),
-        quiet: true,
+        ..Args::for_tests(&stack.brokers, &topic, 7)
     };
     let truth = generator::run(args).await.unwrap();
     assert!(truth.events_sent > 1000, "{}", truth.events_sent);

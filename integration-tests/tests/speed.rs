@@ -19,25 +19,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
-    Args {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        sales_database_url: String::new(),
-        no_catalog: true,
-        seed,
-        products: 80,
-        categories: 6,
-        users: 500,
-        backfill_hours: hours,
-        rate,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
-        bad_fraction: bad,
-        late_fraction: 0.0,
-        truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}.json")),
-        quiet: true,
-    }
+    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
 }
 
 async fn consumed(pool: &PgPool) -> i64 {
@@ -70,7 +52,7 @@ fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
         flush_interval: Duration::from_millis(200),
         max_batch: 5_000,
         ops_addr: "127.0.0.1:0".parse().unwrap(),
-        assignment: Assignment::Group,
+        assignment: Assignment::All,
     }
 }
 

@@ -36,25 +36,7 @@ fn init_logs() {
 }
 
 fn generator_args(brokers: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
-    Args {
-        brokers: brokers.to_string(),
-        topic: TOPIC.to_string(),
-        sales_database_url: String::new(),
-        no_catalog: true,
-        seed,
-        products: 80,
-        categories: 6,
-        users: 500,
-        backfill_hours: hours,
-        rate,
-        duration: Duration::ZERO,
-        spikes: Some(1),
-        live_spike: false,
-        bad_fraction: bad,
-        late_fraction: 0.0,
-        truth: std::env::temp_dir().join(format!("truth-speed-faults-{}-{seed}.json", std::process::id())),
-        quiet: true,
-    }
+    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(brokers, TOPIC, seed) }
 }
 
 /// A private stack with `events` (4 partitions), `events.dlq` and a
