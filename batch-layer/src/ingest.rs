@@ -52,6 +52,22 @@ pub struct IngestConfig {
     pub show_progress: bool,
 }
 
+impl IngestConfig {
+    /// Drain `topic` into `lake` until caught up, flushing every second or
+    /// 10,000 records, without a progress bar (tools and tests).
+    pub fn catch_up(brokers: &str, topic: &str, lake: &Lake) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            lake: lake.clone(),
+            flush_interval: Duration::from_secs(1),
+            flush_records: 10_000,
+            until_caught_up: true,
+            show_progress: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]

@@ -21,13 +21,9 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
 
 fn config(stack: &Stack, topic: &str, lake: &Lake) -> IngestConfig {
     IngestConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        lake: lake.clone(),
         flush_interval: Duration::from_secs(2),
         flush_records: 2_000,
-        until_caught_up: true,
-        show_progress: false,
+        ..IngestConfig::catch_up(&stack.brokers, topic, lake)
     }
 }
 

@@ -2,8 +2,6 @@
 //! keeps the last good views; overlapping runs cannot both publish; the
 //! published tables equal an independent computation.
 
-use std::time::Duration;
-
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RUN_LOCK, RunConfig, RunOutcome};
@@ -34,15 +32,7 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     platform::db::prepare(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.clone(),
-        lake: lake.clone(),
-        flush_interval: Duration::from_secs(1),
-        flush_records: 10_000,
-        until_caught_up: true,
-        show_progress: false,
-    };
+    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
     // Full runs: the row-count check compares whole tables.
     let config = RunConfig {
         database_url: url.clone(),
@@ -116,15 +106,7 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     platform::db::prepare(&pool, Some(50)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.clone(),
-        lake: lake.clone(),
-        flush_interval: Duration::from_secs(1),
-        flush_records: 3_000,
-        until_caught_up: true,
-        show_progress: false,
-    };
+    let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
     let incremental = RunConfig {
         database_url: url.clone(),
         lake: lake.clone(),
@@ -199,15 +181,7 @@ async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
 
     // A run takes the snapshot itself, and an unreachable shop database does
     // not stop it from publishing.
-    let ingest_config = IngestConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.clone(),
-        lake: lake.clone(),
-        flush_interval: Duration::from_secs(1),
-        flush_records: 10_000,
-        until_caught_up: true,
-        show_progress: false,
-    };
+    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
     ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
     let config = RunConfig {
         database_url: url.clone(),

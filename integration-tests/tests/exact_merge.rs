@@ -83,15 +83,7 @@ async fn batch_landing_changes_no_serving_number() {
     platform::db::prepare(&pool, Some(100)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.clone(),
-        lake: lake.clone(),
-        flush_interval: Duration::from_secs(1),
-        flush_records: 5_000,
-        until_caught_up: true,
-        show_progress: false,
-    };
+    let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
     let run_config = RunConfig {
         database_url: url.clone(),
         lake: lake.clone(),
