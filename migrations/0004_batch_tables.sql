@@ -16,6 +16,7 @@ CREATE TABLE batch.demand_baseline (
     share double precision,
     hours bigint,
     demand bigint,
+    dispersion double precision,
     PRIMARY KEY (product_id)
 );
 

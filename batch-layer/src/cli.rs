@@ -62,6 +62,26 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Write the recommender's training data (per user and product, the
+    /// interactions before --as-of) as Parquet, with a manifest, into an empty folder.
+    ExportTraining {
+        /// Output folder (created if missing; must be empty).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Only interactions strictly before this time (RFC 3339, or a date
+        /// meaning its midnight UTC); default: now.
+        #[arg(long, value_parser = parse_time)]
+        as_of: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc())
+        .map_err(|_| "expected a time like 2026-11-25T12:00:00Z or a date like 2026-11-25".to_string())
 }
 
 /// What every batch run needs, for `run` and `schedule` alike.
@@ -95,6 +115,7 @@ impl RunArgs {
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
         })
     }
@@ -150,27 +171,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { run, full } => {
             let config = run.config(&cli.lake_uri, full)?;
             match recompute::run(&config).await? {
-                RunOutcome::Published { run_id, delta_version, cut, rows, hours, tables } => {
-                    let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{p}:{o}")).collect();
-                    let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
-                    let mut what = match hours {
-                        Some(h) => format!("incremental, {h} hours recomputed"),
-                        None => "full recompute".to_string(),
-                    };
-                    if !tables.is_empty() {
-                        what.push_str(&format!("; tables {}", tables.join(", ")));
-                    }
-                    println!(
-                        "run {run_id} ({what}): published lake version {delta_version} with cut [{}]; rows now: {}",
-                        cut.join(", "),
-                        rows.join(", ")
-                    );
+                published @ RunOutcome::Published { .. } => {
+                    println!("{}", crate::recompute::summary(&published));
                     Ok(())
                 }
-                RunOutcome::Unchanged { delta_version } => {
-                    println!(
-                        "the lake is unchanged since the last published run (version {delta_version}); nothing new to publish"
-                    );
+                unchanged @ RunOutcome::Unchanged { .. } => {
+                    println!("{}", crate::recompute::summary(&unchanged));
                     Ok(())
                 }
                 RunOutcome::Rejected { run_id, report } => {
@@ -183,6 +189,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("another batch run holds the lock; nothing published (wait for it to finish)")
                 }
             }
+        }
+        Command::ExportTraining { out, as_of } => {
+            let as_of = as_of.unwrap_or_else(chrono::Utc::now);
+            let m = crate::export::run(&Lake::parse(&cli.lake_uri)?, &out, as_of).await?;
+            println!(
+                "exported {} interactions of {} users with {} products before {} (lake version {}) to {}; see {}",
+                m.rows,
+                m.users,
+                m.products,
+                m.as_of.to_rfc3339(),
+                m.delta_version,
+                out.join(&m.file).display(),
+                out.join(crate::export::MANIFEST_FILE).display()
+            );
+            Ok(())
         }
         Command::Schedule { every, cron, run } => {
             if every < Duration::from_secs(1) {

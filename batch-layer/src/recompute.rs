@@ -49,6 +49,8 @@ pub struct RunConfig {
     /// The shop's database, whose `products` table each run snapshots into
     /// the lake (`None`: skip the catalog).
     pub sales_database_url: Option<String>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
     /// How old the windowed batch tables (demand baseline, item similarity)
     /// may get before an incremental run recomputes them; a full run always
     /// does.
@@ -66,6 +68,7 @@ impl RunConfig {
             full: false,
             sales_database_url: None,
             model_refresh: DEFAULT_MODEL_REFRESH,
+            progress: false,
         }
     }
 }
@@ -108,6 +111,10 @@ pub enum RunOutcome {
         hours: Option<usize>,
         /// The batch tables recomputed by this run.
         tables: Vec<&'static str>,
+        /// Milliseconds spent computing, publishing, and in all.
+        compute_ms: u64,
+        publish_ms: u64,
+        total_ms: u64,
     },
     /// The lake has not changed since the last published run.
     Unchanged { delta_version: i64 },
@@ -221,6 +228,8 @@ async fn locked_run(
     .await?;
 
     let compute_started = Instant::now();
+    let progress = progress_bar(config.progress, (ALL_VIEWS.len() + BATCH_TABLES.len() + 2) as u64);
+    progress.set_message("finding the hours new events touched");
     let below_cut = cut.predicate();
     let new_range = range_predicate(&old_cut, &cut);
     let touched = if full { Vec::new() } else { touched_hours(&ctx, &new_range).await? };
@@ -240,6 +249,8 @@ async fn locked_run(
         } else {
             (Refresh::Replace, below_cut.clone())
         };
+        progress.inc(1);
+        progress.set_message(format!("computing {}", view.name));
         let batches = query(&ctx, view.name, &view.batch_sql(Some(&predicate))).await?;
         targets.push((view, computed.len()));
         computed.push(Computed { name: view.name, refresh, batches });
@@ -258,6 +269,8 @@ async fn locked_run(
         if !due || (newest_hour.is_none() && table.input != Input::Catalog) {
             continue;
         }
+        progress.inc(1);
+        progress.set_message(format!("computing {}", table.name));
         let batches = query(&ctx, table.name, &table.batch_sql(&scope)).await?;
         refreshed_tables.push((table, computed.len()));
         computed.push(Computed { name: table.name, refresh: Refresh::Replace, batches });
@@ -288,6 +301,8 @@ async fn locked_run(
         return Ok(RunOutcome::Rejected { run_id, report });
     }
 
+    progress.set_position(progress.length().unwrap_or(1) - 1);
+    progress.set_message("publishing in one transaction");
     let publish_started = Instant::now();
     let mut conn = pool.acquire().await?;
     let tables: Vec<&'static str> = refreshed_tables.iter().map(|(t, _)| t.name).collect();
@@ -306,6 +321,7 @@ async fn locked_run(
     .bind(format!("{mode}: {} hours recomputed", touched.len()))
     .execute(pool)
     .await?;
+    progress.finish_and_clear();
     Ok(RunOutcome::Published {
         run_id,
         delta_version: version,
@@ -313,7 +329,49 @@ async fn locked_run(
         rows,
         hours: (!full).then_some(touched.len()),
         tables,
+        compute_ms,
+        publish_ms,
+        total_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The one-paragraph account of a run that `run` prints.
+pub fn summary(outcome: &RunOutcome) -> String {
+    match outcome {
+        RunOutcome::Published { run_id, delta_version, cut, rows, hours, tables, compute_ms, publish_ms, total_ms } => {
+            let what = match hours {
+                Some(h) => format!("incremental run recomputed {h} hours"),
+                None => "full run recomputed every hour".to_string(),
+            };
+            let tables = if tables.is_empty() {
+                "no batch table was due".to_string()
+            } else {
+                format!("batch tables {} were refreshed", tables.join(", "))
+            };
+            let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{}:{}", p.0, o.0)).collect();
+            let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
+            format!(
+                "Run {run_id}: the {what} of lake version {delta_version}, and {tables}. It published with the \
+                 offset cut [{}] (partition:offset); the serving views now merge the speed layer from there. \
+                 Rows now: {}. Took {:.1} s ({:.1} s computing, {:.1} s publishing).",
+                cut.join(", "),
+                rows.join(", "),
+                *total_ms as f64 / 1000.0,
+                *compute_ms as f64 / 1000.0,
+                *publish_ms as f64 / 1000.0,
+            )
+        }
+        RunOutcome::Unchanged { delta_version } => {
+            format!(
+                "The lake is unchanged since the last published run (version {delta_version}); nothing new to publish."
+            )
+        }
+        RunOutcome::Rejected { run_id, report } => format!(
+            "Run {run_id} failed its quality checks and published nothing ({}); the last good views keep serving.",
+            report.summary()
+        ),
+        RunOutcome::Busy => "Another batch run holds the lock; nothing published.".to_string(),
+    }
 }
 
 /// Rows whose offsets lie in `[old[p], new[p])` for some partition.
@@ -381,6 +439,19 @@ async fn register_catalog(ctx: &SessionContext, lake: &Lake) -> Result<(), RunEr
         }
     }
     Ok(())
+}
+
+fn progress_bar(show: bool, steps: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("run [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
 }
 
 /// Runs one query to completion.

@@ -7,4 +7,5 @@ pub mod fixture;
 pub mod generator;
 pub mod malformed;
 pub mod private_stack;
+pub mod quality;
 pub mod shop;

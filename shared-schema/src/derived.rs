@@ -37,20 +37,30 @@ pub const SIMILARITY_TOP_K: i64 = 20;
 /// Spike detection works with two thresholds (hysteresis). An hour is a
 /// *spike hour* when its demand is at least this many times the expected...
 pub const SPIKE_RATIO: f64 = 2.5;
-/// ...the excess is this many Poisson standard deviations (interest comes in
-/// sessions, so it varies more than a Poisson count: hence 5, not 3)...
+/// ...the excess is this many standard deviations (of the product's own
+/// variation, see the baseline's `dispersion`)...
 pub const SPIKE_Z: f64 = 5.0;
 /// ...and at least this much demand happened.
 pub const SPIKE_MIN_DEMAND: i64 = 10;
 /// An hour is *elevated* at this ratio and z-score. A spike is a run of
 /// elevated hours (gaps of up to [`SPIKE_GAP_HOURS`]) holding at least
-/// [`SPIKE_MIN_HOURS`] spike hours: it must be sustained, and it is
-/// reported from its first elevated hour, so its start is not late.
+/// [`SPIKE_MIN_HOURS`] spike hours (it must be sustained), or one spike hour
+/// of [`SPIKE_STRONG_Z`] (so a sudden, large spike shows within minutes).
+/// It is reported from its first elevated hour, so its start is not late.
 pub const ELEVATED_RATIO: f64 = 1.5;
 pub const ELEVATED_Z: f64 = 3.0;
 pub const SPIKE_MIN_HOURS: i64 = 2;
+pub const SPIKE_STRONG_Z: f64 = 10.0;
 /// Elevated hours at most this far apart belong to one spike.
 pub const SPIKE_GAP_HOURS: i64 = 2;
+/// A spike of a product whose this-many most similar products include one
+/// spiking [`SPIKE_ECHO_RATIO`] times as high (peak demand over expected),
+/// that started within the same hour and lasts at least as long, is that
+/// spike's echo (shoppers drawn to the one also look
+/// at its complements): it is recorded with `driven_by`, and not reported
+/// as a spike of its own.
+pub const SPIKE_DRIVER_RANK: i64 = 10;
+pub const SPIKE_ECHO_RATIO: f64 = 1.5;
 /// How far back an active spike's start is looked for (spikes last up to
 /// 1-2 days).
 pub const SPIKE_LOOKBACK_HOURS: i64 = 72;
@@ -156,10 +166,19 @@ fn catalog_query(_: &Scope, _: &Input) -> String {
     "SELECT product_id, name, category, price_cents FROM products WHERE product_id IS NOT NULL".into()
 }
 
-/// Per product, its typical share of all demand in an hour: the median over
-/// every hour of the window (hours without the product count as zero), so a
-/// spike of a day or two does not move it. Expected demand in an hour is
-/// that share of the hour's total, which carries the time-of-day curve.
+/// Per product, its typical share of all demand in an hour, and how much
+/// its demand varies around that.
+///
+/// * `share`: the median of its share over every hour of the window (hours
+///   without the product count as zero), so a spike of a day or two does not
+///   move it; a product mostly absent (median zero) falls back to its mean.
+///   Expected demand in an hour is that share of the hour's total, which
+///   carries the time-of-day curve.
+/// * `dispersion`: demand comes in sessions (a shopper looks at a product
+///   several times), so it varies more than a Poisson count. The variance is
+///   `dispersion × expected`, estimated robustly as the median squared
+///   Pearson residual over the window, divided by 0.455 (that median for a
+///   Poisson count), never below 1.
 fn baseline_query(scope: &Scope, input: &Input) -> String {
     let hourly = PRODUCT_DEMAND_HOURLY.batch_sql(Some(&scope.window(window_days(input))));
     format!(
@@ -168,16 +187,31 @@ demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM ho
 totals AS (SELECT hour, sum(demand) AS total FROM demand GROUP BY hour HAVING sum(demand) > 0),
 products AS (SELECT DISTINCT product_id FROM demand),
 shares AS (
-    SELECT p.product_id, COALESCE(d.demand, 0.0) / t.total AS share, COALESCE(d.demand, 0.0) AS demand
+    SELECT p.product_id, t.total, COALESCE(d.demand, 0.0) AS demand, COALESCE(d.demand, 0.0) / t.total AS share
     FROM totals AS t CROSS JOIN products AS p
     LEFT JOIN demand AS d ON d.hour = t.hour AND d.product_id = p.product_id
+),
+typical AS (
+    SELECT product_id,
+           CASE WHEN median(share) > 0 THEN median(share) ELSE avg(share) END AS share,
+           count(*) AS hours,
+           sum(demand) AS demand
+    FROM shares
+    GROUP BY product_id
+),
+expected AS (
+    SELECT s.product_id, s.demand, greatest(t.share * s.total, 1.0) AS expected
+    FROM shares AS s JOIN typical AS t ON t.product_id = s.product_id
+),
+residuals AS (
+    SELECT product_id, (demand - expected) * (demand - expected) / expected AS r2 FROM expected
 )
-SELECT product_id,
-       CASE WHEN median(share) > 0 THEN median(share) ELSE avg(share) END AS share,
-       CAST(count(*) AS BIGINT) AS hours,
-       CAST(sum(demand) AS BIGINT) AS demand
-FROM shares
-GROUP BY product_id"
+SELECT t.product_id, t.share,
+       CAST(t.hours AS BIGINT) AS hours,
+       CAST(t.demand AS BIGINT) AS demand,
+       greatest(median(r.r2) / 0.455, 1.0) AS dispersion
+FROM typical AS t JOIN residuals AS r ON r.product_id = t.product_id
+GROUP BY t.product_id, t.share, t.hours, t.demand"
     )
 }
 
@@ -246,10 +280,11 @@ pub const DEMAND_BASELINE: BatchTable = BatchTable {
         ("share", SqlType::Double),
         ("hours", SqlType::BigInt),
         ("demand", SqlType::BigInt),
+        ("dispersion", SqlType::Double),
     ],
     key: 1,
     input: Input::RecentEvents { days: BASELINE_DAYS },
-    non_negative: &["share", "hours", "demand"],
+    non_negative: &["share", "hours", "demand", "dispersion"],
     readers: &[Reader::Dashboard],
     query: baseline_query,
 };
@@ -354,7 +389,7 @@ FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM ser
 JOIN (SELECT hour, sum({INTEREST})::double precision AS total FROM serving.{v} GROUP BY hour) AS t ON t.hour = d.hour
 JOIN batch.{b} AS b ON b.product_id = d.product_id
 CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.total, 1.0) AS expected) AS e
-CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(e.expected) AS z) AS x",
+CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(b.dispersion * e.expected) AS z) AS x",
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),
     )
@@ -381,16 +416,30 @@ numbered AS (
     SELECT *, sum(starts) OVER (PARTITION BY product_id ORDER BY hour) AS spike FROM elevated
 ),
 episodes AS (
-    SELECT product_id, spike, min(hour) AS spike_start, max(hour) AS latest_hour, max(score) AS peak_score
+    SELECT product_id, spike, min(hour) AS spike_start, max(hour) AS latest_hour, max(score) AS peak_score,
+           max(demand / expected) FILTER (WHERE is_spike) AS peak_ratio
     FROM numbered GROUP BY product_id, spike
     HAVING count(*) FILTER (WHERE is_spike) >= {SPIKE_MIN_HOURS}
+        OR max(score) FILTER (WHERE is_spike) >= {SPIKE_STRONG_Z}
+),
+driven AS (
+    SELECT e.product_id, e.spike, min(f.product_id) AS driven_by
+    FROM episodes AS e
+    JOIN episodes AS f ON f.product_id <> e.product_id AND f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
+                      AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
+                      AND e.latest_hour <= f.latest_hour + interval '1 hour'
+    JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
+                         AND s.rank <= {SPIKE_DRIVER_RANK}
+    GROUP BY e.product_id, e.spike
 )
 SELECT e.product_id, p.category, e.spike_start, e.latest_hour,
-       n.demand AS current_demand, n.expected AS baseline_demand, n.score, e.peak_score
+       n.demand AS current_demand, n.expected AS baseline_demand, n.score, e.peak_score, d.driven_by
 FROM episodes AS e
 JOIN numbered AS n ON n.product_id = e.product_id AND n.hour = e.latest_hour
-LEFT JOIN batch.{} AS p ON p.product_id = e.product_id",
-        PRODUCTS.name
+LEFT JOIN driven AS d ON d.product_id = e.product_id AND d.spike = e.spike
+LEFT JOIN batch.{products} AS p ON p.product_id = e.product_id",
+        products = PRODUCTS.name,
+        sim = ITEM_SIMILARITY.name,
     )
 }
 
@@ -399,12 +448,13 @@ fn spike_history_body() -> String {
 }
 
 /// The spikes going on now: those whose latest spike hour is the newest
-/// hour or the one before (a new hour has little demand yet).
+/// hour or the one before (a new hour has little demand yet), and which are
+/// not the echo of a stronger spike of a product bought with them.
 fn spikes_body() -> String {
     format!(
         "SELECT product_id, category, spike_start, latest_hour, current_demand, baseline_demand, score
 FROM ({}) AS s
-WHERE latest_hour >= serving.latest_demand_hour() - interval '1 hour'
+WHERE latest_hour >= serving.latest_demand_hour() - interval '1 hour' AND driven_by IS NULL
 ORDER BY score DESC",
         spike_episodes_body(true)
     )

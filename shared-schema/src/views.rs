@@ -385,6 +385,30 @@ pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
     hour_key: None,
 };
 
+/// The recommender's training data: per user and product, the demand
+/// measures and the last time of each interaction. Exported from the lake
+/// (`batch-layer export-training`), not maintained in PostgreSQL.
+pub const USER_PRODUCT_INTERACTIONS: ViewDef = ViewDef {
+    name: "user_product_interactions",
+    source: Source::Events,
+    keys: USER_PRODUCT_STATE.keys,
+    measures: &[
+        DEMAND_MEASURES[0],
+        DEMAND_MEASURES[1],
+        DEMAND_MEASURES[2],
+        DEMAND_MEASURES[3],
+        DEMAND_MEASURES[4],
+        DEMAND_MEASURES[5],
+        USER_PRODUCT_STATE.measures[0],
+        USER_PRODUCT_STATE.measures[1],
+        USER_PRODUCT_STATE.measures[2],
+        USER_PRODUCT_STATE.measures[3],
+    ],
+    filter: None,
+    readers: &[],
+    hour_key: None,
+};
+
 /// Every view the platform maintains, in publish order.
 pub const ALL_VIEWS: &[ViewDef] = &[PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE];
 
@@ -457,6 +481,14 @@ mod tests {
             assert!(at > last, "{n} out of order");
             last = at;
         }
+    }
+
+    #[test]
+    fn training_interactions_reuse_the_demand_and_state_measures() {
+        let names: Vec<_> = USER_PRODUCT_INTERACTIONS.measure_names().collect();
+        let expected: Vec<_> = DEMAND_MEASURES.iter().chain(USER_PRODUCT_STATE.measures).map(|m| m.name).collect();
+        assert_eq!(names, expected);
+        assert_eq!(USER_PRODUCT_INTERACTIONS.keys, USER_PRODUCT_STATE.keys);
     }
 
     #[test]

@@ -1,0 +1,128 @@
+//! `batch-layer export-training`: the interactions before a point in time,
+//! nothing after it, with a manifest that says so.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use batch_layer::export::{DATA_FILE, MANIFEST_FILE, Manifest};
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::Lake;
+use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike, Utc};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use integration_tests::fixture::{Stack, binary};
+use integration_tests::generator::{self, Args};
+use tokio_util::sync::CancellationToken;
+
+fn event(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, String) {
+    let mut v = serde_json::json!({
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_type": kind,
+        "event_time": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "user_id": user,
+        "session_id": "s-x",
+        "product_id": product,
+    });
+    if kind != "page_view" {
+        v["quantity"] = 2.into();
+        v["price_cents"] = 150.into();
+    }
+    (user.to_string(), v.to_string())
+}
+
+/// Views, purchases, units and the last time of any interaction (µs).
+type Interactions = (i64, i64, i64, Option<i64>);
+
+fn read_parquet(path: &std::path::Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn export_holds_exactly_the_interactions_before_the_cutoff() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("export", 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();
+
+    let truth =
+        generator::run(Args { backfill_hours: 6, ..Args::for_tests(&stack.brokers, &topic, 101) }).await.unwrap();
+    let hours: Vec<DateTime<Utc>> = truth.demand_map().keys().map(|(h, _)| *h).collect();
+    let as_of = hours[hours.len() / 2];
+    // Hand-made edges: one second before the cut-off counts, the cut-off
+    // itself and later do not, whatever order they arrive in.
+    let before = as_of - TimeDelta::seconds(1);
+    let records = vec![
+        event("x-1", "p-x", "page_view", before),
+        event("x-1", "p-x", "purchase", before - TimeDelta::minutes(5)),
+        event("x-1", "p-x", "purchase", as_of),
+        event("x-1", "p-y", "page_view", as_of + TimeDelta::minutes(1)),
+        event("x-2", "p-x", "add_to_cart", before - TimeDelta::hours(2)),
+    ];
+    generator::send_records(&stack.brokers, &topic, &records).unwrap();
+    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+
+    let out = dir.path().join("export");
+    let status = Command::new(binary("batch-layer"))
+        .args(["--lake-uri", lake_dir.to_str().unwrap(), "export-training", "--out", out.to_str().unwrap()])
+        .args(["--as-of", &as_of.to_rfc3339()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let manifest: Manifest = serde_json::from_slice(&std::fs::read(out.join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(manifest.as_of, as_of);
+    assert_eq!(manifest.file, DATA_FILE);
+    assert!(manifest.columns.iter().any(|c| c.name == "last_purchased_at"));
+    let batches = read_parquet(&out.join(DATA_FILE));
+    assert_eq!(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>(), manifest.rows);
+
+    // Per (user, product): views, purchases, units and the last time of any interaction.
+    let mut rows: BTreeMap<(String, String), Interactions> = BTreeMap::new();
+    let mut latest = i64::MIN;
+    for b in &batches {
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let i = |n: &str| b.column_by_name(n).unwrap().as_primitive::<Int64Type>().clone();
+        let t = |n: &str| b.column_by_name(n).unwrap().as_primitive::<TimestampMicrosecondType>().clone();
+        let (user, product, views, purchases, units) =
+            (s("user_id"), s("product_id"), i("views"), i("purchases"), i("units"));
+        let times = ["last_viewed_at", "last_carted_at", "last_removed_at", "last_purchased_at"].map(t);
+        for r in 0..b.num_rows() {
+            let last = times.iter().filter(|c| c.is_valid(r)).map(|c| c.value(r)).max();
+            latest = latest.max(last.unwrap_or(i64::MIN));
+            let key = (user.value(r).to_string(), product.value(r).to_string());
+            rows.insert(key, (views.value(r), purchases.value(r), units.value(r), last));
+        }
+    }
+    assert!(latest < as_of.timestamp_micros(), "nothing at or after the cut-off");
+    let x = |u: &str, p: &str| rows.get(&(u.to_string(), p.to_string())).copied();
+    assert_eq!(x("x-1", "p-x"), Some((1, 1, 2, Some(before.timestamp_micros()))));
+    assert_eq!(x("x-1", "p-y"), None);
+    assert_eq!(x("x-2", "p-x").map(|r| r.0), Some(0));
+
+    // The generated traffic: every view and purchase of the hours before the
+    // cut-off (hour boundaries, so the truth's hourly counts apply).
+    assert_eq!(as_of.minute(), 0);
+    let (mut views, mut purchases) = (0, 0);
+    for ((hour, _), d) in truth.demand_map() {
+        if hour < as_of {
+            views += d.views;
+            purchases += d.purchases;
+        }
+    }
+    let generated = rows.iter().filter(|((u, _), _)| !u.starts_with("x-"));
+    let (got_views, got_purchases) = generated.fold((0, 0), |(v, p), (_, r)| (v + r.0, p + r.1));
+    assert_eq!((got_views, got_purchases), (views, purchases));
+    assert!(views > 0);
+
+    // A second export into the same folder is refused, not mixed in.
+    let again = Command::new(binary("batch-layer"))
+        .args(["--lake-uri", lake_dir.to_str().unwrap(), "export-training", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("not empty") && err.lines().count() == 1, "{err}");
+}
