@@ -1,10 +1,11 @@
 //! The platform under test: the load generator and its shop model, the bad
 //! records, and (for the tests in `tests/`) the fixture that talks to the
-//! local stack.
+//! local stack and the serving layer's test data.
 
 pub mod checks;
 pub mod fixture;
 pub mod generator;
 pub mod malformed;
 pub mod private_stack;
+pub mod serving;
 pub mod shop;
