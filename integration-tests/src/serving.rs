@@ -298,3 +298,74 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
     }
     Ok(Answer { status, content_type, body: body.to_owned() })
 }
+
+/// What [`seed_dashboard`] wrote, for the assertions.
+#[derive(Debug, Clone)]
+pub struct DashboardData {
+    /// The current hour; demand covers it and the five before.
+    pub hour: DateTime<Utc>,
+    pub categories: Vec<&'static str>,
+    pub products: Vec<Product>,
+    /// Spiking products, strongest first.
+    pub spikes: Vec<Spike>,
+    /// Popular product ids, rank 1 first.
+    pub popular: Vec<&'static str>,
+}
+
+/// A small shop for the dashboard: three categories with six hours of
+/// demand (views = 10·category index + hours ago), five products, two
+/// spikes, a popular list, and both layers fresh.
+pub async fn seed_dashboard(pool: &PgPool) -> anyhow::Result<DashboardData> {
+    use chrono::{DurationRound, TimeDelta};
+    let now = Utc::now();
+    let hour = now.duration_trunc(TimeDelta::hours(1))?;
+    let categories = vec!["Books", "Garden & Outdoor", "Toys"];
+    for (c, category) in categories.iter().enumerate() {
+        for ago in 0..6 {
+            let views = 10 * (c as i64 + 1) + ago;
+            insert_category_demand(pool, hour - TimeDelta::hours(ago), category, views, views / 2, views / 5).await?;
+        }
+    }
+    let products: Vec<Product> = [
+        ("p-1", "Rust in Action", "Books"),
+        ("p-2", "Garden hose <20 m>", "Garden & Outdoor"),
+        ("p-3", "Wooden train", "Toys"),
+        ("p-4", "Kite", "Toys"),
+        ("p-5", "Seed mix", "Garden & Outdoor"),
+    ]
+    .into_iter()
+    .map(|(id, name, category)| Product { id: id.into(), name: name.into(), category: category.into() })
+    .collect();
+    insert_products(pool, &products).await?;
+    for ago in 0..3 {
+        insert_product_demand(pool, hour - TimeDelta::hours(ago), "p-1", 100 + ago, 7 + ago).await?;
+    }
+    let spikes = vec![
+        Spike {
+            product_id: "p-3".into(),
+            category: "Toys".into(),
+            start: hour - TimeDelta::hours(4),
+            latest: hour,
+            current: 120.0,
+            baseline: 12.5,
+            score: 8.5,
+        },
+        Spike {
+            product_id: "p-5".into(),
+            category: "Garden & Outdoor".into(),
+            start: hour - TimeDelta::hours(2),
+            latest: hour,
+            current: 40.0,
+            baseline: 9.0,
+            score: 4.25,
+        },
+    ];
+    for s in &spikes {
+        insert_spike(pool, s).await?;
+    }
+    let popular = vec!["p-3", "p-1", "p-2", "p-5"];
+    insert_popular(pool, &popular).await?;
+    insert_freshness(pool, "speed", now - TimeDelta::seconds(2), now - TimeDelta::seconds(1)).await?;
+    insert_freshness(pool, "batch", hour - TimeDelta::hours(1), now - TimeDelta::minutes(20)).await?;
+    Ok(DashboardData { hour, categories, products, spikes, popular })
+}
