@@ -164,13 +164,18 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let options = PgConnectOptions::from_str(&config.database_url).map_err(ServeError::Url)?;
     // Lazy pools reconnect by themselves after an outage. The recommender
     // skips the ping before each use (a round trip per request): a dead
-    // connection fails one query, which falls back and is discarded.
+    // connection fails one query, which falls back and is discarded. Its
+    // statements are all key lookups, so one generic plan per prepared
+    // statement serves every user and saves planning each request (about
+    // as long as executing it).
     let recommender_pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(1)
         .acquire_timeout(config.budget.max(Duration::from_secs(1)))
         .test_before_acquire(false)
-        .connect_lazy_with(options.clone().options([("statement_timeout", "2s")]));
+        .connect_lazy_with(
+            options.clone().options([("statement_timeout", "2s"), ("plan_cache_mode", "force_generic_plan")]),
+        );
     let dashboard_pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
