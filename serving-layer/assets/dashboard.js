@@ -61,7 +61,7 @@ function drawChart(rows, measure, fromMs, toMs) {
     if (!series.has(row.category)) series.set(row.category, []);
     series.get(row.category).push({ t: Date.parse(row.hour), v: Number(row[measure]) });
   }
-  const width = 960, height = 300, left = 56, right = 12, top = 10, bottom = 28;
+  const width = 960, height = 300, left = 56, right = 28, top = 10, bottom = 28;
   const hourMs = 3600 * 1000;
   const x0 = Math.floor(fromMs / hourMs) * hourMs;
   const x1 = Math.max(x0 + hourMs, Math.floor((toMs - 1) / hourMs) * hourMs);

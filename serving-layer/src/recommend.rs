@@ -23,6 +23,8 @@
 //! empty result all answer with the popular list instead, marked as such.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -187,23 +189,38 @@ pub struct Recommender {
     pool: PgPool,
     popular: PopularCache,
     budget: Duration,
+    /// Whether the last personal query failed: failures and the recovery
+    /// are logged once each, not per request.
+    failing: Arc<AtomicBool>,
 }
 
 impl Recommender {
     /// `budget` bounds the database part of a request; past it the popular
     /// list answers.
     pub fn new(pool: PgPool, popular: PopularCache, budget: Duration) -> Self {
-        Self { pool, popular, budget }
+        Self { pool, popular, budget, failing: Arc::default() }
     }
 
     pub async fn recommend(&self, user: &UserId, k: K) -> Result<Recommendations, Unavailable> {
         let personal = match tokio::time::timeout(self.budget, self.personal(user, k)).await {
-            Ok(Ok(p)) => Ok(p),
+            Ok(Ok(p)) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("personal recommendations answer again");
+                }
+                Ok(p)
+            }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, user_id = user.as_str(), "personal recommendations failed");
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "personal recommendations fail; serving the popular list");
+                }
                 Err(Fallback::DatabaseError)
             }
-            Err(_) => Err(Fallback::Timeout),
+            Err(_) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(budget = ?self.budget, "personal recommendations exceed the budget; serving the popular list");
+                }
+                Err(Fallback::Timeout)
+            }
         };
         let answer = match personal {
             Ok(p) => self.assemble(user, k, p)?,
