@@ -235,3 +235,100 @@ pub async fn import(pool: &PgPool, path: &Path, version: &str) -> Result<ImportS
     tx.commit().await?;
     Ok(ImportSummary { rows: n, users: users as usize })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Float32Array, Int32Array, LargeStringArray, StringArray};
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+
+    fn write(dir: &Path, columns: Vec<(&str, ArrayRef)>) -> PathBuf {
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let path = dir.join("model.parquet");
+        let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    fn strings(values: &[&str]) -> ArrayRef {
+        Arc::new(StringArray::from(values.to_vec()))
+    }
+
+    #[test]
+    fn other_string_and_number_types_are_accepted_and_rank_is_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            vec![
+                ("extra", strings(&["x", "y"])),
+                ("user_id", Arc::new(LargeStringArray::from(vec!["u-1", "u-1"]))),
+                ("product_id", strings(&["p-1", "p-2"])),
+                ("score", Arc::new(Float32Array::from(vec![0.5, 0.25]))),
+            ],
+        );
+        let rows = read(&path).unwrap();
+        assert_eq!(rows.user_id, ["u-1", "u-1"]);
+        assert_eq!(rows.product_id, ["p-1", "p-2"]);
+        assert_eq!(rows.score, [0.5, 0.25]);
+        assert!(rows.rank.is_empty());
+
+        let path = write(
+            dir.path(),
+            vec![
+                ("user_id", strings(&["u-1"])),
+                ("product_id", strings(&["p-1"])),
+                ("score", Arc::new(Int32Array::from(vec![3]))),
+                ("rank", Arc::new(Int32Array::from(vec![1]))),
+            ],
+        );
+        let rows = read(&path).unwrap();
+        assert_eq!((rows.score, rows.rank), (vec![3.0], vec![1]));
+    }
+
+    #[test]
+    fn wrong_columns_and_rows_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1"])), ("product_id", strings(&["p-1"])), ("score", strings(&["high"]))],
+        );
+        let e = read(&path).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: column \"score\" is Utf8, expected a number", path.display()));
+
+        let path = write(dir.path(), vec![("user", strings(&["u-1"])), ("product_id", strings(&["p-1"]))]);
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("has no column \"user_id\"") && e.contains("found user, product_id"), "{e}");
+
+        let nan: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![1.0, f64::NAN]));
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1", "u-2"])), ("product_id", strings(&["p-1", "p-1"])), ("score", nan)],
+        );
+        assert_eq!(
+            read(&path).unwrap_err().to_string(),
+            format!("{}: row 2: score must be a finite number", path.display())
+        );
+
+        let rank: ArrayRef = Arc::new(Int32Array::from(vec![0]));
+        let score: ArrayRef = Arc::new(Float32Array::from(vec![1.0]));
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1"])), ("product_id", strings(&["p-1"])), ("score", score), ("rank", rank)],
+        );
+        assert!(read(&path).unwrap_err().to_string().ends_with("row 1: rank must be an integer of at least 1"));
+
+        let null_user: ArrayRef = Arc::new(StringArray::from(vec![Some("u-1"), None]));
+        let score: ArrayRef = Arc::new(Float32Array::from(vec![1.0, 1.0]));
+        let path =
+            write(dir.path(), vec![("user_id", null_user), ("product_id", strings(&["p-1", "p-1"])), ("score", score)]);
+        assert!(read(&path).unwrap_err().to_string().ends_with("row 2: user_id is null"));
+
+        let score: ArrayRef = Arc::new(Float32Array::from(Vec::<f32>::new()));
+        let path = write(dir.path(), vec![("user_id", strings(&[])), ("product_id", strings(&[])), ("score", score)]);
+        assert!(matches!(read(&path), Err(ImportError::Empty { .. })));
+    }
+}
