@@ -190,6 +190,7 @@ async fn bad_input_gets_400_with_a_one_line_json_error() {
         ("/api/recommendations/u-1?k=99999999999999999999999".into(), "k must be an integer from 1 to 100"),
         ("/api/recommendations/u-1?k=1&k=2".into(), "k"),
         (format!("/api/recommendations/{long}"), "user_id is 129 bytes long; at most 128 are allowed"),
+        (format!("/api/recommendations/{}", "u".repeat(10_000)), "user_id is 10000 bytes long"),
         ("/api/recommendations/u%201".into(), "user_id may contain only"),
         ("/api/recommendations/u%2F1".into(), "user_id may contain only"),
         ("/api/recommendations/u'%3B%20DROP%20TABLE%20x".into(), "user_id may contain only"),
