@@ -25,9 +25,9 @@ fn chromium() -> std::path::PathBuf {
     panic!("chromium is not installed: run `scripts/stack.sh tools` (or `apt-get install -y chromium`)");
 }
 
-/// The page's DOM after its scripts ran (virtual time: fetches complete,
-/// the 15 s refresh timer does not fire).
-async fn dump_dom(url: &str) -> String {
+/// The page's DOM after its scripts ran for `virtual_ms` of virtual time
+/// (fetches complete; the 15 s refresh timer fires only in a longer budget).
+async fn dump_dom(url: &str, virtual_ms: u32) -> String {
     let profile = tempfile::tempdir().unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(90),
@@ -43,7 +43,8 @@ async fn dump_dom(url: &str) -> String {
                 "--disable-sync",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
-            .args(["--virtual-time-budget=5000", "--dump-dom", url])
+            .arg(format!("--virtual-time-budget={virtual_ms}"))
+            .args(["--dump-dom", url])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
@@ -103,7 +104,7 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let dom = dump_dom(&format!("http://{addr}/")).await;
+    let dom = dump_dom(&format!("http://{addr}/"), 5000).await;
     println!("rendered with {}", browser.display());
     assert!(dom.contains("data-loaded=\"true\""), "the script did not finish a refresh:\n{dom}");
     assert_eq!(tags_with(&dom, "error").first().and_then(|t| attr(t, "hidden")), Some(""), "an error shows:\n{dom}");
@@ -140,4 +141,9 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
         assert_eq!(attr(badge[0], "data-status"), Some("fresh"), "{}", badge[0]);
         assert!(text_after(&dom, badge[0]).starts_with(&format!("{layer}: fresh")));
     }
+
+    // It refreshes itself: three loads in 35 s (at 0, 15 and 30 s).
+    let later = dump_dom(&format!("http://{addr}/"), 35_000).await;
+    let body = later.find("<body").map(|at| &later[at..at + later[at..].find('>').unwrap()]).unwrap();
+    assert_eq!(attr(body, "data-refreshes"), Some("3"), "{body}");
 }

@@ -181,6 +181,7 @@ async function refresh() {
   error.textContent = failed.join("; ");
   $("updated-at").textContent = new Date().toLocaleTimeString();
   document.body.dataset.loaded = "true";
+  document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
 }
 
 function schedule() {
