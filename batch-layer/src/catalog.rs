@@ -46,7 +46,8 @@ pub struct CatalogSnapshot {
     pub schema_changed: bool,
 }
 
-fn schema() -> SchemaRef {
+/// Columns of the lake's `products` table.
+pub fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("product_id", DataType::Utf8, false),
         Field::new("name", DataType::Utf8, true),

@@ -44,39 +44,66 @@ pub enum Command {
     /// atomically: incremental by default (only the hours new events touched),
     /// everything with --full; quality checks gate the publish.
     Run {
-        /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
-        database_url: String,
-        /// Topic whose offsets the lake records.
-        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
-        topic: String,
-        /// Largest accepted drop of a view's row count against the last
-        /// published run, as a fraction (0.5 = half).
-        #[arg(long, default_value_t = 0.5)]
-        max_shrink: f64,
+        #[command(flatten)]
+        run: RunArgs,
         /// Recompute every hour, not only those new events touched (also when the lake is unchanged).
         #[arg(long)]
         full: bool,
-        #[command(flatten)]
-        catalog: CatalogArgs,
     },
-    /// Run `run` every period, aligned to the clock (e.g. --every 1h runs at :00), until SIGTERM.
+    /// Run `run` on a schedule until SIGTERM: every period aligned to the clock
+    /// (--every 1h runs at :00), or at the times of a cron expression (UTC).
     Schedule {
         /// The period between runs (e.g. 1h, 15m).
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, conflicts_with = "cron")]
         every: Duration,
-        /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
-        database_url: String,
-        /// Topic whose offsets the lake records.
-        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
-        topic: String,
-        /// Largest accepted drop of a view's row count against the last published run.
-        #[arg(long, default_value_t = 0.5)]
-        max_shrink: f64,
+        /// A cron expression instead of --every, 5 fields (minute hour day month weekday), e.g. "5 * * * *".
+        #[arg(long, value_parser = parse_cron)]
+        cron: Option<Box<croner::Cron>>,
         #[command(flatten)]
-        catalog: CatalogArgs,
+        run: RunArgs,
     },
+}
+
+/// What every batch run needs, for `run` and `schedule` alike.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Platform database.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+    database_url: String,
+    /// Topic whose offsets the lake records.
+    #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+    topic: String,
+    /// Largest accepted drop of a view's row count against the last
+    /// published run, as a fraction (0.5 = half).
+    #[arg(long, default_value_t = 0.5)]
+    max_shrink: f64,
+    /// Recompute the windowed tables (demand baseline, item similarity) in an
+    /// incremental run once they are this old (a full run always does).
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    model_refresh: Duration,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+}
+
+impl RunArgs {
+    fn config(self, lake_uri: &str, full: bool) -> anyhow::Result<RunConfig> {
+        if !(0.0..=1.0).contains(&self.max_shrink) {
+            anyhow::bail!("--max-shrink must be between 0 and 1, got {}", self.max_shrink);
+        }
+        Ok(RunConfig {
+            max_shrink: self.max_shrink,
+            full,
+            sales_database_url: self.catalog.url(),
+            model_refresh: self.model_refresh,
+            ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
+        })
+    }
+}
+
+fn parse_cron(s: &str) -> Result<Box<croner::Cron>, String> {
+    s.parse::<croner::Cron>()
+        .map(Box::new)
+        .map_err(|e| format!("{e} (expected 5 fields: minute hour day month weekday)"))
 }
 
 /// Where each run snapshots the product catalog from.
@@ -120,26 +147,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run { database_url, topic, max_shrink, full, catalog } => {
-            if !(0.0..=1.0).contains(&max_shrink) {
-                anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
-            }
-            let config = RunConfig {
-                database_url,
-                lake: Lake::parse(&cli.lake_uri)?,
-                topic,
-                max_shrink,
-                full,
-                sales_database_url: catalog.url(),
-            };
+        Command::Run { run, full } => {
+            let config = run.config(&cli.lake_uri, full)?;
             match recompute::run(&config).await? {
-                RunOutcome::Published { run_id, delta_version, cut, rows, hours } => {
+                RunOutcome::Published { run_id, delta_version, cut, rows, hours, tables } => {
                     let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{p}:{o}")).collect();
                     let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
-                    let what = match hours {
+                    let mut what = match hours {
                         Some(h) => format!("incremental, {h} hours recomputed"),
                         None => "full recompute".to_string(),
                     };
+                    if !tables.is_empty() {
+                        what.push_str(&format!("; tables {}", tables.join(", ")));
+                    }
                     println!(
                         "run {run_id} ({what}): published lake version {delta_version} with cut [{}]; rows now: {}",
                         cut.join(", "),
@@ -164,22 +184,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Schedule { every, database_url, topic, max_shrink, catalog } => {
+        Command::Schedule { every, cron, run } => {
             if every < Duration::from_secs(1) {
                 anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
             }
-            if !(0.0..=1.0).contains(&max_shrink) {
-                anyhow::bail!("--max-shrink must be between 0 and 1, got {max_shrink}");
-            }
-            let config = RunConfig {
-                database_url,
-                lake: Lake::parse(&cli.lake_uri)?,
-                topic,
-                max_shrink,
-                full: false,
-                sales_database_url: catalog.url(),
+            let config = run.config(&cli.lake_uri, false)?;
+            let timing = match cron {
+                Some(cron) => crate::schedule::Timing::Cron(cron),
+                None => crate::schedule::Timing::Every(every),
             };
-            crate::schedule::run(config, every, shutdown).await;
+            crate::schedule::run(config, timing, shutdown).await;
             Ok(())
         }
     }

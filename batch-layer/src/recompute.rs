@@ -24,11 +24,12 @@ use datafusion::prelude::SessionContext;
 use serde_json::json;
 use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{Offset, OffsetCut, Partition};
-use shared_schema::views::ViewDef;
+use shared_schema::derived::{BATCH_TABLES, Input, Scope};
+use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
-use crate::quality::{self, QualityReport};
+use crate::quality::{self, QualityReport, Target};
 
 /// Advisory-lock key of batch runs ("lambdaBR").
 pub const RUN_LOCK: i64 = 0x6c61_6d62_6461_4252;
@@ -48,7 +49,29 @@ pub struct RunConfig {
     /// The shop's database, whose `products` table each run snapshots into
     /// the lake (`None`: skip the catalog).
     pub sales_database_url: Option<String>,
+    /// How old the windowed batch tables (demand baseline, item similarity)
+    /// may get before an incremental run recomputes them; a full run always
+    /// does.
+    pub model_refresh: std::time::Duration,
 }
+
+impl RunConfig {
+    /// Defaults for everything but where things are.
+    pub fn new(database_url: impl Into<String>, lake: Lake, topic: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            lake,
+            topic: topic.into(),
+            max_shrink: 0.5,
+            full: false,
+            sales_database_url: None,
+            model_refresh: DEFAULT_MODEL_REFRESH,
+        }
+    }
+}
+
+/// Default of [`RunConfig::model_refresh`].
+pub const DEFAULT_MODEL_REFRESH: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -83,6 +106,8 @@ pub enum RunOutcome {
         rows: BTreeMap<String, u64>,
         /// Hours recomputed by an incremental run (`None`: a full run).
         hours: Option<usize>,
+        /// The batch tables recomputed by this run.
+        tables: Vec<&'static str>,
     },
     /// The lake has not changed since the last published run.
     Unchanged { delta_version: i64 },
@@ -116,15 +141,27 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     outcome
 }
 
-/// How one view is brought up to date by a run.
+/// How one relation is brought up to date by a run.
 #[derive(Debug, Clone, PartialEq)]
 enum Refresh {
     /// Recompute everything below the cut and replace the table.
     Replace,
     /// Recompute the listed hours below the cut and replace those hours.
-    Hours(Vec<chrono::DateTime<chrono::Utc>>),
-    /// Fold the rows of the new offset range in with the merge rules.
-    Upsert,
+    Hours { key: &'static str, hours: Vec<chrono::DateTime<chrono::Utc>> },
+    /// Fold the rows of the new offset range in with the merge rules
+    /// (the statement, reading the staging table).
+    Upsert(String),
+}
+
+/// One relation computed by a run, ready to publish.
+struct Computed {
+    name: &'static str,
+    refresh: Refresh,
+    batches: Vec<RecordBatch>,
+}
+
+fn staging_table(name: &str) -> String {
+    format!("batch_staging_{name}")
 }
 
 async fn locked_run(
@@ -153,6 +190,7 @@ async fn locked_run(
 
     let ctx = SessionContext::new();
     lake::register(&ctx, "events", &table).await?;
+    register_catalog(&ctx, &config.lake).await?;
     let partitions = lake_partitions(&ctx).await?;
     let lake_next = lake::committed_offsets(&table, &config.topic, partitions.iter().copied()).await?;
     let cut = OffsetCut::from_lake(lake_next.iter().map(|(p, o)| (Partition(*p), Offset(*o))), deployment.segment_size);
@@ -186,35 +224,56 @@ async fn locked_run(
     let below_cut = cut.predicate();
     let new_range = range_predicate(&old_cut, &cut);
     let touched = if full { Vec::new() } else { touched_hours(&ctx, &new_range).await? };
-    let mut computed: Vec<(&'static ViewDef, Refresh, Vec<RecordBatch>)> = Vec::new();
+    let mut computed: Vec<Computed> = Vec::new();
+    let mut targets: Vec<(&'static ViewDef, usize)> = Vec::new();
     for view in ALL_VIEWS {
         let (refresh, predicate) = if full {
             (Refresh::Replace, below_cut.clone())
-        } else if view.hour_key.is_some() {
+        } else if let Some(key) = view.hour_key {
             if touched.is_empty() {
                 continue;
             }
             let hours = touched.iter().map(|(h, _)| *h).collect();
-            (Refresh::Hours(hours), format!("({below_cut}) AND ({})", hours_predicate(&touched)))
+            (Refresh::Hours { key, hours }, format!("({below_cut}) AND ({})", hours_predicate(&touched)))
         } else if view.mergeable_by_upsert() {
-            (Refresh::Upsert, new_range.clone())
+            (Refresh::Upsert(view.batch_upsert_sql(&staging_table(view.name))), new_range.clone())
         } else {
             (Refresh::Replace, below_cut.clone())
         };
-        let batches = async { ctx.sql(&view.batch_sql(Some(&predicate))).await?.collect().await }
-            .await
-            .map_err(|source| RunError::Compute { view: view.name, source })?;
-        computed.push((view, refresh, batches));
+        let batches = query(&ctx, view.name, &view.batch_sql(Some(&predicate))).await?;
+        targets.push((view, computed.len()));
+        computed.push(Computed { name: view.name, refresh, batches });
+    }
+
+    // The windowed tables look back from the newest hour below the cut.
+    let newest_hour = newest_hour(pool, &computed, full).await?;
+    let stale = stale_tables(pool, config.model_refresh).await?;
+    let scope = Scope { below_cut: below_cut.clone(), anchor: newest_hour.unwrap_or_else(chrono::Utc::now) };
+    let mut refreshed_tables = Vec::new();
+    for table in BATCH_TABLES {
+        let due = match table.input {
+            Input::Catalog => true,
+            Input::RecentEvents { .. } => full || stale.contains(&table.name),
+        };
+        if !due || (newest_hour.is_none() && table.input != Input::Catalog) {
+            continue;
+        }
+        let batches = query(&ctx, table.name, &table.batch_sql(&scope)).await?;
+        refreshed_tables.push((table, computed.len()));
+        computed.push(Computed { name: table.name, refresh: Refresh::Replace, batches });
     }
     let compute_ms = compute_started.elapsed().as_millis() as u64;
 
     let previous = previous_rows(pool).await?;
-    let checked: Vec<(&'static ViewDef, &[RecordBatch])> =
-        computed.iter().map(|(v, _, b)| (*v, b.as_slice())).collect();
-    // The row-count check compares whole tables, so only replaced views take part.
+    let checked: Vec<Target<'_>> = targets
+        .iter()
+        .map(|(v, i)| Target::view(v, &computed[*i].batches))
+        .chain(refreshed_tables.iter().map(|(t, i)| Target::table(t, &computed[*i].batches)))
+        .collect();
+    // The row-count check compares whole tables, so only replaced ones take part.
     let whole: BTreeMap<String, u64> = previous
         .into_iter()
-        .filter(|(name, _)| computed.iter().any(|(v, r, _)| v.name == name && *r == Refresh::Replace))
+        .filter(|(name, _)| computed.iter().any(|c| c.name == name && c.refresh == Refresh::Replace))
         .collect();
     let report = quality::check(&checked, &whole, config.max_shrink, chrono::Utc::now());
     if !report.passed() {
@@ -231,7 +290,10 @@ async fn locked_run(
 
     let publish_started = Instant::now();
     let mut conn = pool.acquire().await?;
-    let rows = publish(&mut conn, &computed, &cut, deployment.segment_size.get()).await?;
+    let tables: Vec<&'static str> = refreshed_tables.iter().map(|(t, _)| t.name).collect();
+    let published =
+        Published { run_id, cut: &cut, segment_size: deployment.segment_size.get(), newest_hour, scope: &scope };
+    let rows = publish(&mut conn, &computed, &tables, &published).await?;
     let publish_ms = publish_started.elapsed().as_millis() as u64;
     sqlx::query(
         "UPDATE ops.batch_runs SET status = 'published', finished_at = now(), rows_per_view = $2, durations_ms = $3,
@@ -244,7 +306,14 @@ async fn locked_run(
     .bind(format!("{mode}: {} hours recomputed", touched.len()))
     .execute(pool)
     .await?;
-    Ok(RunOutcome::Published { run_id, delta_version: version, cut, rows, hours: (!full).then_some(touched.len()) })
+    Ok(RunOutcome::Published {
+        run_id,
+        delta_version: version,
+        cut,
+        rows,
+        hours: (!full).then_some(touched.len()),
+        tables,
+    })
 }
 
 /// Rows whose offsets lie in `[old[p], new[p])` for some partition.
@@ -299,6 +368,68 @@ fn hours_predicate(hours: &[(chrono::DateTime<chrono::Utc>, (String, i32))]) -> 
         .join(" OR ")
 }
 
+/// Registers the lake's catalog snapshot as `products`; an empty one if
+/// no snapshot was ever taken, so the views that read it still run.
+async fn register_catalog(ctx: &SessionContext, lake: &Lake) -> Result<(), RunError> {
+    match lake.open(lake::PRODUCTS_TABLE).await? {
+        Some(products) => lake::register(ctx, "products", &products).await?,
+        None => {
+            let empty = datafusion::datasource::MemTable::try_new(crate::catalog::schema(), vec![vec![]])
+                .map_err(|source| RunError::Compute { view: "products", source })?;
+            ctx.register_table("products", std::sync::Arc::new(empty))
+                .map_err(|source| RunError::Compute { view: "products", source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one query to completion.
+async fn query(ctx: &SessionContext, name: &'static str, sql: &str) -> Result<Vec<RecordBatch>, RunError> {
+    async { ctx.sql(sql).await?.collect().await }.await.map_err(|source| RunError::Compute { view: name, source })
+}
+
+/// The newest event hour below the cut: from the hourly view just computed,
+/// and (for an incremental run) from what is already published.
+async fn newest_hour(
+    pool: &PgPool,
+    computed: &[Computed],
+    full: bool,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, RunError> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::TimestampMicrosecondType;
+    let view = &PRODUCT_DEMAND_HOURLY;
+    let key = view.hour_key.unwrap_or("hour");
+    let computed_max = computed
+        .iter()
+        .filter(|c| c.name == view.name)
+        .flat_map(|c| &c.batches)
+        .filter_map(|b| b.column_by_name(key))
+        .filter_map(|col| arrow::compute::max(col.as_primitive::<TimestampMicrosecondType>()))
+        .max()
+        .and_then(chrono::DateTime::from_timestamp_micros);
+    let published = if full {
+        None
+    } else {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(AssertSqlSafe(format!(
+            "SELECT max({key}) FROM batch.{}",
+            view.name
+        )))
+        .fetch_one(pool)
+        .await?
+    };
+    Ok(computed_max.max(published))
+}
+
+/// The windowed batch tables not computed within `max_age` (or never).
+async fn stale_tables(pool: &PgPool, max_age: std::time::Duration) -> Result<Vec<&'static str>, RunError> {
+    let fresh: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM ops.batch_tables WHERE computed_at > now() - make_interval(secs => $1)")
+            .bind(max_age.as_secs_f64())
+            .fetch_all(pool)
+            .await?;
+    Ok(BATCH_TABLES.iter().map(|t| t.name).filter(|n| !fresh.iter().any(|f| f == n)).collect())
+}
+
 fn cut_json(cut: &OffsetCut) -> serde_json::Value {
     serde_json::Value::Object(cut.iter().map(|(p, o)| (p.0.to_string(), json!(o.0))).collect())
 }
@@ -322,19 +453,27 @@ async fn previous_rows(pool: &PgPool) -> Result<BTreeMap<String, u64>, RunError>
     Ok(rows.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default())
 }
 
-/// The one transaction: views, cut, speed clean-up. Returns the rows of
-/// each published table after the publish.
+/// What the publish records besides the tables.
+struct Published<'a> {
+    run_id: i64,
+    cut: &'a OffsetCut,
+    segment_size: i64,
+    newest_hour: Option<chrono::DateTime<chrono::Utc>>,
+    scope: &'a Scope,
+}
+
+/// The one transaction: views, batch tables, cut, speed clean-up. Returns
+/// the rows of each published table after the publish.
 async fn publish(
     conn: &mut PgConnection,
-    computed: &[(&'static ViewDef, Refresh, Vec<RecordBatch>)],
-    cut: &OffsetCut,
-    segment_size: i64,
+    computed: &[Computed],
+    tables: &[&'static str],
+    run: &Published<'_>,
 ) -> Result<BTreeMap<String, u64>, RunError> {
     let mut tx = conn.begin().await?;
     let mut rows = BTreeMap::new();
-    for (view, refresh, batches) in computed {
-        let name = view.name;
-        let staging = format!("batch_staging_{name}");
+    for Computed { name, refresh, batches } in computed {
+        let staging = staging_table(name);
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE TEMP TABLE {staging} (LIKE batch.{name}) ON COMMIT DROP")))
             .execute(&mut *tx)
             .await?;
@@ -350,9 +489,8 @@ async fn publish(
                 .execute(&mut *tx)
                 .await?;
             }
-            Refresh::Hours(hours) => {
-                let hour_key = view.hour_key.unwrap_or("hour");
-                sqlx::query(AssertSqlSafe(format!("DELETE FROM batch.{name} WHERE {hour_key} = ANY($1)")))
+            Refresh::Hours { key, hours } => {
+                sqlx::query(AssertSqlSafe(format!("DELETE FROM batch.{name} WHERE {key} = ANY($1)")))
                     .bind(hours)
                     .execute(&mut *tx)
                     .await?;
@@ -360,14 +498,31 @@ async fn publish(
                     .execute(&mut *tx)
                     .await?;
             }
-            Refresh::Upsert => {
-                sqlx::raw_sql(AssertSqlSafe(view.batch_upsert_sql(&staging))).execute(&mut *tx).await?;
+            Refresh::Upsert(statement) => {
+                sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
             }
         }
         let n: i64 =
             sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM batch.{name}"))).fetch_one(&mut *tx).await?;
         rows.insert(name.to_string(), n as u64);
     }
+    for name in tables {
+        sqlx::query(
+            "INSERT INTO ops.batch_tables (name, run_id, anchor, computed_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (name) DO UPDATE SET run_id = EXCLUDED.run_id, anchor = EXCLUDED.anchor, computed_at = now()",
+        )
+        .bind(name)
+        .bind(run.run_id)
+        .bind(run.scope.anchor)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE ops.batch_runs SET newest_hour = $2 WHERE run_id = $1")
+        .bind(run.run_id)
+        .bind(run.newest_hour)
+        .execute(&mut *tx)
+        .await?;
+    let (cut, segment_size) = (run.cut, run.segment_size);
     for (p, o) in cut.iter() {
         sqlx::query(
             "INSERT INTO ops.cut (kafka_partition, cut_offset, updated_at) VALUES ($1, $2, now())

@@ -1,7 +1,9 @@
-//! `batch-layer schedule`: `run` on a fixed period, aligned to the clock.
+//! `batch-layer schedule`: `run` on a fixed period aligned to the clock, or
+//! at the times of a cron expression.
 //!
-//! Runs start at the next multiple of the period since the Unix epoch (an
-//! hourly schedule runs at :00), one after another, never two at once (and
+//! With a period, runs start at the next multiple of the period since the
+//! Unix epoch (an hourly schedule runs at :00); with a cron expression, at
+//! its next match in UTC. Runs happen one after another, never two at once (and
 //! the run lock also keeps a manual run from overlapping). SIGTERM or
 //! SIGINT stops the schedule between runs; a run in progress finishes
 //! first, since a run publishes atomically or not at all.
@@ -21,11 +23,41 @@ pub fn next_start(now: DateTime<Utc>, period: Duration) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(next).unwrap_or(now)
 }
 
+/// When runs start.
+#[derive(Debug, Clone)]
+pub enum Timing {
+    /// Every period, aligned to the clock.
+    Every(Duration),
+    /// At each match of a cron expression, in UTC.
+    Cron(Box<croner::Cron>),
+}
+
+impl Timing {
+    /// The next start strictly after `now`.
+    pub fn next(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Timing::Every(period) => next_start(now, *period),
+            // An expression that never matches again leaves the schedule idle
+            // for a year rather than spinning.
+            Timing::Cron(cron) => cron.find_next_occurrence(&now, false).unwrap_or(now + chrono::TimeDelta::days(366)),
+        }
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Timing::Every(period) => write!(f, "every {}", humantime::format_duration(*period)),
+            Timing::Cron(cron) => write!(f, "cron \"{}\" (UTC)", cron.pattern),
+        }
+    }
+}
+
 /// Runs until `shutdown`.
-pub async fn run(config: RunConfig, period: Duration, shutdown: CancellationToken) {
-    tracing::info!(period = %humantime::format_duration(period), "batch schedule started");
+pub async fn run(config: RunConfig, timing: Timing, shutdown: CancellationToken) {
+    tracing::info!(schedule = %timing, "batch schedule started");
     loop {
-        let start = next_start(Utc::now(), period);
+        let start = timing.next(Utc::now());
         tracing::info!(next_run = %start.to_rfc3339(), "waiting for the next batch run");
         let wait = (start - Utc::now()).to_std().unwrap_or_default();
         tokio::select! {
@@ -71,5 +103,15 @@ mod tests {
         assert_eq!(next_start(t, Duration::from_secs(900)), Utc.with_ymd_and_hms(2026, 11, 26, 13, 30, 0).unwrap());
         let on_the_hour = Utc.with_ymd_and_hms(2026, 11, 26, 14, 0, 0).unwrap();
         assert_eq!(next_start(on_the_hour, Duration::from_secs(3600)), on_the_hour + chrono::TimeDelta::hours(1));
+    }
+
+    #[test]
+    fn cron_expressions_give_their_next_match_in_utc() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 26, 13, 20, 5).unwrap();
+        let at = |expr: &str| Timing::Cron(Box::new(expr.parse().unwrap())).next(t);
+        assert_eq!(at("5 * * * *"), Utc.with_ymd_and_hms(2026, 11, 26, 14, 5, 0).unwrap());
+        assert_eq!(at("*/15 * * * *"), Utc.with_ymd_and_hms(2026, 11, 26, 13, 30, 0).unwrap());
+        assert_eq!(at("0 2 * * *"), Utc.with_ymd_and_hms(2026, 11, 27, 2, 0, 0).unwrap());
+        assert!("61 * * * *".parse::<croner::Cron>().is_err());
     }
 }

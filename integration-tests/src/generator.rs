@@ -321,6 +321,23 @@ fn producer(brokers: &str, delivery: Arc<Delivery>) -> anyhow::Result<ThreadedPr
         .with_context(|| format!("creating a Kafka producer for {brokers}"))
 }
 
+/// Sends hand-made records (key, payload) to `topic` and waits until the
+/// broker acknowledged each one: for tests that need exact inputs.
+pub fn send_records(brokers: &str, topic: &str, records: &[(String, String)]) -> anyhow::Result<()> {
+    let delivery = Arc::new(Delivery::default());
+    let producer = producer(brokers, Arc::clone(&delivery))?;
+    for (key, payload) in records {
+        producer
+            .send(BaseRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+            .with_context(|| format!("producing to topic {topic}"))?;
+    }
+    producer.flush(Duration::from_secs(60)).context("waiting for the broker to acknowledge every record")?;
+    let failed = delivery.failed.load(Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} of {} records were not delivered", records.len());
+    Ok(())
+}
+
 /// Runs the generator; returns the truth it also wrote to `args.truth`.
 pub async fn run(args: Args) -> anyhow::Result<Truth> {
     if !(0.0..=1.0).contains(&args.late_fraction) {

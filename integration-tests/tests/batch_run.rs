@@ -34,14 +34,7 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
     // Full runs: the row-count check compares whole tables.
-    let config = RunConfig {
-        database_url: url.clone(),
-        lake: lake.clone(),
-        topic: topic.clone(),
-        max_shrink: 0.5,
-        full: true,
-        sales_database_url: None,
-    };
+    let config = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
 
     let truth = generator::run(generator_args(&stack, &topic, 61)).await.unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
@@ -96,6 +89,25 @@ async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<chrono::DateTi
         .unwrap()
 }
 
+/// Every batch table's rows as text, numbers rounded to 9 significant
+/// digits (parallel float sums may differ in the last bits).
+async fn batch_tables(pool: &PgPool) -> Vec<(&'static str, Vec<String>)> {
+    let mut out = Vec::new();
+    for t in shared_schema::derived::BATCH_TABLES {
+        let cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| match ty {
+                shared_schema::views::SqlType::Double => format!("to_char({n}, '9.99999999EEEE')"),
+                _ => format!("{n}::text"),
+            })
+            .collect();
+        let sql = format!("SELECT concat_ws('|', {}) FROM batch.{} ORDER BY 1", cols.join(", "), t.name);
+        out.push((t.name, sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.unwrap()));
+    }
+    out
+}
+
 /// Incremental runs (only the hours new events touched, late events
 /// included) publish exactly what a full recompute publishes.
 #[tokio::test]
@@ -107,13 +119,10 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
+    // Every run recomputes the windowed tables too, so they can be compared.
     let incremental = RunConfig {
-        database_url: url.clone(),
-        lake: lake.clone(),
-        topic: topic.clone(),
-        max_shrink: 0.5,
-        full: false,
-        sales_database_url: None,
+        model_refresh: std::time::Duration::ZERO,
+        ..RunConfig::new(url.clone(), lake.clone(), topic.clone())
     };
 
     let mut hours_seen = Vec::new();
@@ -133,10 +142,15 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
 
     let demand = batch_demand(&pool).await;
     let users = user_state(&pool).await;
+    let tables = batch_tables(&pool).await;
+    // No catalog in this test, so `products` stays empty; the others must not.
+    let empty: Vec<_> = tables.iter().filter(|(_, rows)| rows.is_empty()).map(|(name, _)| *name).collect();
+    assert_eq!(empty, ["products"]);
     let full = RunConfig { full: true, ..incremental.clone() };
     assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { hours: None, .. }));
     assert_eq!(batch_demand(&pool).await, demand, "product_demand_hourly: incremental = full");
     assert_eq!(user_state(&pool).await, users, "user_product_state: incremental = full");
+    assert_eq!(batch_tables(&pool).await, tables, "batch tables: incremental = full");
     assert!(matches!(recompute::run(&incremental).await.unwrap(), RunOutcome::Unchanged { .. }));
 }
 
@@ -184,12 +198,8 @@ async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
     let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
     ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
     let config = RunConfig {
-        database_url: url.clone(),
-        lake: lake.clone(),
-        topic: topic.clone(),
-        max_shrink: 0.5,
-        full: false,
         sales_database_url: Some("postgres://postgres@127.0.0.1:1/nowhere".into()),
+        ..RunConfig::new(url.clone(), lake.clone(), topic.clone())
     };
     assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
 }

@@ -52,20 +52,25 @@ async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>
 }
 
 /// Reads the serving totals continuously until stopped; returns every
-/// distinct (views, revenue) pair it saw, and how many reads it made.
+/// distinct (views, revenue) pair it saw, and how many reads it made. Each
+/// read also sums the category view in the same snapshot, which must agree.
 fn watch_totals(pool: PgPool, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<(i64, i64)>, usize)> {
     tokio::spawn(async move {
         let mut seen: Vec<(i64, i64)> = Vec::new();
         let mut reads = 0;
         while !stop.load(Ordering::Relaxed) {
             reads += 1;
-            let t: (i64, i64) = sqlx::query_as(
-                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint
+            let (views, revenue, category_views, category_revenue): (i64, i64, i64, i64) = sqlx::query_as(
+                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint,
+                        (SELECT COALESCE(sum(views), 0)::bigint FROM serving.category_demand_hourly),
+                        (SELECT COALESCE(sum(revenue_cents), 0)::bigint FROM serving.category_demand_hourly)
                  FROM serving.product_demand_hourly",
             )
             .fetch_one(&pool)
             .await
             .unwrap();
+            assert_eq!((category_views, category_revenue), (views, revenue), "category and product totals agree");
+            let t = (views, revenue);
             if seen.last() != Some(&t) {
                 seen.push(t);
             }
@@ -84,14 +89,7 @@ async fn batch_landing_changes_no_serving_number() {
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
-    let run_config = RunConfig {
-        database_url: url.clone(),
-        lake: lake.clone(),
-        topic: topic.clone(),
-        max_shrink: 0.5,
-        full: false,
-        sales_database_url: None,
-    };
+    let run_config = RunConfig::new(url.clone(), lake.clone(), topic.clone());
 
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(

@@ -20,9 +20,10 @@ use rand::rngs::StdRng;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+use shared_schema::derived::serving_relations;
+use shared_schema::views::{PRODUCT_DEMAND_HOURLY, Reader, ViewDef};
 use shared_schema::{ALL_VIEWS, EventDecoder, EventType, RawRecord, events_schema};
-use sqlx::{PgPool, Row};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 
 async fn columns(pool: &PgPool, schema: &str, table: &str) -> Vec<(String, String)> {
     sqlx::query(
@@ -66,8 +67,39 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
         let serving: Vec<(String, String)> = expected(v.batch_columns());
         assert_eq!(columns(&pool, "serving", v.name).await, serving, "serving.{}", v.name);
     }
+    for t in shared_schema::derived::BATCH_TABLES {
+        let cols: Vec<_> = t.columns.to_vec();
+        assert_eq!(columns(&pool, "batch", t.name).await, expected(cols.clone()), "batch.{}", t.name);
+        assert_eq!(columns(&pool, "serving", t.name).await, expected(cols), "serving.{}", t.name);
+    }
+    // Every generated relation, and the fingerprint of the set.
     let views: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.generated_views").fetch_one(&pool).await.unwrap();
-    assert_eq!(views, ALL_VIEWS.len() as i64);
+    assert_eq!(views, serving_relations(ALL_VIEWS).len() as i64 + 1);
+}
+
+/// Each read-only role reads exactly the serving relations granted to it,
+/// derived views included (they call a function that reads batch and
+/// speed tables the roles themselves may not read).
+#[tokio::test]
+async fn reader_roles_read_exactly_their_serving_relations() {
+    let (_, pool) = Stack::from_env().fresh_database("reader_roles").await.unwrap();
+    platform::db::prepare(&pool, None).await.unwrap();
+    for reader in [Reader::Dashboard, Reader::Recommender] {
+        for r in serving_relations(ALL_VIEWS) {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query(AssertSqlSafe(format!("SET LOCAL ROLE {}", reader.role()))).execute(&mut *tx).await.unwrap();
+            let read =
+                sqlx::query(AssertSqlSafe(format!("SELECT * FROM serving.{} LIMIT 1", r.name))).execute(&mut *tx).await;
+            tx.rollback().await.unwrap();
+            match read {
+                Ok(_) => assert!(r.readers.contains(&reader), "{} may not read serving.{}", reader.role(), r.name),
+                Err(e) => {
+                    assert!(!r.readers.contains(&reader), "{} must read serving.{}: {e}", reader.role(), r.name);
+                    assert!(e.to_string().contains("permission denied"), "{}: {e}", r.name);
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]

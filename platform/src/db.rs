@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use shared_schema::cut::SegmentSize;
+use shared_schema::derived::{ServingRelation, latest_hour_function_sql, serving_relations};
 use shared_schema::views::{ALL_VIEWS, ViewDef};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
@@ -97,45 +98,67 @@ pub async fn ensure_deployment(pool: &PgPool, requested: Option<i64>) -> Result<
     Ok(Deployment { segment_size })
 }
 
-/// A stable fingerprint of a view's generated SQL and grants (FNV-1a).
-fn fingerprint(view: &ViewDef) -> String {
-    let mut text = view.serving_view_sql();
-    for r in view.readers {
-        text.push_str(r.role());
+/// A stable fingerprint of every generated relation and grant (FNV-1a).
+fn fingerprint(relations: &[ServingRelation]) -> String {
+    let mut text = latest_hour_function_sql();
+    for r in relations {
+        text.push_str(&r.sql);
+        for reader in r.readers {
+            text.push_str(reader.role());
+        }
     }
     let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     format!("{hash:016x}")
 }
 
-/// Re-creates the `serving.*` views whose definition changed, in one
-/// transaction, so readers see either the old or the new set.
+/// Name under which `ops.generated_views` records the generated set.
+const GENERATED_SET: &str = "serving.*";
+
+/// Re-creates the generated `serving.*` relations when any definition
+/// changed, in one transaction, so readers see either the old or the new
+/// set. The derived views read the merged ones, so the set is dropped and
+/// re-created whole, dependents last.
 pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), DbError> {
+    let relations = serving_relations(views);
+    let fingerprint = fingerprint(&relations);
     let mut tx = pool.begin().await?;
     // Serialises concurrent starts; the lock ends with the transaction.
     tx.execute("LOCK TABLE ops.generated_views IN EXCLUSIVE MODE").await?;
-    let stored: Vec<(String, String)> =
-        sqlx::query_as("SELECT name, fingerprint FROM ops.generated_views").fetch_all(&mut *tx).await?;
-    let changed: Vec<&ViewDef> =
-        views.iter().filter(|v| !stored.iter().any(|(n, f)| n == v.name && *f == fingerprint(v))).collect();
-    if changed.is_empty() {
+    let stored: Option<String> = sqlx::query_scalar("SELECT fingerprint FROM ops.generated_views WHERE name = $1")
+        .bind(GENERATED_SET)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if stored.as_deref() == Some(fingerprint.as_str()) {
         return Ok(());
     }
-    for view in &changed {
-        tracing::info!(view = view.name, "creating generated serving view");
-        // Drop first: CREATE OR REPLACE cannot remove or reorder columns.
-        let mut ddl = format!("DROP VIEW IF EXISTS serving.{};\n{};\n", view.name, view.serving_view_sql());
-        for reader in view.readers {
-            ddl.push_str(&format!("GRANT SELECT ON serving.{} TO {};\n", view.name, reader.role()));
-        }
-        sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
-        sqlx::query(
-            "INSERT INTO ops.generated_views (name, fingerprint) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, updated_at = now()",
-        )
-        .bind(view.name)
-        .bind(fingerprint(view))
-        .execute(&mut *tx)
+    tracing::info!(relations = relations.len(), "creating the generated serving views");
+    let previous: Vec<String> = sqlx::query_scalar("SELECT name FROM ops.generated_views WHERE name <> $1")
+        .bind(GENERATED_SET)
+        .fetch_all(&mut *tx)
         .await?;
+    // Drop first: CREATE OR REPLACE cannot remove or reorder columns.
+    let mut ddl = String::new();
+    for name in previous.iter().map(String::as_str).chain(relations.iter().rev().map(|r| r.name)) {
+        ddl.push_str(&format!("DROP VIEW IF EXISTS serving.{name} CASCADE;\n"));
+    }
+    ddl.push_str(&latest_hour_function_sql());
+    ddl.push_str(";\n");
+    for r in &relations {
+        ddl.push_str(&r.sql);
+        ddl.push_str(";\n");
+        for reader in r.readers {
+            ddl.push_str(&format!("GRANT SELECT ON serving.{} TO {};\n", r.name, reader.role()));
+        }
+    }
+    sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM ops.generated_views").execute(&mut *tx).await?;
+    for name in relations.iter().map(|r| r.name).chain([GENERATED_SET]) {
+        let f = if name == GENERATED_SET { fingerprint.as_str() } else { "" };
+        sqlx::query("INSERT INTO ops.generated_views (name, fingerprint) VALUES ($1, $2)")
+            .bind(name)
+            .bind(f)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())
@@ -167,9 +190,10 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_differ_between_views_and_are_stable() {
-        let [a, b] = [&ALL_VIEWS[0], &ALL_VIEWS[1]];
-        assert_ne!(fingerprint(a), fingerprint(b));
-        assert_eq!(fingerprint(a), fingerprint(a));
+    fn fingerprints_follow_the_definitions_and_are_stable() {
+        let all = serving_relations(ALL_VIEWS);
+        let fewer = serving_relations(&ALL_VIEWS[..1]);
+        assert_ne!(fingerprint(&all), fingerprint(&fewer));
+        assert_eq!(fingerprint(&all), fingerprint(&serving_relations(ALL_VIEWS)));
     }
 }

@@ -1,12 +1,13 @@
 //! Arrow record batches → PostgreSQL binary `COPY` format.
 //!
 //! Binary COPY is the fastest way into PostgreSQL and exact for every type
-//! the views use: `text`, `bigint`, `integer`, `timestamptz`. The encoder
+//! the views use: `text`, `bigint`, `integer`, `double precision`,
+//! `timestamptz`. The encoder
 //! writes the columns of a batch in order; the target table (or temporary
 //! table) must have the same columns in the same order.
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, TimeUnit, TimestampMicrosecondType};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -27,6 +28,7 @@ fn check(batch: &RecordBatch) -> Result<(), CopyError> {
                 | DataType::Utf8View
                 | DataType::Int64
                 | DataType::Int32
+                | DataType::Float64
                 | DataType::Timestamp(TimeUnit::Microsecond, _)
         );
         if !ok {
@@ -74,6 +76,7 @@ fn encode_value(out: &mut Vec<u8>, col: &dyn Array, row: usize) {
         DataType::Utf8View => put_bytes(out, col.as_string_view().value(row).as_bytes()),
         DataType::Int64 => put_bytes(out, &col.as_primitive::<Int64Type>().value(row).to_be_bytes()),
         DataType::Int32 => put_bytes(out, &col.as_primitive::<Int32Type>().value(row).to_be_bytes()),
+        DataType::Float64 => put_bytes(out, &col.as_primitive::<Float64Type>().value(row).to_be_bytes()),
         DataType::Timestamp(TimeUnit::Microsecond, _) => {
             let micros = col.as_primitive::<TimestampMicrosecondType>().value(row) - PG_EPOCH_OFFSET_MICROS;
             put_bytes(out, &micros.to_be_bytes());
@@ -85,7 +88,7 @@ fn encode_value(out: &mut Vec<u8>, col: &dyn Array, row: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::array::{Float32Array, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
     use arrow::datatypes::{Field, Schema};
     use std::sync::Arc;
 
@@ -118,9 +121,17 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_types_are_refused_by_name() {
+    fn doubles_are_big_endian_ieee() {
         let schema = Arc::new(Schema::new(vec![Field::new("f", DataType::Float64, false)]));
-        let batch = RecordBatch::try_new(schema, vec![Arc::new(Float64Array::from(vec![1.0]))]).unwrap();
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Float64Array::from(vec![0.25]))]).unwrap();
+        let bytes = encode(&[batch]).unwrap();
+        assert_eq!(&bytes[21..33], [&8i32.to_be_bytes()[..], &0.25f64.to_be_bytes()[..]].concat());
+    }
+
+    #[test]
+    fn unsupported_types_are_refused_by_name() {
+        let schema = Arc::new(Schema::new(vec![Field::new("f", DataType::Float32, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Float32Array::from(vec![1.0]))]).unwrap();
         let err = encode(&[batch]).unwrap_err().to_string();
         assert!(err.contains("\"f\""), "{err}");
     }

@@ -4,6 +4,7 @@
 //! * [`schema`]: the Arrow schema of the lake's `events` table;
 //! * [`decode`]: raw Kafka records → one Arrow batch plus rejections;
 //! * [`views`]: the view definitions every layer executes;
+//! * [`derived`]: the batch tables and PostgreSQL views built on the views;
 //! * [`cut`]: partitions, offsets, segments and the offset cut.
 //!
 //! This crate holds contracts, not machinery: it depends on no Kafka or
@@ -12,6 +13,7 @@
 
 pub mod cut;
 pub mod decode;
+pub mod derived;
 pub mod event;
 pub mod schema;
 pub mod views;

@@ -48,6 +48,7 @@ impl Merge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SqlType {
     BigInt,
+    Double,
     Text,
     TimestampTz,
 }
@@ -56,6 +57,7 @@ impl SqlType {
     pub fn postgres(self) -> &'static str {
         match self {
             SqlType::BigInt => "bigint",
+            SqlType::Double => "double precision",
             SqlType::Text => "text",
             SqlType::TimestampTz => "timestamptz",
         }

@@ -1,0 +1,288 @@
+//! The relations built on the views, each against an independent
+//! computation: category demand through the catalog, popular products,
+//! item similarity, demand spikes and freshness.
+
+use std::collections::BTreeMap;
+
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::Lake;
+use batch_layer::recompute::{self, RunConfig, RunOutcome};
+use chrono::{DateTime, TimeDelta, Utc};
+use integration_tests::fixture::Stack;
+use integration_tests::generator::{self, Args, Demand, Truth};
+use shared_schema::derived::{POPULAR_DAYS, POPULAR_HALF_LIFE_HOURS};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// A topic, a database whose batch holds every offset (segment size 1), a
+/// lake, and the run configuration over them.
+struct Setup {
+    stack: Stack,
+    topic: String,
+    pool: PgPool,
+    lake: Lake,
+    run: RunConfig,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(name: &str) -> Setup {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic(name, 2).await.unwrap();
+    let (url, pool) = stack.fresh_database(name).await.unwrap();
+    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let run = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), topic.clone()) };
+    Setup { stack, topic, pool, lake, run, _dir: dir }
+}
+
+impl Setup {
+    /// Ingests everything sent so far and publishes a full batch run.
+    async fn ingest_and_run(&self) {
+        let config = IngestConfig::catch_up(&self.stack.brokers, &self.topic, &self.lake);
+        ingest::run(config, CancellationToken::new()).await.unwrap();
+        let outcome = recompute::run(&self.run).await.unwrap();
+        assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
+    }
+}
+
+/// Views, cart adds, purchases and revenue per (hour, category).
+type CategoryDemand = BTreeMap<(DateTime<Utc>, String), (i64, i64, i64, i64)>;
+
+/// layer, last event time, position, last update.
+type FreshnessRow = (String, Option<DateTime<Utc>>, Option<i64>, Option<DateTime<Utc>>);
+
+fn interest_weighted(d: &Demand) -> f64 {
+    (d.views + 3 * d.cart_adds + 10 * d.purchases) as f64
+}
+
+/// `serving.popular_products` computed from the generator's own counts.
+fn expected_popularity(truth: &Truth) -> Vec<(String, f64)> {
+    let demand = truth.demand_map();
+    let latest = demand.keys().map(|(h, _)| *h).max().expect("some demand");
+    let mut scores: BTreeMap<String, f64> = BTreeMap::new();
+    for ((hour, product), d) in &demand {
+        if *hour <= latest - TimeDelta::days(POPULAR_DAYS) {
+            continue;
+        }
+        let age_hours = (latest - *hour).num_seconds() as f64 / 3600.0;
+        *scores.entry(product.clone()).or_default() +=
+            interest_weighted(d) * 0.5f64.powf(age_hours / POPULAR_HALF_LIFE_HOURS);
+    }
+    let mut ranked: Vec<(String, f64)> = scores.into_iter().filter(|(_, s)| *s > 0.0).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    ranked
+}
+
+#[tokio::test]
+async fn category_demand_and_popularity_equal_independent_computations() {
+    let s = setup("derived_category").await;
+    let (sales_url, sales) = s.stack.fresh_database("derived_category_sales").await.unwrap();
+    let args = Args {
+        backfill_hours: 30,
+        no_catalog: false,
+        sales_database_url: sales_url.clone(),
+        ..Args::for_tests(&s.stack.brokers, &s.topic, 91)
+    };
+    let truth = generator::run(args).await.unwrap();
+    let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
+    let config = IngestConfig::catch_up(&s.stack.brokers, &s.topic, &s.lake);
+    ingest::run(config, CancellationToken::new()).await.unwrap();
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+
+    // Category demand: the generator's counts summed by the shop's own catalog.
+    let catalog: BTreeMap<String, String> =
+        sqlx::query_as::<_, (String, String)>("SELECT product_id, category FROM products")
+            .fetch_all(&sales)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut expected = CategoryDemand::new();
+    for ((hour, product), d) in truth.demand_map() {
+        let e = expected.entry((hour, catalog[&product].clone())).or_default();
+        *e = (e.0 + d.views, e.1 + d.cart_adds, e.2 + d.purchases, e.3 + d.revenue_cents);
+    }
+    let actual: CategoryDemand = sqlx::query_as::<_, (DateTime<Utc>, String, i64, i64, i64, i64)>(
+        "SELECT hour, category, views, cart_adds, purchases, revenue_cents FROM serving.category_demand_hourly",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(h, c, v, a, p, r)| ((h, c), (v, a, p, r)))
+    .collect();
+    assert!(expected.len() > 30, "enough (hour, category) cells to mean something: {}", expected.len());
+    assert_eq!(actual, expected, "serving.category_demand_hourly");
+
+    // Popularity: decayed recent demand, ranked.
+    let expected = expected_popularity(&truth);
+    let actual: Vec<(i64, String, f64)> =
+        sqlx::query_as("SELECT rank, product_id, score FROM serving.popular_products ORDER BY rank")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    assert_eq!(actual.len(), expected.len());
+    for ((rank, product, score), (i, (want_product, want_score))) in actual.iter().zip(expected.iter().enumerate()) {
+        assert_eq!((*rank, product), (i as i64 + 1, want_product), "popular_products rank {rank}");
+        assert!((score - want_score).abs() <= 1e-9 * want_score, "{product}: score {score}, expected {want_score}");
+    }
+}
+
+fn event(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, String) {
+    let mut v = serde_json::json!({
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_type": kind,
+        "event_time": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "user_id": user,
+        "session_id": format!("s-{user}"),
+        "product_id": product,
+        "schema_version": 1,
+    });
+    if kind != "page_view" {
+        v["quantity"] = 1.into();
+        v["price_cents"] = 100.into();
+    }
+    (user.to_string(), v.to_string())
+}
+
+async fn similarity(pool: &PgPool) -> BTreeMap<(String, String), (f64, i64)> {
+    sqlx::query_as::<_, (String, String, f64, i64)>(
+        "SELECT product_id, similar_product_id, score, rank FROM serving.item_similarity",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(a, b, s, r)| ((a, b), (s, r)))
+    .collect()
+}
+
+/// Co-occurrence on hand-made activity, where every score is known:
+/// cosine of the users two products share, each user's most recent 30
+/// products only, removals not counting as interest, top 20 per product.
+#[tokio::test]
+async fn item_similarity_scores_shared_users_of_recent_activity() {
+    let s = setup("derived_similarity").await;
+    let t0 = Utc::now() - TimeDelta::hours(3);
+    let mut records = vec![
+        event("u1", "p1", "page_view", t0),
+        event("u1", "p2", "page_view", t0),
+        event("u2", "p1", "page_view", t0),
+        event("u2", "p2", "add_to_cart", t0),
+        event("u3", "p1", "page_view", t0),
+        event("u3", "p3", "purchase", t0),
+        // A removal alone is no interest: u5 pairs p9 with nothing.
+        event("u5", "p1", "remove_from_cart", t0),
+        event("u5", "p9", "page_view", t0),
+    ];
+    // A heavy user: 35 products, one a minute; only the latest 30 count.
+    for i in 0..35 {
+        records.push(event("u4", &format!("q{i:02}"), "page_view", t0 + TimeDelta::minutes(i)));
+    }
+    generator::send_records(&s.stack.brokers, &s.topic, &records).unwrap();
+    s.ingest_and_run().await;
+
+    let sim = similarity(&s.pool).await;
+    let get = |a: &str, b: &str| sim.get(&(a.to_string(), b.to_string())).copied();
+    let close = |x: f64, y: f64| (x - y).abs() < 1e-12;
+    // p1 has 3 users, p2 2, p3 1.
+    let (s12, r12) = get("p1", "p2").expect("p1 ~ p2");
+    let (s13, r13) = get("p1", "p3").expect("p1 ~ p3");
+    assert!(close(s12, 2.0 / 6f64.sqrt()) && close(s13, 1.0 / 3f64.sqrt()), "{s12} {s13}");
+    assert_eq!((r12, r13), (1, 2));
+    assert_eq!(get("p2", "p1").map(|x| x.0), Some(s12), "symmetric");
+    assert_eq!(get("p2", "p3"), None, "no user has both");
+    assert!(!sim.keys().any(|(a, b)| a == "p9" || b == "p9"), "a removal is not interest");
+    assert!(!sim.keys().any(|(a, b)| a == b), "no product is similar to itself");
+
+    // u4's five oldest products fell out of the window; the rest pair at
+    // score 1 (one shared user each), cut to the top 20 by id.
+    for old in ["q00", "q01", "q02", "q03", "q04"] {
+        assert!(!sim.keys().any(|(a, b)| a == old || b == old), "{old} is beyond u4's 30 most recent");
+    }
+    let q10: Vec<(&String, i64)> =
+        sim.iter().filter(|((a, _), _)| a == "q10").map(|((_, b), (_, r))| (b, *r)).collect();
+    assert_eq!(q10.len(), 20);
+    assert_eq!(q10[0], (&"q05".to_string(), 1));
+    assert!(sim.iter().filter(|((a, _), _)| a.starts_with('q')).all(|(_, (score, _))| close(*score, 1.0)));
+}
+
+/// Injected spikes are found as spikes, from about their start; the ones
+/// still going on at the newest hour are reported as active.
+#[tokio::test]
+async fn injected_demand_spikes_are_detected() {
+    let s = setup("derived_spikes").await;
+    let args =
+        Args { backfill_hours: 48, products: 40, spikes: Some(3), ..Args::for_tests(&s.stack.brokers, &s.topic, 95) };
+    let truth = generator::run(args).await.unwrap();
+    s.ingest_and_run().await;
+
+    let episodes: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT product_id, spike_start, latest_hour FROM serving.demand_spike_history ORDER BY spike_start",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    let latest: DateTime<Utc> =
+        sqlx::query_scalar("SELECT serving.latest_demand_hour()").fetch_one(&s.pool).await.unwrap();
+    assert!(!truth.spikes.is_empty());
+    for spike in &truth.spikes {
+        let found: Vec<_> = episodes
+            .iter()
+            .filter(|(q, a, b)| *q == spike.product_id && *a < spike.end && *b + TimeDelta::hours(1) > spike.start)
+            .collect();
+        assert_eq!(found.len(), 1, "spike {spike:?} found as {found:?} among {episodes:?}");
+        let started = found[0].1;
+        assert!(
+            (started - spike.start).num_hours().abs() <= 1 || started == spike.start.max(latest - TimeDelta::hours(72)),
+            "spike {spike:?} reported from {started}"
+        );
+    }
+    let false_alarms: Vec<_> = episodes
+        .iter()
+        .filter(|(p, a, b)| {
+            !truth.spikes.iter().any(|t| &t.product_id == p && *a < t.end && *b + TimeDelta::hours(1) > t.start)
+        })
+        .collect();
+    assert!(false_alarms.len() <= 1, "false alarms: {false_alarms:?}");
+
+    // Active now: the spikes whose window reaches the newest hour.
+    let active: Vec<(String, DateTime<Utc>, f64, f64)> =
+        sqlx::query_as("SELECT product_id, spike_start, current_demand, baseline_demand FROM serving.demand_spikes")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    let ongoing: Vec<_> = truth.spikes.iter().filter(|t| t.end > latest + TimeDelta::hours(1)).collect();
+    for t in &ongoing {
+        let a = active.iter().find(|a| a.0 == t.product_id);
+        assert!(a.is_some_and(|a| a.2 > a.3), "ongoing spike {t:?} not active in {active:?}");
+    }
+    for a in &active {
+        assert!(ongoing.iter().any(|t| t.product_id == a.0), "{a:?} is not an ongoing spike");
+    }
+}
+
+/// Freshness tells, per layer, how far it got.
+#[tokio::test]
+async fn freshness_reports_each_layer() {
+    let s = setup("derived_freshness").await;
+    generator::run(Args::for_tests(&s.stack.brokers, &s.topic, 97)).await.unwrap();
+    s.ingest_and_run().await;
+    let rows: Vec<FreshnessRow> =
+        sqlx::query_as("SELECT layer, last_event_time, last_offset, last_update FROM serving.freshness ORDER BY layer")
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    let total = s.stack.topic_size(&s.topic).unwrap();
+    assert_eq!(rows.len(), 2);
+    let (layer, newest, offset, updated) = &rows[0];
+    assert_eq!(layer, "batch");
+    assert_eq!(*offset, Some(total), "the batch's position is its cut: everything, at segment size 1");
+    let latest: DateTime<Utc> =
+        sqlx::query_scalar("SELECT serving.latest_demand_hour()").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(*newest, Some(latest));
+    assert!(updated.is_some());
+    assert_eq!(rows[1].0, "speed");
+    assert_eq!(rows[1].2, None, "no speed layer ran");
+}

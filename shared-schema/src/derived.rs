@@ -1,0 +1,529 @@
+//! Relations built on top of the incremental views, each defined once here.
+//!
+//! Two kinds, next to the [`ViewDef`]s:
+//!
+//! * [`BatchTable`]: a table the batch layer computes whole at each refresh
+//!   and publishes in its one transaction: the catalog copy, the demand
+//!   baseline and item similarity. Their queries are written over the
+//!   incremental views' own batch SQL (the baseline is a statistic of
+//!   [`PRODUCT_DEMAND_HOURLY`], similarity one of [`USER_PRODUCT_STATE`]), so
+//!   they can never disagree with the views on what an event means. They have
+//!   no speed part: a baseline or a similarity model does not need to be
+//!   seconds fresh.
+//! * [`DerivedView`]: a PostgreSQL view over the *merged* serving relations:
+//!   category demand (product demand through the catalog), popular products,
+//!   demand spikes, freshness. Since they read `serving.product_demand_hourly`,
+//!   they inherit its exact merge at the offset cut: category and product
+//!   totals always agree, and a batch landing changes neither.
+
+use std::fmt::Write as _;
+
+use crate::views::{PRODUCT_DEMAND_HOURLY, Reader, SqlType, USER_PRODUCT_STATE, ViewDef};
+
+/// Per-event demand as spike detection and popularity see it: everything
+/// that shows interest, over the measures of [`PRODUCT_DEMAND_HOURLY`].
+pub const INTEREST: &str = "views + cart_adds + purchases";
+
+/// How far back the demand baseline looks.
+pub const BASELINE_DAYS: i64 = 14;
+/// How far back item similarity looks at users' activity.
+pub const SIMILARITY_DAYS: i64 = 30;
+/// Most recent distinct products per user that enter similarity: bounds the
+/// pairs a user contributes to `N²`, however active the user is.
+pub const SIMILARITY_ITEMS_PER_USER: i64 = 30;
+/// Similar products kept per product.
+pub const SIMILARITY_TOP_K: i64 = 20;
+
+/// Spike detection works with two thresholds (hysteresis). An hour is a
+/// *spike hour* when its demand is at least this many times the expected...
+pub const SPIKE_RATIO: f64 = 2.5;
+/// ...the excess is this many Poisson standard deviations (interest comes in
+/// sessions, so it varies more than a Poisson count: hence 5, not 3)...
+pub const SPIKE_Z: f64 = 5.0;
+/// ...and at least this much demand happened.
+pub const SPIKE_MIN_DEMAND: i64 = 10;
+/// An hour is *elevated* at this ratio and z-score. A spike is a run of
+/// elevated hours (gaps of up to [`SPIKE_GAP_HOURS`]) holding at least
+/// [`SPIKE_MIN_HOURS`] spike hours: it must be sustained, and it is
+/// reported from its first elevated hour, so its start is not late.
+pub const ELEVATED_RATIO: f64 = 1.5;
+pub const ELEVATED_Z: f64 = 3.0;
+pub const SPIKE_MIN_HOURS: i64 = 2;
+/// Elevated hours at most this far apart belong to one spike.
+pub const SPIKE_GAP_HOURS: i64 = 2;
+/// How far back an active spike's start is looked for (spikes last up to
+/// 1-2 days).
+pub const SPIKE_LOOKBACK_HOURS: i64 = 72;
+
+/// Popularity: half-life of an hour's demand, and how far back it counts.
+pub const POPULAR_HALF_LIFE_HOURS: f64 = 24.0;
+pub const POPULAR_DAYS: i64 = 7;
+/// Weight of each demand measure in popularity.
+pub const POPULAR_SCORE: &str = "views + 3 * cart_adds + 10 * purchases";
+
+/// What a batch table is computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The lake's `products` table (the catalog snapshot), as is.
+    Catalog,
+    /// The events below the cut of the last `days` days before the newest
+    /// event hour: bounded work, whatever the lake's age.
+    RecentEvents { days: i64 },
+}
+
+/// Where a batch table's query reads: the cut, and the window start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `e.kafka_offset < cut` per partition (over alias `e`).
+    pub below_cut: String,
+    /// Newest event hour below the cut.
+    pub anchor: chrono::DateTime<chrono::Utc>,
+}
+
+impl Scope {
+    /// Restricts events to the cut and to `days` before the anchor; the
+    /// `event_date` term lets the lake scan skip whole partitions.
+    fn window(&self, days: i64) -> String {
+        let since = self.anchor - chrono::TimeDelta::days(days);
+        format!(
+            "({}) AND e.event_date >= '{}' AND e.event_time >= CAST('{}' AS TIMESTAMP)",
+            self.below_cut,
+            since.format("%Y-%m-%d"),
+            since.format("%Y-%m-%dT%H:%M:%SZ"),
+        )
+    }
+}
+
+/// A table the batch layer computes whole and publishes as `batch.<name>`,
+/// served unchanged as `serving.<name>`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTable {
+    pub name: &'static str,
+    pub columns: &'static [(&'static str, SqlType)],
+    /// The first `key` columns are the primary key.
+    pub key: usize,
+    pub input: Input,
+    /// Columns the quality gate requires to be non-negative.
+    pub non_negative: &'static [&'static str],
+    pub readers: &'static [Reader],
+    query: fn(&Scope, &Input) -> String,
+}
+
+impl PartialEq for BatchTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl BatchTable {
+    /// The DataFusion query over `events` (alias `e`) and `products`; its
+    /// output columns are [`Self::columns`], in order.
+    pub fn batch_sql(&self, scope: &Scope) -> String {
+        (self.query)(scope, &self.input)
+    }
+
+    pub fn key_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.columns[..self.key].iter().map(|(n, _)| *n)
+    }
+
+    /// `CREATE TABLE batch.<name>`.
+    pub fn table_ddl(&self) -> String {
+        let cols: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (n, t))| format!("    {n} {}{}", t.postgres(), if i < self.key { " NOT NULL" } else { "" }))
+            .collect();
+        let pk: Vec<_> = self.key_names().collect();
+        format!("CREATE TABLE batch.{} (\n{},\n    PRIMARY KEY ({})\n)", self.name, cols.join(",\n"), pk.join(", "))
+    }
+
+    /// `serving.<name>`: the published table, read-only.
+    pub fn serving_view_sql(&self) -> String {
+        let cols: Vec<_> = self.columns.iter().map(|(n, _)| *n).collect();
+        format!("CREATE OR REPLACE VIEW serving.{0} AS\nSELECT {1} FROM batch.{0}", self.name, cols.join(", "))
+    }
+}
+
+fn window_days(input: &Input) -> i64 {
+    match input {
+        Input::RecentEvents { days } => *days,
+        Input::Catalog => 0,
+    }
+}
+
+fn catalog_query(_: &Scope, _: &Input) -> String {
+    "SELECT product_id, name, category, price_cents FROM products WHERE product_id IS NOT NULL".into()
+}
+
+/// Per product, its typical share of all demand in an hour: the median over
+/// every hour of the window (hours without the product count as zero), so a
+/// spike of a day or two does not move it. Expected demand in an hour is
+/// that share of the hour's total, which carries the time-of-day curve.
+fn baseline_query(scope: &Scope, input: &Input) -> String {
+    let hourly = PRODUCT_DEMAND_HOURLY.batch_sql(Some(&scope.window(window_days(input))));
+    format!(
+        "WITH hourly AS (\n{hourly}\n),
+demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM hourly),
+totals AS (SELECT hour, sum(demand) AS total FROM demand GROUP BY hour HAVING sum(demand) > 0),
+products AS (SELECT DISTINCT product_id FROM demand),
+shares AS (
+    SELECT p.product_id, COALESCE(d.demand, 0.0) / t.total AS share, COALESCE(d.demand, 0.0) AS demand
+    FROM totals AS t CROSS JOIN products AS p
+    LEFT JOIN demand AS d ON d.hour = t.hour AND d.product_id = p.product_id
+)
+SELECT product_id,
+       CASE WHEN median(share) > 0 THEN median(share) ELSE avg(share) END AS share,
+       CAST(count(*) AS BIGINT) AS hours,
+       CAST(sum(demand) AS BIGINT) AS demand
+FROM shares
+GROUP BY product_id"
+    )
+}
+
+/// Top-K co-occurrence of products in users' recent activity, cosine
+/// normalised so popular products do not pair with everything. Each user
+/// contributes only their most recent products, which bounds the pairs per
+/// user; the work grows with users, not with the square of any popularity.
+fn similarity_query(scope: &Scope, input: &Input) -> String {
+    let state = USER_PRODUCT_STATE.batch_sql(Some(&scope.window(window_days(input))));
+    format!(
+        "WITH state AS (\n{state}\n),
+touched AS (
+    SELECT user_id, product_id,
+           greatest(last_viewed_at, last_carted_at, last_purchased_at) AS last_at
+    FROM state
+),
+ranked AS (
+    SELECT user_id, product_id,
+           row_number() OVER (PARTITION BY user_id ORDER BY last_at DESC, product_id) AS n
+    FROM touched WHERE last_at IS NOT NULL
+),
+recent AS (SELECT user_id, product_id FROM ranked WHERE n <= {SIMILARITY_ITEMS_PER_USER}),
+users AS (SELECT product_id, CAST(count(*) AS DOUBLE) AS users FROM recent GROUP BY product_id),
+pairs AS (
+    SELECT a.product_id AS product_id, b.product_id AS similar_product_id, CAST(count(*) AS DOUBLE) AS together
+    FROM recent AS a JOIN recent AS b ON a.user_id = b.user_id AND a.product_id <> b.product_id
+    GROUP BY a.product_id, b.product_id
+),
+scored AS (
+    SELECT p.product_id, p.similar_product_id, p.together / sqrt(ua.users * ub.users) AS score
+    FROM pairs AS p
+    JOIN users AS ua ON ua.product_id = p.product_id
+    JOIN users AS ub ON ub.product_id = p.similar_product_id
+),
+top AS (
+    SELECT product_id, similar_product_id, score,
+           row_number() OVER (PARTITION BY product_id ORDER BY score DESC, similar_product_id) AS rank
+    FROM scored
+)
+SELECT product_id, similar_product_id, score, CAST(rank AS BIGINT) AS rank
+FROM top WHERE rank <= {SIMILARITY_TOP_K}"
+    )
+}
+
+/// The catalog, copied from the lake's snapshot of the shop's products.
+pub const PRODUCTS: BatchTable = BatchTable {
+    name: "products",
+    columns: &[
+        ("product_id", SqlType::Text),
+        ("name", SqlType::Text),
+        ("category", SqlType::Text),
+        ("price_cents", SqlType::BigInt),
+    ],
+    key: 1,
+    input: Input::Catalog,
+    non_negative: &["price_cents"],
+    readers: &[Reader::Dashboard, Reader::Recommender],
+    query: catalog_query,
+};
+
+/// Each product's normal share of demand, for spike detection.
+pub const DEMAND_BASELINE: BatchTable = BatchTable {
+    name: "demand_baseline",
+    columns: &[
+        ("product_id", SqlType::Text),
+        ("share", SqlType::Double),
+        ("hours", SqlType::BigInt),
+        ("demand", SqlType::BigInt),
+    ],
+    key: 1,
+    input: Input::RecentEvents { days: BASELINE_DAYS },
+    non_negative: &["share", "hours", "demand"],
+    readers: &[Reader::Dashboard],
+    query: baseline_query,
+};
+
+/// Products often seen together by the same users, top K per product.
+pub const ITEM_SIMILARITY: BatchTable = BatchTable {
+    name: "item_similarity",
+    columns: &[
+        ("product_id", SqlType::Text),
+        ("similar_product_id", SqlType::Text),
+        ("score", SqlType::Double),
+        ("rank", SqlType::BigInt),
+    ],
+    key: 2,
+    input: Input::RecentEvents { days: SIMILARITY_DAYS },
+    non_negative: &["score", "rank"],
+    readers: &[Reader::Dashboard, Reader::Recommender],
+    query: similarity_query,
+};
+
+/// Every batch table, in publish order.
+pub const BATCH_TABLES: &[BatchTable] = &[PRODUCTS, DEMAND_BASELINE, ITEM_SIMILARITY];
+
+/// A PostgreSQL view over merged serving relations.
+#[derive(Debug, Clone, Copy)]
+pub struct DerivedView {
+    pub name: &'static str,
+    pub readers: &'static [Reader],
+    body: fn() -> String,
+}
+
+impl PartialEq for DerivedView {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl DerivedView {
+    pub fn serving_view_sql(&self) -> String {
+        format!("CREATE OR REPLACE VIEW serving.{} AS\n{}", self.name, (self.body)())
+    }
+}
+
+/// The newest hour with demand, from batch and speed: the "now" of spike
+/// detection and popularity, so both also work on historical data. A
+/// function, not a subquery, so PostgreSQL can push the hour bound down to
+/// the index scans beneath the merged view; `SECURITY DEFINER` because a
+/// reader role may not read `batch.*` or `speed.*` itself.
+pub fn latest_hour_function_sql() -> String {
+    let v = PRODUCT_DEMAND_HOURLY.name;
+    format!(
+        "CREATE OR REPLACE FUNCTION serving.latest_demand_hour() RETURNS timestamptz
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT GREATEST((SELECT max(hour) FROM batch.{v}), (SELECT max(hour) FROM speed.{v}))
+$$"
+    )
+}
+
+/// Product demand summed per category of the catalog; products the catalog
+/// does not know count under `unknown`.
+fn category_demand_body() -> String {
+    let v = PRODUCT_DEMAND_HOURLY;
+    let mut sql = String::from("SELECT d.hour, COALESCE(p.category, 'unknown') AS category");
+    for m in v.measures {
+        let _ = write!(sql, ",\n       sum(d.{0})::bigint AS {0}", m.name);
+    }
+    let _ = write!(
+        sql,
+        "\nFROM serving.{} AS d\nLEFT JOIN batch.{} AS p ON p.product_id = d.product_id\nGROUP BY 1, 2",
+        v.name, PRODUCTS.name
+    );
+    sql
+}
+
+fn popular_body() -> String {
+    format!(
+        "SELECT (row_number() OVER (ORDER BY score DESC, product_id))::bigint AS rank, product_id, score
+FROM (
+    SELECT product_id,
+           sum(({POPULAR_SCORE}) * power(0.5, extract(epoch FROM serving.latest_demand_hour() - hour) / ({POPULAR_HALF_LIFE_HOURS} * 3600.0)))::double precision AS score
+    FROM serving.{v}
+    WHERE hour > serving.latest_demand_hour() - interval '{POPULAR_DAYS} days'
+    GROUP BY product_id
+) AS s
+WHERE score > 0",
+        v = PRODUCT_DEMAND_HOURLY.name
+    )
+}
+
+/// Every product-hour with demand, against what the baseline expects.
+fn spike_hours_body() -> String {
+    let v = PRODUCT_DEMAND_HOURLY.name;
+    let b = DEMAND_BASELINE.name;
+    let above = |ratio: f64, z: f64| {
+        format!("d.demand >= {SPIKE_MIN_DEMAND} AND d.demand >= {ratio} * x.expected AND x.z >= {z}")
+    };
+    format!(
+        "SELECT d.hour, d.product_id, d.demand, x.expected, x.z AS score,
+       ({spike}) AS is_spike,
+       ({elevated}) AS is_elevated
+FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS d
+JOIN (SELECT hour, sum({INTEREST})::double precision AS total FROM serving.{v} GROUP BY hour) AS t ON t.hour = d.hour
+JOIN batch.{b} AS b ON b.product_id = d.product_id
+CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.total, 1.0) AS expected) AS e
+CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(e.expected) AS z) AS x",
+        spike = above(SPIKE_RATIO, SPIKE_Z),
+        elevated = above(ELEVATED_RATIO, ELEVATED_Z),
+    )
+}
+
+/// Elevated hours grouped into spikes (see [`SPIKE_RATIO`]), each from its
+/// first elevated hour to its latest, with the latest hour's figures.
+fn spike_episodes_body(bounded: bool) -> String {
+    let bound = if bounded {
+        format!("\n    WHERE hour > serving.latest_demand_hour() - interval '{SPIKE_LOOKBACK_HOURS} hours'")
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH hours AS (
+    SELECT * FROM serving.demand_spike_hours{bound}
+),
+elevated AS (
+    SELECT *, CASE WHEN hour - lag(hour) OVER (PARTITION BY product_id ORDER BY hour) <= interval '{SPIKE_GAP_HOURS} hours'
+                   THEN 0 ELSE 1 END AS starts
+    FROM hours WHERE is_elevated
+),
+numbered AS (
+    SELECT *, sum(starts) OVER (PARTITION BY product_id ORDER BY hour) AS spike FROM elevated
+),
+episodes AS (
+    SELECT product_id, spike, min(hour) AS spike_start, max(hour) AS latest_hour, max(score) AS peak_score
+    FROM numbered GROUP BY product_id, spike
+    HAVING count(*) FILTER (WHERE is_spike) >= {SPIKE_MIN_HOURS}
+)
+SELECT e.product_id, p.category, e.spike_start, e.latest_hour,
+       n.demand AS current_demand, n.expected AS baseline_demand, n.score, e.peak_score
+FROM episodes AS e
+JOIN numbered AS n ON n.product_id = e.product_id AND n.hour = e.latest_hour
+LEFT JOIN batch.{} AS p ON p.product_id = e.product_id",
+        PRODUCTS.name
+    )
+}
+
+fn spike_history_body() -> String {
+    spike_episodes_body(false)
+}
+
+/// The spikes going on now: those whose latest spike hour is the newest
+/// hour or the one before (a new hour has little demand yet).
+fn spikes_body() -> String {
+    format!(
+        "SELECT product_id, category, spike_start, latest_hour, current_demand, baseline_demand, score
+FROM ({}) AS s
+WHERE latest_hour >= serving.latest_demand_hour() - interval '1 hour'
+ORDER BY score DESC",
+        spike_episodes_body(true)
+    )
+}
+
+/// Per layer: how far it has got. The speed layer's position is what it has
+/// consumed; the batch's is its cut, and its lag what the speed layer holds
+/// above the cut.
+fn freshness_body() -> String {
+    "SELECT 'speed'::text AS layer, max(o.last_event_time) AS last_event_time,
+       sum(o.next_offset)::bigint AS last_offset,
+       CASE WHEN count(o.end_offset) = count(*)
+            THEN sum(GREATEST(o.end_offset - o.next_offset, 0))::bigint END AS lag_records,
+       max(o.updated_at) AS last_update
+FROM ops.speed_offsets AS o
+UNION ALL
+SELECT 'batch'::text, r.last_event_time, c.cut, s.held, r.finished_at
+FROM (SELECT sum(cut_offset)::bigint AS cut FROM ops.cut) AS c
+CROSS JOIN (
+    SELECT sum(GREATEST(o.next_offset - COALESCE(k.cut_offset, 0), 0))::bigint AS held
+    FROM ops.speed_offsets AS o LEFT JOIN ops.cut AS k USING (kafka_partition)
+) AS s
+LEFT JOIN LATERAL (
+    SELECT finished_at, newest_hour AS last_event_time
+    FROM ops.batch_runs WHERE status = 'published' ORDER BY run_id DESC LIMIT 1
+) AS r ON true"
+        .into()
+}
+
+pub const CATEGORY_DEMAND_HOURLY: DerivedView =
+    DerivedView { name: "category_demand_hourly", readers: &[Reader::Dashboard], body: category_demand_body };
+pub const POPULAR_PRODUCTS: DerivedView =
+    DerivedView { name: "popular_products", readers: &[Reader::Dashboard, Reader::Recommender], body: popular_body };
+pub const DEMAND_SPIKE_HOURS: DerivedView =
+    DerivedView { name: "demand_spike_hours", readers: &[Reader::Dashboard], body: spike_hours_body };
+pub const DEMAND_SPIKE_HISTORY: DerivedView =
+    DerivedView { name: "demand_spike_history", readers: &[Reader::Dashboard], body: spike_history_body };
+pub const DEMAND_SPIKES: DerivedView =
+    DerivedView { name: "demand_spikes", readers: &[Reader::Dashboard], body: spikes_body };
+pub const FRESHNESS: DerivedView =
+    DerivedView { name: "freshness", readers: &[Reader::Dashboard, Reader::Recommender], body: freshness_body };
+
+/// Every derived view, each after those it reads.
+pub const DERIVED_VIEWS: &[DerivedView] =
+    &[CATEGORY_DEMAND_HOURLY, POPULAR_PRODUCTS, DEMAND_SPIKE_HOURS, DEMAND_SPIKE_HISTORY, DEMAND_SPIKES, FRESHNESS];
+
+/// One relation of schema `serving`, as PostgreSQL is told to create it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingRelation {
+    pub name: &'static str,
+    pub sql: String,
+    pub readers: &'static [Reader],
+}
+
+/// Every `serving.*` relation, each after those it reads: the merged
+/// incremental views, the batch tables, then the derived views.
+pub fn serving_relations(views: &[ViewDef]) -> Vec<ServingRelation> {
+    let merged = views.iter().map(|v| ServingRelation { name: v.name, sql: v.serving_view_sql(), readers: v.readers });
+    let tables =
+        BATCH_TABLES.iter().map(|t| ServingRelation { name: t.name, sql: t.serving_view_sql(), readers: t.readers });
+    let derived =
+        DERIVED_VIEWS.iter().map(|d| ServingRelation { name: d.name, sql: d.serving_view_sql(), readers: d.readers });
+    merged.chain(tables).chain(derived).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::ALL_VIEWS;
+
+    fn scope() -> Scope {
+        Scope {
+            below_cut: "e.kafka_offset < 100".into(),
+            anchor: chrono::DateTime::parse_from_rfc3339("2026-11-24T13:00:00Z").unwrap().into(),
+        }
+    }
+
+    #[test]
+    fn batch_table_sql_snapshots() {
+        for t in BATCH_TABLES {
+            insta::assert_snapshot!(format!("{}_batch", t.name), t.batch_sql(&scope()));
+            insta::assert_snapshot!(format!("{}_ddl", t.name), t.table_ddl());
+        }
+    }
+
+    #[test]
+    fn derived_view_sql_snapshots() {
+        for d in DERIVED_VIEWS {
+            insta::assert_snapshot!(format!("{}_serving", d.name), d.serving_view_sql());
+        }
+        insta::assert_snapshot!("latest_demand_hour", latest_hour_function_sql());
+    }
+
+    #[test]
+    fn windows_bound_both_the_partition_and_the_time() {
+        let w = scope().window(14);
+        assert!(w.contains("e.event_date >= '2026-11-10'"), "{w}");
+        assert!(w.contains("CAST('2026-11-10T13:00:00Z' AS TIMESTAMP)"), "{w}");
+        assert!(w.starts_with("(e.kafka_offset < 100)"), "{w}");
+    }
+
+    #[test]
+    fn category_demand_carries_every_product_demand_measure() {
+        let sql = CATEGORY_DEMAND_HOURLY.serving_view_sql();
+        for m in PRODUCT_DEMAND_HOURLY.measure_names() {
+            assert!(sql.contains(&format!("sum(d.{m})::bigint AS {m}")), "{m} missing");
+        }
+    }
+
+    #[test]
+    fn serving_relations_are_unique_and_user_level_ones_hidden_from_dashboards() {
+        let all = serving_relations(ALL_VIEWS);
+        for r in &all {
+            assert_eq!(all.iter().filter(|s| s.name == r.name).count(), 1, "{}", r.name);
+        }
+        let user_level: Vec<_> = all.iter().filter(|r| r.sql.contains("user_id")).map(|r| r.name).collect();
+        assert_eq!(user_level, ["user_product_state"]);
+        for r in all.iter().filter(|r| user_level.contains(&r.name)) {
+            assert!(!r.readers.contains(&Reader::Dashboard), "{} is user-level", r.name);
+        }
+    }
+}
