@@ -40,32 +40,14 @@ say "database $DB: $USERS users, $PRODUCTS products"
 psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 "$BIN" --database-url "$URL" migrate 2>/dev/null
 psql "$URL" -v ON_ERROR_STOP=1 -q -v users="$USERS" -v products="$PRODUCTS" <<'SQL'
--- Relations of the serving contract that no migration creates here yet are
--- stood in for by tables with the contract's columns.
-DO $$
-BEGIN
-    IF to_regclass('serving.popular_products') IS NULL THEN
-        CREATE TABLE serving.popular_products (rank bigint NOT NULL, product_id text NOT NULL, score double precision NOT NULL);
-    END IF;
-    IF to_regclass('serving.item_similarity') IS NULL THEN
-        CREATE TABLE serving.item_similarity (product_id text NOT NULL, similar_product_id text NOT NULL,
-            score double precision NOT NULL, rank bigint NOT NULL, PRIMARY KEY (product_id, similar_product_id));
-    END IF;
-END $$;
-
--- Where rows go: the stand-in table itself, or the batch table behind a
--- generated serving view.
-CREATE FUNCTION pg_temp.target(name text) RETURNS text LANGUAGE sql AS $$
-    SELECT CASE WHEN (SELECT relkind FROM pg_class WHERE oid = to_regclass('serving.' || name)) = 'r'
-                THEN 'serving.' || name ELSE 'batch.' || name END
-$$;
-
-\set ON_ERROR_STOP 1
-SELECT format('INSERT INTO %s (rank, product_id, score)
-               SELECT r, ''p-'' || r, 10000.0 / r FROM generate_series(1, 1000) AS r', pg_temp.target('popular_products')) \gexec
-SELECT format('INSERT INTO %s (product_id, similar_product_id, score, rank)
-               SELECT ''p-'' || p, ''p-'' || ((p + j * 37) %% %s + 1), 1.0 / j, j
-               FROM generate_series(1, %s) AS p, generate_series(1, 20) AS j', pg_temp.target('item_similarity'), :products, :products) \gexec
+-- Written where the batch layer writes; serving.* views read it.
+-- Demand in the current hour makes the popular list (1000 products).
+INSERT INTO batch.product_demand_hourly (hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents)
+SELECT date_trunc('hour', now()), 'p-' || r, 10000 / r, 0, 0, 0, 0, 0 FROM generate_series(1, 1000) AS r;
+-- 20 similar products per product.
+INSERT INTO batch.item_similarity (product_id, similar_product_id, score, rank)
+SELECT 'p-' || p, 'p-' || ((p + j * 37) % :products + 1), 1.0 / j, j
+FROM generate_series(1, :products) AS p, generate_series(1, 20) AS j;
 -- Ten products per user over the last week: all viewed, every third
 -- carted, every seventh bought.
 INSERT INTO batch.user_product_state (user_id, product_id, last_viewed_at, last_carted_at, last_purchased_at)

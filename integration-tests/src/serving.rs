@@ -1,76 +1,23 @@
 //! What the serving-layer tests share: known contents for the `serving.*`
 //! relations the API reads, and a minimal HTTP client.
 //!
-//! Data is written where the pipeline would put it (`batch.*` tables
-//! behind the generated `serving.*` views). Relations of the serving
-//! contract that no migration creates yet are stood in for by tables with
-//! exactly the contract's columns and grants ([`stand_in_relations`]); each
-//! disappears from here once the pipeline creates it.
+//! Data is written where the pipeline puts it: `batch.*` tables behind the
+//! generated `serving.*` views, and the `ops.*` rows that freshness is
+//! computed from. Everything derived (category demand, popularity, spikes)
+//! is then computed by the real views.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Stand-ins: (relation, columns, readers). Created only when the relation
-/// does not exist.
-const STAND_INS: &[(&str, &str, &str)] = &[
-    (
-        "serving.category_demand_hourly",
-        "hour timestamptz NOT NULL, category text NOT NULL, views bigint, cart_adds bigint, cart_removes bigint,
-         purchases bigint, units bigint, revenue_cents bigint, PRIMARY KEY (hour, category)",
-        "dashboard_reader",
-    ),
-    (
-        "serving.products",
-        "product_id text PRIMARY KEY, name text, category text, price_cents bigint",
-        "dashboard_reader, recommender_reader",
-    ),
-    (
-        "serving.popular_products",
-        "rank bigint NOT NULL, product_id text NOT NULL, score double precision NOT NULL",
-        "dashboard_reader, recommender_reader",
-    ),
-    (
-        "serving.item_similarity",
-        "product_id text NOT NULL, similar_product_id text NOT NULL, score double precision NOT NULL,
-         rank bigint NOT NULL, PRIMARY KEY (product_id, similar_product_id)",
-        "recommender_reader",
-    ),
-    (
-        "serving.demand_spikes",
-        "product_id text NOT NULL, category text, spike_start timestamptz NOT NULL, latest_hour timestamptz NOT NULL,
-         current_demand double precision NOT NULL, baseline_demand double precision NOT NULL,
-         score double precision NOT NULL",
-        "dashboard_reader",
-    ),
-    (
-        "serving.freshness",
-        "layer text PRIMARY KEY, last_event_time timestamptz, last_offset bigint, lag_records bigint,
-         last_update timestamptz",
-        "dashboard_reader",
-    ),
-];
-
-/// Creates the serving relations of the contract that the migrations do
-/// not create (yet), as plain tables. Run after `platform::db::prepare`.
-pub async fn stand_in_relations(pool: &PgPool) -> anyhow::Result<()> {
-    for (relation, columns, readers) in STAND_INS {
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(relation).fetch_one(pool).await?;
-        if !exists {
-            sqlx::raw_sql(AssertSqlSafe(format!(
-                "CREATE TABLE {relation} ({columns}); GRANT SELECT ON {relation} TO {readers};"
-            )))
-            .execute(pool)
-            .await
-            .with_context(|| format!("creating stand-in {relation}"))?;
-        }
-    }
-    Ok(())
+/// The current hour, UTC: the newest hour of the seeded demand.
+pub fn current_hour() -> DateTime<Utc> {
+    let now = Utc::now();
+    now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now)
 }
 
 /// A catalog entry.
@@ -81,9 +28,10 @@ pub struct Product {
     pub category: String,
 }
 
+/// Into `batch.products`, the catalog copy behind `serving.products`.
 pub async fn insert_products(pool: &PgPool, products: &[Product]) -> anyhow::Result<()> {
     for p in products {
-        sqlx::query("INSERT INTO serving.products (product_id, name, category, price_cents) VALUES ($1, $2, $3, 999)")
+        sqlx::query("INSERT INTO batch.products (product_id, name, category, price_cents) VALUES ($1, $2, $3, 999)")
             .bind(&p.id)
             .bind(&p.name)
             .bind(&p.category)
@@ -93,41 +41,64 @@ pub async fn insert_products(pool: &PgPool, products: &[Product]) -> anyhow::Res
     Ok(())
 }
 
-/// The popular list: `ids[0]` is rank 1; scores fall with the rank.
+/// One hour of a product's demand, added into `batch.product_demand_hourly`
+/// (units = purchases, 999 cents each).
+pub async fn insert_product_demand(
+    pool: &PgPool,
+    hour: DateTime<Utc>,
+    product: &str,
+    views: i64,
+    cart_adds: i64,
+    purchases: i64,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO batch.product_demand_hourly
+         (hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents)
+         VALUES ($1, $2, $3, $4, 0, $5, $5, $5 * 999)
+         ON CONFLICT (hour, product_id) DO UPDATE SET
+             views = batch.product_demand_hourly.views + EXCLUDED.views,
+             cart_adds = batch.product_demand_hourly.cart_adds + EXCLUDED.cart_adds,
+             purchases = batch.product_demand_hourly.purchases + EXCLUDED.purchases,
+             units = batch.product_demand_hourly.units + EXCLUDED.units,
+             revenue_cents = batch.product_demand_hourly.revenue_cents + EXCLUDED.revenue_cents",
+    )
+    .bind(hour)
+    .bind(product)
+    .bind(views)
+    .bind(cart_adds)
+    .bind(purchases)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Makes `ids` the popular list, `ids[0]` first: views in the current
+/// hour, 1000 for the first and one less for each next, so (with no other
+/// demand) `serving.popular_products` scores them exactly 1000, 999, ...
 pub async fn insert_popular(pool: &PgPool, ids: &[&str]) -> anyhow::Result<()> {
+    let hour = current_hour();
     for (i, id) in ids.iter().enumerate() {
-        sqlx::query("INSERT INTO serving.popular_products (rank, product_id, score) VALUES ($1, $2, $3)")
-            .bind(i as i64 + 1)
-            .bind(id)
-            .bind(1000.0 - i as f64)
-            .execute(pool)
-            .await?;
+        insert_product_demand(pool, hour, id, 1000 - i as i64, 0, 0).await?;
     }
     Ok(())
 }
 
-/// Similarity pairs `(product, similar product, score)`; ranks follow the
-/// score per product.
+/// Similarity pairs `(product, similar product, score)` into
+/// `batch.item_similarity`; ranks follow the score per product.
 pub async fn insert_similarity(pool: &PgPool, pairs: &[(&str, &str, f64)]) -> anyhow::Result<()> {
     for (p, q, score) in pairs {
+        let rank =
+            1 + pairs.iter().filter(|(p2, q2, s2)| p2 == p && (*s2 > *score || (*s2 == *score && q2 < q))).count();
         sqlx::query(
-            "INSERT INTO serving.item_similarity (product_id, similar_product_id, score, rank) VALUES ($1, $2, $3, 0)",
+            "INSERT INTO batch.item_similarity (product_id, similar_product_id, score, rank) VALUES ($1, $2, $3, $4)",
         )
         .bind(p)
         .bind(q)
         .bind(score)
+        .bind(rank as i64)
         .execute(pool)
         .await?;
     }
-    sqlx::query(
-        "UPDATE serving.item_similarity AS s SET rank = r.rank
-         FROM (SELECT product_id, similar_product_id,
-                      row_number() OVER (PARTITION BY product_id ORDER BY score DESC, similar_product_id) AS rank
-               FROM serving.item_similarity) AS r
-         WHERE r.product_id = s.product_id AND r.similar_product_id = s.similar_product_id",
-    )
-    .execute(pool)
-    .await?;
     Ok(())
 }
 
@@ -161,100 +132,116 @@ pub async fn record(pool: &PgPool, user: &str, product: &str, what: Did, at: Dat
     Ok(())
 }
 
-/// One hour of a category's demand: views, cart adds, purchases (units =
-/// purchases, revenue 999 cents per unit, no removals).
-pub async fn insert_category_demand(
-    pool: &PgPool,
-    hour: DateTime<Utc>,
-    category: &str,
-    views: i64,
-    cart_adds: i64,
-    purchases: i64,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO serving.category_demand_hourly
-         (hour, category, views, cart_adds, cart_removes, purchases, units, revenue_cents)
-         VALUES ($1, $2, $3, $4, 0, $5, $5, $5 * 999)",
-    )
-    .bind(hour)
-    .bind(category)
-    .bind(views)
-    .bind(cart_adds)
-    .bind(purchases)
-    .execute(pool)
-    .await?;
+/// A product's normal share of each hour's demand, into
+/// `batch.demand_baseline` (what spike detection compares against).
+pub async fn insert_baseline(pool: &PgPool, product: &str, share: f64) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO batch.demand_baseline (product_id, share, hours, demand) VALUES ($1, $2, 336, 1000)")
+        .bind(product)
+        .bind(share)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
-/// One hour of a product's demand, into `batch.product_demand_hourly`.
-pub async fn insert_product_demand(
-    pool: &PgPool,
-    hour: DateTime<Utc>,
-    product: &str,
-    views: i64,
-    purchases: i64,
-) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO batch.product_demand_hourly
-         (hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents)
-         VALUES ($1, $2, $3, 0, 0, $4, $4, $4 * 999)",
-    )
-    .bind(hour)
-    .bind(product)
-    .bind(views)
-    .bind(purchases)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// An active spike, as `serving.demand_spikes` holds it.
-#[derive(Debug, Clone)]
-pub struct Spike {
-    pub product_id: String,
-    pub category: String,
-    pub start: DateTime<Utc>,
-    pub latest: DateTime<Utc>,
-    pub current: f64,
-    pub baseline: f64,
-    pub score: f64,
-}
-
-pub async fn insert_spike(pool: &PgPool, s: &Spike) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO serving.demand_spikes
-         (product_id, category, spike_start, latest_hour, current_demand, baseline_demand, score)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&s.product_id)
-    .bind(&s.category)
-    .bind(s.start)
-    .bind(s.latest)
-    .bind(s.current)
-    .bind(s.baseline)
-    .bind(s.score)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// A layer's freshness row.
+/// The `ops` rows `serving.freshness` reads: the speed layer consumed up to
+/// `speed_event` and committed at `speed_update`; the last published batch
+/// run finished at `batch_finished`, its newest hour `batch_hour`.
 pub async fn insert_freshness(
     pool: &PgPool,
-    layer: &str,
-    last_event_time: DateTime<Utc>,
-    last_update: DateTime<Utc>,
+    speed_event: DateTime<Utc>,
+    speed_update: DateTime<Utc>,
+    batch_hour: DateTime<Utc>,
+    batch_finished: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     sqlx::query(
-        "INSERT INTO serving.freshness (layer, last_event_time, last_offset, lag_records, last_update)
-         VALUES ($1, $2, 1000, 0, $3)",
+        "INSERT INTO ops.speed_offsets (kafka_partition, next_offset, last_event_time, updated_at, end_offset)
+         VALUES (0, 1500, $1, $2, 1500)",
     )
-    .bind(layer)
-    .bind(last_event_time)
-    .bind(last_update)
+    .bind(speed_event)
+    .bind(speed_update)
+    .execute(pool)
+    .await?;
+    sqlx::query("INSERT INTO ops.cut (kafka_partition, cut_offset) VALUES (0, 1000)").execute(pool).await?;
+    sqlx::query(
+        "INSERT INTO ops.batch_runs (started_at, finished_at, status, mode, newest_hour)
+         VALUES ($1 - interval '1 minute', $1, 'published', 'full', $2)",
+    )
+    .bind(batch_finished)
+    .bind(batch_hour)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The dashboard's products: (id, name, category, baseline share).
+const DASHBOARD_PRODUCTS: &[(&str, &str, &str, f64)] = &[
+    ("p-1", "Rust in Action", "Books", 0.4),
+    ("p-2", "Garden hose <20 m>", "Garden & Outdoor", 0.3),
+    ("p-3", "Wooden train", "Toys", 0.1),
+    ("p-4", "Kite", "Toys", 0.1),
+    ("p-5", "Seed mix", "Garden & Outdoor", 0.1),
+];
+
+/// Views of a dashboard product `ago` hours before the current hour (0..6):
+/// normally its baseline share of 100 an hour; p-3 spikes to 100 for the
+/// last four hours, p-5 to 80 for the last two.
+pub fn dashboard_views(product: &str, ago: i64) -> i64 {
+    match (product, ago) {
+        ("p-3", 0..=3) => 100,
+        ("p-5", 0..=1) => 80,
+        _ => DASHBOARD_PRODUCTS.iter().find(|p| p.0 == product).map_or(0, |p| (p.3 * 100.0).round() as i64),
+    }
+}
+
+/// What [`seed_dashboard`] wrote, for the assertions.
+#[derive(Debug, Clone)]
+pub struct DashboardData {
+    /// The current hour; demand covers it and the five before.
+    pub hour: DateTime<Utc>,
+    /// Categories, sorted.
+    pub categories: Vec<&'static str>,
+    pub products: Vec<Product>,
+    /// The spiking products, strongest first.
+    pub spikes: Vec<&'static str>,
+    /// `serving.popular_products` as seeded, rank 1 first.
+    pub popular: Vec<String>,
+}
+
+/// A small shop for the dashboard: five products in three categories with
+/// six hours of views ([`dashboard_views`]), their baseline shares, and both
+/// layers fresh. Category demand, popularity and the two spikes (p-3 from
+/// three hours ago, p-5 from one hour ago) follow from the real views.
+pub async fn seed_dashboard(pool: &PgPool) -> anyhow::Result<DashboardData> {
+    let hour = current_hour();
+    let products: Vec<Product> = DASHBOARD_PRODUCTS
+        .iter()
+        .map(|(id, name, category, _)| Product { id: (*id).into(), name: (*name).into(), category: (*category).into() })
+        .collect();
+    insert_products(pool, &products).await?;
+    for (id, _, _, share) in DASHBOARD_PRODUCTS {
+        insert_baseline(pool, id, *share).await?;
+        for ago in 0..6 {
+            insert_product_demand(pool, hour - TimeDelta::hours(ago), id, dashboard_views(id, ago), 0, 0).await?;
+        }
+    }
+    let now = Utc::now();
+    insert_freshness(
+        pool,
+        now - TimeDelta::seconds(2),
+        now - TimeDelta::seconds(1),
+        hour,
+        now - TimeDelta::minutes(20),
+    )
+    .await?;
+    let popular: Vec<String> =
+        sqlx::query_scalar("SELECT product_id FROM serving.popular_products ORDER BY rank").fetch_all(pool).await?;
+    Ok(DashboardData {
+        hour,
+        categories: vec!["Books", "Garden & Outdoor", "Toys"],
+        products,
+        spikes: vec!["p-3", "p-5"],
+        popular,
+    })
 }
 
 /// An HTTP answer: status and body.
@@ -297,75 +284,4 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
         }
     }
     Ok(Answer { status, content_type, body: body.to_owned() })
-}
-
-/// What [`seed_dashboard`] wrote, for the assertions.
-#[derive(Debug, Clone)]
-pub struct DashboardData {
-    /// The current hour; demand covers it and the five before.
-    pub hour: DateTime<Utc>,
-    pub categories: Vec<&'static str>,
-    pub products: Vec<Product>,
-    /// Spiking products, strongest first.
-    pub spikes: Vec<Spike>,
-    /// Popular product ids, rank 1 first.
-    pub popular: Vec<&'static str>,
-}
-
-/// A small shop for the dashboard: three categories with six hours of
-/// demand (views = 10·category index + hours ago), five products, two
-/// spikes, a popular list, and both layers fresh.
-pub async fn seed_dashboard(pool: &PgPool) -> anyhow::Result<DashboardData> {
-    use chrono::{DurationRound, TimeDelta};
-    let now = Utc::now();
-    let hour = now.duration_trunc(TimeDelta::hours(1))?;
-    let categories = vec!["Books", "Garden & Outdoor", "Toys"];
-    for (c, category) in categories.iter().enumerate() {
-        for ago in 0..6 {
-            let views = 10 * (c as i64 + 1) + ago;
-            insert_category_demand(pool, hour - TimeDelta::hours(ago), category, views, views / 2, views / 5).await?;
-        }
-    }
-    let products: Vec<Product> = [
-        ("p-1", "Rust in Action", "Books"),
-        ("p-2", "Garden hose <20 m>", "Garden & Outdoor"),
-        ("p-3", "Wooden train", "Toys"),
-        ("p-4", "Kite", "Toys"),
-        ("p-5", "Seed mix", "Garden & Outdoor"),
-    ]
-    .into_iter()
-    .map(|(id, name, category)| Product { id: id.into(), name: name.into(), category: category.into() })
-    .collect();
-    insert_products(pool, &products).await?;
-    for ago in 0..3 {
-        insert_product_demand(pool, hour - TimeDelta::hours(ago), "p-1", 100 + ago, 7 + ago).await?;
-    }
-    let spikes = vec![
-        Spike {
-            product_id: "p-3".into(),
-            category: "Toys".into(),
-            start: hour - TimeDelta::hours(4),
-            latest: hour,
-            current: 120.0,
-            baseline: 12.5,
-            score: 8.5,
-        },
-        Spike {
-            product_id: "p-5".into(),
-            category: "Garden & Outdoor".into(),
-            start: hour - TimeDelta::hours(2),
-            latest: hour,
-            current: 40.0,
-            baseline: 9.0,
-            score: 4.25,
-        },
-    ];
-    for s in &spikes {
-        insert_spike(pool, s).await?;
-    }
-    let popular = vec!["p-3", "p-1", "p-2", "p-5"];
-    insert_popular(pool, &popular).await?;
-    insert_freshness(pool, "speed", now - TimeDelta::seconds(2), now - TimeDelta::seconds(1)).await?;
-    insert_freshness(pool, "batch", hour - TimeDelta::hours(1), now - TimeDelta::minutes(20)).await?;
-    Ok(DashboardData { hour, categories, products, spikes, popular })
 }

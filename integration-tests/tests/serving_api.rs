@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use integration_tests::fixture::{Stack, binary};
-use integration_tests::serving::{self, Did, get, record, stand_in_relations};
+use integration_tests::serving::{self, Did, get, record};
 use serde_json::{Value, json};
 use serving_layer::server::{self, ServeConfig};
 use sqlx::PgPool;
@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 async fn prepared(test: &str) -> (String, PgPool) {
     let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
     platform::db::prepare(&pool, None).await.unwrap();
-    stand_in_relations(&pool).await.unwrap();
     seed(&pool).await;
     (url, pool)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use integration_tests::private_stack::PrivateStack;
-use integration_tests::serving::{self, Did, get, record, stand_in_relations};
+use integration_tests::serving::{self, Did, get, record};
 use serde_json::Value;
 use serving_layer::server::{self, ServeConfig};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,6 @@ async fn recommendations_fall_back_to_the_cached_popular_list_while_postgres_is_
     let mut stack = PrivateStack::start().await.expect("private stack");
     let (url, pool) = stack.create_database("lambda").await.unwrap();
     platform::db::prepare(&pool, None).await.unwrap();
-    stand_in_relations(&pool).await.unwrap();
     serving::insert_popular(&pool, &["p-1", "p-2", "p-3"]).await.unwrap();
     serving::insert_similarity(&pool, &[("p-10", "p-11", 0.9), ("p-10", "p-12", 0.5)]).await.unwrap();
     record(&pool, "u-1", "p-10", Did::Viewed, Utc::now() - TimeDelta::minutes(5)).await.unwrap();

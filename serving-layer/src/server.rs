@@ -183,9 +183,11 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 
     let popular = PopularCache::new();
     let ready = Readiness::default();
+    // The popular list is computed from a week of merged demand: a
+    // dashboard-sized query, so it runs on that pool and its time limit.
     tokio::spawn(popular::keep_fresh(
         popular.clone(),
-        recommender_pool.clone(),
+        dashboard_pool.clone(),
         config.popular_refresh,
         ready.clone(),
         shutdown.clone(),
