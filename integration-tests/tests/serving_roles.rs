@@ -1,7 +1,8 @@
 //! Least privilege, proven by logging in as each read-only role:
 //! `dashboard_reader` reads every aggregate `serving.*` relation, nothing
 //! user-level and writes nothing; `recommender_reader` reads what
-//! recommendations need and writes nothing either.
+//! recommendations need and writes nothing either; `serving_writer` imports
+//! model outputs and writes nothing of the other layers.
 
 use integration_tests::fixture::Stack;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -121,5 +122,44 @@ async fn recommender_reader_reads_what_recommendations_need_and_writes_nothing()
         for sql in writes(relation) {
             refused(&reader, &sql).await;
         }
+    }
+}
+
+#[tokio::test]
+async fn serving_writer_imports_model_outputs_and_writes_nothing_else() {
+    use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+    use datafusion::parquet::arrow::ArrowWriter;
+
+    let url = prepared("serving_roles_writer").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.parquet");
+    let batch = RecordBatch::try_from_iter([
+        ("user_id", std::sync::Arc::new(StringArray::from(vec!["u-1", "u-1"])) as ArrayRef),
+        ("product_id", std::sync::Arc::new(StringArray::from(vec!["p-1", "p-2"])) as ArrayRef),
+        ("score", std::sync::Arc::new(Float64Array::from(vec![0.9, 0.8])) as ArrayRef),
+    ])
+    .unwrap();
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+
+    let writer = as_role(&url, "serving_writer").await;
+    let summary = serving_layer::models::import(&writer, &path, "v1").await.unwrap();
+    assert_eq!((summary.rows, summary.users), (2, 1));
+    let reader = as_role(&url, "recommender_reader").await;
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT product_id, rank FROM serving.model_recommendations ORDER BY rank")
+            .fetch_all(&reader)
+            .await
+            .unwrap();
+    assert_eq!(rows, [("p-1".to_string(), 1), ("p-2".to_string(), 2)]);
+    for sql in [
+        "DELETE FROM batch.products",
+        "DELETE FROM batch.user_product_state",
+        "DELETE FROM speed.product_demand_hourly",
+        "DELETE FROM ops.cut",
+        "UPDATE ops.model_imports SET users = 0",
+    ] {
+        assert_eq!(try_sql(&writer, sql).await, Err(DENIED.to_string()), "serving_writer may {sql}");
     }
 }

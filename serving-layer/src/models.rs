@@ -233,6 +233,10 @@ pub async fn import(pool: &PgPool, path: &Path, version: &str) -> Result<ImportS
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    // Fresh statistics now, not whenever autovacuum gets to it: readers
+    // use generic plans, which are re-planned with them (an empty table's
+    // plan would scan instead of using the key).
+    sqlx::query("ANALYZE serving.model_recommendations").execute(pool).await?;
     Ok(ImportSummary { rows: n, users: users as usize })
 }
 
