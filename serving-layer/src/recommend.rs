@@ -15,8 +15,9 @@
 //!
 //! Products the user bought or holds in the cart are never recommended. A
 //! model or personalised list shorter than `k` is padded with popular
-//! products (score 0: they carry no personal relevance), so scores in one
-//! answer never increase down the list.
+//! products, scored 0: they carry no personal relevance, and a similarity
+//! score is never below 0, so a personalised answer's scores never increase
+//! down the list.
 //!
 //! Everything read from PostgreSQL comes from one statement, bounded by a
 //! latency budget: a database error, a timeout, an unknown user or an
