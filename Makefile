@@ -62,3 +62,12 @@ fmt: ## format the code
 
 test: ## the whole suite against a real local stack (starts and stops it)
 	@scripts/test.sh
+
+.PHONY: serve bench-serving
+
+serve: ## the recommendations API and dashboard on SERVING_ADDR (default 127.0.0.1:8080)
+	cargo build -p serving-layer --bins
+	$(BIN)/serving-layer serve
+
+bench-serving: ## recommendation latency under wrk, 100k users; writes docs/BENCHMARKS.md
+	@scripts/bench-serving.sh

@@ -2,7 +2,7 @@
 # The local stack, without Docker: PostgreSQL (Debian's server, run as the
 # `postgres` user) and the tansu Kafka broker, on loopback, state under .local/.
 #
-#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu)
+#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk)
 #   scripts/stack.sh up        start both (idempotent), topics, migrations
 #   scripts/stack.sh down      stop both
 #   scripts/stack.sh status    what runs where
@@ -41,6 +41,13 @@ install_tools() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null
     fi
     [ -n "$(pg_bin)" ] || die "PostgreSQL server binaries not found under /usr/lib/postgresql"
+    # Headless Chromium for the dashboard test, wrk for `make bench-serving`.
+    if ! command -v chromium >/dev/null || ! command -v wrk >/dev/null; then
+        say "installing chromium and wrk (Debian packages)"
+        command -v apt-get >/dev/null || die "no chromium/wrk and no apt-get; install both"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk >/dev/null
+    fi
     command -v psql >/dev/null || die "psql not found; install postgresql-client"
     if [ ! -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
         say "installing tansu $TANSU_VERSION into $CACHE/tools (first time only, about 11 minutes)"

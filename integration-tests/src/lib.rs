@@ -1,6 +1,6 @@
 //! The platform under test: the load generator and its shop model, the bad
 //! records, and (for the tests in `tests/`) the fixture that talks to the
-//! local stack.
+//! local stack and the serving layer's test data.
 
 pub mod checks;
 pub mod fixture;
@@ -8,4 +8,5 @@ pub mod generator;
 pub mod malformed;
 pub mod private_stack;
 pub mod quality;
+pub mod serving;
 pub mod shop;

@@ -1,8 +1,12 @@
 //! Command line of `serving-layer`.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+use crate::server::{self, ServeConfig};
 
 /// Serving layer of the Lambda data platform.
 #[derive(Debug, Parser)]
@@ -25,6 +29,31 @@ pub enum Command {
         #[arg(long, env = "SEGMENT_SIZE")]
         segment_size: Option<i64>,
     },
+    /// Serve the recommendations API, the dashboard and its API, and
+    /// /metrics, /healthz, /readyz until SIGTERM/SIGINT.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "SERVING_ADDR", default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+        /// Database time a recommendation may take before the popular list answers (e.g. 100ms).
+        #[arg(long, env = "SERVING_BUDGET", default_value = "100ms", value_parser = humantime::parse_duration)]
+        budget: Duration,
+        /// How often the in-memory popular list is reloaded.
+        #[arg(long, env = "SERVING_POPULAR_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+        popular_refresh: Duration,
+        /// PostgreSQL connections for recommendations.
+        #[arg(long, env = "SERVING_MAX_CONNECTIONS", default_value_t = 16)]
+        max_connections: u32,
+    },
+    /// Replace the imported model recommendations with a Parquet file's
+    /// (columns user_id, product_id, score and optionally rank), atomically.
+    ImportRecommendations {
+        /// The Parquet file.
+        file: PathBuf,
+        /// Version label of the model that produced the file.
+        #[arg(long)]
+        model_version: String,
+    },
 }
 
 /// Runs the parsed command.
@@ -34,6 +63,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
             let deployment = platform::db::prepare(&pool, segment_size).await?;
             tracing::info!(segment_size = deployment.segment_size.get(), "schema is up to date");
+            Ok(())
+        }
+        Command::Serve { addr, budget, popular_refresh, max_connections } => {
+            if budget.is_zero() {
+                anyhow::bail!("--budget must be positive, e.g. 100ms");
+            }
+            if popular_refresh.is_zero() {
+                anyhow::bail!("--popular-refresh must be positive, e.g. 10s");
+            }
+            if max_connections == 0 {
+                anyhow::bail!("--max-connections must be at least 1");
+            }
+            let shutdown = platform::shutdown::on_signals();
+            let config = ServeConfig { addr, database_url: cli.database_url, budget, popular_refresh, max_connections };
+            server::run(config, shutdown).await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::ImportRecommendations { file, model_version } => {
+            let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
+            platform::db::prepare(&pool, None).await?;
+            let summary = crate::models::import(&pool, &file, &model_version).await?;
+            tracing::info!(
+                file = %file.display(),
+                model_version,
+                rows = summary.rows,
+                users = summary.users,
+                "imported model recommendations"
+            );
             Ok(())
         }
     }

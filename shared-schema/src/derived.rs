@@ -26,6 +26,10 @@ pub const INTEREST: &str = "views + cart_adds + purchases";
 
 /// How far back the demand baseline looks.
 pub const BASELINE_DAYS: i64 = 14;
+/// Which quantile of a product's hourly share is its baseline: a little
+/// below the median, so a spike over a good part of the window (two days of
+/// a short history) leaves it alone.
+pub const BASELINE_QUANTILE: f64 = 0.4;
 /// How far back item similarity looks at users' activity.
 pub const SIMILARITY_DAYS: i64 = 30;
 /// Most recent distinct products per user that enter similarity: bounds the
@@ -40,8 +44,9 @@ pub const SPIKE_RATIO: f64 = 2.5;
 /// ...the excess is this many standard deviations (of the product's own
 /// variation, see the baseline's `dispersion`)...
 pub const SPIKE_Z: f64 = 5.0;
-/// ...and at least this much demand happened.
-pub const SPIKE_MIN_DEMAND: i64 = 10;
+/// ...and at least this much demand happened (a product going from 2 to 15
+/// views an hour is noise, not a marketing event).
+pub const SPIKE_MIN_DEMAND: i64 = 20;
 /// An hour is *elevated* at this ratio and z-score. A spike is a run of
 /// elevated hours (gaps of up to [`SPIKE_GAP_HOURS`]) holding at least
 /// [`SPIKE_MIN_HOURS`] spike hours (it must be sustained), or one spike hour
@@ -51,6 +56,9 @@ pub const ELEVATED_RATIO: f64 = 1.5;
 pub const ELEVATED_Z: f64 = 3.0;
 pub const SPIKE_MIN_HOURS: i64 = 2;
 pub const SPIKE_STRONG_Z: f64 = 10.0;
+/// The hour's level is read off the products whose share is at least this
+/// fraction of an even share (1 / products): those present every hour.
+pub const LEVEL_SHARE: f64 = 0.5;
 /// Elevated hours at most this far apart belong to one spike.
 pub const SPIKE_GAP_HOURS: i64 = 2;
 /// A spike of a product whose this-many most similar products include one
@@ -169,9 +177,10 @@ fn catalog_query(_: &Scope, _: &Input) -> String {
 /// Per product, its typical share of all demand in an hour, and how much
 /// its demand varies around that.
 ///
-/// * `share`: the median of its share over every hour of the window (hours
-///   without the product count as zero), so a spike of a day or two does not
-///   move it; a product mostly absent (median zero) falls back to its mean.
+/// * `share`: a quantile ([`BASELINE_QUANTILE`]) of its share over every
+///   hour of the window (hours without the product count as zero), so a
+///   spike of a day or two does not move it; a product mostly absent
+///   (quantile zero) falls back to its mean.
 ///   Expected demand in an hour is that share of the hour's total, which
 ///   carries the time-of-day curve.
 /// * `dispersion`: demand comes in sessions (a shopper looks at a product
@@ -191,13 +200,24 @@ shares AS (
     FROM totals AS t CROSS JOIN products AS p
     LEFT JOIN demand AS d ON d.hour = t.hour AND d.product_id = p.product_id
 ),
-typical AS (
+ranked AS (
+    SELECT product_id, share, demand,
+           row_number() OVER (PARTITION BY product_id ORDER BY share) AS k,
+           count(*) OVER (PARTITION BY product_id) AS n
+    FROM shares
+),
+quantiles AS (
     SELECT product_id,
-           CASE WHEN median(share) > 0 THEN median(share) ELSE avg(share) END AS share,
+           max(CASE WHEN k = CAST(ceil(n * {BASELINE_QUANTILE}) AS BIGINT) THEN share END) AS quantile,
+           avg(share) AS mean,
            count(*) AS hours,
            sum(demand) AS demand
-    FROM shares
+    FROM ranked
     GROUP BY product_id
+),
+typical AS (
+    SELECT product_id, CASE WHEN quantile > 0 THEN quantile ELSE mean END AS share, hours, demand
+    FROM quantiles
 ),
 expected AS (
     SELECT s.product_id, s.demand, greatest(t.share * s.total, 1.0) AS expected
@@ -375,6 +395,12 @@ WHERE score > 0",
 }
 
 /// Every product-hour with demand, against what the baseline expects.
+///
+/// Expected demand is the product's baseline share of the hour's *level*:
+/// the median, over the products common enough to show up every hour, of
+/// their demand divided by their share. Unlike the hour's total, the level
+/// is not lifted by the spikes it is meant to reveal (a big spike on a
+/// popular product would otherwise raise its own expectation).
 fn spike_hours_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY.name;
     let b = DEMAND_BASELINE.name;
@@ -386,9 +412,15 @@ fn spike_hours_body() -> String {
        ({spike}) AS is_spike,
        ({elevated}) AS is_elevated
 FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS d
-JOIN (SELECT hour, sum({INTEREST})::double precision AS total FROM serving.{v} GROUP BY hour) AS t ON t.hour = d.hour
+JOIN (
+    SELECT l.hour, percentile_cont(0.5) WITHIN GROUP (ORDER BY l.demand / lb.share) AS level
+    FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS l
+    JOIN batch.{b} AS lb ON lb.product_id = l.product_id
+    WHERE lb.share >= (SELECT {LEVEL_SHARE} / count(*) FROM batch.{b})
+    GROUP BY l.hour
+) AS t ON t.hour = d.hour
 JOIN batch.{b} AS b ON b.product_id = d.product_id
-CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.total, 1.0) AS expected) AS e
+CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.level, 1.0) AS expected) AS e
 CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(b.dispersion * e.expected) AS z) AS x",
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),

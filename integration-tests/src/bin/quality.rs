@@ -22,9 +22,9 @@ struct Args {
     /// Hours of history to generate.
     #[arg(long, default_value_t = 168)]
     hours: u32,
-    /// Spikes to inject.
-    #[arg(long, default_value_t = 30)]
-    spikes: usize,
+    /// Spikes to inject (default: one per 12 hours, as the generator does).
+    #[arg(long)]
+    spikes: Option<usize>,
     /// Products in the shop.
     #[arg(long, default_value_t = 300)]
     products: usize,
@@ -60,7 +60,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let generated = GeneratorArgs {
         backfill_hours: args.hours,
-        spikes: Some(args.spikes),
+        spikes: Some(args.spikes.unwrap_or((args.hours as usize / 12).max(1))),
         products: args.products,
         categories: 12,
         users: args.users,

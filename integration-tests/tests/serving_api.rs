@@ -1,0 +1,504 @@
+//! The recommendations API against a real PostgreSQL: personalised answers
+//! with exact scores, exclusions and popular padding; the popular fallback
+//! for unknown users, empty results and a database slower than the budget;
+//! 400s for bad input; model outputs served first; and metrics, health and a
+//! graceful stop of the real binary.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use integration_tests::fixture::{Stack, binary};
+use integration_tests::serving::{self, Did, get, record};
+use serde_json::{Value, json};
+use serving_layer::server::{self, ServeConfig};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh database with the schema, the stand-ins and the catalog below.
+async fn prepared(test: &str) -> (String, PgPool) {
+    let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
+    platform::db::prepare(&pool, None).await.unwrap();
+    seed(&pool).await;
+    (url, pool)
+}
+
+/// Popular: p-20, p-1, ..., p-5. Similarities of p-10, p-20, p-30. User u-1
+/// viewed p-10, holds p-20 in the cart, bought p-21 and p-30, and carted then
+/// removed p-3. User u-2 only bought p-20.
+async fn seed(pool: &PgPool) {
+    serving::insert_popular(pool, &["p-20", "p-1", "p-2", "p-3", "p-4", "p-5"]).await.unwrap();
+    serving::insert_similarity(
+        pool,
+        &[
+            ("p-10", "p-11", 0.9),
+            ("p-10", "p-12", 0.5),
+            ("p-10", "p-3", 0.4),
+            ("p-20", "p-12", 0.6),
+            ("p-20", "p-21", 0.7),
+            ("p-20", "p-2", 0.3),
+            ("p-30", "p-31", 0.8),
+        ],
+    )
+    .await
+    .unwrap();
+    let now = Utc::now();
+    let ago = |h: i64| now - TimeDelta::minutes(h * 60);
+    record(pool, "u-1", "p-10", Did::Viewed, ago(3)).await.unwrap();
+    record(pool, "u-1", "p-20", Did::Viewed, ago(2)).await.unwrap();
+    record(pool, "u-1", "p-20", Did::Carted, ago(2)).await.unwrap();
+    record(pool, "u-1", "p-21", Did::Viewed, ago(6)).await.unwrap();
+    record(pool, "u-1", "p-21", Did::Purchased, ago(5)).await.unwrap();
+    record(pool, "u-1", "p-30", Did::Purchased, ago(7)).await.unwrap();
+    record(pool, "u-1", "p-3", Did::Carted, ago(4)).await.unwrap();
+    record(pool, "u-1", "p-3", Did::Removed, ago(3) - TimeDelta::minutes(30)).await.unwrap();
+    record(pool, "u-2", "p-20", Did::Purchased, ago(1)).await.unwrap();
+}
+
+/// The tests' server. Its budget is generous, so a busy CI machine does
+/// not turn personal answers into fallbacks; the budget test sets its own.
+fn config(url: &str, budget: Duration) -> ServeConfig {
+    ServeConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        database_url: url.to_string(),
+        budget,
+        popular_refresh: Duration::from_secs(1),
+        max_connections: 4,
+    }
+}
+
+/// Starts the server in process and waits until it is ready.
+async fn serve(url: &str) -> (SocketAddr, CancellationToken) {
+    serve_with(url, Duration::from_secs(2)).await
+}
+
+async fn serve_with(url: &str, budget: Duration) -> (SocketAddr, CancellationToken) {
+    let token = CancellationToken::new();
+    let running = server::start(config(url, budget), token.clone()).await.unwrap();
+    wait_ready(running.addr).await;
+    (running.addr, token)
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server at {addr} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn recommend(addr: SocketAddr, user: &str, k: usize) -> Value {
+    let a = get(addr, &format!("/api/recommendations/{user}?k={k}")).await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.content_type.as_deref(), Some("application/json"));
+    a.json()
+}
+
+/// `(product_id, score)` of an answer.
+fn products(v: &Value) -> Vec<(String, f64)> {
+    v["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["product_id"].as_str().unwrap().to_string(), p["score"].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_products(v: &Value, expected: &[(&str, f64)]) {
+    let got = products(v);
+    let ids: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    let want: Vec<&str> = expected.iter().map(|(p, _)| *p).collect();
+    assert_eq!(ids, want, "products of {v}");
+    for ((p, s), (_, e)) in got.iter().zip(expected) {
+        assert!((s - e).abs() < 1e-9, "score of {p}: {s}, expected {e}");
+    }
+}
+
+#[tokio::test]
+async fn personalized_from_views_and_cart_without_bought_or_carted_padded_with_popular() {
+    let (url, _pool) = prepared("serving_personalized").await;
+    let (addr, stop) = serve(&url).await;
+
+    // Seeds: p-20 (in the cart, weight 2), p-10 (viewed), p-3 (removed from
+    // the cart, weight 1). p-12 = 0.5·1 + 0.6·2; p-21 is bought, so never.
+    let v = recommend(addr, "u-1", 6).await;
+    assert_eq!(v["source"], "personalized");
+    assert_eq!(v["user_id"], "u-1");
+    assert!(v.get("model_version").is_none());
+    // Padding skips p-20 (in the cart) and p-2, p-3 (already listed).
+    assert_products(&v, &[("p-12", 1.7), ("p-11", 0.9), ("p-2", 0.6), ("p-3", 0.4), ("p-1", 0.0), ("p-4", 0.0)]);
+    assert_products(&recommend(addr, "u-1", 2).await, &[("p-12", 1.7), ("p-11", 0.9)]);
+    // Four personal products, and the popular ones left: p-1, p-4, p-5.
+    let all = recommend(addr, "u-1", 10).await;
+    assert_eq!(products(&all).len(), 7, "{all}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn unknown_users_and_empty_results_get_the_popular_list() {
+    let (url, _pool) = prepared("serving_popular_fallback").await;
+    let (addr, stop) = serve(&url).await;
+
+    let v = recommend(addr, "u-404", 3).await;
+    assert_eq!(v["source"], "popular");
+    assert_products(&v, &[("p-20", 1000.0), ("p-1", 999.0), ("p-2", 998.0)]);
+    // u-2 is known but only bought p-20: nothing to base similarity on, and
+    // the popular list leaves out what they bought.
+    let v = recommend(addr, "u-2", 3).await;
+    assert_eq!(v["source"], "popular");
+    assert_products(&v, &[("p-1", 999.0), ("p-2", 998.0), ("p-3", 997.0)]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_database_slower_than_the_budget_gets_the_popular_list_in_time() {
+    let (url, pool) = prepared("serving_slow_database").await;
+    let (addr, stop) = serve_with(&url, Duration::from_millis(100)).await;
+    // Personal answers fit the budget (retried: a busy machine may miss it once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recommend(addr, "u-1", 3).await["source"] != "personalized" {
+        assert!(Instant::now() < deadline, "personal recommendations never fit the budget");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Hold a lock that the user's state query waits for.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE batch.user_product_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let started = Instant::now();
+    let v = recommend(addr, "u-1", 3).await;
+    let took = started.elapsed();
+    assert_eq!(v["source"], "popular", "{v}");
+    assert_products(&v, &[("p-20", 1000.0), ("p-1", 999.0), ("p-2", 998.0)]);
+    assert!(took >= Duration::from_millis(100), "answered in {took:?}: the database cannot have been asked");
+    // The lock is held for good, so an answer at all means the fallback did
+    // not wait for the database (generous bound for a busy machine).
+    assert!(took < Duration::from_millis(1500), "answered in {took:?}, budget 100 ms");
+    blocker.rollback().await.unwrap();
+
+    // The waiting query ends with the lock; personal answers come back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recommend(addr, "u-1", 3).await["source"] != "personalized" {
+        assert!(Instant::now() < deadline, "personal recommendations did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_with_a_one_line_json_error() {
+    let (url, _pool) = prepared("serving_bad_input").await;
+    let (addr, stop) = serve(&url).await;
+    let long = "u".repeat(129);
+    let cases: Vec<(String, &str)> = vec![
+        ("/api/recommendations/u-1?k=0".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=101".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=-1".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=ten".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=99999999999999999999999".into(), "k must be an integer from 1 to 100"),
+        ("/api/recommendations/u-1?k=1&k=2".into(), "k"),
+        (format!("/api/recommendations/{long}"), "user_id is 129 bytes long; at most 128 are allowed"),
+        (format!("/api/recommendations/{}", "u".repeat(10_000)), "user_id is 10000 bytes long"),
+        ("/api/recommendations/u%201".into(), "user_id may contain only"),
+        ("/api/recommendations/u%2F1".into(), "user_id may contain only"),
+        ("/api/recommendations/u'%3B%20DROP%20TABLE%20x".into(), "user_id may contain only"),
+        ("/api/recommendations/%FF%FE".into(), "user_id"),
+        ("/api/recommendations/%C3%BC".into(), "user_id may contain only"),
+        ("/api/demand/hourly?from=yesterday".into(), "from must be an RFC 3339 time"),
+        ("/api/demand/hourly?product_id=p-1&category=Books".into(), "not both"),
+        ("/api/demand/hourly?product_id=p%201".into(), "product_id may contain only"),
+        ("/api/demand/hourly?from=2026-11-24T00:00:00Z&to=2026-11-23T00:00:00Z".into(), "from must be before to"),
+        ("/api/demand/hourly?from=2025-01-01T00:00:00Z&to=2026-01-01T00:00:00Z".into(), "at most 744 hours"),
+        ("/api/popular?limit=0".into(), "limit must be an integer from 1 to 1000"),
+        ("/api/spikes?limit=x".into(), "limit must be an integer from 1 to 1000"),
+    ];
+    for (path, message) in &cases {
+        let a = get(addr, path).await.unwrap();
+        assert_eq!(a.status, 400, "{path}: {}", a.body);
+        assert!(!a.body.contains('\n'), "{path}: multi-line body {:?}", a.body);
+        let error =
+            a.json()["error"].as_str().unwrap_or_else(|| panic!("{path}: no error field: {}", a.body)).to_owned();
+        assert!(error.contains(message), "{path}: {error:?} does not say {message:?}");
+    }
+    // The longest valid id is fine (an unknown user: popular list).
+    let longest = "u".repeat(128);
+    assert_eq!(recommend(addr, &longest, 1).await["source"], "popular");
+    let a = get(addr, "/api/nope").await.unwrap();
+    assert_eq!(a.status, 404);
+    assert_eq!(a.json(), json!({"error": "no such resource: /api/nope"}));
+    stop.cancel();
+}
+
+/// A Parquet file of model outputs; `rank` only when given.
+fn model_file(dir: &std::path::Path, name: &str, rows: &[(&str, &str, f64, Option<i64>)]) -> std::path::PathBuf {
+    use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+    use datafusion::parquet::arrow::ArrowWriter;
+    let mut columns: Vec<(&str, ArrayRef)> = vec![
+        ("user_id", std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0)))),
+        ("product_id", std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1)))),
+        ("score", std::sync::Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2)))),
+    ];
+    if rows.iter().all(|r| r.3.is_some()) {
+        columns.push(("rank", std::sync::Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3.unwrap())))));
+    }
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let path = dir.join(name);
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    path
+}
+
+#[tokio::test]
+async fn imported_model_outputs_are_served_first_and_replaced_atomically() {
+    let (url, pool) = prepared("serving_model_import").await;
+    let (addr, stop) = serve(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // v1: u-1 by rank (p-20 is in u-1's cart: left out); u-9 ranked by score.
+    let mut v1 = vec![("u-1", "p-5", 0.9, Some(1)), ("u-1", "p-20", 0.8, Some(2)), ("u-1", "p-6", 0.7, Some(3))];
+    v1.push(("u-9", "p-7", 0.5, Some(1)));
+    let file = model_file(dir.path(), "v1.parquet", &v1);
+    let summary = serving_layer::models::import(&pool, &file, "v1").await.unwrap();
+    assert_eq!((summary.rows, summary.users), (4, 2));
+    let v = recommend(addr, "u-1", 4).await;
+    assert_eq!(v["source"], "model");
+    assert_eq!(v["model_version"], "v1");
+    assert_products(&v, &[("p-5", 0.9), ("p-6", 0.7), ("p-1", 0.0), ("p-2", 0.0)]);
+
+    // v2 without a rank column (ranked by score), many users so the import
+    // takes a while, and without u-1: u-1 is personalised again. A reader
+    // polling u-9 throughout sees v1 or v2, never a mix or nothing.
+    let mut v2: Vec<(String, String, f64)> = vec![("u-9".into(), "p-8".into(), 0.2), ("u-9".into(), "p-9".into(), 0.6)];
+    for u in 0..20_000 {
+        for p in 0..3 {
+            v2.push((format!("m-{u}"), format!("p-{p}"), f64::from(p)));
+        }
+    }
+    let v2_rows: Vec<(&str, &str, f64, Option<i64>)> =
+        v2.iter().map(|(u, p, s)| (u.as_str(), p.as_str(), *s, None)).collect();
+    let file2 = model_file(dir.path(), "v2.parquet", &v2_rows);
+    let poll = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = recommend(addr, "u-9", 2).await;
+            let done = v["model_version"] == "v2";
+            seen.push(v);
+            if done || Instant::now() > deadline {
+                return seen;
+            }
+        }
+    });
+    let summary = serving_layer::models::import(&pool, &file2, "v2").await.unwrap();
+    assert_eq!((summary.rows, summary.users), (60_002, 20_001));
+    let seen = poll.await.unwrap();
+    for v in &seen {
+        match v["model_version"].as_str() {
+            Some("v1") => assert_products(v, &[("p-7", 0.5), ("p-20", 0.0)]),
+            Some("v2") => assert_products(v, &[("p-9", 0.6), ("p-8", 0.2)]),
+            other => panic!("answer from neither model ({other:?}): {v}"),
+        }
+    }
+    assert_eq!(seen.last().unwrap()["model_version"], "v2");
+    assert!(
+        seen.iter().any(|v| v["model_version"] == "v1"),
+        "the reader never saw the old model: {} answers",
+        seen.len()
+    );
+    assert_eq!(recommend(addr, "u-1", 2).await["source"], "personalized");
+    let imports: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT model_version, users, rows FROM ops.model_imports ORDER BY import_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(imports, [("v1".to_string(), 2, 4), ("v2".to_string(), 20_001, 60_002)]);
+    stop.cancel();
+}
+
+/// Runs `serving-layer import-recommendations` and returns (success, stderr).
+async fn import_cli(url: &str, file: &std::path::Path) -> (bool, String) {
+    let out = tokio::process::Command::new(binary("serving-layer"))
+        .arg("import-recommendations")
+        .arg(file)
+        .args(["--model-version", "v-bad"])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn import_errors_are_one_line_and_keep_the_current_model() {
+    let (url, pool) = prepared("serving_import_errors").await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = model_file(dir.path(), "good.parquet", &[("u-1", "p-5", 0.9, Some(1))]);
+    serving_layer::models::import(&pool, &good, "v1").await.unwrap();
+
+    let not_parquet = dir.path().join("model.csv");
+    std::fs::write(&not_parquet, "user_id,product_id,score\nu-1,p-1,1\n").unwrap();
+    let no_score = {
+        use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+        use datafusion::parquet::arrow::ArrowWriter;
+        let batch = RecordBatch::try_from_iter([
+            ("user_id", std::sync::Arc::new(StringArray::from(vec!["u-1"])) as ArrayRef),
+            ("item", std::sync::Arc::new(StringArray::from(vec!["p-1"])) as ArrayRef),
+        ])
+        .unwrap();
+        let path = dir.path().join("no_score.parquet");
+        let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path
+    };
+    let bad_id = model_file(dir.path(), "bad_id.parquet", &[("u-1", "p-1", 1.0, None), ("u 2", "p-1", 1.0, None)]);
+    let dup = model_file(dir.path(), "dup.parquet", &[("u-1", "p-1", 1.0, None), ("u-1", "p-1", 0.5, None)]);
+    let missing = dir.path().join("missing.parquet");
+    let cases: Vec<(&std::path::Path, String)> = vec![
+        (&missing, format!("cannot open {}", missing.display())),
+        (&not_parquet, format!("{} is not a readable Parquet file", not_parquet.display())),
+        (&no_score, format!("{} has no column \"product_id\"", no_score.display())),
+        (&bad_id, format!("{}: row 2: user_id \"u 2\" may contain only", bad_id.display())),
+        (&dup, "a user has the same product_id twice".into()),
+    ];
+    for (file, expected) in cases {
+        let (ok, stderr) = import_cli(&url, file).await;
+        assert!(!ok, "{} was imported", file.display());
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "not one line: {stderr:?}");
+        assert!(lines[0].starts_with("error: "), "{stderr:?}");
+        assert!(lines[0].contains(&expected), "{stderr:?} does not say {expected:?}");
+    }
+    let still: Vec<(String, String)> =
+        sqlx::query_as("SELECT model_version, product_id FROM serving.model_recommendations")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(still, [("v1".to_string(), "p-5".to_string())]);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn the_binary_serves_metrics_health_and_stops_gracefully_on_sigterm() {
+    let (url, _pool) = prepared("serving_binary").await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = tokio::process::Command::new(binary("serving-layer"))
+        .args(["serve", "--addr", &addr.to_string()])
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_ready(addr).await;
+    assert_eq!(get(addr, "/healthz").await.unwrap().status, 200);
+    for _ in 0..3 {
+        recommend(addr, "u-1", 3).await;
+    }
+    recommend(addr, "u-404", 3).await;
+    assert_eq!(get(addr, "/api/recommendations/u%201").await.unwrap().status, 400);
+    let page = get(addr, "/metrics").await.unwrap().body;
+    let route = r#"route="/api/recommendations/{user_id}""#;
+    assert_eq!(metric(&page, &format!(r#"serving_requests_total{{{route},status="200"}}"#)), Some(4.0), "{page}");
+    assert_eq!(metric(&page, &format!(r#"serving_requests_total{{{route},status="400"}}"#)), Some(1.0), "{page}");
+    assert_eq!(metric(&page, &format!(r#"serving_request_seconds_count{{{route}}}"#)), Some(5.0), "{page}");
+    assert!(page.contains(&format!(r#"serving_request_seconds_bucket{{{route},le="0.005"}}"#)), "{page}");
+    assert_eq!(metric(&page, r#"serving_recommendations_total{source="personalized"}"#), Some(3.0), "{page}");
+    assert_eq!(metric(&page, r#"serving_fallbacks_total{reason="unknown_user"}"#), Some(1.0), "{page}");
+    let age = metric(&page, "serving_popular_cache_age_seconds").expect("cache age");
+    assert!((0.0..5.0).contains(&age), "cache age {age}");
+    assert_eq!(metric(&page, "serving_popular_cache_products"), Some(6.0), "{page}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("stops within 10 s").unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn personal_recommendations_follow_a_click_within_a_second() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let stack = Stack::from_env();
+    let (url, pool) = prepared("serving_follows_clicks").await;
+    let topic = stack.fresh_topic("serving_follows_clicks", 2).await.unwrap();
+    let dlq = stack.fresh_topic("serving_follows_clicks_dlq", 1).await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(logs.path().join("speed.log")).unwrap();
+    let _speed = tokio::process::Command::new(binary("speed-layer"))
+        .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
+        .args(["--assignment", "all", "--flush-interval", "100ms", "--ops-addr", "127.0.0.1:0"])
+        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (addr, stop) = serve(&url).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let click = |user: &str, product: &str, kind: &str, at: DateTime<Utc>| {
+        json!({"event_id": uuid::Uuid::new_v4().to_string(), "event_type": kind,
+               "event_time": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+               "user_id": user, "session_id": "s-1", "product_id": product, "quantity": 1,
+               "price_cents": 999, "schema_version": 1})
+        .to_string()
+    };
+    let send = |user: &'static str, payload: String| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            producer
+                .send(FutureRecord::to(&topic).key(user).payload(&payload), Duration::from_secs(5))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+
+    // Warm-up: the speed layer is consuming once a first click shows.
+    send("u-warm", click("u-warm", "p-30", "page_view", Utc::now())).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recommend(addr, "u-warm", 1).await["source"] != "personalized" {
+        assert!(Instant::now() < deadline, "the speed layer did not pick up the warm-up click; see its log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let user_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM speed.user_product_state WHERE user_id = 'u-warm'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(user_rows, 1, "the click came through the speed layer");
+
+    // A new user views p-10, then adds p-20 to the cart.
+    assert_eq!(recommend(addr, "u-new", 2).await["source"], "popular");
+    for (kind, product, expected) in
+        [("page_view", "p-10", [("p-11", 0.9), ("p-12", 0.5)]), ("add_to_cart", "p-20", [("p-12", 1.7), ("p-21", 1.4)])]
+    {
+        send("u-new", click("u-new", product, kind, Utc::now())).await;
+        let acked = Instant::now();
+        loop {
+            let v = recommend(addr, "u-new", 2).await;
+            if v["source"] == "personalized" && products(&v).first().map(|p| p.0.as_str()) == Some(expected[0].0) {
+                assert_products(&v, &expected);
+                break;
+            }
+            assert!(acked.elapsed() < Duration::from_secs(1), "{kind} {product} not reflected after 1 s: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("{kind} {product}: reflected {:?} after the broker acknowledged it", acked.elapsed());
+    }
+    stop.cancel();
+}

@@ -1,0 +1,338 @@
+//! Imported model outputs: `serving-layer import-recommendations
+//! FILE.parquet --model-version V`.
+//!
+//! A data scientist's model writes a Parquet file with columns `user_id`,
+//! `product_id`, `score` and optionally `rank` (1 = best; without it the
+//! rank follows the score, highest first). The import checks every row
+//! before touching the database, then replaces the contents of
+//! `serving.model_recommendations` in one transaction: readers see the old
+//! model or the new one, never a mix, and never wait (the replacement
+//! deletes and inserts rows instead of truncating). Each import is recorded
+//! in `ops.model_imports`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sqlx::PgPool;
+
+use crate::ids;
+
+/// Longest accepted model version label.
+pub const MAX_VERSION_BYTES: usize = 128;
+/// Rows per INSERT statement into the staging table.
+const CHUNK: usize = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("--model-version must be 1 to {MAX_VERSION_BYTES} bytes without control characters")]
+    Version,
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a readable Parquet file: {source}")]
+    Parquet { path: PathBuf, source: parquet::errors::ParquetError },
+    #[error("{path} has no column {column:?} (needs user_id, product_id, score and optionally rank; found {found})")]
+    MissingColumn { path: PathBuf, column: &'static str, found: String },
+    #[error("{path}: column {column:?} is {found}, expected {expected}")]
+    ColumnType { path: PathBuf, column: &'static str, found: DataType, expected: &'static str },
+    #[error("{path}: row {row}: {problem}")]
+    Row { path: PathBuf, row: usize, problem: String },
+    #[error("{path} has no rows; refusing to replace the model's recommendations with nothing")]
+    Empty { path: PathBuf },
+    #[error("{path}: a user has the same {what} twice ({detail}); each user needs distinct products and ranks")]
+    Duplicate { path: PathBuf, what: &'static str, detail: String },
+    #[error("writing the recommendations to PostgreSQL failed: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub rows: usize,
+    pub users: usize,
+}
+
+/// The file's rows, column by column.
+#[derive(Debug, Default)]
+struct Rows {
+    user_id: Vec<String>,
+    product_id: Vec<String>,
+    score: Vec<f64>,
+    /// Empty when the file has no `rank` column.
+    rank: Vec<i64>,
+}
+
+fn column_type_ok(column: &str, t: &DataType) -> bool {
+    match column {
+        "user_id" | "product_id" => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+        "score" => t.is_numeric(),
+        _ => t.is_integer(),
+    }
+}
+
+/// Reads and checks the whole file (blocking I/O).
+fn read(path: &Path) -> Result<Rows, ImportError> {
+    let file = File::open(path).map_err(|source| ImportError::Open { path: path.to_owned(), source })?;
+    let parquet_err = |source| ImportError::Parquet { path: path.to_owned(), source };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
+    let schema = builder.schema().clone();
+    let found = schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
+    let mut wanted: Vec<&'static str> = Vec::new();
+    for column in ["user_id", "product_id", "score", "rank"] {
+        match schema.field_with_name(column) {
+            Ok(field) => {
+                if !column_type_ok(column, field.data_type()) {
+                    let expected = match column {
+                        "user_id" | "product_id" => "a string",
+                        "score" => "a number",
+                        _ => "an integer",
+                    };
+                    return Err(ImportError::ColumnType {
+                        path: path.to_owned(),
+                        column,
+                        found: field.data_type().clone(),
+                        expected,
+                    });
+                }
+                wanted.push(column);
+            }
+            Err(_) if column == "rank" => {}
+            Err(_) => return Err(ImportError::MissingColumn { path: path.to_owned(), column, found }),
+        }
+    }
+    let has_rank = wanted.contains(&"rank");
+    let indices: Vec<usize> = wanted.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+    let reader = builder.with_projection(mask).build().map_err(parquet_err)?;
+
+    let mut rows = Rows::default();
+    for batch in reader {
+        let batch = batch.map_err(|e| ImportError::Parquet { path: path.to_owned(), source: e.into() })?;
+        append(path, &batch, has_rank, &mut rows)?;
+    }
+    if rows.user_id.is_empty() {
+        return Err(ImportError::Empty { path: path.to_owned() });
+    }
+    Ok(rows)
+}
+
+fn append(path: &Path, batch: &RecordBatch, has_rank: bool, rows: &mut Rows) -> Result<(), ImportError> {
+    let first_row = rows.user_id.len() + 1;
+    let bad = |i: usize, problem: String| ImportError::Row { path: path.to_owned(), row: first_row + i, problem };
+    let column = |name: &'static str, to: &DataType| {
+        let array = batch.column_by_name(name).ok_or_else(|| ImportError::MissingColumn {
+            path: path.to_owned(),
+            column: name,
+            found: String::new(),
+        })?;
+        cast(array, to).map_err(|e| ImportError::Parquet { path: path.to_owned(), source: e.into() })
+    };
+    let users = column("user_id", &DataType::Utf8)?;
+    let products = column("product_id", &DataType::Utf8)?;
+    let scores = column("score", &DataType::Float64)?;
+    let (users, products, scores) =
+        (users.as_string::<i32>(), products.as_string::<i32>(), scores.as_primitive::<Float64Type>());
+    let ranks = if has_rank { Some(column("rank", &DataType::Int64)?) } else { None };
+    let ranks = ranks.as_ref().map(|r| r.as_primitive::<Int64Type>());
+    for i in 0..batch.num_rows() {
+        for (name, array) in [("user_id", users), ("product_id", products)] {
+            if array.is_null(i) {
+                return Err(bad(i, format!("{name} is null")));
+            }
+            ids::check(array.value(i)).map_err(|e| bad(i, format!("{name} {:?} {e}", truncate(array.value(i)))))?;
+        }
+        if scores.is_null(i) || !scores.value(i).is_finite() {
+            return Err(bad(i, "score must be a finite number".into()));
+        }
+        rows.user_id.push(users.value(i).to_owned());
+        rows.product_id.push(products.value(i).to_owned());
+        rows.score.push(scores.value(i));
+        if let Some(ranks) = ranks {
+            if ranks.is_null(i) || !(1..=i64::from(i32::MAX)).contains(&ranks.value(i)) {
+                return Err(bad(i, "rank must be an integer of at least 1".into()));
+            }
+            rows.rank.push(ranks.value(i));
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// Imports `path` as model `version`, replacing the previous model's rows
+/// atomically.
+pub async fn import(pool: &PgPool, path: &Path, version: &str) -> Result<ImportSummary, ImportError> {
+    if version.is_empty() || version.len() > MAX_VERSION_BYTES || version.chars().any(char::is_control) {
+        return Err(ImportError::Version);
+    }
+    let owned = path.to_owned();
+    let rows = tokio::task::spawn_blocking(move || read(&owned))
+        .await
+        .map_err(|e| ImportError::Open { path: path.to_owned(), source: std::io::Error::other(e) })??;
+    let n = rows.user_id.len();
+
+    let mut tx = pool.begin().await?;
+    // One import at a time; readers (ACCESS SHARE) are not blocked.
+    sqlx::query("LOCK TABLE serving.model_recommendations IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    sqlx::query(
+        "CREATE TEMPORARY TABLE model_import (user_id text, product_id text, score float8, rank bigint) ON COMMIT DROP",
+    )
+    .execute(&mut *tx)
+    .await?;
+    for start in (0..n).step_by(CHUNK) {
+        let end = (start + CHUNK).min(n);
+        let ranks: Option<&[i64]> = (!rows.rank.is_empty()).then(|| &rows.rank[start..end]);
+        sqlx::query(
+            "INSERT INTO model_import (user_id, product_id, score, rank)
+             SELECT u, p, s, r
+             FROM unnest($1::text[], $2::text[], $3::float8[]) WITH ORDINALITY AS t(u, p, s, i)
+             LEFT JOIN unnest($4::bigint[]) WITH ORDINALITY AS rk(r, j) ON rk.j = t.i",
+        )
+        .bind(&rows.user_id[start..end])
+        .bind(&rows.product_id[start..end])
+        .bind(&rows.score[start..end])
+        .bind(ranks.unwrap_or(&[]))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM serving.model_recommendations").execute(&mut *tx).await?;
+    let inserted = sqlx::query(
+        "INSERT INTO serving.model_recommendations (user_id, rank, product_id, score, model_version)
+         SELECT user_id,
+                COALESCE(rank, row_number() OVER (PARTITION BY user_id ORDER BY score DESC, product_id)),
+                product_id, score, $1
+         FROM model_import",
+    )
+    .bind(version)
+    .execute(&mut *tx)
+    .await;
+    if let Err(sqlx::Error::Database(db)) = &inserted
+        && db.is_unique_violation()
+    {
+        let what = if db.constraint().is_some_and(|c| c.contains("product")) { "product_id" } else { "rank" };
+        let detail = db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.detail())
+            .unwrap_or_else(|| db.message())
+            .to_owned();
+        return Err(ImportError::Duplicate { path: path.to_owned(), what, detail });
+    }
+    inserted?;
+    let users: i64 = sqlx::query_scalar("SELECT count(DISTINCT user_id) FROM model_import").fetch_one(&mut *tx).await?;
+    sqlx::query("INSERT INTO ops.model_imports (model_version, source_file, users, rows) VALUES ($1, $2, $3, $4)")
+        .bind(version)
+        .bind(path.display().to_string())
+        .bind(users)
+        .bind(n as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    // Fresh statistics now, not whenever autovacuum gets to it: readers
+    // use generic plans, which are re-planned with them (an empty table's
+    // plan would scan instead of using the key).
+    sqlx::query("ANALYZE serving.model_recommendations").execute(pool).await?;
+    Ok(ImportSummary { rows: n, users: users as usize })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Float32Array, Int32Array, LargeStringArray, StringArray};
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+
+    fn write(dir: &Path, columns: Vec<(&str, ArrayRef)>) -> PathBuf {
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let path = dir.join("model.parquet");
+        let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        path
+    }
+
+    fn strings(values: &[&str]) -> ArrayRef {
+        Arc::new(StringArray::from(values.to_vec()))
+    }
+
+    #[test]
+    fn other_string_and_number_types_are_accepted_and_rank_is_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            vec![
+                ("extra", strings(&["x", "y"])),
+                ("user_id", Arc::new(LargeStringArray::from(vec!["u-1", "u-1"]))),
+                ("product_id", strings(&["p-1", "p-2"])),
+                ("score", Arc::new(Float32Array::from(vec![0.5, 0.25]))),
+            ],
+        );
+        let rows = read(&path).unwrap();
+        assert_eq!(rows.user_id, ["u-1", "u-1"]);
+        assert_eq!(rows.product_id, ["p-1", "p-2"]);
+        assert_eq!(rows.score, [0.5, 0.25]);
+        assert!(rows.rank.is_empty());
+
+        let path = write(
+            dir.path(),
+            vec![
+                ("user_id", strings(&["u-1"])),
+                ("product_id", strings(&["p-1"])),
+                ("score", Arc::new(Int32Array::from(vec![3]))),
+                ("rank", Arc::new(Int32Array::from(vec![1]))),
+            ],
+        );
+        let rows = read(&path).unwrap();
+        assert_eq!((rows.score, rows.rank), (vec![3.0], vec![1]));
+    }
+
+    #[test]
+    fn wrong_columns_and_rows_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1"])), ("product_id", strings(&["p-1"])), ("score", strings(&["high"]))],
+        );
+        let e = read(&path).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: column \"score\" is Utf8, expected a number", path.display()));
+
+        let path = write(dir.path(), vec![("user", strings(&["u-1"])), ("product_id", strings(&["p-1"]))]);
+        let e = read(&path).unwrap_err().to_string();
+        assert!(e.contains("has no column \"user_id\"") && e.contains("found user, product_id"), "{e}");
+
+        let nan: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![1.0, f64::NAN]));
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1", "u-2"])), ("product_id", strings(&["p-1", "p-1"])), ("score", nan)],
+        );
+        assert_eq!(
+            read(&path).unwrap_err().to_string(),
+            format!("{}: row 2: score must be a finite number", path.display())
+        );
+
+        let rank: ArrayRef = Arc::new(Int32Array::from(vec![0]));
+        let score: ArrayRef = Arc::new(Float32Array::from(vec![1.0]));
+        let path = write(
+            dir.path(),
+            vec![("user_id", strings(&["u-1"])), ("product_id", strings(&["p-1"])), ("score", score), ("rank", rank)],
+        );
+        assert!(read(&path).unwrap_err().to_string().ends_with("row 1: rank must be an integer of at least 1"));
+
+        let null_user: ArrayRef = Arc::new(StringArray::from(vec![Some("u-1"), None]));
+        let score: ArrayRef = Arc::new(Float32Array::from(vec![1.0, 1.0]));
+        let path =
+            write(dir.path(), vec![("user_id", null_user), ("product_id", strings(&["p-1", "p-1"])), ("score", score)]);
+        assert!(read(&path).unwrap_err().to_string().ends_with("row 2: user_id is null"));
+
+        let score: ArrayRef = Arc::new(Float32Array::from(Vec::<f32>::new()));
+        let path = write(dir.path(), vec![("user_id", strings(&[])), ("product_id", strings(&[])), ("score", score)]);
+        assert!(matches!(read(&path), Err(ImportError::Empty { .. })));
+    }
+}

@@ -1,0 +1,342 @@
+//! "You might also like": recommendations for one user, in well under a
+//! second, whatever state the pipeline is in.
+//!
+//! In order of preference:
+//!
+//! 1. **model**: the latest imported model outputs for the user
+//!    (`serving.model_recommendations`, see [`crate::models`]);
+//! 2. **personalized**: products similar (`serving.item_similarity`) to the
+//!    user's most recently viewed or carted products
+//!    (`serving.user_product_state`, which the speed layer keeps current
+//!    within a second of a click). A candidate scores the sum over those
+//!    seeds of `weight × similarity`, weight 2 for a product in the cart and
+//!    1 otherwise;
+//! 3. **popular**: the in-memory popular list ([`crate::popular`]).
+//!
+//! Products the user bought or holds in the cart are never recommended. A
+//! model or personalised list shorter than `k` is padded with popular
+//! products, scored 0: they carry no personal relevance, and a similarity
+//! score is never below 0, so a personalised answer's scores never increase
+//! down the list.
+//!
+//! Everything read from PostgreSQL comes from one statement, bounded by a
+//! latency budget: a database error, a timeout, an unknown user or an
+//! empty result all answer with the popular list instead, marked as such.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::ids::UserId;
+use crate::popular::PopularCache;
+use crate::telemetry;
+
+/// Largest `k` a caller may ask for.
+pub const MAX_K: u32 = 100;
+/// `k` when the caller gives none.
+pub const DEFAULT_K: u32 = 10;
+/// How many of the user's latest interactions seed the similarity lookup.
+pub const SEEDS: i64 = 20;
+
+/// How many products to return: 1..=[`MAX_K`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct K(u32);
+
+impl K {
+    pub fn new(k: u32) -> Option<Self> {
+        (1..=MAX_K).contains(&k).then_some(Self(k))
+    }
+
+    /// Parses the `k` query parameter; `None` means the default.
+    pub fn parse(raw: Option<&str>) -> Result<Self, String> {
+        let Some(raw) = raw else { return Ok(Self(DEFAULT_K)) };
+        raw.parse::<u32>().ok().and_then(Self::new).ok_or_else(|| {
+            let shown: String = raw.chars().take(20).collect();
+            format!("k must be an integer from 1 to {MAX_K}, got {shown:?}")
+        })
+    }
+
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A recommended product.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scored {
+    pub product_id: String,
+    pub score: f64,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Model,
+    Personalized,
+    Popular,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Model => "model",
+            Source::Personalized => "personalized",
+            Source::Popular => "popular",
+        }
+    }
+}
+
+/// The answer of `GET /api/recommendations/{user_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recommendations {
+    pub user_id: String,
+    pub products: Vec<Scored>,
+    pub source: Source,
+    /// The imported model's version, when `source` is `model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+}
+
+/// Why the popular list was served (the `reason` label of
+/// `serving_fallbacks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    UnknownUser,
+    Empty,
+    DatabaseError,
+    Timeout,
+}
+
+impl Fallback {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fallback::UnknownUser => "unknown_user",
+            Fallback::Empty => "empty",
+            Fallback::DatabaseError => "database_error",
+            Fallback::Timeout => "timeout",
+        }
+    }
+}
+
+/// Nothing to answer with: PostgreSQL failed and no popular list was ever
+/// loaded (only right after a start with the database down).
+#[derive(Debug, thiserror::Error)]
+#[error("recommendations are unavailable: the database does not answer and no popular list is loaded yet")]
+pub struct Unavailable;
+
+/// What PostgreSQL knows about one user.
+#[derive(Debug, Default)]
+struct Personal {
+    /// The user has interactions (rows in `user_product_state`).
+    known: bool,
+    /// Bought or in the cart: never recommended.
+    excluded: HashSet<String>,
+    /// Model outputs, by rank, already without excluded products.
+    model: Vec<Scored>,
+    model_version: Option<String>,
+    /// Similar products, best first, without excluded products.
+    similar: Vec<Scored>,
+}
+
+/// One statement, one round trip. `state` is the user's rows (the view's
+/// `user_id` predicate reaches both the batch and the speed table's primary
+/// key); a product is "in the cart" when it was added after its last
+/// removal, and "bought" when it was ever purchased.
+const PERSONAL_SQL: &str = "
+WITH state AS MATERIALIZED (
+    SELECT product_id, last_viewed_at, last_carted_at, last_removed_at, last_purchased_at,
+           last_carted_at IS NOT NULL
+             AND last_carted_at > COALESCE(last_removed_at, '-infinity'::timestamptz)
+             AND last_carted_at > COALESCE(last_purchased_at, '-infinity'::timestamptz) AS in_cart
+    FROM serving.user_product_state
+    WHERE user_id = $1
+), excluded AS (
+    SELECT product_id FROM state WHERE in_cart OR last_purchased_at IS NOT NULL
+), seeds AS (
+    SELECT product_id, CASE WHEN in_cart THEN 2.0::float8 ELSE 1.0::float8 END AS weight
+    FROM state
+    WHERE last_viewed_at IS NOT NULL OR last_carted_at IS NOT NULL
+    ORDER BY GREATEST(last_viewed_at, last_carted_at) DESC, product_id
+    LIMIT $3
+)
+SELECT 'known' AS kind, NULL::text AS product_id, NULL::float8 AS score, NULL::bigint AS rank, NULL::text AS version
+WHERE EXISTS (SELECT 1 FROM state)
+UNION ALL
+SELECT 'excluded', product_id, NULL, NULL, NULL FROM excluded
+UNION ALL
+(SELECT 'model', m.product_id, m.score, m.rank::bigint, m.model_version
+ FROM serving.model_recommendations AS m
+ WHERE m.user_id = $1 AND m.product_id NOT IN (SELECT product_id FROM excluded)
+ ORDER BY m.rank
+ LIMIT $2)
+UNION ALL
+(SELECT 'similar', s.similar_product_id, sum(seeds.weight * s.score), NULL, NULL
+ FROM seeds JOIN serving.item_similarity AS s ON s.product_id = seeds.product_id
+ WHERE s.similar_product_id NOT IN (SELECT product_id FROM excluded)
+ GROUP BY s.similar_product_id
+ ORDER BY 3 DESC, 2
+ LIMIT $2)";
+
+type Row = (String, Option<String>, Option<f64>, Option<i64>, Option<String>);
+
+/// Answers recommendation requests; cheap to share.
+#[derive(Debug, Clone)]
+pub struct Recommender {
+    pool: PgPool,
+    popular: PopularCache,
+    budget: Duration,
+    /// Whether the last personal query failed: failures and the recovery
+    /// are logged once each, not per request.
+    failing: Arc<AtomicBool>,
+}
+
+impl Recommender {
+    /// `budget` bounds the database part of a request; past it the popular
+    /// list answers.
+    pub fn new(pool: PgPool, popular: PopularCache, budget: Duration) -> Self {
+        Self { pool, popular, budget, failing: Arc::default() }
+    }
+
+    pub async fn recommend(&self, user: &UserId, k: K) -> Result<Recommendations, Unavailable> {
+        let personal = match tokio::time::timeout(self.budget, self.personal(user, k)).await {
+            Ok(Ok(p)) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("personal recommendations answer again");
+                }
+                Ok(p)
+            }
+            Ok(Err(e)) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "personal recommendations fail; serving the popular list");
+                }
+                Err(Fallback::DatabaseError)
+            }
+            Err(_) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(budget = ?self.budget, "personal recommendations exceed the budget; serving the popular list");
+                }
+                Err(Fallback::Timeout)
+            }
+        };
+        let answer = match personal {
+            Ok(p) => self.assemble(user, k, p)?,
+            Err(reason) => self.popular_answer(user, k, &HashSet::new(), reason)?,
+        };
+        telemetry::recommendation(answer.source.as_str());
+        Ok(answer)
+    }
+
+    async fn personal(&self, user: &UserId, k: K) -> Result<Personal, sqlx::Error> {
+        let rows: Vec<Row> = sqlx::query_as(PERSONAL_SQL)
+            .bind(user.as_str())
+            .bind(k.get() as i64)
+            .bind(SEEDS)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut p = Personal::default();
+        let mut model: Vec<(i64, Scored)> = Vec::new();
+        for (kind, product_id, score, rank, version) in rows {
+            match (kind.as_str(), product_id) {
+                ("known", _) => p.known = true,
+                ("excluded", Some(id)) => {
+                    p.excluded.insert(id);
+                }
+                ("model", Some(product_id)) => {
+                    p.model_version = version.or(p.model_version);
+                    model.push((rank.unwrap_or(i64::MAX), Scored { product_id, score: score.unwrap_or(0.0) }));
+                }
+                ("similar", Some(product_id)) => p.similar.push(Scored { product_id, score: score.unwrap_or(0.0) }),
+                _ => {}
+            }
+        }
+        // UNION ALL does not promise branch order; restore each list's own.
+        model.sort_by_key(|(rank, _)| *rank);
+        p.model = model.into_iter().map(|(_, s)| s).collect();
+        p.similar.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.product_id.cmp(&b.product_id)));
+        Ok(p)
+    }
+
+    fn assemble(&self, user: &UserId, k: K, p: Personal) -> Result<Recommendations, Unavailable> {
+        let (source, mut products) = if !p.model.is_empty() {
+            (Source::Model, p.model)
+        } else if !p.similar.is_empty() {
+            (Source::Personalized, p.similar)
+        } else {
+            let reason = if p.known { Fallback::Empty } else { Fallback::UnknownUser };
+            return self.popular_answer(user, k, &p.excluded, reason);
+        };
+        products.truncate(k.get());
+        if products.len() < k.get() {
+            // Padding must not fail the answer: without a popular list the
+            // personal part still stands on its own.
+            if let Some(popular) = self.popular.get() {
+                let missing = k.get() - products.len();
+                let taken: HashSet<&str> = products.iter().map(|s| s.product_id.as_str()).collect();
+                let pad: Vec<Scored> = popular
+                    .products
+                    .iter()
+                    .filter(|s| !taken.contains(s.product_id.as_str()) && !p.excluded.contains(&s.product_id))
+                    .take(missing)
+                    .map(|s| Scored { product_id: s.product_id.clone(), score: 0.0 })
+                    .collect();
+                products.extend(pad);
+            }
+        }
+        let model_version = if source == Source::Model { p.model_version } else { None };
+        Ok(Recommendations { user_id: user.as_str().to_owned(), products, source, model_version })
+    }
+
+    fn popular_answer(
+        &self,
+        user: &UserId,
+        k: K,
+        excluded: &HashSet<String>,
+        reason: Fallback,
+    ) -> Result<Recommendations, Unavailable> {
+        telemetry::fallback(reason.as_str());
+        let popular = self.popular.get().ok_or(Unavailable)?;
+        let products =
+            popular.products.iter().filter(|s| !excluded.contains(&s.product_id)).take(k.get()).cloned().collect();
+        Ok(Recommendations {
+            user_id: user.as_str().to_owned(),
+            products,
+            source: Source::Popular,
+            model_version: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_is_bounded_and_defaults_to_ten() {
+        assert_eq!(K::parse(None), Ok(K(DEFAULT_K)));
+        assert_eq!(K::parse(Some("1")), Ok(K(1)));
+        assert_eq!(K::parse(Some("100")), Ok(K(100)));
+        for bad in ["0", "101", "-1", "", "ten", "1.5", "99999999999999999999"] {
+            let e = K::parse(Some(bad)).unwrap_err();
+            assert!(e.starts_with("k must be an integer from 1 to 100"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn answers_serialise_as_the_contract_says() {
+        let a = Recommendations {
+            user_id: "u-1".into(),
+            products: vec![Scored { product_id: "p-2".into(), score: 0.5 }],
+            source: Source::Personalized,
+            model_version: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"user_id":"u-1","products":[{"product_id":"p-2","score":0.5}],"source":"personalized"}"#
+        );
+    }
+}
