@@ -331,6 +331,20 @@ async fn two_instances_split_the_partitions_exactly() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    // serving.freshness tells dashboards the same: everything consumed, no lag.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (offset, lag): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT last_offset, lag_records FROM serving.freshness WHERE layer = 'speed'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if (offset, lag) == (Some(total), Some(0)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "serving.freshness says offset {offset:?}, lag {lag:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     for child in [&mut a, &mut b] {
         child.start_kill().unwrap();
         child.wait().await.unwrap();

@@ -1,7 +1,8 @@
 //! Per-partition lag, as operators read it: how many records of the topic
 //! the speed layer has not folded into `speed.*` yet (the broker's high
 //! watermark minus the next offset stored in PostgreSQL), and how old the
-//! newest event folded in is.
+//! newest event folded in is. The watermarks also go to
+//! `ops.speed_offsets.end_offset`, where `serving.freshness` reads the lag.
 
 use std::time::Duration;
 
@@ -56,6 +57,12 @@ pub async fn watch(brokers: String, topic: String, pool: PgPool, every: Duration
             let next = stored.iter().find(|(sp, _, _)| *sp == p).map_or(0, |(_, n, _)| *n);
             metrics::gauge!("speed_partition_lag_records", "partition" => p.to_string())
                 .set((high - next).max(0) as f64);
+            // Best effort: a failed write is retried at the next tick.
+            let _ = sqlx::query("UPDATE ops.speed_offsets SET end_offset = $2 WHERE kafka_partition = $1")
+                .bind(p)
+                .bind(high)
+                .execute(&pool)
+                .await;
         }
     }
 }
