@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 /// lines otherwise (services, CI). `RUST_LOG` filters; default `info`.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx::postgres::notice=warn,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn")
+        EnvFilter::new("info,sqlx::postgres::notice=warn,buoyant_kernel=off,delta_kernel=off,deltalake_core=warn")
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) is harmless; ignore the error it returns.

@@ -1,0 +1,300 @@
+//! Chaos: the whole pipeline under faults, on a private stack.
+//!
+//! While the generator streams live traffic, the lake ingest, the speed
+//! layer and batch runs are killed with SIGKILL at random moments and
+//! restarted, and PostgreSQL and the broker are restarted. A checker reads
+//! the serving totals all along: they never go backwards and never exceed
+//! what was sent. At the end the lake holds every offset exactly once and
+//! `serving.product_demand_hourly` equals the generator's own count.
+//!
+//! `make test` runs a small size; `make chaos` a longer one (`CHAOS_ROUNDS`,
+//! `CHAOS_RATE`, `CHAOS_SECONDS`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use batch_layer::lake::{EVENTS_TABLE, Lake, REJECTED_TABLE};
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::prelude::SessionContext;
+use integration_tests::checks::{assert_demand_eq, serving_demand};
+use integration_tests::fixture::binary;
+use integration_tests::generator::{self, Args};
+use integration_tests::private_stack::PrivateStack;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::PgPool;
+use tokio::process::{Child, Command};
+
+const TOPIC: &str = "events";
+const DLQ: &str = "events.dlq";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// One pipeline process, restartable.
+struct Proc {
+    name: &'static str,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(name: &'static str, args: Vec<String>, logs: &Path) -> Self {
+        Self { name, args, log: logs.join(format!("{name}.log")), child: None }
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let bin = if self.name == "speed" { "speed-layer" } else { "batch-layer" };
+        let child = Command::new(binary(bin))
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().ok();
+            c.wait().await.ok();
+        }
+    }
+
+    /// Fails the test if the process died on its own.
+    fn assert_alive(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Some(status) = c.try_wait().unwrap()
+        {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!("{} exited by itself with {status}; its log ends:\n{}", self.name, tail.join("\n"));
+        }
+    }
+}
+
+/// Reads `(views, revenue)` of the serving view until stopped; every reading
+/// must be at least the one before. Returns the readings.
+fn checker(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<(i64, i64)>> {
+    tokio::spawn(async move {
+        let mut seen: Vec<(i64, i64)> = Vec::new();
+        let options = sqlx::postgres::PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(1));
+        let Ok(pool) = options.connect(&url).await else { return seen };
+        while !stop.load(Ordering::Relaxed) {
+            // PostgreSQL being restarted: no reading, not a failure.
+            if let Ok(t) = sqlx::query_as::<_, (i64, i64)>(
+                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint
+                 FROM serving.product_demand_hourly",
+            )
+            .fetch_one(&pool)
+            .await
+            {
+                if let Some(last) = seen.last() {
+                    assert!(t.0 >= last.0 && t.1 >= last.1, "serving totals went backwards: {last:?} then {t:?}");
+                }
+                seen.push(t);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    })
+}
+
+async fn consumed(pool: &PgPool) -> Option<i64> {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets").fetch_one(pool).await.ok()
+}
+
+/// `(rows, distinct (partition, offset))` of a lake table.
+async fn lake_offsets(lake: &Lake, table: &str) -> (i64, i64) {
+    let Some(t) = lake.open(table).await.unwrap() else { return (0, 0) };
+    let ctx = SessionContext::new();
+    batch_layer::lake::register(&ctx, "t", &t).await.unwrap();
+    let b = ctx
+        .sql("SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM t")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let n = |i: usize| b[0].column(i).as_primitive::<Int64Type>().value(0);
+    (n(0), n(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipeline_survives_kills_and_restarts_exactly() {
+    let rounds: usize = env_or("CHAOS_ROUNDS", 3).max(3);
+    let rate: f64 = env_or("CHAOS_RATE", 150.0);
+    let seconds: u64 = env_or("CHAOS_SECONDS", 30);
+    let mut rng = StdRng::seed_from_u64(env_or("CHAOS_SEED", 2026));
+
+    let mut stack = PrivateStack::start().await.expect("private stack");
+    stack.create_topic(TOPIC, 4).await.unwrap();
+    stack.create_topic(DLQ, 1).await.unwrap();
+    let (url, pool) = stack.create_database("lambda").await.unwrap();
+    platform::db::prepare(&pool, Some(200)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let brokers = stack.brokers();
+    let lake_arg = lake_dir.to_str().unwrap().to_string();
+    let common = |cmd: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--brokers".into(), brokers.clone(), "--lake-uri".into(), lake_arg.clone()];
+        v.extend(cmd.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut speed = Proc::new(
+        "speed",
+        [
+            "run",
+            "--brokers",
+            &brokers,
+            "--topic",
+            TOPIC,
+            "--dlq-topic",
+            DLQ,
+            "--database-url",
+            &url,
+            "--ops-addr",
+            "127.0.0.1:0",
+            "--flush-interval",
+            "100ms",
+            "--assignment",
+            "all",
+        ]
+        .map(String::from)
+        .to_vec(),
+        &logs,
+    );
+    let mut ingest = Proc::new("ingest", common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s"]), &logs);
+    let run_args = common(&["run", "--topic", TOPIC, "--database-url", &url, "--no-catalog", "--max-shrink", "1"]);
+    speed.start();
+    ingest.start();
+
+    // Live traffic for the whole run, with late and malformed records.
+    let args = Args {
+        backfill_hours: 0,
+        rate,
+        duration: Duration::from_secs(seconds),
+        bad_fraction: 0.01,
+        late_fraction: 0.05,
+        ..Args::for_tests(&brokers, TOPIC, 2026)
+    };
+    // The generator's future is not Send: it gets a thread and a runtime of its own.
+    let traffic = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(generator::run(args))
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let readings = checker(url.clone(), Arc::clone(&stop));
+
+    let (mut kills, mut batch_runs, mut restarts) = ([0usize; 3], 0usize, Vec::new());
+    let round_time = Duration::from_secs(seconds) / (rounds as u32 + 1);
+    for round in 0..rounds {
+        tokio::time::sleep(round_time.mul_f64(rng.random_range(0.3..0.7))).await;
+        speed.assert_alive();
+        ingest.assert_alive();
+        // A batch run, killed at a random moment (perhaps after it published).
+        let mut run = Proc::new("run", run_args.clone(), &logs);
+        run.start();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..3000))).await;
+        run.kill().await;
+        kills[2] += 1;
+        batch_runs += 1;
+        speed.kill().await;
+        kills[0] += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+        speed.start();
+        // Back at work before the next fault (a process still starting up
+        // when PostgreSQL goes away exits, and is restarted by its supervisor).
+        let before = consumed(&pool).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while consumed(&pool).await == before && tokio::time::Instant::now() < deadline {
+            speed.assert_alive();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(round_time.mul_f64(rng.random_range(0.1..0.3))).await;
+        ingest.kill().await;
+        kills[1] += 1;
+        ingest.start();
+        match round {
+            0 => {
+                stack.restart_postgres(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
+                restarts.push("postgres");
+            }
+            1 => {
+                stack.restart_broker(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
+                restarts.push("broker");
+            }
+            _ => {}
+        }
+        // A batch run that completes between the faults.
+        let status = Command::new(binary("batch-layer")).args(&run_args).output().await.unwrap();
+        assert!(status.status.success(), "batch run: {}", String::from_utf8_lossy(&status.stderr));
+        batch_runs += 1;
+    }
+    let truth = tokio::task::spawn_blocking(move || traffic.join())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the generator delivered everything");
+    let total = (truth.events_sent + truth.bad_sent) as i64;
+
+    // Drain: the speed layer reaches the end of the topic; the ingest catches up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while consumed(&pool).await != Some(total) {
+        speed.assert_alive();
+        assert!(tokio::time::Instant::now() < deadline, "speed layer stuck at {:?} of {total}", consumed(&pool).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ingest.kill().await;
+    let caught_up = Command::new(binary("batch-layer"))
+        .args(common(&["ingest", "--topic", TOPIC, "--until-caught-up"]))
+        .output()
+        .await
+        .unwrap();
+    assert!(caught_up.status.success(), "{}", String::from_utf8_lossy(&caught_up.stderr));
+    let last = Command::new(binary("batch-layer")).args(&run_args).output().await.unwrap();
+    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let readings = readings.await.expect("serving totals never went backwards");
+    speed.kill().await;
+
+    // The lake: every offset exactly once, good and rejected records together.
+    let (events, distinct_events) = lake_offsets(&lake, EVENTS_TABLE).await;
+    let (rejected, distinct_rejected) = lake_offsets(&lake, REJECTED_TABLE).await;
+    assert_eq!((events, rejected), (distinct_events, distinct_rejected), "an offset landed twice in the lake");
+    assert_eq!(events + rejected, total, "the lake misses offsets");
+    assert_eq!(events, truth.events_sent as i64);
+
+    // Serving: exactly what was sent, and no reading ever above it.
+    let expected = truth.demand_map();
+    assert_demand_eq(&serving_demand(&pool).await, &expected, "serving.product_demand_hourly after chaos");
+    let views: i64 = expected.values().map(|d| d.views).sum();
+    let revenue: i64 = expected.values().map(|d| d.revenue_cents).sum();
+    assert!(readings.iter().all(|(v, r)| *v <= views && *r <= revenue), "a reading exceeded what was sent");
+    assert!(readings.len() > 10, "the checker read only {} times", readings.len());
+
+    eprintln!(
+        "chaos: {rounds} rounds; killed speed layer {}x, ingest {}x, batch run {}x ({batch_runs} runs); restarted {}; \
+         {} events and {} malformed records sent; {} checker readings, all monotone",
+        kills[0],
+        kills[1],
+        kills[2],
+        restarts.join(" and "),
+        truth.events_sent,
+        truth.bad_sent,
+        readings.len()
+    );
+}
