@@ -72,7 +72,7 @@ serve: ## the recommendations API and dashboard on SERVING_ADDR (default 127.0.0
 bench-serving: ## recommendation latency under wrk, 100k users; writes docs/BENCHMARKS.md
 	@scripts/bench-serving.sh
 
-.PHONY: chaos quality
+.PHONY: chaos quality bench-quality
 
 chaos: ## the chaos test at full size: kills and restarts under live traffic (CHAOS_ROUNDS, CHAOS_RATE, CHAOS_SECONDS)
 	@scripts/stack.sh tools
@@ -80,5 +80,8 @@ chaos: ## the chaos test at full size: kills and restarts under live traffic (CH
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-6} CHAOS_RATE=$${CHAOS_RATE:-400} CHAOS_SECONDS=$${CHAOS_SECONDS:-120} \
 		cargo nextest run -p integration-tests --test chaos --no-capture --locked
 
-quality: build ## spike detection precision and recall on a generated week (needs `make up`)
+quality: build ## spike precision/recall and recommendation hit-rate on a generated week (needs `make up`)
 	$(BIN)/quality $(ARGS)
+
+bench-quality: ## the same, written into docs/BENCHMARKS.md
+	@scripts/bench-quality.sh

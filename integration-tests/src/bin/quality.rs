@@ -1,14 +1,34 @@
 //! `quality`: measures how well the platform's results match the truth on
-//! generated data: demand spikes found (precision, recall, start error).
+//! generated data.
 //!
 //! It generates history with injected spikes into a fresh topic, ingests it
-//! into a fresh lake, runs a full batch into a fresh database, and scores
-//! `serving.demand_spike_history` against the generator's ground truth.
+//! into a fresh lake and runs a full batch into a fresh database. Then:
+//!
+//! * **spikes**: `serving.demand_spike_history` against the injected spikes
+//!   (precision, recall, start error);
+//! * **recommendations**: hit-rate@10 on held-out purchases. The last
+//!   `--holdout-hours` of the lake are held out; the views the recommender
+//!   reads are computed from the events before them (with the same view
+//!   definitions) into a second database, and the real serving layer is
+//!   asked for each user who buys in the held-out hours; a hit is a
+//!   recommended product they bought then. The popular list, what everyone
+//!   gets without personalisation, is the baseline.
 
-use std::time::Instant;
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::TimestampMicrosecondType;
+use chrono::{DateTime, DurationRound, TimeDelta};
+use datafusion::prelude::SessionContext;
+use integration_tests::serving::get;
+use serving_layer::server::{self, ServeConfig};
+use shared_schema::derived::{ITEM_SIMILARITY, Scope};
+use shared_schema::views::{PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
 
 use batch_layer::ingest::{self, IngestConfig};
-use batch_layer::lake::Lake;
+use batch_layer::lake::{EVENTS_TABLE, Lake};
 use batch_layer::recompute::{self, RunConfig};
 use clap::Parser;
 use integration_tests::fixture::Stack;
@@ -37,6 +57,15 @@ struct Args {
     /// Random seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Hours at the end held out for the recommendation hit-rate.
+    #[arg(long, default_value_t = 12)]
+    holdout_hours: i64,
+    /// Most users asked for recommendations.
+    #[arg(long, default_value_t = 500)]
+    max_users: usize,
+    /// Print only the figures, not each false alarm and missed spike.
+    #[arg(long)]
+    quiet_spikes: bool,
 }
 
 #[tokio::main]
@@ -70,7 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let truth = generator::run(generated).await?;
     ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await?;
-    let config = RunConfig { full: true, ..RunConfig::new(url, lake, topic) };
+    let config = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), topic) };
     recompute::run(&config).await?;
 
     let score = integration_tests::quality::score_spikes(&pool, &truth.spikes).await?;
@@ -96,11 +125,121 @@ async fn run(args: Args) -> anyhow::Result<()> {
         score.detectable,
         started.elapsed().as_secs_f64()
     );
-    for e in &score.false_alarms {
+    for e in score.false_alarms.iter().filter(|_| !args.quiet_spikes) {
         println!("  false alarm: {} from {} to {}", e.0, e.1, e.2);
     }
-    for s in &score.missed {
+    for s in score.missed.iter().filter(|_| !args.quiet_spikes) {
         println!("  missed: {} x{} from {} to {}", s.product_id, s.multiplier, s.start, s.end);
     }
+
+    let hits = recommendation_hits(&stack, &lake, &name, &args).await?;
+    println!(
+        "recommendations: hit-rate@10 {:.3} personalised vs {:.3} popular-only, over {} users who bought in the last {} h \
+         ({} answers personalised)",
+        hits.personal as f64 / hits.users.max(1) as f64,
+        hits.popular as f64 / hits.users.max(1) as f64,
+        hits.users,
+        args.holdout_hours,
+        hits.personalised_answers,
+    );
     Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Hits {
+    users: usize,
+    personal: usize,
+    popular: usize,
+    personalised_answers: usize,
+}
+
+async fn query(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+/// Hit-rate@10 of the serving layer's recommendations, as of the start of
+/// the held-out hours, against the purchases made in them.
+async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args) -> anyhow::Result<Hits> {
+    let table = lake.open(EVENTS_TABLE).await?.context("the lake has no events")?;
+    let ctx = SessionContext::new();
+    batch_layer::lake::register(&ctx, "events", &table).await?;
+    let newest = query(&ctx, "SELECT max(event_time) FROM events").await?;
+    let newest = newest[0].column(0).as_primitive::<TimestampMicrosecondType>().value(0);
+    let newest = DateTime::from_timestamp_micros(newest).context("a time")?;
+    let cutoff = newest.duration_trunc(TimeDelta::hours(1))? - TimeDelta::hours(args.holdout_hours);
+    let before = format!("e.event_time < CAST('{}' AS TIMESTAMP)", cutoff.format("%Y-%m-%dT%H:%M:%SZ"));
+
+    // What the recommender would have read at the cut-off.
+    let (url, pool) = stack.fresh_database(&format!("{name}_recs")).await?;
+    platform::db::prepare(&pool, Some(1)).await?;
+    let scope = Scope { below_cut: before.clone(), anchor: cutoff };
+    let views = [
+        (USER_PRODUCT_STATE.name, USER_PRODUCT_STATE.batch_sql(Some(&before))),
+        (PRODUCT_DEMAND_HOURLY.name, PRODUCT_DEMAND_HOURLY.batch_sql(Some(&before))),
+        (ITEM_SIMILARITY.name, ITEM_SIMILARITY.batch_sql(&scope)),
+    ];
+    for (table, sql) in views {
+        let batches = query(&ctx, &sql).await?;
+        let mut conn = pool.acquire().await?;
+        let mut copy = conn.copy_in_raw(&format!("COPY batch.{table} FROM STDIN (FORMAT binary)")).await?;
+        copy.send(platform::pgcopy::encode(&batches)?).await?;
+        copy.finish().await?;
+    }
+
+    // Who bought what in the held-out hours (users known before them).
+    let bought = query(
+        &ctx,
+        &format!(
+            "SELECT DISTINCT e.user_id, e.product_id FROM events e
+             WHERE e.event_type = 'purchase' AND NOT ({before})
+               AND e.user_id IN (SELECT user_id FROM events e WHERE {before})"
+        ),
+    )
+    .await?;
+    let mut purchases: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+    for b in &bought {
+        let cast = |i: usize| arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8);
+        let (users, products) = (cast(0)?, cast(1)?);
+        for (u, p) in users.as_string::<i32>().iter().zip(products.as_string::<i32>().iter()) {
+            if let (Some(u), Some(p)) = (u, p) {
+                purchases.entry(u.to_string()).or_default().insert(p.to_string());
+            }
+        }
+    }
+
+    let stop = CancellationToken::new();
+    let config = ServeConfig {
+        addr: "127.0.0.1:0".parse()?,
+        database_url: url,
+        budget: Duration::from_secs(2),
+        popular_refresh: Duration::from_secs(60),
+        max_connections: 4,
+    };
+    let addr = server::start(config, stop.clone()).await?.addr;
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["products"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["product_id"].as_str().map(String::from))
+            .collect()
+    };
+    let mut popular = Vec::new();
+    for _ in 0..100 {
+        popular = ids(&get(addr, "/api/recommendations/quality-nobody?k=10").await?.json());
+        if !popular.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut hits = Hits::default();
+    for (user, bought) in purchases.iter().take(args.max_users) {
+        let answer = get(addr, &format!("/api/recommendations/{user}?k=10")).await?.json();
+        hits.users += 1;
+        hits.personalised_answers += usize::from(answer["source"] == "personalized");
+        hits.personal += usize::from(ids(&answer).iter().any(|p| bought.contains(p)));
+        hits.popular += usize::from(popular.iter().any(|p| bought.contains(p)));
+    }
+    stop.cancel();
+    Ok(hits)
 }
