@@ -40,7 +40,8 @@ matched to the injected ones by product and overlap. Recommendations: the
 last 12 hours are held out, the views the recommender reads are computed
 from the events before them, and the serving layer's top 10 for each user
 who bought in the held-out hours counts a hit when it holds one of those
-purchases; the popular list is the baseline.
+purchases (of products they had not carted or bought before, which the
+recommender leaves out on purpose); the popular list is the baseline.
 
 \`\`\`
 $result

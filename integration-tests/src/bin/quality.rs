@@ -11,8 +11,9 @@
 //!   reads are computed from the events before them (with the same view
 //!   definitions) into a second database, and the real serving layer is
 //!   asked for each user who buys in the held-out hours; a hit is a
-//!   recommended product they bought then. The popular list, what everyone
-//!   gets without personalisation, is the baseline.
+//!   recommended product they bought then (and had not carted or bought
+//!   before: the recommender leaves those out on purpose). The popular list,
+//!   what everyone gets without personalisation, is the baseline.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -186,13 +187,19 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
         copy.finish().await?;
     }
 
-    // Who bought what in the held-out hours (users known before them).
+    // Who bought what in the held-out hours: users known before them, and
+    // products they had neither in the cart nor bought before (those the
+    // recommender leaves out on purpose, so neither list may count them).
     let bought = query(
         &ctx,
         &format!(
-            "SELECT DISTINCT e.user_id, e.product_id FROM events e
-             WHERE e.event_type = 'purchase' AND NOT ({before})
-               AND e.user_id IN (SELECT user_id FROM events e WHERE {before})"
+            "SELECT DISTINCT p.user_id, p.product_id
+             FROM (SELECT user_id, product_id FROM events e WHERE e.event_type = 'purchase' AND NOT ({before})) AS p
+             JOIN (SELECT DISTINCT user_id FROM events e WHERE {before}) AS known ON known.user_id = p.user_id
+             LEFT JOIN (SELECT DISTINCT user_id, product_id FROM events e
+                        WHERE {before} AND e.event_type IN ('add_to_cart', 'purchase')) AS held
+               ON held.user_id = p.user_id AND held.product_id = p.product_id
+             WHERE held.user_id IS NULL"
         ),
     )
     .await?;
