@@ -62,3 +62,13 @@ fmt: ## format the code
 
 test: ## the whole suite against a real local stack (starts and stops it)
 	@scripts/test.sh
+
+.PHONY: bench bench-batch bench-speed
+
+bench: bench-batch bench-speed ## every benchmark (release build; figures in docs/BENCHMARKS.md)
+
+bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs incremental run
+	@scripts/bench-batch.sh $(ARGS)
+
+bench-speed: ## speed layer: throughput vs a bare consumer, freshness at 10k events/s
+	@scripts/bench-speed.sh $(ARGS)
