@@ -70,6 +70,10 @@ struct Args {
     /// defaults (e.g. `datafusion.execution.target_partitions=4`); repeatable.
     #[arg(long = "datafusion-set", value_name = "KEY=VALUE")]
     datafusion_set: Vec<String>,
+    /// Also time DataFusion over the bare Parquet files, without the Delta
+    /// provider (a diagnosis of where DataFusion's time goes).
+    #[arg(long)]
+    plain_parquet: bool,
     /// Skip the end-to-end full and incremental runs.
     #[arg(long)]
     no_runs: bool,
@@ -376,7 +380,22 @@ impl Totals {
 struct Comparison {
     datafusion: Vec<Duration>,
     duckdb: Vec<Duration>,
+    /// DataFusion over the bare Parquet files (`--plain-parquet`).
+    parquet: Vec<Duration>,
     totals: Totals,
+}
+
+/// A session as the batch layer makes one (`SessionContext::new()`), with
+/// `settings` applied on top when given.
+fn session(settings: &[(String, String)]) -> anyhow::Result<SessionContext> {
+    if settings.is_empty() {
+        return Ok(SessionContext::new());
+    }
+    let mut config = SessionConfig::new();
+    for (k, v) in settings {
+        config.options_mut().set(k, v).with_context(|| format!("DataFusion setting {k}={v}"))?;
+    }
+    Ok(SessionContext::new_with_config(config))
 }
 
 /// One DataFusion execution as the batch layer does it: a session, the
@@ -387,16 +406,23 @@ async fn datafusion_once(
     settings: &[(String, String)],
 ) -> anyhow::Result<(Duration, Totals)> {
     let started = Instant::now();
-    let ctx = if settings.is_empty() {
-        SessionContext::new()
-    } else {
-        let mut config = SessionConfig::new();
-        for (k, v) in settings {
-            config.options_mut().set(k, v).with_context(|| format!("DataFusion setting {k}={v}"))?;
-        }
-        SessionContext::new_with_config(config)
-    };
+    let ctx = session(settings)?;
     lake::register(&ctx, "events", table).await?;
+    let batches = ctx.sql(sql).await?.collect().await?;
+    Ok((started.elapsed(), Totals::of(&batches)))
+}
+
+/// The same query in DataFusion over the Parquet files themselves (no
+/// Delta provider): tells DataFusion's own time from the provider's.
+async fn datafusion_parquet_once(
+    files: &[String],
+    sql: &str,
+    settings: &[(String, String)],
+) -> anyhow::Result<(Duration, Totals)> {
+    let started = Instant::now();
+    let ctx = session(settings)?;
+    let events = ctx.read_parquet(files.to_vec(), datafusion::prelude::ParquetReadOptions::default()).await?;
+    ctx.register_table("events", events.into_view())?;
     let batches = ctx.sql(sql).await?.collect().await?;
     Ok((started.elapsed(), Totals::of(&batches)))
 }
@@ -444,14 +470,24 @@ async fn compare_engines(
     std::fs::write(&sql_path, sql).with_context(|| format!("writing {}", sql_path.display()))?;
     println!("product_demand_hourly full recompute, {} interleaved repetitions per engine:", args.reps);
 
-    let mut out =
-        Comparison { datafusion: Vec::new(), duckdb: Vec::new(), totals: Totals { rows: 0, sums: Vec::new() } };
+    let mut out = Comparison {
+        datafusion: Vec::new(),
+        duckdb: Vec::new(),
+        parquet: Vec::new(),
+        totals: Totals { rows: 0, sums: Vec::new() },
+    };
     for rep in 1..=args.reps {
         let (df, df_totals) = datafusion_once(table, sql, &settings).await?;
         let (duck, duck_totals) = duckdb_once(args, &files_path, &sql_path)?;
         println!("  rep {rep}: DataFusion {:.2} s, DuckDB {:.2} s", df.as_secs_f64(), duck.as_secs_f64());
         if df_totals != duck_totals {
             bail!("the engines disagree: DataFusion {}; DuckDB {}", df_totals.describe(), duck_totals.describe());
+        }
+        if args.plain_parquet {
+            let (plain, plain_totals) = datafusion_parquet_once(files, sql, &settings).await?;
+            println!("         DataFusion over the bare Parquet files {:.2} s", plain.as_secs_f64());
+            ensure!(plain_totals == df_totals, "DataFusion over the bare files disagrees: {}", plain_totals.describe());
+            out.parquet.push(plain);
         }
         out.datafusion.push(df);
         out.duckdb.push(duck);
@@ -558,7 +594,18 @@ fn report(args: &Args, shape: &LakeShape, c: &Comparison, runs: Option<&Runs>) {
     println!("  {:<44} {:>10} {:>10}", "product_demand_hourly full recompute", "median", "best");
     println!("  {:<44} {:>8.2} s {:>8.2} s", "DataFusion (in-process, Delta snapshot)", df, best(&c.datafusion));
     println!("  {:<44} {:>8.2} s {:>8.2} s", "DuckDB (same SQL, same Parquet files)", duck, best(&c.duckdb));
+    if !c.parquet.is_empty() {
+        println!(
+            "  {:<44} {:>8.2} s {:>8.2} s",
+            "DataFusion (bare Parquet files, diagnosis)",
+            median(&c.parquet),
+            best(&c.parquet)
+        );
+    }
     println!("  {:<44} {:>9.2}x   (goal <= 1.2x)", "DataFusion / DuckDB (median)", df / duck);
+    if !args.datafusion_set.is_empty() {
+        println!("  DataFusion settings on top of the batch layer's: {}", args.datafusion_set.join(", "));
+    }
     println!("  results agree: {}", c.totals.describe());
     if let Some(r) = runs {
         println!(
