@@ -35,8 +35,9 @@ use datafusion::arrow::datatypes::Int64Type;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use indicatif::{ProgressBar, ProgressStyle};
+use integration_tests::bench::{calibrated_rate, group};
 use integration_tests::fixture::Stack;
-use integration_tests::shop::{Shop, ShopConfig, Spike, diurnal};
+use integration_tests::shop::{Shop, ShopConfig, Spike};
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
@@ -162,16 +163,14 @@ struct Traffic {
 
 impl Traffic {
     fn new(args: &Args) -> Self {
-        // The model's traffic follows the time of day: the rate is scaled by
-        // the day curve over the chosen hours, and 1% more since it is random.
-        let curve: f64 = (0..args.hours)
-            .map(|h| diurnal(history_start() + TimeDelta::hours(i64::from(h)) + TimeDelta::minutes(30)))
-            .sum::<f64>()
-            / f64::from(args.hours);
-        let rate = args.events as f64 * 1.01 / (f64::from(args.hours) * 3600.0 * curve);
-        let config = ShopConfig { seed: args.seed, products: args.products, categories: 12, users: args.users, rate };
         let start = history_start();
-        let end = start + TimeDelta::hours(i64::from(args.hours) + 1);
+        let history = start + TimeDelta::hours(i64::from(args.hours));
+        let shape =
+            ShopConfig { seed: args.seed, products: args.products, categories: 12, users: args.users, rate: 1.0 };
+        // 1% more: the model's traffic is random.
+        let rate = calibrated_rate(&shape, start, history, args.events) * 1.01;
+        let config = ShopConfig { rate, ..shape };
+        let end = history + TimeDelta::hours(1);
         let spikes = Shop::new(config.clone()).plan_spikes(
             (args.hours as usize / 12).max(1),
             start,
@@ -229,7 +228,7 @@ fn partition_of(user_id: &str, partitions: i32) -> i32 {
 /// The cached lake for these parameters, generated when missing.
 async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow::Result<PathBuf> {
     let key = format!(
-        "lake-v1-e{}-h{}-k{}-s{}-p{}-u{}",
+        "lake-v2-e{}-h{}-k{}-s{}-p{}-u{}",
         args.events, args.hours, args.partitions, args.seed, args.products, args.users
     );
     let done = bench_dir.join(&key);
@@ -628,17 +627,4 @@ fn report(args: &Args, shape: &LakeShape, c: &Comparison, runs: Option<&Runs>) {
         );
         println!("  {:<44} {}", "", r.incremental_breakdown);
     }
-}
-
-/// 20123456 → "20,123,456".
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use chrono::{DurationRound as _, TimeDelta, Utc};
 use clap::Parser;
+use integration_tests::bench::{calibrated_rate, group};
 use integration_tests::fixture::Stack;
 use integration_tests::generator;
-use integration_tests::shop::{Shop, ShopConfig, ShopEvent, diurnal};
+use integration_tests::shop::{Shop, ShopConfig, ShopEvent};
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use rdkafka::config::ClientConfig;
@@ -171,7 +172,7 @@ struct CachedTopic {
 /// The pre-loaded topic: the cached one when the broker still holds all of
 /// it, else a new one filled by the load generator.
 async fn preloaded_topic(args: &Args, stack: &Stack, cache: &std::path::Path) -> anyhow::Result<(String, i64)> {
-    let key = format!("speed-topic-v1-e{}-h{}-k{}-s{}", args.events, args.hours, args.partitions, args.seed);
+    let key = format!("speed-topic-v2-e{}-h{}-k{}-s{}", args.events, args.hours, args.partitions, args.seed);
     let record = cache.join("bench").join(format!("{key}.json"));
     if let Ok(bytes) = std::fs::read(&record)
         && let Ok(cached) = serde_json::from_slice::<CachedTopic>(&bytes)
@@ -187,21 +188,18 @@ async fn preloaded_topic(args: &Args, stack: &Stack, cache: &std::path::Path) ->
         "pre-loading topic {topic} with {} events by the load generator (once; later runs reuse it)",
         group(args.events)
     );
-    // The generator's history ends at the current hour; its traffic follows
-    // the time of day, so the rate is scaled by the day curve over those
-    // hours (and 3% more, since the traffic is random).
+    // The generator's history: the hours before the current one. 2% more
+    // events than asked: the model's traffic is random.
     let end = Utc::now().duration_trunc(TimeDelta::hours(1))?;
-    let curve: f64 =
-        (1..=args.hours).map(|h| diurnal(end - TimeDelta::hours(i64::from(h)) + TimeDelta::minutes(30))).sum::<f64>()
-            / f64::from(args.hours);
-    let rate = args.events as f64 * 1.03 / (f64::from(args.hours) * 3600.0 * curve);
+    let shape = ShopConfig { seed: args.seed, products: 500, categories: 12, users: 10_000, rate: 1.0 };
+    let rate = calibrated_rate(&shape, end - TimeDelta::hours(i64::from(args.hours)), end, args.events) * 1.02;
     generator::run(generator::Args {
         backfill_hours: args.hours,
         rate,
         seed: args.seed,
-        products: 500,
-        categories: 12,
-        users: 10_000,
+        products: shape.products,
+        categories: shape.categories,
+        users: shape.users,
         spikes: None,
         quiet: false,
         truth: cache.join("bench").join(format!("{key}-truth.json")),
@@ -554,17 +552,4 @@ fn steady_load(
     }
     producer.flush(Duration::from_secs(30)).context("flushing the freshness producer")?;
     Ok(started.elapsed().as_secs_f64())
-}
-
-/// 20123456 → "20,123,456".
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
