@@ -85,3 +85,13 @@ quality: build ## spike precision/recall and recommendation hit-rate on a genera
 
 bench-quality: ## the same, written into docs/BENCHMARKS.md
 	@scripts/bench-quality.sh
+
+.PHONY: bench bench-batch bench-speed
+
+bench: bench-batch bench-speed bench-serving bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
+
+bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs incremental run
+	@scripts/bench-batch.sh $(ARGS)
+
+bench-speed: ## speed layer: throughput vs a bare consumer, freshness at 10k events/s
+	@scripts/bench-speed.sh $(ARGS)

@@ -329,12 +329,7 @@ async fn flush(
     // 2. Valid events, with the offsets they bring the table to.
     if decoded.batch.num_rows() > 0 {
         let offsets = advanced(&tables.events_next, next, &touched);
-        let props = CommitProperties::default().with_application_transactions(txns(&config.topic, &offsets));
-        let table = tables.events.clone();
-        tables.events = table
-            .write(vec![decoded.batch.clone()])
-            .with_partition_columns(PARTITION_COLUMNS)
-            .with_commit_properties(props)
+        tables.events = append_events(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets)
             .await
             .map_err(|source| IngestError::Commit { table: EVENTS_TABLE, source: Box::new(source) })?;
         tables.events_next.extend(offsets);
@@ -353,6 +348,20 @@ async fn flush(
         "flushed to the lake"
     );
     Ok(out)
+}
+
+/// Appends decoded `events` (in [`events_schema`]) to the `events` table in
+/// one Delta commit that records `offsets` (per partition of `topic`, the
+/// next offset) as its `txn` actions: the one way events enter the lake.
+/// Returns the table at the new version.
+pub async fn append_events(
+    table: DeltaTable,
+    events: RecordBatch,
+    topic: &str,
+    offsets: &BTreeMap<i32, i64>,
+) -> Result<DeltaTable, deltalake::DeltaTableError> {
+    let props = CommitProperties::default().with_application_transactions(txns(topic, offsets));
+    table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
 }
 
 fn rejected_batch(rejected: &[&RejectedRecord], buffer: &[Buffered]) -> Result<RecordBatch, IngestError> {

@@ -128,14 +128,24 @@ impl Lake {
 
 /// Registers `table`'s current snapshot in `ctx` under `name`, with the
 /// object store it needs, so DataFusion SQL can read it.
+///
+/// The scan takes its Parquet settings from the session, as DataFusion's
+/// own tables do. (Without a session, delta-rs pushes every filter into the
+/// Parquet decoder, which DataFusion does not by default; the offset cut
+/// keeps almost every row, so row-level pushdown has little to skip.)
 pub async fn register(
     ctx: &datafusion::prelude::SessionContext,
     name: &str,
     table: &DeltaTable,
 ) -> Result<(), LakeError> {
     let delta = |source: DeltaTableError| LakeError::Delta { table: name.to_string(), source };
-    table.update_datafusion_session(&ctx.state()).map_err(delta)?;
-    let provider = table.table_provider().await.map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
+    let state = ctx.state();
+    table.update_datafusion_session(&state).map_err(delta)?;
+    let provider = table
+        .table_provider()
+        .with_session(std::sync::Arc::new(state))
+        .await
+        .map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
     ctx.register_table(name, provider).map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! records, and (for the tests in `tests/`) the fixture that talks to the
 //! local stack and the serving layer's test data.
 
+pub mod bench;
 pub mod checks;
 pub mod fixture;
 pub mod generator;

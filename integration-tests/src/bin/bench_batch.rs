@@ -1,0 +1,623 @@
+//! `bench_batch` (`make bench-batch`): the batch layer's whole-system
+//! figures on a lake of at least 20 million events.
+//!
+//! 1. **The lake.** The shop model's events, a week of them by default,
+//!    decoded by the platform's own decoder and appended to a real Delta
+//!    table `events` by the ingest's own write path
+//!    ([`batch_layer::ingest::append_events`]): one commit per hour, each
+//!    carrying the next offset of every Kafka partition as its `txn`
+//!    actions, exactly as `batch-layer ingest` leaves a lake. Only Kafka
+//!    itself is skipped. The lake is cached under `$LAMBDA_CACHE/bench/`,
+//!    keyed by its parameters; the benchmark works on a hard-linked copy.
+//! 2. **DataFusion against DuckDB.** The full recompute of
+//!    `product_demand_hourly`: the batch layer's SQL (from the one view
+//!    definition, restricted to the offset cut a full run takes) in-process
+//!    with DataFusion over the Delta snapshot, and the same SQL text in
+//!    DuckDB over the same Parquet files (the snapshot's current files),
+//!    interleaved repetitions; both results must agree.
+//! 3. **Full against incremental.** `batch-layer run --full` end to end into
+//!    a fresh database, then one new hour of events appended and an
+//!    incremental `batch-layer run`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use batch_layer::ingest::append_events;
+use batch_layer::lake::{self, EVENTS_TABLE, Lake};
+use batch_layer::recompute::{self, RunConfig, RunOutcome};
+use chrono::{DateTime, TimeDelta, TimeZone as _, Utc};
+use clap::Parser;
+use datafusion::arrow::array::{AsArray as _, RecordBatch};
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
+use indicatif::{ProgressBar, ProgressStyle};
+use integration_tests::bench::{calibrated_rate, group};
+use integration_tests::fixture::Stack;
+use integration_tests::shop::{Shop, ShopConfig, Spike};
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
+use shared_schema::schema::PARTITION_COLUMNS;
+use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+use shared_schema::{EventDecoder, RawRecord, events_schema};
+
+/// Batch-layer benchmark: DataFusion vs DuckDB, full vs incremental run.
+#[derive(Debug, Parser)]
+#[command(name = "bench_batch", about)]
+struct Args {
+    /// Events in the lake (at least; the shop model's traffic is random).
+    #[arg(long, default_value_t = 20_000_000)]
+    events: u64,
+    /// Hours of history they span.
+    #[arg(long, default_value_t = 168)]
+    hours: u32,
+    /// Kafka partitions the events are spread over (by user, as the key does).
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 500)]
+    products: usize,
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Repetitions of the DataFusion / DuckDB comparison.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// DataFusion settings for the comparison, on top of the batch layer's
+    /// defaults (e.g. `datafusion.execution.target_partitions=4`); repeatable.
+    #[arg(long = "datafusion-set", value_name = "KEY=VALUE")]
+    datafusion_set: Vec<String>,
+    /// Also time DataFusion over the bare Parquet files, without the Delta
+    /// provider (a diagnosis of where DataFusion's time goes).
+    #[arg(long)]
+    plain_parquet: bool,
+    /// Skip the end-to-end full and incremental runs.
+    #[arg(long)]
+    no_runs: bool,
+    /// Cache folder (the lake is kept under `bench/`).
+    #[arg(long, env = "LAMBDA_CACHE")]
+    cache: Option<PathBuf>,
+    /// Python with the `duckdb` package.
+    #[arg(long, env = "BENCH_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// The DuckDB side of the comparison.
+    #[arg(long, default_value = "scripts/bench_duckdb.py")]
+    duckdb_script: PathBuf,
+    /// Topic name the lake's `txn` actions record.
+    #[arg(long, default_value = "events")]
+    topic: String,
+}
+
+/// First hour of the generated history: fixed, so a cached lake is the
+/// same lake whenever it was made.
+fn history_start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 10, 5, 0, 0, 0).single().unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    platform::logging::init();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => platform::logging::report(&e),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(
+        args.reps > 0 && args.hours > 0 && args.partitions > 0,
+        "--reps, --hours and --partitions must be positive"
+    );
+    let cache = match &args.cache {
+        Some(c) => c.clone(),
+        None => PathBuf::from(std::env::var("HOME").context("HOME is not set; give --cache")?)
+            .join(".cache/lambda-platform"),
+    };
+    let bench_dir = cache.join("bench");
+    let traffic = Traffic::new(&args);
+    let base = ensure_lake(&args, &traffic, &bench_dir).await?;
+    // The runs append an hour: they work on a copy, the cached lake stays as made.
+    let work = bench_dir.join("batch-work");
+    link_copy(&base, &work.join(EVENTS_TABLE), &work)
+        .with_context(|| format!("copying the lake to {}", work.display()))?;
+    let lake = Lake::parse(work.to_str().context("cache path is not UTF-8")?)?;
+    let table = lake.open(EVENTS_TABLE).await?.context("the cached lake has no events table")?;
+    let shape = LakeShape::of(&table, &work)?;
+    println!(
+        "lake: {} events in {} hours, {} Delta commits, {} Parquet files, {:.2} GB ({})",
+        group(shape.events),
+        args.hours,
+        table.version().unwrap_or_default() + 1,
+        shape.files.len(),
+        shape.bytes as f64 / 1e9,
+        base.display()
+    );
+
+    // The cut a full run over this snapshot takes, and the query it runs.
+    let next = lake::committed_offsets(&table, &args.topic, 0..args.partitions).await?;
+    let segment = SegmentSize::new(platform::db::DEFAULT_SEGMENT_SIZE).context("segment size")?;
+    let cut = OffsetCut::from_lake(next.iter().map(|(p, o)| (Partition(*p), Offset(*o))), segment);
+    let sql = PRODUCT_DEMAND_HOURLY.batch_sql(Some(&cut.predicate()));
+
+    let comparison = compare_engines(&args, &table, &shape.files, &sql, &bench_dir).await?;
+    let runs =
+        if args.no_runs { None } else { Some(full_and_incremental(&args, &traffic, &lake, &comparison.totals).await?) };
+    report(&args, &shape, &comparison, runs.as_ref());
+    Ok(())
+}
+
+/// The shop whose traffic fills the lake, paced so `hours` of it hold at
+/// least `events` events. Cheap to clone: the shop itself is built where
+/// its events are made.
+#[derive(Debug, Clone)]
+struct Traffic {
+    shop: ShopConfig,
+    spikes: Vec<Spike>,
+    partitions: i32,
+}
+
+impl Traffic {
+    fn new(args: &Args) -> Self {
+        let start = history_start();
+        let history = start + TimeDelta::hours(i64::from(args.hours));
+        let shape =
+            ShopConfig { seed: args.seed, products: args.products, categories: 12, users: args.users, rate: 1.0 };
+        // 1% more: the model's traffic is random.
+        let rate = calibrated_rate(&shape, start, history, args.events) * 1.01;
+        let config = ShopConfig { rate, ..shape };
+        let end = history + TimeDelta::hours(1);
+        let spikes = Shop::new(config.clone()).plan_spikes(
+            (args.hours as usize / 12).max(1),
+            start,
+            end,
+            &mut StdRng::seed_from_u64(args.seed),
+        );
+        Self { shop: config, spikes, partitions: args.partitions }
+    }
+
+    /// The events of sessions starting in hour `h` of the history, as the
+    /// ingest would decode them after reading them from Kafka: keyed by
+    /// user to a partition, offsets continuing from `next`.
+    fn hour(
+        &self,
+        shop: &Shop,
+        h: u32,
+        next: &mut BTreeMap<i32, i64>,
+        decoder: &mut EventDecoder,
+    ) -> anyhow::Result<RecordBatch> {
+        let from = history_start() + TimeDelta::hours(i64::from(h));
+        let mut rng = StdRng::seed_from_u64(self.shop.seed ^ (u64::from(h) << 32));
+        let events =
+            shop.events_between(from, from + TimeDelta::hours(1), &self.spikes, DateTime::<Utc>::MAX_UTC, &mut rng);
+        let records: Vec<(i32, i64, String)> = events
+            .iter()
+            .map(|e| {
+                let p = partition_of(&e.user_id, self.partitions);
+                let offset = next.entry(p).or_insert(0);
+                *offset += 1;
+                (p, *offset - 1, e.to_json())
+            })
+            .collect();
+        let raw: Vec<RawRecord<'_>> = records
+            .iter()
+            .map(|(partition, offset, json)| RawRecord {
+                partition: *partition,
+                offset: *offset,
+                payload: json.as_bytes(),
+            })
+            .collect();
+        let decoded = decoder.decode(&raw, Utc::now())?;
+        ensure!(decoded.rejected.is_empty(), "the shop model produced {} invalid events", decoded.rejected.len());
+        Ok(decoded.batch)
+    }
+}
+
+/// Kafka's default partitioner hashes the key (murmur2); any stable hash
+/// spreads users the same way for this purpose.
+fn partition_of(user_id: &str, partitions: i32) -> i32 {
+    let hash =
+        user_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (hash % partitions as u64) as i32
+}
+
+/// The cached lake for these parameters, generated when missing.
+async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow::Result<PathBuf> {
+    let key = format!(
+        "lake-v2-e{}-h{}-k{}-s{}-p{}-u{}",
+        args.events, args.hours, args.partitions, args.seed, args.products, args.users
+    );
+    let done = bench_dir.join(&key);
+    if done.join(EVENTS_TABLE).join("_delta_log").is_dir() {
+        println!("reusing the cached lake {}", done.display());
+        return Ok(done.join(EVENTS_TABLE));
+    }
+    let partial = bench_dir.join(format!("{key}.partial"));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    println!("generating the lake {} (once; later runs reuse it)", done.display());
+    let lake = Lake::parse(partial.to_str().context("cache path is not UTF-8")?)?;
+    let table = lake.open_or_create(EVENTS_TABLE, &events_schema(), &PARTITION_COLUMNS).await?;
+
+    let bar = ProgressBar::new(u64::from(args.hours));
+    bar.set_style(
+        ProgressStyle::with_template("lake [{elapsed_precise}] {wide_bar} {pos}/{len} hours {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let events = append_hours(traffic, table, &args.topic, 0..args.hours, &bar).await?;
+    bar.finish_and_clear();
+    if events < args.events {
+        println!("note: the shop model made {} events, fewer than the {} asked for", group(events), group(args.events));
+    }
+    println!(
+        "generated {} events in {:.0} s ({:.0} events/s)",
+        group(events),
+        started.elapsed().as_secs_f64(),
+        events as f64 / started.elapsed().as_secs_f64()
+    );
+    std::fs::rename(&partial, &done)
+        .with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
+    Ok(done.join(EVENTS_TABLE))
+}
+
+/// Appends the given hours to `table`, one commit each; the shop model and
+/// the decoder run on a blocking thread while the previous hour is
+/// written. Returns the number of events appended.
+async fn append_hours(
+    traffic: &Traffic,
+    mut table: DeltaTable,
+    topic: &str,
+    hours: std::ops::Range<u32>,
+    bar: &ProgressBar,
+) -> anyhow::Result<u64> {
+    let mut next = lake::committed_offsets(&table, topic, 0..traffic.partitions).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<(RecordBatch, BTreeMap<i32, i64>)>>(2);
+    let traffic = traffic.clone();
+    let maker = tokio::task::spawn_blocking(move || {
+        let shop = Shop::new(traffic.shop.clone());
+        let mut decoder = EventDecoder::new();
+        for h in hours {
+            let hour = traffic.hour(&shop, h, &mut next, &mut decoder).map(|b| (b, next.clone()));
+            if tx.blocking_send(hour).is_err() {
+                return; // the writer stopped
+            }
+        }
+    });
+    let mut events = 0u64;
+    while let Some(hour) = rx.recv().await {
+        let (batch, offsets) = hour?;
+        events += batch.num_rows() as u64;
+        table = append_events(table, batch, topic, &offsets).await?;
+        bar.inc(1);
+        bar.set_message(format!("{} events", group(events)));
+    }
+    maker.await?;
+    Ok(events)
+}
+
+/// Copies a Delta table folder: data files as hard links (Delta never
+/// rewrites a data file), the log as real copies (it is appended to).
+/// `root` (the copy's lake) is emptied first.
+fn link_copy(from: &Path, to: &Path, root: &Path) -> std::io::Result<()> {
+    if root.exists() {
+        std::fs::remove_dir_all(root)?;
+    }
+    copy_tree(from, to, true)
+}
+
+fn copy_tree(from: &Path, to: &Path, link: bool) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &dest, link && entry.file_name() != "_delta_log")?;
+        } else if link {
+            std::fs::hard_link(entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+struct LakeShape {
+    events: u64,
+    files: Vec<String>,
+    bytes: u64,
+}
+
+impl LakeShape {
+    fn of(table: &DeltaTable, dir: &Path) -> anyhow::Result<Self> {
+        let files: Vec<String> = table.get_file_uris()?.collect();
+        let mut bytes = 0;
+        for f in &files {
+            bytes += std::fs::metadata(f).with_context(|| format!("reading {f} under {}", dir.display()))?.len();
+        }
+        let events =
+            table.snapshot()?.log_data().into_iter().filter_map(|add| add.num_records()).map(|n| n as u64).sum();
+        Ok(Self { events, files, bytes })
+    }
+}
+
+/// Row count and the sum of every measure of a `product_demand_hourly` result.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+struct Totals {
+    rows: u64,
+    sums: Vec<i64>,
+}
+
+impl Totals {
+    fn of(batches: &[RecordBatch]) -> Self {
+        let measures = PRODUCT_DEMAND_HOURLY.measures.len();
+        let keys = PRODUCT_DEMAND_HOURLY.keys.len();
+        let mut sums = vec![0i64; measures];
+        let mut rows = 0;
+        for b in batches {
+            rows += b.num_rows() as u64;
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum += b.column(keys + i).as_primitive::<Int64Type>().iter().flatten().sum::<i64>();
+            }
+        }
+        Self { rows, sums }
+    }
+
+    fn describe(&self) -> String {
+        let names = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| m.name);
+        let sums: Vec<String> = names.zip(&self.sums).map(|(n, s)| format!("{n} {}", group(*s as u64))).collect();
+        format!("{} rows; {}", group(self.rows), sums.join(", "))
+    }
+}
+
+struct Comparison {
+    datafusion: Vec<Duration>,
+    duckdb: Vec<Duration>,
+    /// DataFusion over the bare Parquet files (`--plain-parquet`).
+    parquet: Vec<Duration>,
+    totals: Totals,
+}
+
+/// A session as the batch layer makes one (`SessionContext::new()`), with
+/// `settings` applied on top when given.
+fn session(settings: &[(String, String)]) -> anyhow::Result<SessionContext> {
+    if settings.is_empty() {
+        return Ok(SessionContext::new());
+    }
+    let mut config = SessionConfig::new();
+    for (k, v) in settings {
+        config.options_mut().set(k, v).with_context(|| format!("DataFusion setting {k}={v}"))?;
+    }
+    Ok(SessionContext::new_with_config(config))
+}
+
+/// One DataFusion execution as the batch layer does it: a session, the
+/// snapshot registered as `events`, the view's SQL collected.
+async fn datafusion_once(
+    table: &DeltaTable,
+    sql: &str,
+    settings: &[(String, String)],
+) -> anyhow::Result<(Duration, Totals)> {
+    let started = Instant::now();
+    let ctx = session(settings)?;
+    lake::register(&ctx, "events", table).await?;
+    let batches = ctx.sql(sql).await?.collect().await?;
+    Ok((started.elapsed(), Totals::of(&batches)))
+}
+
+/// The same query in DataFusion over the Parquet files themselves (no
+/// Delta provider): tells DataFusion's own time from the provider's.
+async fn datafusion_parquet_once(
+    files: &[String],
+    sql: &str,
+    settings: &[(String, String)],
+) -> anyhow::Result<(Duration, Totals)> {
+    let started = Instant::now();
+    let ctx = session(settings)?;
+    let events = ctx.read_parquet(files.to_vec(), datafusion::prelude::ParquetReadOptions::default()).await?;
+    ctx.register_table("events", events.into_view())?;
+    let batches = ctx.sql(sql).await?.collect().await?;
+    Ok((started.elapsed(), Totals::of(&batches)))
+}
+
+#[derive(serde::Deserialize)]
+struct DuckDbRun {
+    seconds: f64,
+    #[serde(flatten)]
+    totals: Totals,
+}
+
+fn duckdb_once(args: &Args, files: &Path, sql: &Path) -> anyhow::Result<(Duration, Totals)> {
+    let out = Command::new(&args.python)
+        .arg(&args.duckdb_script)
+        .arg("--files")
+        .arg(files)
+        .arg("--sql")
+        .arg(sql)
+        .output()
+        .with_context(|| format!("running {} {}", args.python.display(), args.duckdb_script.display()))?;
+    if !out.status.success() {
+        bail!("DuckDB run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let run: DuckDbRun = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("reading DuckDB's result {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    Ok((Duration::from_secs_f64(run.seconds), run.totals))
+}
+
+async fn compare_engines(
+    args: &Args,
+    table: &DeltaTable,
+    files: &[String],
+    sql: &str,
+    bench_dir: &Path,
+) -> anyhow::Result<Comparison> {
+    let settings: Vec<(String, String)> = args
+        .datafusion_set
+        .iter()
+        .map(|s| s.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect::<Option<_>>()
+        .context("--datafusion-set takes KEY=VALUE")?;
+    let files_path = bench_dir.join("batch-files.txt");
+    let sql_path = bench_dir.join("batch-query.sql");
+    std::fs::write(&files_path, files.join("\n")).with_context(|| format!("writing {}", files_path.display()))?;
+    std::fs::write(&sql_path, sql).with_context(|| format!("writing {}", sql_path.display()))?;
+    println!("product_demand_hourly full recompute, {} interleaved repetitions per engine:", args.reps);
+
+    let mut out = Comparison {
+        datafusion: Vec::new(),
+        duckdb: Vec::new(),
+        parquet: Vec::new(),
+        totals: Totals { rows: 0, sums: Vec::new() },
+    };
+    for rep in 1..=args.reps {
+        let (df, df_totals) = datafusion_once(table, sql, &settings).await?;
+        let (duck, duck_totals) = duckdb_once(args, &files_path, &sql_path)?;
+        println!("  rep {rep}: DataFusion {:.2} s, DuckDB {:.2} s", df.as_secs_f64(), duck.as_secs_f64());
+        if df_totals != duck_totals {
+            bail!("the engines disagree: DataFusion {}; DuckDB {}", df_totals.describe(), duck_totals.describe());
+        }
+        if args.plain_parquet {
+            let (plain, plain_totals) = datafusion_parquet_once(files, sql, &settings).await?;
+            println!("         DataFusion over the bare Parquet files {:.2} s", plain.as_secs_f64());
+            ensure!(plain_totals == df_totals, "DataFusion over the bare files disagrees: {}", plain_totals.describe());
+            out.parquet.push(plain);
+        }
+        out.datafusion.push(df);
+        out.duckdb.push(duck);
+        out.totals = df_totals;
+    }
+    Ok(out)
+}
+
+struct Runs {
+    full: Duration,
+    full_breakdown: String,
+    appended_events: u64,
+    append: Duration,
+    incremental: Duration,
+    incremental_breakdown: String,
+    hours: usize,
+}
+
+async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expected: &Totals) -> anyhow::Result<Runs> {
+    let stack = Stack::from_env();
+    let (url, pool) = stack.fresh_database("bench_batch").await?;
+    let config = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), args.topic.clone()) };
+
+    println!("batch-layer run --full into a fresh database ...");
+    let started = Instant::now();
+    let outcome = recompute::run(&config).await?;
+    let full = started.elapsed();
+    let RunOutcome::Published { run_id, .. } = outcome else { bail!("the full run did not publish: {outcome:?}") };
+    let full_breakdown = breakdown(&pool, run_id).await?;
+    let published = published_totals(&pool).await?;
+    if published != *expected {
+        bail!(
+            "batch.product_demand_hourly after the full run ({}) differs from the engines' result ({})",
+            published.describe(),
+            expected.describe()
+        );
+    }
+    println!("  {:.1} s ({full_breakdown})", full.as_secs_f64());
+
+    println!("appending one new hour of events ...");
+    let started = Instant::now();
+    let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
+    let appended_events =
+        append_hours(traffic, table, &args.topic, args.hours..args.hours + 1, &ProgressBar::hidden()).await?;
+    let append = started.elapsed();
+
+    println!("batch-layer run (incremental) ...");
+    let started = Instant::now();
+    let outcome = recompute::run(&RunConfig { full: false, ..config }).await?;
+    let incremental = started.elapsed();
+    let RunOutcome::Published { run_id, hours: Some(hours), .. } = outcome else {
+        bail!("the incremental run did not publish incrementally: {outcome:?}")
+    };
+    let incremental_breakdown = breakdown(&pool, run_id).await?;
+    println!("  {:.2} s ({incremental_breakdown})", incremental.as_secs_f64());
+    pool.close().await;
+    Ok(Runs { full, full_breakdown, appended_events, append, incremental, incremental_breakdown, hours })
+}
+
+/// The phases `ops.batch_runs` recorded for a run.
+async fn breakdown(pool: &sqlx::PgPool, run_id: i64) -> anyhow::Result<String> {
+    let durations: serde_json::Value = sqlx::query_scalar("SELECT durations_ms FROM ops.batch_runs WHERE run_id = $1")
+        .bind(run_id)
+        .fetch_one(pool)
+        .await?;
+    let ms = |k: &str| durations.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN) / 1000.0;
+    Ok(format!("compute {:.2} s, publish {:.2} s", ms("compute"), ms("publish")))
+}
+
+/// `batch.product_demand_hourly` after the full run, as [`Totals`].
+async fn published_totals(pool: &sqlx::PgPool) -> anyhow::Result<Totals> {
+    let names: Vec<&str> = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| m.name).collect();
+    let sums: Vec<String> = names.iter().map(|n| format!("COALESCE(sum({n}), 0)::bigint")).collect();
+    let sql = format!("SELECT count(*)::bigint, {} FROM batch.product_demand_hourly", sums.join(", "));
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?;
+    use sqlx::Row as _;
+    let rows: i64 = row.try_get(0)?;
+    let sums = (1..=names.len()).map(|i| row.try_get::<i64, _>(i)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Totals { rows: rows as u64, sums })
+}
+
+fn median(times: &[Duration]) -> f64 {
+    let mut s: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+fn best(times: &[Duration]) -> f64 {
+    times.iter().map(Duration::as_secs_f64).fold(f64::INFINITY, f64::min)
+}
+
+fn report(args: &Args, shape: &LakeShape, c: &Comparison, runs: Option<&Runs>) {
+    let (df, duck) = (median(&c.datafusion), median(&c.duckdb));
+    println!();
+    println!("batch layer, {} events in {} hours ({} files)", group(shape.events), args.hours, shape.files.len());
+    println!("  {:<44} {:>10} {:>10}", "product_demand_hourly full recompute", "median", "best");
+    println!("  {:<44} {:>8.2} s {:>8.2} s", "DataFusion (in-process, Delta snapshot)", df, best(&c.datafusion));
+    println!("  {:<44} {:>8.2} s {:>8.2} s", "DuckDB (same SQL, same Parquet files)", duck, best(&c.duckdb));
+    if !c.parquet.is_empty() {
+        println!(
+            "  {:<44} {:>8.2} s {:>8.2} s",
+            "DataFusion (bare Parquet files, diagnosis)",
+            median(&c.parquet),
+            best(&c.parquet)
+        );
+    }
+    println!("  {:<44} {:>9.2}x   (goal <= 1.2x)", "DataFusion / DuckDB (median)", df / duck);
+    if !args.datafusion_set.is_empty() {
+        println!("  DataFusion settings on top of the batch layer's: {}", args.datafusion_set.join(", "));
+    }
+    println!("  results agree: {}", c.totals.describe());
+    if let Some(r) = runs {
+        println!(
+            "  {:<44} {:>8.2} s   ({})",
+            "batch-layer run --full (end to end)",
+            r.full.as_secs_f64(),
+            r.full_breakdown
+        );
+        println!(
+            "  {:<44} {:>8.2} s   ({} events appended in {:.1} s)",
+            format!("batch-layer run, incremental ({} hours)", r.hours),
+            r.incremental.as_secs_f64(),
+            group(r.appended_events),
+            r.append.as_secs_f64()
+        );
+        println!(
+            "  {:<44} {:>9.1}x   (goal >= 20x)",
+            "full / incremental",
+            r.full.as_secs_f64() / r.incremental.as_secs_f64()
+        );
+        println!("  {:<44} {}", "", r.incremental_breakdown);
+    }
+}

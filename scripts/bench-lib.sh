@@ -1,0 +1,39 @@
+# Shared by scripts/bench-*.sh (sourced): environment, the machine, the
+# local stack and the release build.
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export LAMBDA_CACHE=${LAMBDA_CACHE:-$HOME/.cache/lambda-platform}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$LAMBDA_CACHE/target}
+export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5433/lambda}
+# Progress lines and tables, not info logs (override with RUST_LOG=info).
+export RUST_LOG=${RUST_LOG:-warn,sqlx=error,buoyant_kernel::snapshot::builder=off}
+RELEASE=$CARGO_TARGET_DIR/release
+
+step() { printf '\n\033[1m[%s] %s\033[0m\n' "$(date -u +%H:%M:%S)" "$*"; }
+
+# What the figures were measured on (copied into docs/BENCHMARKS.md).
+machine() {
+    echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "machine: $(nproc) CPUs, $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1), $(free -g | awk '/^Mem:/ {print $2}') GB RAM"
+    echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) before the run"
+    echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+}
+
+# The stack as `make up` starts it. A stack started from another clone of
+# the repository (its state is in that clone's .local/) is used as it is.
+ensure_stack() {
+    local server=${DATABASE_URL%/*}
+    if psql "$server/postgres" -qtAc 'SELECT 1' >/dev/null 2>&1 \
+        && (exec 3<>"/dev/tcp/${KAFKA_BROKERS%:*}/${KAFKA_BROKERS##*:}") 2>/dev/null; then
+        echo "PostgreSQL and Kafka answer; using them"
+    else
+        scripts/stack.sh up
+    fi
+}
+
+# build_release BIN: the benchmark tool, optimised (the dev profile would
+# measure the compiler's debug settings, not the platform).
+build_release() {
+    cargo build --release --locked -p integration-tests --bin "$1"
+}
