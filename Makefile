@@ -71,3 +71,8 @@ serve: ## the recommendations API and dashboard on SERVING_ADDR (default 127.0.0
 
 bench-serving: ## recommendation latency under wrk, 100k users; writes docs/BENCHMARKS.md
 	@scripts/bench-serving.sh
+
+.PHONY: fuzz
+
+fuzz: ## fuzz the event decoder for FUZZ_SECONDS (default 60), seeded from integration-tests/corpus
+	@scripts/fuzz.sh
