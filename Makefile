@@ -95,3 +95,8 @@ bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs increme
 
 bench-speed: ## speed layer: throughput vs a bare consumer, freshness at 10k events/s
 	@scripts/bench-speed.sh $(ARGS)
+
+.PHONY: fuzz
+
+fuzz: ## fuzz the event decoder for FUZZ_SECONDS (default 60), seeded from integration-tests/corpus
+	@scripts/fuzz.sh
