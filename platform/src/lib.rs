@@ -5,6 +5,8 @@
 //!   one-line error report of a failed command;
 //! * [`db`]: connecting to PostgreSQL, migrations, the deployment's segment
 //!   size and the generated `serving.*` views;
+//! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
+//!   every writer applies;
 //! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM;
 //! * [`ops_http`]: `/metrics`, `/healthz`, `/readyz` for long-running processes;
 //! * [`pgcopy`]: Arrow batches → PostgreSQL binary `COPY`.
@@ -13,6 +15,7 @@
 //! this crate is machinery.
 
 pub mod db;
+pub mod forgotten;
 pub mod logging;
 pub mod ops_http;
 pub mod pgcopy;

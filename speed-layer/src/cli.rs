@@ -47,6 +47,10 @@ pub enum Command {
         /// `all`: this instance takes every partition itself (single instance).
         #[arg(long, env = "SPEED_ASSIGNMENT", value_enum, default_value = "group")]
         assignment: crate::stream::Assignment,
+        /// Secret (at least 16 characters) that `batch-layer forget-user`
+        /// hashed forgotten user ids with; needed once any user is forgotten.
+        #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
+        forget_key: Option<String>,
     },
 }
 
@@ -64,6 +68,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             max_batch,
             ops_addr,
             assignment,
+            forget_key,
         } => {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
@@ -81,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_batch,
                 ops_addr,
                 assignment,
+                forget_key: platform::forgotten::ForgetKey::optional(forget_key.as_deref())?,
             };
             stream::run(config, shutdown).await?;
             Ok(())

@@ -9,6 +9,9 @@
 //! one transaction: COPY deltas into temporary tables, fold them into
 //! `speed.*`, advance the offsets conditionally (see [`crate::offsets`]).
 //! A crash at any point leaves either the whole flush or none of it.
+//! Events and rejected records of forgotten users (`batch-layer
+//! forget-user`) are dropped at decode; the set is re-read from PostgreSQL
+//! every few seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -44,7 +47,13 @@ pub struct SpeedConfig {
     pub ops_addr: SocketAddr,
     /// How partitions are shared out.
     pub assignment: Assignment,
+    /// The key forgotten user ids were hashed with (needed once any user
+    /// is forgotten; without it the layer refuses to run).
+    pub forget_key: Option<platform::forgotten::ForgetKey>,
 }
+
+/// How often the forgotten users are re-read.
+const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
 
 /// How an instance gets its partitions. Either way its positions come from
 /// PostgreSQL and its commits are fenced, so totals stay exact.
@@ -66,6 +75,8 @@ pub enum SpeedError {
     Db(#[from] platform::db::DbError),
     #[error("ops endpoint on {addr}: {source}")]
     Ops { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
 }
 
 /// Partitions assigned or revoked since the loop last looked: their
@@ -110,6 +121,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
 
     let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(60)).await?;
     let deployment = platform::db::prepare(&pool, None).await?;
+    let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
     let log = Arc::new(RebalanceLog::default());
     let consumer: StreamConsumer<Context> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -167,6 +179,8 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         decoder: EventDecoder::new(),
         ready: ready.clone(),
         rebalances: Arc::clone(&log),
+        forgotten,
+        forgotten_at: Instant::now(),
     };
     loop {
         state.apply_rebalances();
@@ -214,6 +228,8 @@ struct Loop<'a> {
     decoder: EventDecoder,
     ready: platform::ops_http::Readiness,
     rebalances: Arc<RebalanceLog>,
+    forgotten: platform::forgotten::Forgotten,
+    forgotten_at: Instant,
 }
 
 impl Loop<'_> {
@@ -339,7 +355,25 @@ impl Loop<'_> {
             .iter()
             .map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload })
             .collect();
-        let decoded = self.decoder.decode(&records, Utc::now())?;
+        let mut decoded = self.decoder.decode(&records, Utc::now())?;
+        if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
+            self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
+            self.forgotten_at = Instant::now();
+        }
+        if !self.forgotten.is_empty() {
+            let (kept, events) = self.forgotten.filter_events(decoded.batch)?;
+            decoded.batch = kept;
+            let before = decoded.rejected.len();
+            let forgotten = &self.forgotten;
+            decoded
+                .rejected
+                .retain(|r| !forgotten.rejected_is_forgotten(buffer[r.index].key.as_deref(), &buffer[r.index].payload));
+            let dropped = events + before - decoded.rejected.len();
+            if dropped > 0 {
+                metrics::counter!("speed_forgotten_total").increment(dropped as u64);
+                tracing::debug!(dropped, "dropped records of forgotten users");
+            }
+        }
 
         let rejected: Vec<_> = decoded
             .rejected
@@ -435,6 +469,10 @@ enum FlushError {
     Db(#[from] sqlx::Error),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
+    #[error("dropping forgotten users: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
 }
 
 /// COPYs a view's deltas into a temporary table and folds them into
