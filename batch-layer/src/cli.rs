@@ -145,6 +145,10 @@ pub struct RunArgs {
     model_refresh: Duration,
     #[command(flatten)]
     catalog: CatalogArgs,
+    /// Webhook told of failed runs, failed quality checks and catalog schema
+    /// changes (a JSON POST); they are recorded in ops.notifications either way.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    notify_webhook_url: Option<String>,
 }
 
 impl RunArgs {
@@ -157,6 +161,8 @@ impl RunArgs {
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
+            notify_webhook: platform::notify::parse_webhook(self.notify_webhook_url.as_deref())
+                .map_err(anyhow::Error::msg)?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
         })

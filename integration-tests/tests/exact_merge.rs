@@ -104,6 +104,7 @@ async fn batch_landing_changes_no_serving_number() {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             assignment: Assignment::All,
             forget_key: None,
+            alerts: Default::default(),
         },
         shutdown.clone(),
     ));

@@ -178,8 +178,15 @@ async fn consumed(pool: &PgPool) -> i64 {
 }
 
 async fn wait_for_speed(stack: &Stack, topic: &str, pool: &PgPool) {
-    let total = stack.topic_size(topic).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    // A busy broker may time a metadata request out: ask again.
+    let total = loop {
+        match stack.topic_size(topic) {
+            Ok(n) => break n,
+            Err(e) if tokio::time::Instant::now() < deadline => eprintln!("topic size: {e}; retrying"),
+            Err(e) => panic!("topic size of {topic}: {e}"),
+        }
+    };
     while consumed(pool).await < total {
         assert!(tokio::time::Instant::now() < deadline, "speed layer stuck below {total} offsets");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -231,6 +238,7 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             assignment: Assignment::All,
             forget_key: Some(key.clone()),
+            alerts: Default::default(),
         },
         speed_shutdown.clone(),
     ));

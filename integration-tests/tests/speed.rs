@@ -54,6 +54,7 @@ fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
         ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::All,
         forget_key: None,
+        alerts: Default::default(),
     }
 }
 

@@ -64,6 +64,7 @@ fn config(brokers: &str, url: &str) -> SpeedConfig {
         ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::Group,
         forget_key: None,
+        alerts: Default::default(),
     }
 }
 

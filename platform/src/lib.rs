@@ -7,6 +7,8 @@
 //!   size and the generated `serving.*` views;
 //! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
 //!   every writer applies;
+//! * [`notify`]: operator notifications, recorded and POSTed to a webhook
+//!   without ever blocking the pipeline;
 //! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM;
 //! * [`ops_http`]: `/metrics`, `/healthz`, `/readyz` for long-running processes;
 //! * [`pgcopy`]: Arrow batches → PostgreSQL binary `COPY`.
@@ -17,6 +19,7 @@
 pub mod db;
 pub mod forgotten;
 pub mod logging;
+pub mod notify;
 pub mod ops_http;
 pub mod pgcopy;
 pub mod shutdown;

@@ -50,6 +50,8 @@ pub struct SpeedConfig {
     /// The key forgotten user ids were hashed with (needed once any user
     /// is forgotten; without it the layer refuses to run).
     pub forget_key: Option<platform::forgotten::ForgetKey>,
+    /// Notifications of stalls, lag and DLQ rate, with their thresholds.
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// How often the forgotten users are re-read.
@@ -164,6 +166,18 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         Duration::from_secs(5),
         shutdown.clone(),
     ));
+    let notifier = platform::notify::Notifier::spawn(
+        platform::notify::NotifyConfig::new(config.alerts.notify_webhook.clone(), "speed-layer"),
+        Some(pool.clone()),
+    );
+    let alerts = tokio::spawn(crate::alerts::watch(
+        config.brokers.clone(),
+        config.topic.clone(),
+        pool.clone(),
+        config.alerts.clone(),
+        notifier.clone(),
+        shutdown.clone(),
+    ));
     ready.set(true);
     tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");
 
@@ -181,6 +195,8 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         rebalances: Arc::clone(&log),
         forgotten,
         forgotten_at: Instant::now(),
+        dlq_rate: crate::alerts::DlqRate::new(&config.alerts),
+        notifier: notifier.clone(),
     };
     loop {
         state.apply_rebalances();
@@ -211,6 +227,8 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     tracing::info!("speed layer stopped cleanly");
     drop(consumer);
     let _ = lag.await;
+    let _ = alerts.await;
+    notifier.flush(Duration::from_secs(5)).await;
     let _ = ops_task.await;
     Ok(())
 }
@@ -230,6 +248,8 @@ struct Loop<'a> {
     rebalances: Arc<RebalanceLog>,
     forgotten: platform::forgotten::Forgotten,
     forgotten_at: Instant,
+    dlq_rate: crate::alerts::DlqRate,
+    notifier: platform::notify::Notifier,
 }
 
 impl Loop<'_> {
@@ -441,6 +461,9 @@ impl Loop<'_> {
         metrics::histogram!("speed_flush_seconds").record(secs);
         metrics::counter!("speed_rows_written_total").increment(rows);
         metrics::counter!("speed_dlq_total").increment(rejected.len() as u64);
+        if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
+            self.notifier.send(n);
+        }
         for a in &advances {
             if let Some(t) = a.last_event_time {
                 metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
