@@ -39,6 +39,11 @@ pub enum Command {
         /// Exit once every partition is read to its end as of the start.
         #[arg(long)]
         until_caught_up: bool,
+        /// Platform database (the ingest reads the forgotten users from it).
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        database_url: String,
+        #[command(flatten)]
+        forget: ForgetKeyArgs,
     },
     /// Recompute the views from the lake and publish them with their offset cut,
     /// atomically: incremental by default (only the hours new events touched),
@@ -62,6 +67,23 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Forget a user (GDPR right to erasure): delete their rows from the lake
+    /// (Delta delete, then vacuum) and from every table with a user column,
+    /// record only a keyed hash of the id, and keep them out of later ingests,
+    /// speed flushes and recomputes. Safe to re-run.
+    ForgetUser {
+        /// The user id as the shop sends it.
+        user_id: String,
+        /// Platform database.
+        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        database_url: String,
+        #[command(flatten)]
+        forget: ForgetKeyArgs,
+        /// Lake files no commit references are removed once older than this
+        /// (younger ones may be a running ingest's, not yet committed).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        orphan_grace: Duration,
+    },
     /// Write the recommender's training data (per user and product, the
     /// interactions before --as-of) as Parquet, with a manifest, into an empty folder.
     ExportTraining {
@@ -73,6 +95,26 @@ pub enum Command {
         #[arg(long, value_parser = parse_time)]
         as_of: Option<chrono::DateTime<chrono::Utc>>,
     },
+}
+
+/// The secret that hashes forgotten user ids (`forget-user`, the ingest and
+/// the speed layer must share it).
+#[derive(Debug, clap::Args)]
+pub struct ForgetKeyArgs {
+    /// Secret (at least 16 characters) for the keyed hash of forgotten user
+    /// ids; needed once any user is forgotten.
+    #[arg(long = "forget-key", env = "FORGET_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl ForgetKeyArgs {
+    fn optional(&self) -> anyhow::Result<Option<platform::forgotten::ForgetKey>> {
+        Ok(platform::forgotten::ForgetKey::optional(self.key.as_deref())?)
+    }
+
+    fn required(&self) -> anyhow::Result<platform::forgotten::ForgetKey> {
+        self.optional()?.ok_or_else(|| platform::forgotten::ForgetError::NoKey.into())
+    }
 }
 
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
@@ -103,6 +145,10 @@ pub struct RunArgs {
     model_refresh: Duration,
     #[command(flatten)]
     catalog: CatalogArgs,
+    /// Webhook told of failed runs, failed quality checks and catalog schema
+    /// changes (a JSON POST); they are recorded in ops.notifications either way.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+    notify_webhook_url: Option<String>,
 }
 
 impl RunArgs {
@@ -115,6 +161,8 @@ impl RunArgs {
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
+            notify_webhook: platform::notify::parse_webhook(self.notify_webhook_url.as_deref())
+                .map_err(anyhow::Error::msg)?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
         })
@@ -148,10 +196,11 @@ impl CatalogArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::on_signals();
     match cli.command {
-        Command::Ingest { topic, flush_interval, flush_records, until_caught_up } => {
+        Command::Ingest { topic, flush_interval, flush_records, until_caught_up, database_url, forget } => {
             if flush_records == 0 {
                 anyhow::bail!("--flush-records must be at least 1");
             }
+            let forget = ingest::Forgetting { database_url, key: forget.optional()? };
             let config = IngestConfig {
                 brokers: cli.brokers,
                 topic,
@@ -160,6 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 flush_records,
                 until_caught_up,
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                forget: Some(forget),
             };
             let s = ingest::run(config, shutdown).await?;
             println!(
@@ -189,6 +239,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("another batch run holds the lock; nothing published (wait for it to finish)")
                 }
             }
+        }
+        Command::ForgetUser { user_id, database_url, forget, orphan_grace } => {
+            let config = crate::forget::ForgetConfig {
+                database_url,
+                lake: Lake::parse(&cli.lake_uri)?,
+                key: forget.required()?,
+                orphan_grace,
+            };
+            let report = crate::forget::forget_user(&config, &user_id).await?;
+            println!("{}", report.summary());
+            Ok(())
         }
         Command::ExportTraining { out, as_of } => {
             let as_of = as_of.unwrap_or_else(chrono::Utc::now);

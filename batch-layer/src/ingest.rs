@@ -15,6 +15,9 @@
 //! record past the committed offsets) and duplicates nothing (each table
 //! skips what its txn offsets cover). Data files of an interrupted commit
 //! are unreferenced and removed by vacuum.
+//!
+//! Forgotten users (`forget-user`) are read from PostgreSQL before every
+//! flush; their events and rejected records are dropped, not written.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +53,17 @@ pub struct IngestConfig {
     /// Stop once every partition is read up to its end as of the start.
     pub until_caught_up: bool,
     pub show_progress: bool,
+    /// Where to learn which users are forgotten (`None`: do not look; tools
+    /// and tests whose database has none).
+    pub forget: Option<Forgetting>,
+}
+
+/// Where the ingest learns which users are forgotten, and the key their
+/// ids were hashed with.
+#[derive(Debug, Clone)]
+pub struct Forgetting {
+    pub database_url: String,
+    pub key: Option<platform::forgotten::ForgetKey>,
 }
 
 impl IngestConfig {
@@ -64,6 +78,7 @@ impl IngestConfig {
             flush_records: 10_000,
             until_caught_up: true,
             show_progress: false,
+            forget: None,
         }
     }
 }
@@ -86,6 +101,10 @@ pub enum IngestError {
     Decode(#[from] shared_schema::decode::DecodeError),
     #[error("building the rejected-records batch failed: {0}")]
     Arrow(#[from] deltalake::arrow::error::ArrowError),
+    #[error(transparent)]
+    Db(#[from] platform::db::DbError),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
 }
 
 impl From<LakeError> for IngestError {
@@ -110,6 +129,27 @@ struct Buffered {
     offset: i64,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
+}
+
+/// The forgotten users, re-read before each flush.
+struct Forget {
+    pool: sqlx::PgPool,
+    key: Option<platform::forgotten::ForgetKey>,
+    users: platform::forgotten::Forgotten,
+}
+
+impl Forget {
+    async fn connect(config: &Forgetting) -> Result<Self, IngestError> {
+        let pool = platform::db::connect(&config.database_url, 1, Duration::from_secs(30)).await?;
+        platform::db::MIGRATOR.run(&pool).await.map_err(platform::db::DbError::from)?;
+        let users = platform::forgotten::Forgotten::load(&pool, config.key.as_ref()).await?;
+        Ok(Self { pool, key: config.key.clone(), users })
+    }
+
+    async fn refresh(&mut self) -> Result<(), IngestError> {
+        self.users = platform::forgotten::Forgotten::load(&self.pool, self.key.as_ref()).await?;
+        Ok(())
+    }
 }
 
 struct Tables {
@@ -161,6 +201,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .await
         .map_err(commit_err(REJECTED_TABLE))?;
     let mut tables = Tables { events, rejected, events_next, rejected_next };
+    let mut forget = match &config.forget {
+        Some(f) => Some(Forget::connect(f).await?),
+        None => None,
+    };
 
     let mut assignment = TopicPartitionList::new();
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
@@ -204,7 +248,12 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         let stopping = shutdown.is_cancelled();
         let due = first_at.is_some_and(|t| t.elapsed() >= config.flush_interval);
         if !buffer.is_empty() && (done || stopping || due || buffer.len() >= config.flush_records) {
-            let flushed = flush(&config, &mut tables, &mut decoder, std::mem::take(&mut buffer), &next).await?;
+            if let Some(f) = forget.as_mut() {
+                f.refresh().await?;
+            }
+            let forgotten = forget.as_ref().map(|f| &f.users);
+            let flushed =
+                flush(&config, &mut tables, &mut decoder, std::mem::take(&mut buffer), &next, forgotten).await?;
             summary.records += flushed.records;
             summary.events += flushed.events;
             summary.rejected += flushed.rejected;
@@ -296,11 +345,26 @@ async fn flush(
     decoder: &mut EventDecoder,
     buffer: Vec<Buffered>,
     next: &BTreeMap<i32, i64>,
+    forgotten: Option<&platform::forgotten::Forgotten>,
 ) -> Result<Flushed, IngestError> {
     let started = Instant::now();
     let records: Vec<RawRecord<'_>> =
         buffer.iter().map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload }).collect();
-    let decoded = decoder.decode(&records, Utc::now())?;
+    let mut decoded = decoder.decode(&records, Utc::now())?;
+    if let Some(forgotten) = forgotten.filter(|f| !f.is_empty()) {
+        let (kept, dropped_events) = forgotten.filter_events(decoded.batch)?;
+        decoded.batch = kept;
+        let before = decoded.rejected.len();
+        decoded.rejected.retain(|r| {
+            let b = &buffer[r.index];
+            !forgotten.rejected_is_forgotten(b.key.as_deref(), &b.payload)
+        });
+        let dropped = dropped_events + (before - decoded.rejected.len());
+        if dropped > 0 {
+            metrics::counter!("batch_ingest_forgotten_total").increment(dropped as u64);
+            tracing::debug!(dropped, "dropped records of forgotten users");
+        }
+    }
     let touched: std::collections::BTreeSet<i32> = buffer.iter().map(|b| b.partition).collect();
     let mut out = Flushed { records: buffer.len() as u64, events: 0, rejected: 0, commits: 0 };
 

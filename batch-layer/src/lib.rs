@@ -6,12 +6,14 @@
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
 //! * [`schedule`]: `run` every period, aligned to the clock;
+//! * [`forget`]: `forget-user`, the GDPR erasure of one user everywhere;
 //! * [`export`]: the recommender's training data as Parquet, as of a time;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod catalog;
 pub mod cli;
 pub mod export;
+pub mod forget;
 pub mod ingest;
 pub mod lake;
 pub mod quality;

@@ -55,6 +55,10 @@ pub struct RunConfig {
     /// may get before an incremental run recomputes them; a full run always
     /// does.
     pub model_refresh: std::time::Duration,
+    /// Where failed runs, failed quality checks and catalog schema changes
+    /// are POSTed (`NOTIFY_WEBHOOK_URL`); they are recorded in
+    /// `ops.notifications` either way.
+    pub notify_webhook: Option<url::Url>,
 }
 
 impl RunConfig {
@@ -69,6 +73,7 @@ impl RunConfig {
             sales_database_url: None,
             model_refresh: DEFAULT_MODEL_REFRESH,
             progress: false,
+            notify_webhook: None,
         }
     }
 }
@@ -124,10 +129,45 @@ pub enum RunOutcome {
     Busy,
 }
 
-/// Runs one recompute.
+/// How long a finished run waits for its notifications to be delivered.
+const NOTIFY_FLUSH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs one recompute; a failed run or quality check is notified.
 pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
+    use platform::notify::{Notification, Notifier, NotifyConfig, Severity};
+    let pool = platform::db::connect(&config.database_url, 4, std::time::Duration::from_secs(30)).await;
+    let notifier =
+        Notifier::spawn(NotifyConfig::new(config.notify_webhook.clone(), "batch-layer"), pool.as_ref().ok().cloned());
+    let outcome = match pool {
+        Ok(pool) => run_with(config, &pool, &notifier).await,
+        Err(e) => Err(e.into()),
+    };
+    match &outcome {
+        Err(e) => notifier.send(Notification::new(
+            "batch_run_failed",
+            Severity::Critical,
+            format!("A batch run failed and published nothing: {e}"),
+            json!({"error": e.to_string(), "lake": config.lake.root().as_str(), "topic": config.topic}),
+        )),
+        Ok(RunOutcome::Rejected { run_id, report }) => notifier.send(Notification::new(
+            "quality_check_failed",
+            Severity::Critical,
+            format!("Batch run {run_id} failed its quality checks and published nothing: {}", report.summary()),
+            json!({"run_id": run_id, "failures": report.summary()}),
+        )),
+        Ok(_) => {}
+    }
+    notifier.flush(NOTIFY_FLUSH).await;
+    outcome
+}
+
+async fn run_with(
+    config: &RunConfig,
+    pool: &PgPool,
+    notifier: &platform::notify::Notifier,
+) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
-    let pool = platform::db::connect(&config.database_url, 4, std::time::Duration::from_secs(30)).await?;
+    let pool = pool.clone();
     let deployment = platform::db::prepare(&pool, None).await?;
     let mut lock_conn = pool.acquire().await?;
     let locked: bool =
@@ -139,13 +179,39 @@ pub async fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         // No view reads the catalog yet, so a shop database that is away
         // costs this run its snapshot, not its publish.
         match crate::catalog::snapshot(url, &config.lake, &pool).await {
-            Ok(s) => tracing::info!(products = s.products, schema_changed = s.schema_changed, "catalog snapshot taken"),
+            Ok(s) => {
+                tracing::info!(products = s.products, schema_changed = s.schema_changed, "catalog snapshot taken");
+                if s.schema_changed {
+                    notify_catalog_change(&pool, notifier).await;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "catalog snapshot skipped"),
         }
     }
     let outcome = locked_run(config, &pool, deployment, started).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *lock_conn).await;
     outcome
+}
+
+/// Sends the schema change the catalog snapshot just recorded in
+/// `ops.notifications` to the webhook.
+async fn notify_catalog_change(pool: &PgPool, notifier: &platform::notify::Notifier) {
+    let row: Result<Option<(i64, String, serde_json::Value)>, _> = sqlx::query_as(
+        "SELECT id, summary, details FROM ops.notifications
+         WHERE kind = 'catalog_schema_changed' AND NOT delivered ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await;
+    if let Ok(Some((id, summary, details))) = row {
+        let mut n = platform::notify::Notification::new(
+            "catalog_schema_changed",
+            platform::notify::Severity::Warning,
+            summary,
+            details,
+        );
+        n.id = Some(id);
+        notifier.send(n);
+    }
 }
 
 /// How one relation is brought up to date by a run.

@@ -434,6 +434,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         .args(["ingest", "--topic", &topic, "--until-caught-up", "--flush-records", "1000", "--flush-interval", "1s"])
         .env("KAFKA_BROKERS", &stack.brokers)
         .env("LAKE_URI", &lake_path)
+        .env("DATABASE_URL", &url)
         .stdout(Stdio::null())
         .stderr(log(&ingest_log))
         .kill_on_drop(true)

@@ -104,6 +104,8 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     let topic = stack.fresh_topic("ingest_kill", 4).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_path = dir.path().join("lake");
+    // The ingest reads the forgotten users from its own database.
+    let (url, _pool) = stack.fresh_database("ingest_kill").await.unwrap();
     let truth = generator::run(generator_args(&stack, &topic, 3, 6, 4.0, 0.02)).await.unwrap();
     let sent = (truth.events_sent + truth.bad_sent) as i64;
     assert_eq!(stack.topic_size(&topic).unwrap(), sent, "the broker holds exactly what was sent");
@@ -113,6 +115,7 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
         cmd.args(["ingest", "--topic", &topic, "--flush-records", "400", "--flush-interval", "1s"])
             .env("KAFKA_BROKERS", &stack.brokers)
             .env("LAKE_URI", &lake_path)
+            .env("DATABASE_URL", &url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);

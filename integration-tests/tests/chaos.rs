@@ -40,13 +40,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 struct Proc {
     name: &'static str,
     args: Vec<String>,
+    /// The private stack's platform database.
+    database_url: String,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
-    fn new(name: &'static str, args: Vec<String>, logs: &Path) -> Self {
-        Self { name, args, log: logs.join(format!("{name}.log")), child: None }
+    fn new(name: &'static str, args: Vec<String>, database_url: &str, logs: &Path) -> Self {
+        Self { name, args, database_url: database_url.into(), log: logs.join(format!("{name}.log")), child: None }
     }
 
     fn start(&mut self) {
@@ -55,6 +57,7 @@ impl Proc {
         let child = Command::new(binary(bin))
             .args(&self.args)
             .env("RUST_LOG", "warn")
+            .env("DATABASE_URL", &self.database_url)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -175,9 +178,10 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         ]
         .map(String::from)
         .to_vec(),
+        &url,
         &logs,
     );
-    let mut ingest = Proc::new("ingest", common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s"]), &logs);
+    let mut ingest = Proc::new("ingest", common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s"]), &url, &logs);
     let run_args = common(&["run", "--topic", TOPIC, "--database-url", &url, "--no-catalog", "--max-shrink", "1"]);
     speed.start();
     ingest.start();
@@ -205,7 +209,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         speed.assert_alive();
         ingest.assert_alive();
         // A batch run, killed at a random moment (perhaps after it published).
-        let mut run = Proc::new("run", run_args.clone(), &logs);
+        let mut run = Proc::new("run", run_args.clone(), &url, &logs);
         run.start();
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..3000))).await;
         run.kill().await;
@@ -260,6 +264,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     ingest.kill().await;
     let caught_up = Command::new(binary("batch-layer"))
         .args(common(&["ingest", "--topic", TOPIC, "--until-caught-up"]))
+        .env("DATABASE_URL", &url)
         .output()
         .await
         .unwrap();

@@ -103,6 +103,8 @@ async fn batch_landing_changes_no_serving_number() {
             max_batch: 5_000,
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             assignment: Assignment::All,
+            forget_key: None,
+            alerts: Default::default(),
         },
         shutdown.clone(),
     ));

@@ -53,6 +53,8 @@ fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
         max_batch: 5_000,
         ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::All,
+        forget_key: None,
+        alerts: Default::default(),
     }
 }
 

@@ -63,6 +63,8 @@ fn config(brokers: &str, url: &str) -> SpeedConfig {
         max_batch: 300,
         ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::Group,
+        forget_key: None,
+        alerts: Default::default(),
     }
 }
 

@@ -5,6 +5,10 @@
 //!   one-line error report of a failed command;
 //! * [`db`]: connecting to PostgreSQL, migrations, the deployment's segment
 //!   size and the generated `serving.*` views;
+//! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
+//!   every writer applies;
+//! * [`notify`]: operator notifications, recorded and POSTed to a webhook
+//!   without ever blocking the pipeline;
 //! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM;
 //! * [`ops_http`]: `/metrics`, `/healthz`, `/readyz` for long-running processes;
 //! * [`pgcopy`]: Arrow batches → PostgreSQL binary `COPY`.
@@ -13,7 +17,9 @@
 //! this crate is machinery.
 
 pub mod db;
+pub mod forgotten;
 pub mod logging;
+pub mod notify;
 pub mod ops_http;
 pub mod pgcopy;
 pub mod shutdown;

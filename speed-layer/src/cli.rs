@@ -47,6 +47,23 @@ pub enum Command {
         /// `all`: this instance takes every partition itself (single instance).
         #[arg(long, env = "SPEED_ASSIGNMENT", value_enum, default_value = "group")]
         assignment: crate::stream::Assignment,
+        /// Secret (at least 16 characters) that `batch-layer forget-user`
+        /// hashed forgotten user ids with; needed once any user is forgotten.
+        #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
+        forget_key: Option<String>,
+        /// Webhook told of a stalled or lagging speed layer and a high DLQ
+        /// rate (a JSON POST); recorded in ops.notifications either way.
+        #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+        notify_webhook_url: Option<String>,
+        /// A partition with records waiting whose offset has not moved this long is stalled.
+        #[arg(long, env = "SPEED_STALL_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
+        stall_after: Duration,
+        /// Records waiting (all partitions) above which the layer is lagging.
+        #[arg(long, env = "SPEED_LAG_THRESHOLD", default_value_t = 1_000_000)]
+        lag_threshold: i64,
+        /// Rejected share of the last minute's records above which the DLQ rate is high (0 to 1).
+        #[arg(long, env = "SPEED_DLQ_RATE_THRESHOLD", default_value_t = 0.05)]
+        dlq_rate_threshold: f64,
     },
 }
 
@@ -64,7 +81,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             max_batch,
             ops_addr,
             assignment,
+            forget_key,
+            notify_webhook_url,
+            stall_after,
+            lag_threshold,
+            dlq_rate_threshold,
         } => {
+            if !(0.0..=1.0).contains(&dlq_rate_threshold) {
+                anyhow::bail!("--dlq-rate-threshold must be between 0 and 1, got {dlq_rate_threshold}");
+            }
+            let alerts = crate::alerts::Alerts {
+                notify_webhook: platform::notify::parse_webhook(notify_webhook_url.as_deref())
+                    .map_err(anyhow::Error::msg)?,
+                stall_after,
+                lag_threshold,
+                dlq_rate_threshold,
+                ..crate::alerts::Alerts::default()
+            };
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
             }
@@ -81,6 +114,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_batch,
                 ops_addr,
                 assignment,
+                forget_key: platform::forgotten::ForgetKey::optional(forget_key.as_deref())?,
+                alerts,
             };
             stream::run(config, shutdown).await?;
             Ok(())

@@ -1,5 +1,6 @@
 //! Speed layer: exactly-once, sub-second view deltas.
 //!
+//! * [`alerts`]: stalled or lagging partitions and DLQ rate, notified;
 //! * [`stream`]: the consume → micro-batch → flush loop;
 //! * [`deltas`]: view deltas of a micro-batch, from the shared view definitions;
 //! * [`offsets`]: positions in PostgreSQL, advanced conditionally (fencing);
@@ -7,6 +8,7 @@
 //! * [`lag`]: per-partition lag and event age as metrics;
 //! * [`cli`]: the `speed-layer` command line.
 
+pub mod alerts;
 pub mod cli;
 pub mod deltas;
 pub mod dlq;

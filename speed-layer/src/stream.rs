@@ -9,6 +9,9 @@
 //! one transaction: COPY deltas into temporary tables, fold them into
 //! `speed.*`, advance the offsets conditionally (see [`crate::offsets`]).
 //! A crash at any point leaves either the whole flush or none of it.
+//! Events and rejected records of forgotten users (`batch-layer
+//! forget-user`) are dropped at decode; the set is re-read from PostgreSQL
+//! every few seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -44,7 +47,15 @@ pub struct SpeedConfig {
     pub ops_addr: SocketAddr,
     /// How partitions are shared out.
     pub assignment: Assignment,
+    /// The key forgotten user ids were hashed with (needed once any user
+    /// is forgotten; without it the layer refuses to run).
+    pub forget_key: Option<platform::forgotten::ForgetKey>,
+    /// Notifications of stalls, lag and DLQ rate, with their thresholds.
+    pub alerts: crate::alerts::Alerts,
 }
+
+/// How often the forgotten users are re-read.
+const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
 
 /// How an instance gets its partitions. Either way its positions come from
 /// PostgreSQL and its commits are fenced, so totals stay exact.
@@ -66,6 +77,8 @@ pub enum SpeedError {
     Db(#[from] platform::db::DbError),
     #[error("ops endpoint on {addr}: {source}")]
     Ops { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
 }
 
 /// Partitions assigned or revoked since the loop last looked: their
@@ -110,6 +123,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
 
     let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(60)).await?;
     let deployment = platform::db::prepare(&pool, None).await?;
+    let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
     let log = Arc::new(RebalanceLog::default());
     let consumer: StreamConsumer<Context> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -152,6 +166,18 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         Duration::from_secs(5),
         shutdown.clone(),
     ));
+    let notifier = platform::notify::Notifier::spawn(
+        platform::notify::NotifyConfig::new(config.alerts.notify_webhook.clone(), "speed-layer"),
+        Some(pool.clone()),
+    );
+    let alerts = tokio::spawn(crate::alerts::watch(
+        config.brokers.clone(),
+        config.topic.clone(),
+        pool.clone(),
+        config.alerts.clone(),
+        notifier.clone(),
+        shutdown.clone(),
+    ));
     ready.set(true);
     tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");
 
@@ -167,6 +193,10 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         decoder: EventDecoder::new(),
         ready: ready.clone(),
         rebalances: Arc::clone(&log),
+        forgotten,
+        forgotten_at: Instant::now(),
+        dlq_rate: crate::alerts::DlqRate::new(&config.alerts),
+        notifier: notifier.clone(),
     };
     loop {
         state.apply_rebalances();
@@ -197,6 +227,8 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     tracing::info!("speed layer stopped cleanly");
     drop(consumer);
     let _ = lag.await;
+    let _ = alerts.await;
+    notifier.flush(Duration::from_secs(5)).await;
     let _ = ops_task.await;
     Ok(())
 }
@@ -214,6 +246,10 @@ struct Loop<'a> {
     decoder: EventDecoder,
     ready: platform::ops_http::Readiness,
     rebalances: Arc<RebalanceLog>,
+    forgotten: platform::forgotten::Forgotten,
+    forgotten_at: Instant,
+    dlq_rate: crate::alerts::DlqRate,
+    notifier: platform::notify::Notifier,
 }
 
 impl Loop<'_> {
@@ -339,7 +375,25 @@ impl Loop<'_> {
             .iter()
             .map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload })
             .collect();
-        let decoded = self.decoder.decode(&records, Utc::now())?;
+        let mut decoded = self.decoder.decode(&records, Utc::now())?;
+        if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
+            self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
+            self.forgotten_at = Instant::now();
+        }
+        if !self.forgotten.is_empty() {
+            let (kept, events) = self.forgotten.filter_events(decoded.batch)?;
+            decoded.batch = kept;
+            let before = decoded.rejected.len();
+            let forgotten = &self.forgotten;
+            decoded
+                .rejected
+                .retain(|r| !forgotten.rejected_is_forgotten(buffer[r.index].key.as_deref(), &buffer[r.index].payload));
+            let dropped = events + before - decoded.rejected.len();
+            if dropped > 0 {
+                metrics::counter!("speed_forgotten_total").increment(dropped as u64);
+                tracing::debug!(dropped, "dropped records of forgotten users");
+            }
+        }
 
         let rejected: Vec<_> = decoded
             .rejected
@@ -407,6 +461,9 @@ impl Loop<'_> {
         metrics::histogram!("speed_flush_seconds").record(secs);
         metrics::counter!("speed_rows_written_total").increment(rows);
         metrics::counter!("speed_dlq_total").increment(rejected.len() as u64);
+        if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
+            self.notifier.send(n);
+        }
         for a in &advances {
             if let Some(t) = a.last_event_time {
                 metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
@@ -435,6 +492,10 @@ enum FlushError {
     Db(#[from] sqlx::Error),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
+    #[error("dropping forgotten users: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
 }
 
 /// COPYs a view's deltas into a temporary table and folds them into

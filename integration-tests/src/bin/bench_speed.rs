@@ -284,6 +284,8 @@ fn speed_config(args: &Args, stack: &Stack, topic: &str, dlq: &str, database_url
         max_batch: args.max_batch,
         ops_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         assignment: Assignment::All,
+        forget_key: None,
+        alerts: Default::default(),
     }
 }
 

@@ -1,0 +1,188 @@
+//! Notifications reach a webhook (a local HTTP receiver here) and are
+//! recorded in `ops.notifications`, marked delivered once the POST
+//! succeeded: a failed batch run, a failed quality check, a catalog schema
+//! change, a lagging speed layer and a high DLQ rate. The receiver refuses
+//! its first requests, so delivery must retry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use batch_layer::ingest::{self, IngestConfig};
+use batch_layer::lake::Lake;
+use batch_layer::recompute::{self, RunConfig, RunOutcome};
+use integration_tests::fixture::Stack;
+use integration_tests::generator::{self, Args};
+use serde_json::Value;
+use speed_layer::alerts::Alerts;
+use speed_layer::stream::{self, Assignment, SpeedConfig};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Default)]
+struct Receiver {
+    bodies: Arc<Mutex<Vec<Value>>>,
+    refuse: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    fn kinds(&self) -> Vec<String> {
+        self.bodies.lock().unwrap().iter().filter_map(|b| b["kind"].as_str().map(str::to_string)).collect()
+    }
+
+    fn body(&self, kind: &str) -> Option<Value> {
+        self.bodies.lock().unwrap().iter().find(|b| b["kind"] == kind).cloned()
+    }
+}
+
+async fn hook(State(r): State<Receiver>, Json(body): Json<Value>) -> StatusCode {
+    // Refuse the first requests: the sender must retry.
+    if r.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    r.bodies.lock().unwrap().push(body);
+    StatusCode::NO_CONTENT
+}
+
+/// A webhook on a free port that refuses its first `refuse` requests.
+async fn receiver(refuse: usize) -> (url::Url, Receiver) {
+    let r = Receiver { refuse: Arc::new(AtomicUsize::new(refuse)), ..Receiver::default() };
+    let app = axum::Router::new().route("/hook", post(hook)).with_state(r.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url::Url::parse(&format!("http://{addr}/hook")).unwrap(), r)
+}
+
+/// kind → delivered, for every recorded notification.
+async fn recorded(pool: &PgPool) -> Vec<(String, bool)> {
+    sqlx::query_as("SELECT kind, delivered FROM ops.notifications ORDER BY id").fetch_all(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("notify_batch", 2).await.unwrap();
+    let (url, pool) = stack.fresh_database("notify_batch").await.unwrap();
+    let (sales_url, sales) = stack.fresh_database("notify_batch_sales").await.unwrap();
+    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let (webhook, hook) = receiver(2).await;
+    let config = RunConfig {
+        full: true,
+        notify_webhook: Some(webhook),
+        sales_database_url: Some(sales_url.clone()),
+        ..RunConfig::new(url.clone(), lake.clone(), topic.clone())
+    };
+
+    // Nothing ingested yet: the run fails, and says so.
+    let e = recompute::run(&config).await.unwrap_err().to_string();
+    assert!(e.contains("ingest"), "{e}");
+    let failed = hook.body("batch_run_failed").expect("the failed run was posted after two refusals");
+    assert_eq!(failed["severity"], "critical");
+    assert_eq!(failed["source"], "batch-layer");
+    assert!(failed["summary"].as_str().unwrap().contains("published nothing"), "{failed}");
+    assert_eq!(recorded(&pool).await, [("batch_run_failed".to_string(), true)]);
+
+    let args = Args { no_catalog: false, sales_database_url: sales_url, ..Args::for_tests(&stack.brokers, &topic, 5) };
+    generator::run(args.clone()).await.unwrap();
+    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
+    assert_eq!(hook.kinds(), ["batch_run_failed"], "a good run notifies nothing");
+
+    // The shop changes its catalog, and the next run fails its checks.
+    sqlx::query("ALTER TABLE products ADD COLUMN brand text").execute(&sales).await.unwrap();
+    sqlx::query(
+        "UPDATE ops.batch_runs SET rows_per_view = jsonb_set(rows_per_view, '{product_demand_hourly}', '1000000')
+         WHERE status = 'published'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Rejected { .. }));
+    let mut kinds = hook.kinds();
+    kinds.sort();
+    assert_eq!(kinds, ["batch_run_failed", "catalog_schema_changed", "quality_check_failed"]);
+    let quality = hook.body("quality_check_failed").unwrap();
+    assert!(quality["summary"].as_str().unwrap().contains("row_count"), "{quality}");
+    assert!(quality["id"].as_i64().is_some());
+    let mut rows = recorded(&pool).await;
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("batch_run_failed".to_string(), true),
+            ("catalog_schema_changed".to_string(), true),
+            ("quality_check_failed".to_string(), true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("notify_speed", 2).await.unwrap();
+    let dlq = stack.fresh_topic("notify_speed_dlq", 1).await.unwrap();
+    let (url, pool) = stack.fresh_database("notify_speed").await.unwrap();
+    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let truth = generator::run(Args { bad_fraction: 0.2, ..Args::for_tests(&stack.brokers, &topic, 6) }).await.unwrap();
+    let total = (truth.events_sent + truth.bad_sent) as i64;
+    let (webhook, hook) = receiver(1).await;
+    let shutdown = CancellationToken::new();
+    let speed = tokio::spawn(stream::run(
+        SpeedConfig {
+            brokers: stack.brokers.clone(),
+            topic: topic.clone(),
+            dlq_topic: dlq,
+            group_id: format!("{topic}.speed"),
+            database_url: url.clone(),
+            flush_interval: Duration::from_millis(100),
+            max_batch: 200,
+            ops_addr: "127.0.0.1:0".parse().unwrap(),
+            assignment: Assignment::All,
+            forget_key: None,
+            alerts: Alerts {
+                notify_webhook: Some(webhook),
+                lag_threshold: 10,
+                dlq_rate_threshold: 0.05,
+                dlq_min_records: 100,
+                check_every: Duration::from_millis(100),
+                ..Alerts::default()
+            },
+        },
+        shutdown.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let consumed: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let kinds = hook.kinds();
+        if consumed == total && kinds.iter().any(|k| k == "speed_caught_up") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consumed {consumed} of {total}; notified {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+
+    let kinds = hook.kinds();
+    for k in ["speed_lagging", "dlq_rate_high", "speed_caught_up"] {
+        assert_eq!(kinds.iter().filter(|x| *x == k).count(), 1, "{k} exactly once in {kinds:?}");
+    }
+    assert!(!kinds.iter().any(|k| k == "speed_stalled"), "{kinds:?}");
+    let lagging = hook.body("speed_lagging").unwrap();
+    assert!(lagging["details"]["lag"].as_i64().unwrap() > 10, "{lagging}");
+    let dlq_rate = hook.body("dlq_rate_high").unwrap();
+    assert!(dlq_rate["details"]["rate"].as_f64().unwrap() > 0.05, "{dlq_rate}");
+    let rows = recorded(&pool).await;
+    assert_eq!(rows.len(), kinds.len(), "{rows:?} vs {kinds:?}");
+    assert!(rows.iter().all(|(_, delivered)| *delivered), "{rows:?}");
+}
