@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use integration_tests::checks::{assert_demand_eq, merged, serving_demand};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args, Truth};
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -92,22 +92,8 @@ async fn batch_landing_changes_no_serving_number() {
     let run_config = RunConfig::new(url.clone(), lake.clone(), topic.clone());
 
     let shutdown = CancellationToken::new();
-    let speed = tokio::spawn(stream::run(
-        SpeedConfig {
-            brokers: stack.brokers.clone(),
-            topic: topic.clone(),
-            dlq_topic: dlq.clone(),
-            group_id: format!("{topic}.speed"),
-            database_url: url.clone(),
-            flush_interval: Duration::from_millis(100),
-            max_batch: 5_000,
-            ops_addr: "127.0.0.1:0".parse().unwrap(),
-            assignment: Assignment::All,
-            forget_key: None,
-            alerts: Default::default(),
-        },
-        shutdown.clone(),
-    ));
+    let speed =
+        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
 
     let mut truths: Vec<Truth> = Vec::new();
     let mut total = 0i64;

@@ -19,7 +19,7 @@ use integration_tests::generator::{self, Args};
 use platform::forgotten::ForgetKey;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 
@@ -228,17 +228,8 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     let speed_shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
         SpeedConfig {
-            brokers: stack.brokers.clone(),
-            topic: topic.clone(),
-            dlq_topic: dlq.clone(),
-            group_id: format!("{topic}.speed"),
-            database_url: url.clone(),
-            flush_interval: Duration::from_millis(100),
-            max_batch: 5_000,
-            ops_addr: "127.0.0.1:0".parse().unwrap(),
-            assignment: Assignment::All,
             forget_key: Some(key.clone()),
-            alerts: Default::default(),
+            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
         },
         speed_shutdown.clone(),
     ));

@@ -19,7 +19,7 @@ use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args};
 use serde_json::Value;
 use speed_layer::alerts::Alerts;
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -136,16 +136,7 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
         SpeedConfig {
-            brokers: stack.brokers.clone(),
-            topic: topic.clone(),
-            dlq_topic: dlq,
-            group_id: format!("{topic}.speed"),
-            database_url: url.clone(),
-            flush_interval: Duration::from_millis(100),
             max_batch: 200,
-            ops_addr: "127.0.0.1:0".parse().unwrap(),
-            assignment: Assignment::All,
-            forget_key: None,
             alerts: Alerts {
                 notify_webhook: Some(webhook),
                 lag_threshold: 10,
@@ -154,6 +145,7 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
                 check_every: Duration::from_millis(100),
                 ..Alerts::default()
             },
+            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
         },
         shutdown.clone(),
     ));

@@ -12,7 +12,7 @@ use datafusion::arrow::datatypes::Int64Type;
 use integration_tests::fixture::Stack;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use tokio_util::sync::CancellationToken;
 
 fn event(version: i32, n: u32) -> String {
@@ -58,19 +58,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
 
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
-        SpeedConfig {
-            brokers: stack.brokers.clone(),
-            topic: topic.clone(),
-            dlq_topic: dlq,
-            group_id: format!("{topic}.speed"),
-            database_url: url.clone(),
-            flush_interval: Duration::from_millis(100),
-            max_batch: 1_000,
-            ops_addr: "127.0.0.1:0".parse().unwrap(),
-            assignment: Assignment::All,
-            forget_key: None,
-            alerts: Default::default(),
-        },
+        SpeedConfig { max_batch: 1_000, ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url) },
         shutdown.clone(),
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

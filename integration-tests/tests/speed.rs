@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -44,17 +44,8 @@ async fn wait_for_offsets(pool: &PgPool, total: i64, within: Duration) {
 
 fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
     SpeedConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        dlq_topic: dlq.to_string(),
-        group_id: format!("{topic}.speed"),
-        database_url: url.to_string(),
         flush_interval: Duration::from_millis(200),
-        max_batch: 5_000,
-        ops_addr: "127.0.0.1:0".parse().unwrap(),
-        assignment: Assignment::All,
-        forget_key: None,
-        alerts: Default::default(),
+        ..SpeedConfig::single_instance(&stack.brokers, topic, dlq, url)
     }
 }
 

@@ -53,18 +53,12 @@ async fn stack_with_traffic(seed: u64) -> (PrivateStack, String, PgPool, Truth) 
 
 fn config(brokers: &str, url: &str) -> SpeedConfig {
     SpeedConfig {
-        brokers: brokers.to_string(),
-        topic: TOPIC.to_string(),
-        dlq_topic: DLQ.to_string(),
         group_id: "speed".to_string(),
-        database_url: url.to_string(),
         // Small, frequent micro-batches: a long stream with many commits.
         flush_interval: Duration::from_millis(50),
         max_batch: 300,
-        ops_addr: "127.0.0.1:0".parse().unwrap(),
         assignment: Assignment::Group,
-        forget_key: None,
-        alerts: Default::default(),
+        ..SpeedConfig::single_instance(brokers, TOPIC, DLQ, url)
     }
 }
 

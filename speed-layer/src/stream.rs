@@ -54,6 +54,27 @@ pub struct SpeedConfig {
     pub alerts: crate::alerts::Alerts,
 }
 
+impl SpeedConfig {
+    /// One instance taking every partition of `topic`, flushing every 100 ms
+    /// or 5,000 records, ops endpoints on any free port, no alerts and no
+    /// forget key (tools and tests).
+    pub fn single_instance(brokers: &str, topic: &str, dlq_topic: &str, database_url: &str) -> Self {
+        Self {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            dlq_topic: dlq_topic.to_string(),
+            group_id: format!("{topic}.speed"),
+            database_url: database_url.to_string(),
+            flush_interval: Duration::from_millis(100),
+            max_batch: 5_000,
+            ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            assignment: Assignment::All,
+            forget_key: None,
+            alerts: crate::alerts::Alerts::default(),
+        }
+    }
+}
+
 /// How often the forgotten users are re-read.
 const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
 

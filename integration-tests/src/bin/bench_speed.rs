@@ -36,7 +36,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use shared_schema::EventType;
-use speed_layer::stream::{self, Assignment, SpeedConfig};
+use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -275,17 +275,9 @@ async fn bare_consumer(stack: &Stack, topic: &str, records: i64) -> anyhow::Resu
 
 fn speed_config(args: &Args, stack: &Stack, topic: &str, dlq: &str, database_url: &str) -> SpeedConfig {
     SpeedConfig {
-        brokers: stack.brokers.clone(),
-        topic: topic.to_string(),
-        dlq_topic: dlq.to_string(),
-        group_id: format!("{topic}.speed"),
-        database_url: database_url.to_string(),
         flush_interval: args.flush_interval,
         max_batch: args.max_batch,
-        ops_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        assignment: Assignment::All,
-        forget_key: None,
-        alerts: Default::default(),
+        ..SpeedConfig::single_instance(&stack.brokers, topic, dlq, database_url)
     }
 }
 
