@@ -285,3 +285,12 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
     }
     Ok(Answer { status, content_type, body: body.to_owned() })
 }
+
+/// Waits until the server at `addr` answers `/readyz` with 200 (30 s at most).
+pub async fn wait_ready(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {
+        assert!(tokio::time::Instant::now() < deadline, "the server at {addr} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,11 +3,10 @@
 //! catalog names, per-layer freshness; and the page and its assets.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use integration_tests::fixture::Stack;
-use integration_tests::serving::{DashboardData, dashboard_views, get, seed_dashboard};
+use integration_tests::serving::{DashboardData, dashboard_views, get, seed_dashboard, wait_ready};
 use serde_json::{Value, json};
 use serving_layer::server::{self, ServeConfig};
 use tokio_util::sync::CancellationToken;
@@ -17,19 +16,9 @@ async fn serve(test: &str) -> (SocketAddr, CancellationToken, DashboardData) {
     platform::db::prepare(&pool, None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
     let stop = CancellationToken::new();
-    let config = ServeConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        database_url: url,
-        budget: Duration::from_millis(100),
-        popular_refresh: Duration::from_secs(1),
-        max_connections: 4,
-    };
+    let config = ServeConfig::any_port(url);
     let addr = server::start(config, stop.clone()).await.unwrap().addr;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/readyz").await.map(|a| a.status).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(addr).await;
     (addr, stop, data)
 }
 

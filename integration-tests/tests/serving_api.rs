@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use integration_tests::fixture::{Stack, binary};
-use integration_tests::serving::{self, Did, get, record};
+use integration_tests::serving::{self, Did, get, record, wait_ready};
 use serde_json::{Value, json};
 use serving_layer::server::{self, ServeConfig};
 use sqlx::PgPool;
@@ -59,13 +59,7 @@ async fn seed(pool: &PgPool) {
 /// The tests' server. Its budget is generous, so a busy CI machine does
 /// not turn personal answers into fallbacks; the budget test sets its own.
 fn config(url: &str, budget: Duration) -> ServeConfig {
-    ServeConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        database_url: url.to_string(),
-        budget,
-        popular_refresh: Duration::from_secs(1),
-        max_connections: 4,
-    }
+    ServeConfig { budget, ..ServeConfig::any_port(url) }
 }
 
 /// Starts the server in process and waits until it is ready.
@@ -78,17 +72,6 @@ async fn serve_with(url: &str, budget: Duration) -> (SocketAddr, CancellationTok
     let running = server::start(config(url, budget), token.clone()).await.unwrap();
     wait_ready(running.addr).await;
     (running.addr, token)
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the server at {addr} did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn recommend(addr: SocketAddr, user: &str, k: usize) -> Value {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use integration_tests::private_stack::PrivateStack;
-use integration_tests::serving::{self, Did, get, record};
+use integration_tests::serving::{self, Did, get, record, wait_ready};
 use serde_json::Value;
 use serving_layer::server::{self, ServeConfig};
 use tokio_util::sync::CancellationToken;
@@ -34,19 +34,9 @@ async fn recommendations_fall_back_to_the_cached_popular_list_while_postgres_is_
     pool.close().await;
 
     let stop = CancellationToken::new();
-    let config = ServeConfig {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        database_url: url,
-        budget: Duration::from_millis(100),
-        popular_refresh: Duration::from_secs(1),
-        max_connections: 4,
-    };
+    let config = ServeConfig::any_port(url);
     let addr = server::start(config, stop.clone()).await.unwrap().addr;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/readyz").await.map(|a| a.status).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(addr).await;
     let v = recommend(addr, "u-1").await;
     assert_eq!((v["source"].as_str(), ids(&v)), (Some("personalized"), vec!["p-11", "p-12"]));
 

@@ -47,6 +47,20 @@ pub struct ServeConfig {
     pub max_connections: u32,
 }
 
+impl ServeConfig {
+    /// On any free loopback port, with a 100 ms budget, the popular list
+    /// reloaded every second and 4 connections (tools and tests).
+    pub fn any_port(database_url: impl Into<String>) -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: database_url.into(),
+            budget: Duration::from_millis(100),
+            popular_refresh: Duration::from_secs(1),
+            max_connections: 4,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]

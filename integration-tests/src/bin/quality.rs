@@ -216,11 +216,9 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
 
     let stop = CancellationToken::new();
     let config = ServeConfig {
-        addr: "127.0.0.1:0".parse()?,
-        database_url: url,
         budget: Duration::from_secs(2),
         popular_refresh: Duration::from_secs(60),
-        max_connections: 4,
+        ..ServeConfig::any_port(url)
     };
     let addr = server::start(config, stop.clone()).await?.addr;
     let ids = |v: &serde_json::Value| -> Vec<String> {
