@@ -37,3 +37,23 @@ ensure_stack() {
 build_release() {
     cargo build --release --locked -p integration-tests --bin "$1"
 }
+
+# write_section "## Title": replaces that section of docs/BENCHMARKS.md with
+# the text in $SECTION (which starts with the same heading), keeping every
+# other section; appends it if missing.
+write_section() {
+    local out=docs/BENCHMARKS.md
+    [ -f "$out" ] || printf '# Benchmarks\n\nWhole-system figures; each section is written by its `make bench-*` target.\n' >"$out"
+    HEADING="$1" SECTION="$SECTION" python3 - "$out" <<'PY'
+import os, re, sys
+path = sys.argv[1]
+text = open(path).read()
+section = os.environ["SECTION"].rstrip() + "\n"
+pattern = re.compile("^" + re.escape(os.environ["HEADING"]) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+if pattern.search(text):
+    text = pattern.sub(lambda _: section + "\n", text, count=1)
+else:
+    text = text.rstrip() + "\n\n" + section
+open(path, "w").write(text.rstrip() + "\n")
+PY
+}

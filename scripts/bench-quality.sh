@@ -8,6 +8,8 @@
 #
 #   QUALITY_ARGS="--hours 168 --products 200 --users 3000 --rate 1.5" scripts/bench-quality.sh
 set -euo pipefail
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
@@ -48,16 +50,5 @@ $result
 \`\`\`
 MD
 )
-SECTION="$section" python3 - "$OUT" <<'PY'
-import os, re, sys
-path = sys.argv[1]
-text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-section = os.environ["SECTION"].rstrip() + "\n"
-pattern = re.compile(r"^## Quality of results\n.*?(?=^## |\Z)", re.S | re.M)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text, count=1)
-else:
-    text = text.rstrip() + "\n\n" + section
-open(path, "w").write(text.rstrip() + "\n")
-PY
+SECTION="$section" write_section "## Quality of results"
 say "written to $OUT"

@@ -7,6 +7,8 @@
 #
 #   USERS=100000 DURATION=30s RATE_CONNECTIONS=20 scripts/bench-serving.sh
 set -euo pipefail
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
@@ -152,18 +154,5 @@ MD
 echo
 echo "$section"
 
-# Rewrite this section of docs/BENCHMARKS.md, keeping the others.
-[ -f "$OUT" ] || printf '# Benchmarks\n\nWhole-system figures; each section is written by its `make bench-*` target.\n' >"$OUT"
-SECTION="$section" python3 - "$OUT" <<'PY'
-import os, re, sys
-path = sys.argv[1]
-text = open(path).read()
-section = os.environ["SECTION"].rstrip() + "\n"
-pattern = re.compile(r"^## Serving layer\n.*?(?=^## |\Z)", re.S | re.M)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text, count=1)
-else:
-    text = text.rstrip() + "\n\n" + section
-open(path, "w").write(text.rstrip() + "\n")
-PY
+SECTION="$section" write_section "## Serving layer"
 say "written to $OUT"
