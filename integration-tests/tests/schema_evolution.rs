@@ -116,3 +116,93 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     .unwrap();
     assert_eq!(users, 14, "user state from both versions");
 }
+
+/// Adding a measure to a view is one change in `shared-schema` plus a
+/// migration, and the next batch run (incremental, as scheduled) backfills
+/// it over all history. The test replays that deploy with a measure that
+/// exists, `units`: it publishes, then puts the database where it was
+/// before `units` was defined (column gone, the view's recorded definition
+/// the one without it), applies the migration a developer would write
+/// (`ADD COLUMN units bigint`, appended, NULL everywhere), and lets the next
+/// ordinary run catch up.
+#[tokio::test]
+async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
+    use integration_tests::checks::{assert_demand_eq, demand, merged, serving_demand};
+    use integration_tests::generator::{self, Args};
+    use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("schema_measure", 2).await.unwrap();
+    let (url, pool) = stack.fresh_database("schema_measure").await.unwrap();
+    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
+    let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
+    // Later traffic touches only the newest hours, so an ordinary incremental
+    // run would leave the older ones without the new measure.
+    let args = |seed, hours| Args { backfill_hours: hours, ..Args::for_tests(&stack.brokers, &topic, seed) };
+
+    let first = generator::run(args(31, 8)).await.unwrap();
+    ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { hours: None, .. }));
+
+    // Before `units` existed: no column, and the definition without it on record.
+    let without: Vec<_> = PRODUCT_DEMAND_HOURLY.measures.iter().copied().filter(|m| m.name != "units").collect();
+    let old = ViewDef { measures: Box::leak(without.into_boxed_slice()), ..PRODUCT_DEMAND_HOURLY };
+    sqlx::raw_sql(
+        "ALTER TABLE batch.product_demand_hourly DROP COLUMN units CASCADE;
+         ALTER TABLE speed.product_demand_hourly DROP COLUMN units CASCADE;
+         DELETE FROM ops.generated_views;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE ops.view_definitions SET fingerprint = $1 WHERE name = $2")
+        .bind(old.fingerprint())
+        .bind(old.name)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // The deploy: the migration adds the column; the binaries carry the
+    // definition with `units` (and re-create the serving views at start).
+    sqlx::raw_sql(
+        "ALTER TABLE batch.product_demand_hourly ADD COLUMN units bigint;
+         ALTER TABLE speed.product_demand_hourly ADD COLUMN units bigint;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let missing: i64 = sqlx::query_scalar("SELECT count(*) FROM batch.product_demand_hourly WHERE units IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(missing > 0);
+
+    // New traffic, and the next scheduled (incremental) run.
+    let second = generator::run(args(32, 1)).await.unwrap();
+    ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
+    let outcome = recompute::run(&run).await.unwrap();
+    let RunOutcome::Published { hours: Some(_), ref backfilled, .. } = outcome else {
+        panic!("expected an incremental run, got {outcome:?}")
+    };
+    assert_eq!(backfilled, &["product_demand_hourly"], "only the changed view is recomputed over all history");
+    assert!(recompute::summary(&outcome).contains("whose definition changed"), "{}", recompute::summary(&outcome));
+    let missing: i64 = sqlx::query_scalar("SELECT count(*) FROM batch.product_demand_hourly WHERE units IS NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(missing, 0, "every hour has units again");
+    let expected = merged(&[&first, &second]);
+    assert_demand_eq(&demand(&pool, "batch.product_demand_hourly").await, &expected, "batch after the backfill");
+    assert_demand_eq(&serving_demand(&pool).await, &expected, "serving after the backfill");
+
+    // Recorded: the run after that is an ordinary one again.
+    let third = generator::run(args(33, 1)).await.unwrap();
+    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    let outcome = recompute::run(&run).await.unwrap();
+    let RunOutcome::Published { hours: Some(_), ref backfilled, .. } = outcome else { panic!("{outcome:?}") };
+    assert!(backfilled.is_empty(), "{backfilled:?}");
+    assert_demand_eq(&serving_demand(&pool).await, &merged(&[&first, &second, &third]), "the run after");
+}

@@ -107,8 +107,7 @@ fn fingerprint(relations: &[ServingRelation]) -> String {
             text.push_str(reader.role());
         }
     }
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("{hash:016x}")
+    shared_schema::views::fnv1a(&text)
 }
 
 /// Name under which `ops.generated_views` records the generated set.

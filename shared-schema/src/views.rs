@@ -130,6 +130,13 @@ impl Reader {
     }
 }
 
+/// A stable 64-bit FNV-1a hash of `text`, in hex: fingerprints of
+/// generated SQL (not a security hash).
+pub fn fnv1a(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
 /// Name of the speed-table column holding the Kafka partition.
 pub const PARTITION_COLUMN: &str = "kafka_partition";
 /// Name of the speed-table column holding the offset segment.
@@ -206,6 +213,12 @@ impl ViewDef {
         self.where_clause(&mut sql, predicate);
         Self::group_by(&mut sql, self.keys.len());
         sql
+    }
+
+    /// A stable fingerprint of what the batch computes for this view (its
+    /// batch SQL): it changes when a key, a measure or the filter does.
+    pub fn fingerprint(&self) -> String {
+        fnv1a(&self.batch_sql(None))
     }
 
     /// The speed query (DataFusion SQL) over one micro-batch registered as
