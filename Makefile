@@ -36,7 +36,8 @@ logs: ## follow the stack's logs
 psql: ## a psql shell on the platform database
 	@psql "$(DATABASE_URL)"
 
-clean: down ## stop the stack and delete its state (.local/)
+clean: down ## stop the stack (and a local Ballista cluster) and delete its state (.local/)
+	@scripts/cluster.sh down >/dev/null 2>&1 || true
 	rm -rf .local
 
 build: ## build every binary (dev profile, shared with the tests)
@@ -62,6 +63,14 @@ fmt: ## format the code
 
 test: ## the whole suite against a real local stack (starts and stops it)
 	@scripts/test.sh
+
+.PHONY: cluster-up cluster-down
+
+cluster-up: build ## a local Ballista cluster (scheduler + 2 executors) for run --engine ballista://127.0.0.1:50050
+	@scripts/cluster.sh up
+
+cluster-down: ## stop it
+	@scripts/cluster.sh down
 
 .PHONY: serve bench-serving
 

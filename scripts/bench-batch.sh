@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make bench-batch`: DataFusion against DuckDB on a lake of 20 million
-# events, and a full `batch-layer run` against an incremental one. Extra
+# events, a full `batch-layer run` against an incremental one, and the full
+# run on a local Ballista cluster (1 scheduler, 2 executors, release build)
+# against the in-process one (BENCH_BALLISTA=0 skips it). Extra
 # arguments go to the tool (`--help` lists them), e.g. ARGS="--reps 3".
 # The lake is cached under $LAMBDA_CACHE/bench/; DuckDB is installed from
 # PyPI into $LAMBDA_CACHE/tools/venv.
@@ -23,6 +25,16 @@ fi
 
 step "build (release profile)"
 build_release bench_batch
+cargo build --release --locked -p batch-layer --bin batch-layer
+
+ballista=()
+if [ "${BENCH_BALLISTA:-1}" != 0 ]; then
+    step "local Ballista cluster (release build, port ${BALLISTA_PORT:=50060})"
+    export BALLISTA_PORT BATCH_LAYER=$RELEASE/batch-layer LOCAL_DIR=$LAMBDA_CACHE/bench/cluster
+    trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
+    scripts/cluster.sh up
+    ballista=(--ballista "ballista://127.0.0.1:$BALLISTA_PORT")
+fi
 
 step "benchmark"
-"$RELEASE/bench_batch" --python "$VENV/bin/python" --duckdb-script scripts/bench_duckdb.py "$@"
+"$RELEASE/bench_batch" --python "$VENV/bin/python" --duckdb-script scripts/bench_duckdb.py "${ballista[@]}" "$@"

@@ -2,7 +2,7 @@
 # The local stack, without Docker: PostgreSQL (Debian's server, run as the
 # `postgres` user) and the tansu Kafka broker, on loopback, state under .local/.
 #
-#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk)
+#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk, moto)
 #   scripts/stack.sh up        start both (idempotent), topics, migrations
 #   scripts/stack.sh down      stop both
 #   scripts/stack.sh status    what runs where
@@ -15,6 +15,9 @@ LOCAL=${LOCAL_DIR:-$ROOT/.local}
 CACHE=${LAMBDA_CACHE:-$HOME/.cache/lambda-platform}
 TANSU=${TANSU:-$CACHE/tools/bin/tansu}
 TANSU_VERSION=0.6.0
+MOTO=$CACHE/tools/moto/bin/moto_server
+MOTO_PIP=$CACHE/tools/moto/bin/pip
+MOTO_VERSION=5.2.5
 PG_PORT=${PG_PORT:-5433}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 PG_URL="postgres://postgres@127.0.0.1:$PG_PORT"
@@ -52,6 +55,13 @@ install_tools() {
     if [ ! -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
         say "installing tansu $TANSU_VERSION into $CACHE/tools (first time only, about 11 minutes)"
         cargo install --quiet --locked --root "$CACHE/tools" tansu --version "$TANSU_VERSION" --features libsql
+    fi
+    # moto: the local S3-compatible server of the lake-on-S3 tests (PyPI).
+    if [ ! -x "$MOTO" ] || ! "$MOTO_PIP" show moto 2>/dev/null | grep "^Version: $MOTO_VERSION\$" >/dev/null; then
+        say "installing moto $MOTO_VERSION (local S3 server) into $CACHE/tools/moto"
+        command -v python3 >/dev/null || die "python3 not found; install python3 (with venv) for the S3 tests"
+        python3 -m venv "$CACHE/tools/moto"
+        "$MOTO_PIP" install --quiet "moto[server]==$MOTO_VERSION"
     fi
 }
 

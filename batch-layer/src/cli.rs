@@ -95,6 +95,31 @@ pub enum Command {
         #[arg(long, value_parser = parse_time)]
         as_of: Option<chrono::DateTime<chrono::Utc>>,
     },
+    /// A Ballista scheduler for `run --engine ballista://…` (runs until SIGTERM).
+    Scheduler {
+        /// Address to listen on (gRPC, plus /healthz and /readyz over HTTP).
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        bind: std::net::SocketAddr,
+        /// /readyz answers 200 once this many executors have registered.
+        #[arg(long, default_value_t = 1)]
+        min_executors: usize,
+    },
+    /// A Ballista executor that registers with --scheduler and reads the
+    /// lake (local, or s3:// with the AWS_* variables); runs until SIGTERM.
+    Executor {
+        /// The scheduler's address.
+        #[arg(long, default_value = "127.0.0.1:50050")]
+        scheduler: std::net::SocketAddr,
+        /// Port for data (Arrow Flight); the next port serves gRPC.
+        #[arg(long, default_value_t = 50051)]
+        port: u16,
+        /// Folder for shuffle files.
+        #[arg(long, default_value = ".local/ballista/executor")]
+        work_dir: std::path::PathBuf,
+        /// Tasks run at once (default: the number of cores).
+        #[arg(long)]
+        vcores: Option<usize>,
+    },
 }
 
 /// The secret that hashes forgotten user ids (`forget-user`, the ingest and
@@ -149,6 +174,10 @@ pub struct RunArgs {
     /// changes (a JSON POST); they are recorded in ops.notifications either way.
     #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
     notify_webhook_url: Option<String>,
+    /// Where the SQL runs: `local` (in this process) or `ballista://HOST:PORT`
+    /// (a Ballista scheduler; `make cluster-up` starts one on 127.0.0.1:50050).
+    #[arg(long, env = "BATCH_ENGINE", default_value = "local")]
+    engine: String,
 }
 
 impl RunArgs {
@@ -164,6 +193,7 @@ impl RunArgs {
             notify_webhook: platform::notify::parse_webhook(self.notify_webhook_url.as_deref())
                 .map_err(anyhow::Error::msg)?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            engine: crate::cluster::Engine::parse(&self.engine)?,
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
         })
     }
@@ -265,6 +295,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join(crate::export::MANIFEST_FILE).display()
             );
             Ok(())
+        }
+        Command::Scheduler { bind, min_executors } => {
+            let options = crate::cluster::SchedulerOptions { bind, min_executors };
+            crate::cluster::run_scheduler(options, shutdown).await
+        }
+        Command::Executor { scheduler, port, work_dir, vcores } => {
+            if port == u16::MAX {
+                anyhow::bail!("--port must leave room for the gRPC port after it (at most 65534)");
+            }
+            let vcores = vcores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            crate::cluster::run_executor(crate::cluster::ExecutorOptions { scheduler, port, work_dir, vcores }).await
         }
         Command::Schedule { every, cron, run } => {
             if every < Duration::from_secs(1) {

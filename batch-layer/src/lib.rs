@@ -8,10 +8,12 @@
 //! * [`schedule`]: `run` every period, aligned to the clock;
 //! * [`forget`]: `forget-user`, the GDPR erasure of one user everywhere;
 //! * [`export`]: the recommender's training data as Parquet, as of a time;
+//! * [`cluster`]: `run --engine ballista://…`, and the scheduler and executor;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod export;
 pub mod forget;
 pub mod ingest;

@@ -28,6 +28,7 @@ use shared_schema::derived::{BATCH_TABLES, Input, Scope};
 use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
+use crate::cluster::Engine;
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
 use crate::quality::{self, QualityReport, Target};
 
@@ -59,6 +60,8 @@ pub struct RunConfig {
     /// are POSTed (`NOTIFY_WEBHOOK_URL`); they are recorded in
     /// `ops.notifications` either way.
     pub notify_webhook: Option<url::Url>,
+    /// Where the SQL runs: in this process, or on a Ballista cluster.
+    pub engine: Engine,
 }
 
 impl RunConfig {
@@ -74,6 +77,7 @@ impl RunConfig {
             model_refresh: DEFAULT_MODEL_REFRESH,
             progress: false,
             notify_webhook: None,
+            engine: Engine::InProcess,
         }
     }
 }
@@ -99,6 +103,8 @@ pub enum RunError {
         "partition {partition}: the lake ends at offset {lake}, below the published cut {published}; the lake is behind what was published"
     )]
     CutBackwards { partition: i32, lake: i64, published: i64 },
+    #[error(transparent)]
+    Engine(#[from] crate::cluster::EngineError),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
 }
@@ -116,6 +122,9 @@ pub enum RunOutcome {
         hours: Option<usize>,
         /// The batch tables recomputed by this run.
         tables: Vec<&'static str>,
+        /// Views recomputed over all history by an incremental run because
+        /// their definition changed since they were last published.
+        backfilled: Vec<&'static str>,
         /// Milliseconds spent computing, publishing, and in all.
         compute_ms: u64,
         publish_ms: u64,
@@ -257,13 +266,24 @@ async fn locked_run(
     .await?
     .flatten();
     let full = config.full || last.is_none();
-    if !full && last == Some(version) {
+    let defined: BTreeMap<String, String> =
+        sqlx::query_as::<_, (String, String)>("SELECT name, fingerprint FROM ops.view_definitions")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect();
+    let redefined: Vec<&'static str> = if full {
+        Vec::new()
+    } else {
+        ALL_VIEWS.iter().filter(|v| defined.get(v.name) != Some(&v.fingerprint())).map(|v| v.name).collect()
+    };
+    if !full && last == Some(version) && redefined.is_empty() {
         return Ok(RunOutcome::Unchanged { delta_version: version });
     }
 
-    let ctx = SessionContext::new();
-    lake::register(&ctx, "events", &table).await?;
-    register_catalog(&ctx, &config.lake).await?;
+    let ctx = config.engine.context().await?;
+    config.engine.register(&ctx, "events", &table).await?;
+    register_catalog(&ctx, &config.engine, &config.lake).await?;
     let partitions = lake_partitions(&ctx).await?;
     let lake_next = lake::committed_offsets(&table, &config.topic, partitions.iter().copied()).await?;
     let cut = OffsetCut::from_lake(lake_next.iter().map(|(p, o)| (Partition(*p), Offset(*o))), deployment.segment_size);
@@ -277,7 +297,7 @@ async fn locked_run(
         }
         old_cut.insert(Partition(p), Offset(published));
     }
-    if !full && cut == old_cut {
+    if !full && cut == old_cut && redefined.is_empty() {
         // New data, but none of it below a segment boundary yet: the speed
         // layer holds it, and the batch has nothing new to publish.
         return Ok(RunOutcome::Unchanged { delta_version: version });
@@ -302,7 +322,9 @@ async fn locked_run(
     let mut computed: Vec<Computed> = Vec::new();
     let mut targets: Vec<(&'static ViewDef, usize)> = Vec::new();
     for view in ALL_VIEWS {
-        let (refresh, predicate) = if full {
+        let (refresh, predicate) = if full || redefined.contains(&view.name) {
+            // A changed definition is recomputed over all history: a new
+            // measure is backfilled by the next run, incremental or not.
             (Refresh::Replace, below_cut.clone())
         } else if let Some(key) = view.hour_key {
             if touched.is_empty() {
@@ -372,8 +394,15 @@ async fn locked_run(
     let publish_started = Instant::now();
     let mut conn = pool.acquire().await?;
     let tables: Vec<&'static str> = refreshed_tables.iter().map(|(t, _)| t.name).collect();
-    let published =
-        Published { run_id, cut: &cut, segment_size: deployment.segment_size.get(), newest_hour, scope: &scope };
+    let definitions: Vec<(&'static str, String)> = targets.iter().map(|(v, _)| (v.name, v.fingerprint())).collect();
+    let published = Published {
+        run_id,
+        cut: &cut,
+        segment_size: deployment.segment_size.get(),
+        newest_hour,
+        scope: &scope,
+        definitions: &definitions,
+    };
     let rows = publish(&mut conn, &computed, &tables, &published).await?;
     let publish_ms = publish_started.elapsed().as_millis() as u64;
     sqlx::query(
@@ -395,6 +424,7 @@ async fn locked_run(
         rows,
         hours: (!full).then_some(touched.len()),
         tables,
+        backfilled: redefined,
         compute_ms,
         publish_ms,
         total_ms: started.elapsed().as_millis() as u64,
@@ -404,9 +434,24 @@ async fn locked_run(
 /// The one-paragraph account of a run that `run` prints.
 pub fn summary(outcome: &RunOutcome) -> String {
     match outcome {
-        RunOutcome::Published { run_id, delta_version, cut, rows, hours, tables, compute_ms, publish_ms, total_ms } => {
+        RunOutcome::Published {
+            run_id,
+            delta_version,
+            cut,
+            rows,
+            hours,
+            tables,
+            backfilled,
+            compute_ms,
+            publish_ms,
+            total_ms,
+        } => {
             let what = match hours {
-                Some(h) => format!("incremental run recomputed {h} hours"),
+                Some(h) if backfilled.is_empty() => format!("incremental run recomputed {h} hours"),
+                Some(h) => format!(
+                    "incremental run recomputed {h} hours (and all history of {}, whose definition changed)",
+                    backfilled.join(", ")
+                ),
                 None => "full run recomputed every hour".to_string(),
             };
             let tables = if tables.is_empty() {
@@ -494,15 +539,12 @@ fn hours_predicate(hours: &[(chrono::DateTime<chrono::Utc>, (String, i32))]) -> 
 
 /// Registers the lake's catalog snapshot as `products`; an empty one if
 /// no snapshot was ever taken, so the views that read it still run.
-async fn register_catalog(ctx: &SessionContext, lake: &Lake) -> Result<(), RunError> {
+async fn register_catalog(ctx: &SessionContext, engine: &Engine, lake: &Lake) -> Result<(), RunError> {
     match lake.open(lake::PRODUCTS_TABLE).await? {
-        Some(products) => lake::register(ctx, "products", &products).await?,
-        None => {
-            let empty = datafusion::datasource::MemTable::try_new(crate::catalog::schema(), vec![vec![]])
-                .map_err(|source| RunError::Compute { view: "products", source })?;
-            ctx.register_table("products", std::sync::Arc::new(empty))
-                .map_err(|source| RunError::Compute { view: "products", source })?;
-        }
+        Some(products) => engine.register(ctx, "products", &products).await?,
+        None => engine
+            .register_empty(ctx, "products", crate::catalog::schema())
+            .map_err(|source| RunError::Compute { view: "products", source })?,
     }
     Ok(())
 }
@@ -597,6 +639,8 @@ struct Published<'a> {
     segment_size: i64,
     newest_hour: Option<chrono::DateTime<chrono::Utc>>,
     scope: &'a Scope,
+    /// The fingerprint of each view computed, recorded with it.
+    definitions: &'a [(&'static str, String)],
 }
 
 /// The one transaction: views, batch tables, cut, speed clean-up. Returns
@@ -614,26 +658,28 @@ async fn publish(
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE TEMP TABLE {staging} (LIKE batch.{name}) ON COMMIT DROP")))
             .execute(&mut *tx)
             .await?;
-        let statement = format!("COPY {staging} FROM STDIN (FORMAT binary)");
+        // Columns by name, not position: a column a migration appended may
+        // sit anywhere in the definition.
+        let columns = batches.first().map_or_else(
+            || "*".to_string(),
+            |b| b.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+        );
+        let list = if columns == "*" { String::new() } else { format!(" ({columns})") };
+        let statement = format!("COPY {staging}{list} FROM STDIN (FORMAT binary)");
         let mut copy = tx.copy_in_raw(&statement).await?;
         copy.send(platform::pgcopy::encode(batches)?).await?;
         copy.finish().await?;
+        let insert = format!("INSERT INTO batch.{name}{list} SELECT {columns} FROM {staging}");
         match refresh {
             Refresh::Replace => {
-                sqlx::raw_sql(AssertSqlSafe(format!(
-                    "TRUNCATE batch.{name}; INSERT INTO batch.{name} SELECT * FROM {staging};"
-                )))
-                .execute(&mut *tx)
-                .await?;
+                sqlx::raw_sql(AssertSqlSafe(format!("TRUNCATE batch.{name}; {insert};"))).execute(&mut *tx).await?;
             }
             Refresh::Hours { key, hours } => {
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM batch.{name} WHERE {key} = ANY($1)")))
                     .bind(hours)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::raw_sql(AssertSqlSafe(format!("INSERT INTO batch.{name} SELECT * FROM {staging}")))
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::raw_sql(AssertSqlSafe(insert)).execute(&mut *tx).await?;
             }
             Refresh::Upsert(statement) => {
                 sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
@@ -651,6 +697,18 @@ async fn publish(
         .bind(name)
         .bind(run.run_id)
         .bind(run.scope.anchor)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (name, fingerprint) in run.definitions {
+        sqlx::query(
+            "INSERT INTO ops.view_definitions (name, fingerprint, run_id, published_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (name) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, run_id = EXCLUDED.run_id,
+                 published_at = now()",
+        )
+        .bind(name)
+        .bind(fingerprint)
+        .bind(run.run_id)
         .execute(&mut *tx)
         .await?;
     }

@@ -73,3 +73,104 @@ pub fn assert_demand_eq(actual: &DemandMap, expected: &DemandMap, what: &str) {
         diffs[..diffs.len().min(5)].join("\n")
     );
 }
+
+/// Waits until the speed layer's stored offsets add up to `total` records
+/// (two minutes at most).
+pub async fn wait_for_speed(pool: &PgPool, total: i64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if n == total {
+            return;
+        }
+        assert!(n < total && tokio::time::Instant::now() < deadline, "speed layer at {n} of {total}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads the serving totals continuously until `stop`; returns every
+/// distinct (views, revenue) pair it saw, and how many reads it made. Each
+/// read also sums the category view in the same snapshot, which must agree.
+pub fn watch_totals(
+    pool: PgPool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<(i64, i64)>, usize)> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let mut seen: Vec<(i64, i64)> = Vec::new();
+        let mut reads = 0;
+        while !stop.load(Ordering::Relaxed) {
+            reads += 1;
+            let (views, revenue, category_views, category_revenue): (i64, i64, i64, i64) = sqlx::query_as(
+                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint,
+                        (SELECT COALESCE(sum(views), 0)::bigint FROM serving.category_demand_hourly),
+                        (SELECT COALESCE(sum(revenue_cents), 0)::bigint FROM serving.category_demand_hourly)
+                 FROM serving.product_demand_hourly",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert_eq!((category_views, category_revenue), (views, revenue), "category and product totals agree");
+            let t = (views, revenue);
+            if seen.last() != Some(&t) {
+                seen.push(t);
+            }
+        }
+        (seen, reads)
+    })
+}
+
+/// Every base table of `schema`, each as its rows in JSON, sorted.
+pub async fn schema_rows(pool: &PgPool, schema: &str) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut out = BTreeMap::new();
+    for table in tables {
+        let sql = format!("SELECT to_jsonb(t) FROM {schema}.{table} t ORDER BY to_jsonb(t)::text");
+        let rows: Vec<serde_json::Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.unwrap();
+        out.insert(table, rows);
+    }
+    out
+}
+
+/// Asserts two sets of tables hold the same rows. Numbers must be equal,
+/// except that fractions (similarity scores, shares) may differ in their
+/// last bits: a distributed sum adds in another order.
+pub fn assert_tables_match(
+    actual: &BTreeMap<String, Vec<serde_json::Value>>,
+    expected: &BTreeMap<String, Vec<serde_json::Value>>,
+    what: &str,
+) {
+    assert_eq!(actual.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{what}: the tables differ");
+    for (table, rows) in expected {
+        let got = &actual[table];
+        assert_eq!(got.len(), rows.len(), "{what}: {table} has {} rows, expected {}", got.len(), rows.len());
+        for (a, e) in got.iter().zip(rows) {
+            assert!(json_close(a, e), "{what}: {table} differs:\n  actual   {a}\n  expected {e}");
+        }
+    }
+}
+
+fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0)
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| json_close(v, w)),
+        _ => a == b,
+    }
+}

@@ -1,9 +1,11 @@
 //! The platform under test: the load generator and its shop model, the bad
 //! records, and (for the tests in `tests/`) the fixture that talks to the
-//! local stack and the serving layer's test data.
+//! local stack and the serving layer's test data, and a local Ballista
+//! cluster and S3 server.
 
 pub mod bench;
 pub mod checks;
+pub mod cluster;
 pub mod fixture;
 pub mod generator;
 pub mod malformed;

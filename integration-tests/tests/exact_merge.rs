@@ -5,13 +5,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, Utc};
-use integration_tests::checks::{assert_demand_eq, merged, serving_demand};
+use integration_tests::checks::{assert_demand_eq, merged, serving_demand, wait_for_speed, watch_totals};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args, Truth};
 use speed_layer::stream::{self, SpeedConfig};
@@ -27,21 +26,6 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
     }
 }
 
-async fn wait_for_speed(pool: &PgPool, total: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let n: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        if n == total {
-            return;
-        }
-        assert!(n < total && tokio::time::Instant::now() < deadline, "speed layer at {n} of {total}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
     sqlx::query_as(
         "SELECT user_id, product_id, last_viewed_at, last_purchased_at FROM serving.user_product_state ORDER BY 1, 2",
@@ -49,34 +33,6 @@ async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>
     .fetch_all(pool)
     .await
     .unwrap()
-}
-
-/// Reads the serving totals continuously until stopped; returns every
-/// distinct (views, revenue) pair it saw, and how many reads it made. Each
-/// read also sums the category view in the same snapshot, which must agree.
-fn watch_totals(pool: PgPool, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(Vec<(i64, i64)>, usize)> {
-    tokio::spawn(async move {
-        let mut seen: Vec<(i64, i64)> = Vec::new();
-        let mut reads = 0;
-        while !stop.load(Ordering::Relaxed) {
-            reads += 1;
-            let (views, revenue, category_views, category_revenue): (i64, i64, i64, i64) = sqlx::query_as(
-                "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint,
-                        (SELECT COALESCE(sum(views), 0)::bigint FROM serving.category_demand_hourly),
-                        (SELECT COALESCE(sum(revenue_cents), 0)::bigint FROM serving.category_demand_hourly)
-                 FROM serving.product_demand_hourly",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            assert_eq!((category_views, category_revenue), (views, revenue), "category and product totals agree");
-            let t = (views, revenue);
-            if seen.last() != Some(&t) {
-                seen.push(t);
-            }
-        }
-        (seen, reads)
-    })
 }
 
 #[tokio::test]

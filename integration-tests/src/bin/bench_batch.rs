@@ -78,6 +78,10 @@ struct Args {
     /// Skip the end-to-end full and incremental runs.
     #[arg(long)]
     no_runs: bool,
+    /// Also time `run --full` on this Ballista scheduler (`make cluster-up`),
+    /// on the same lake snapshot, against the in-process run.
+    #[arg(long, value_name = "ballista://HOST:PORT")]
+    ballista: Option<String>,
     /// Cache folder (the lake is kept under `bench/`).
     #[arg(long, env = "LAMBDA_CACHE")]
     cache: Option<PathBuf>,
@@ -498,6 +502,8 @@ async fn compare_engines(
 struct Runs {
     full: Duration,
     full_breakdown: String,
+    /// `run --full` on the Ballista cluster, and its breakdown.
+    ballista: Option<(Duration, String)>,
     appended_events: u64,
     append: Duration,
     incremental: Duration,
@@ -526,6 +532,11 @@ async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expec
     }
     println!("  {:.1} s ({full_breakdown})", full.as_secs_f64());
 
+    let ballista = match &args.ballista {
+        Some(engine) => Some(ballista_full(engine, &stack, lake, &args.topic, expected).await?),
+        None => None,
+    };
+
     println!("appending one new hour of events ...");
     let started = Instant::now();
     let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
@@ -543,7 +554,37 @@ async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expec
     let incremental_breakdown = breakdown(&pool, run_id).await?;
     println!("  {:.2} s ({incremental_breakdown})", incremental.as_secs_f64());
     pool.close().await;
-    Ok(Runs { full, full_breakdown, appended_events, append, incremental, incremental_breakdown, hours })
+    Ok(Runs { full, full_breakdown, ballista, appended_events, append, incremental, incremental_breakdown, hours })
+}
+
+/// `run --full` on a Ballista cluster into a fresh database: its time and
+/// breakdown, after checking it published what the in-process run did.
+async fn ballista_full(
+    engine: &str,
+    stack: &Stack,
+    lake: &Lake,
+    topic: &str,
+    expected: &Totals,
+) -> anyhow::Result<(Duration, String)> {
+    let (url, pool) = stack.fresh_database("bench_batch_ballista").await?;
+    let config = RunConfig {
+        full: true,
+        engine: batch_layer::cluster::Engine::parse(engine)?,
+        ..RunConfig::new(url, lake.clone(), topic.to_string())
+    };
+    println!("batch-layer run --full --engine {engine} into a fresh database ...");
+    let started = Instant::now();
+    let outcome = recompute::run(&config).await?;
+    let elapsed = started.elapsed();
+    let RunOutcome::Published { run_id, .. } = outcome else { bail!("the Ballista run did not publish: {outcome:?}") };
+    let published = published_totals(&pool).await?;
+    if published != *expected {
+        bail!("the Ballista run published {} instead of {}", published.describe(), expected.describe());
+    }
+    let breakdown = breakdown(&pool, run_id).await?;
+    println!("  {:.1} s ({breakdown})", elapsed.as_secs_f64());
+    pool.close().await;
+    Ok((elapsed, breakdown))
 }
 
 /// The phases `ops.batch_runs` recorded for a run.
@@ -606,6 +647,14 @@ fn report(args: &Args, shape: &LakeShape, c: &Comparison, runs: Option<&Runs>) {
             r.full.as_secs_f64(),
             r.full_breakdown
         );
+        if let Some((t, breakdown)) = &r.ballista {
+            println!(
+                "  {:<44} {:>8.2} s   ({breakdown}; {:.2}x the in-process run)",
+                "batch-layer run --full on Ballista",
+                t.as_secs_f64(),
+                t.as_secs_f64() / r.full.as_secs_f64()
+            );
+        }
         println!(
             "  {:<44} {:>8.2} s   ({} events appended in {:.1} s)",
             format!("batch-layer run, incremental ({} hours)", r.hours),

@@ -1,0 +1,596 @@
+//! The batch on a Ballista cluster: `run --engine ballista://HOST:PORT`,
+//! and the `scheduler` and `executor` processes it talks to.
+//!
+//! A run's SQL is the same whichever engine executes it; only the session
+//! differs. In process, the lake's tables are delta-rs providers. On a
+//! cluster the plan travels to the scheduler and its stages to the executors,
+//! so the table must travel too: [`LakeFiles`] is the pinned Delta snapshot
+//! reduced to what a reader needs (each live Parquet file with its size and
+//! partition values), serialised by [`LakeCodec`] into the logical plan. The
+//! scheduler turns it into DataFusion's own Parquet scan, which every
+//! executor already knows how to run; executors read exactly that version's
+//! files, never a directory listing, so files a later commit added or removed
+//! make no difference.
+//!
+//! Our scheduler and executor are the `ballista-scheduler` and
+//! `ballista-executor` crates with two additions: the codec, and object
+//! stores for `s3://` lakes configured from the usual `AWS_*` variables.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use async_trait::async_trait;
+use ballista::prelude::{SessionConfigExt, SessionContextExt};
+use ballista_core::serde::BallistaLogicalExtensionCodec;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DFSchema, ScalarValue, TableReference};
+use datafusion::config::TableParquetOptions;
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::TaskContext;
+use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry, ObjectStoreUrl};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_proto::logical_plan::LogicalExtensionCodec;
+use deltalake::DeltaTable;
+use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::lake::{self, LakeError};
+
+/// How long `run` waits for the scheduler to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a run's SQL executes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// DataFusion in this process (the default).
+    #[default]
+    InProcess,
+    /// A Ballista scheduler at `host:port`.
+    Ballista { scheduler: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "invalid engine {0:?}: give `local` (in this process) or `ballista://HOST:PORT` (a Ballista scheduler, e.g. ballista://127.0.0.1:50050 after `make cluster-up`)"
+    )]
+    Invalid(String),
+    #[error(
+        "cannot reach the Ballista scheduler at {scheduler}: {reason}; is it running (`make cluster-up`, or `batch-layer scheduler`)?"
+    )]
+    Connect { scheduler: String, reason: String },
+    #[error(
+        "Delta table {table} uses {feature}, which the Ballista engine cannot read yet; run with the in-process engine"
+    )]
+    Unsupported { table: String, feature: &'static str },
+}
+
+impl Engine {
+    /// Parses `--engine` / `BATCH_ENGINE`: `local` (or empty) or
+    /// `ballista://HOST:PORT`.
+    pub fn parse(s: &str) -> Result<Self, EngineError> {
+        let s = s.trim();
+        if s.is_empty() || s == "local" || s == "in-process" {
+            return Ok(Self::InProcess);
+        }
+        let invalid = || EngineError::Invalid(s.to_string());
+        let rest = s.strip_prefix("ballista://").ok_or_else(invalid)?.trim_end_matches('/');
+        let url = Url::parse(&format!("df://{rest}")).map_err(|_| invalid())?;
+        match (url.host_str(), url.port(), url.path()) {
+            (Some(host), Some(port), "") => Ok(Self::Ballista { scheduler: format!("{host}:{port}") }),
+            _ => Err(invalid()),
+        }
+    }
+
+    /// A session that runs its queries on this engine.
+    pub async fn context(&self) -> Result<SessionContext, EngineError> {
+        match self {
+            Self::InProcess => Ok(SessionContext::new()),
+            Self::Ballista { scheduler } => {
+                let connect = |reason: String| EngineError::Connect { scheduler: scheduler.clone(), reason };
+                // The client connects lazily, at the first query; fail here,
+                // before a run starts, with a message that names the fix.
+                match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(scheduler.as_str())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(connect(e.to_string())),
+                    Err(_) => return Err(connect(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))),
+                }
+                let config = SessionConfig::new_with_ballista()
+                    .with_ballista_logical_extension_codec(Arc::new(LakeCodec::default()));
+                let state = datafusion::execution::SessionStateBuilder::new()
+                    .with_config(config)
+                    .with_runtime_env(runtime_env().map_err(|e| connect(e.to_string()))?)
+                    .with_default_features()
+                    .build();
+                SessionContext::remote_with_state(&format!("df://{scheduler}"), state)
+                    .await
+                    .map_err(|e| connect(e.to_string()))
+            }
+        }
+    }
+
+    /// Registers `table`'s pinned snapshot in `ctx` as `name`, in the form
+    /// this engine reads.
+    pub async fn register(&self, ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<(), LakeError> {
+        match self {
+            Self::InProcess => lake::register(ctx, name, table).await,
+            Self::Ballista { .. } => {
+                let files = LakeFiles::from_snapshot(name, table).await?;
+                ctx.register_table(name, Arc::new(files))
+                    .map_err(|e| LakeError::Delta { table: name.into(), source: e.into() })?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Registers an empty table of `schema` as `name` (a table the lake
+    /// does not have yet).
+    pub fn register_empty(&self, ctx: &SessionContext, name: &str, schema: SchemaRef) -> DfResult<()> {
+        match self {
+            Self::InProcess => {
+                ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?))?;
+            }
+            Self::Ballista { .. } => {
+                let empty = LakeFiles {
+                    schema,
+                    partition_columns: Vec::new(),
+                    store: "file://".into(),
+                    files: Vec::new(),
+                    table: name.into(),
+                    version: -1,
+                };
+                ctx.register_table(name, Arc::new(empty))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InProcess => f.write_str("local"),
+            Self::Ballista { scheduler } => write!(f, "ballista://{scheduler}"),
+        }
+    }
+}
+
+/// One live data file of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct LakeFile {
+    /// Path inside the object store (`store`).
+    path: String,
+    size: u64,
+    /// In the order of [`LakeFiles::partition_columns`]; `None` is null.
+    partition_values: Vec<Option<String>>,
+}
+
+/// A Delta snapshot as a list of Parquet files: the table provider a
+/// Ballista plan carries (see the module documentation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LakeFiles {
+    /// The table's schema, partition columns last (as delta-rs gives it).
+    #[serde(skip, default = "empty_schema")]
+    schema: SchemaRef,
+    partition_columns: Vec<String>,
+    /// The object store's URL (`file:///`, `s3://bucket`).
+    store: String,
+    files: Vec<LakeFile>,
+    /// For messages: which table and version this is.
+    table: String,
+    version: i64,
+}
+
+fn empty_schema() -> SchemaRef {
+    Arc::new(Schema::empty())
+}
+
+impl LakeFiles {
+    /// The live files of `table`'s loaded snapshot.
+    pub async fn from_snapshot(name: &str, table: &DeltaTable) -> Result<Self, LakeError> {
+        let delta = |source: deltalake::DeltaTableError| LakeError::Delta { table: name.into(), source };
+        let snapshot = table.snapshot().map_err(delta)?;
+        let unsupported = |feature| {
+            let e = EngineError::Unsupported { table: name.into(), feature };
+            LakeError::Delta { table: name.into(), source: deltalake::DeltaTableError::Generic(e.to_string()) }
+        };
+        let mapping = snapshot.metadata().configuration().get("delta.columnMapping.mode").cloned();
+        if mapping.is_some_and(|m| m != "none") {
+            return Err(unsupported("column mapping"));
+        }
+        // The provider's schema is the one the in-process engine reads, so
+        // both engines see the same column types.
+        let provider =
+            table.table_provider().await.map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+        let schema = provider.schema();
+        let partition_columns: Vec<String> = snapshot.metadata().partition_columns().to_vec();
+        let root = table.log_store().root_url().clone();
+        let store = format!("{}://{}", root.scheme(), root.host_str().unwrap_or(""));
+        let mut files = Vec::new();
+        for file in snapshot.log_data().iter() {
+            if file.deletion_vector_descriptor().is_some() {
+                return Err(unsupported("deletion vectors"));
+            }
+            let url = root.join(&file.path()).map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+            let path = object_store::path::Path::from_url_path(url.path())
+                .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+            let values = file.partition_values_map();
+            files.push(LakeFile {
+                path: path.to_string(),
+                size: file.size() as u64,
+                partition_values: partition_columns.iter().map(|c| values.get(c).cloned().flatten()).collect(),
+            });
+        }
+        Ok(Self {
+            schema,
+            partition_columns,
+            store,
+            files,
+            table: name.into(),
+            version: table.version().map_or(-1, |v| v as i64),
+        })
+    }
+
+    fn partition_fields(&self) -> Vec<FieldRef> {
+        self.partition_columns
+            .iter()
+            .filter_map(|c| self.schema.field_with_name(c).ok().map(|f| Arc::new(f.clone())))
+            .collect()
+    }
+
+    fn file_schema(&self) -> SchemaRef {
+        let fields: Vec<Field> = self
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| !self.partition_columns.contains(f.name()))
+            .map(|f| f.as_ref().clone())
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
+    fn is_partition_filter(&self, expr: &Expr) -> bool {
+        let columns = expr.column_refs();
+        !columns.is_empty() && columns.iter().all(|c| self.partition_columns.contains(&c.name))
+    }
+
+    /// The files whose partition values can satisfy every partition-only
+    /// filter (the others are applied by the scan and by DataFusion).
+    fn pruned(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<PartitionedFile>> {
+        let fields = self.partition_fields();
+        let mut files = Vec::with_capacity(self.files.len());
+        for f in &self.files {
+            let values = f
+                .partition_values
+                .iter()
+                .zip(&fields)
+                .map(|(v, field)| match v {
+                    Some(s) => ScalarValue::try_from_string(s.clone(), field.data_type()),
+                    None => ScalarValue::try_from(field.data_type()),
+                })
+                .collect::<DfResult<Vec<_>>>()?;
+            files.push(PartitionedFile::new(f.path.clone(), f.size).with_partition_values(values));
+        }
+        let Some(predicate) = conjunction(filters.iter().filter(|e| self.is_partition_filter(e)).cloned()) else {
+            return Ok(files);
+        };
+        // One row per file holding its partition values; the predicate
+        // decides each file at once.
+        let schema = Arc::new(Schema::new(fields.clone()));
+        let columns = (0..fields.len())
+            .map(|i| ScalarValue::iter_to_array(files.iter().map(|f| f.partition_values[i].clone())))
+            .collect::<DfResult<Vec<_>>>()?;
+        if files.is_empty() {
+            return Ok(files);
+        }
+        let batch = arrow::array::RecordBatch::try_new(schema.clone(), columns)?;
+        let physical = state.create_physical_expr(predicate, &DFSchema::try_from(schema)?)?;
+        let keep = physical.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let keep = arrow::array::AsArray::as_boolean(&keep);
+        use arrow::array::Array as _;
+        Ok(files.into_iter().enumerate().filter(|(i, _)| keep.is_valid(*i) && keep.value(*i)).map(|(_, f)| f).collect())
+    }
+}
+
+#[async_trait]
+impl TableProvider for LakeFiles {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Inexact: DataFusion keeps every filter above the scan, so pruning
+        // files and row groups is an optimisation, never a correctness risk.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let files = self.pruned(state, filters)?;
+        let table_schema = datafusion::datasource::table_schema::TableSchema::builder(self.file_schema())
+            .with_table_partition_cols(self.partition_fields())
+            .build();
+        let options =
+            TableParquetOptions { global: state.config_options().execution.parquet.clone(), ..Default::default() };
+        let mut source = ParquetSource::new(table_schema).with_table_parquet_options(options);
+        let row_filters: Vec<Expr> = filters.iter().filter(|e| !self.is_partition_filter(e)).cloned().collect();
+        if let Some(predicate) = conjunction(row_filters) {
+            let df_schema = DFSchema::try_from(self.schema.clone())?;
+            source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+        }
+        // Spread the files over the session's partitions, biggest first.
+        let partitions = state.config_options().execution.target_partitions.max(1);
+        let mut groups: Vec<(u64, Vec<PartitionedFile>)> = vec![(0, Vec::new()); partitions.min(files.len().max(1))];
+        let mut files = files;
+        files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
+        for f in files {
+            let smallest = groups.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("at least one group");
+            smallest.0 += f.object_meta.size;
+            smallest.1.push(f);
+        }
+        let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(&self.store)?, Arc::new(source))
+            .with_file_groups(groups.into_iter().map(|(_, g)| FileGroup::new(g)).collect())
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+/// Ballista's logical codec, plus [`LakeFiles`] tables (as JSON).
+#[derive(Debug, Default)]
+pub struct LakeCodec {
+    inner: BallistaLogicalExtensionCodec,
+}
+
+impl LogicalExtensionCodec for LakeCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[LogicalPlan],
+        ctx: &TaskContext,
+    ) -> DfResult<datafusion::logical_expr::Extension> {
+        self.inner.try_decode(buf, inputs, ctx)
+    }
+
+    fn try_encode(&self, node: &datafusion::logical_expr::Extension, buf: &mut Vec<u8>) -> DfResult<()> {
+        self.inner.try_encode(node, buf)
+    }
+
+    fn try_decode_table_provider(
+        &self,
+        buf: &[u8],
+        table_ref: &TableReference,
+        schema: SchemaRef,
+        ctx: &TaskContext,
+    ) -> DfResult<Arc<dyn TableProvider>> {
+        match serde_json::from_slice::<LakeFiles>(buf) {
+            Ok(mut files) => {
+                files.schema = schema;
+                Ok(Arc::new(files))
+            }
+            Err(_) => self.inner.try_decode_table_provider(buf, table_ref, schema, ctx),
+        }
+    }
+
+    fn try_encode_table_provider(
+        &self,
+        table_ref: &TableReference,
+        node: Arc<dyn TableProvider>,
+        buf: &mut Vec<u8>,
+    ) -> DfResult<()> {
+        match node.downcast_ref::<LakeFiles>() {
+            Some(files) => serde_json::to_writer(buf, files)
+                .map_err(|e| DataFusionError::Internal(format!("encoding lake table {table_ref}: {e}"))),
+            None => self.inner.try_encode_table_provider(table_ref, node, buf),
+        }
+    }
+
+    fn try_decode_file_format(
+        &self,
+        buf: &[u8],
+        ctx: &TaskContext,
+    ) -> DfResult<Arc<dyn datafusion::datasource::file_format::FileFormatFactory>> {
+        self.inner.try_decode_file_format(buf, ctx)
+    }
+
+    fn try_encode_file_format(
+        &self,
+        buf: &mut Vec<u8>,
+        node: Arc<dyn datafusion::datasource::file_format::FileFormatFactory>,
+    ) -> DfResult<()> {
+        self.inner.try_encode_file_format(buf, node)
+    }
+}
+
+/// Object stores by URL: local files, and `s3://BUCKET` built on first use
+/// from the `AWS_*` variables (endpoint, region, keys, `AWS_ALLOW_HTTP`).
+#[derive(Debug, Default)]
+pub struct LakeStores {
+    known: DefaultObjectStoreRegistry,
+    s3: RwLock<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl ObjectStoreRegistry for LakeStores {
+    fn register_store(&self, url: &Url, store: Arc<dyn ObjectStore>) -> Option<Arc<dyn ObjectStore>> {
+        self.known.register_store(url, store)
+    }
+
+    fn deregister_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
+        self.known.deregister_store(url)
+    }
+
+    fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
+        if let Ok(store) = self.known.get_store(url) {
+            return Ok(store);
+        }
+        if !matches!(url.scheme(), "s3" | "s3a") {
+            return Err(DataFusionError::Configuration(format!("no object store for {url}")));
+        }
+        let bucket = url.host_str().unwrap_or_default().to_string();
+        if let Some(store) = self.s3.read().map_err(|_| poisoned())?.get(&bucket) {
+            return Ok(store.clone());
+        }
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket).build()?);
+        self.s3.write().map_err(|_| poisoned())?.insert(bucket, store.clone());
+        Ok(store)
+    }
+}
+
+fn poisoned() -> DataFusionError {
+    DataFusionError::Internal("object store registry lock poisoned".into())
+}
+
+fn runtime_env() -> DfResult<Arc<RuntimeEnv>> {
+    RuntimeEnvBuilder::new().with_object_store_registry(Arc::new(LakeStores::default())).build_arc()
+}
+
+/// `batch-layer scheduler`: a Ballista scheduler that knows our codec.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    pub bind: SocketAddr,
+    /// `/readyz` answers 200 once this many executors are registered.
+    pub min_executors: usize,
+}
+
+pub async fn run_scheduler(
+    options: SchedulerOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use ballista_scheduler::cluster::BallistaCluster;
+    use ballista_scheduler::config::SchedulerConfig;
+    let config = SchedulerConfig {
+        bind_host: options.bind.ip().to_string(),
+        bind_port: options.bind.port(),
+        external_host: options.bind.ip().to_string(),
+        min_ready_executors: options.min_executors,
+        override_logical_codec: Some(Arc::new(LakeCodec::default())),
+        override_session_builder: Some(Arc::new(|config: SessionConfig| {
+            Ok(datafusion::execution::SessionStateBuilder::new()
+                .with_config(config)
+                .with_runtime_env(runtime_env()?)
+                .with_default_features()
+                .build())
+        })),
+        ..SchedulerConfig::default()
+    };
+    let cluster = BallistaCluster::new_from_config(&config).await?;
+    tracing::info!(bind = %options.bind, min_executors = options.min_executors, "Ballista scheduler starting");
+    tokio::select! {
+        r = ballista_scheduler::scheduler_process::start_server(cluster, options.bind, Arc::new(config)) => {
+            r.map_err(|e| anyhow::anyhow!("scheduler on {}: {e}", options.bind))
+        }
+        () = shutdown.cancelled() => {
+            tracing::info!("scheduler stopped");
+            Ok(())
+        }
+    }
+}
+
+/// `batch-layer executor`: a Ballista executor that reads our lake.
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    pub scheduler: SocketAddr,
+    /// Flight (data) port; gRPC is the next one.
+    pub port: u16,
+    pub work_dir: std::path::PathBuf,
+    /// Tasks run at once.
+    pub vcores: usize,
+}
+
+pub async fn run_executor(options: ExecutorOptions) -> anyhow::Result<()> {
+    use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+    std::fs::create_dir_all(&options.work_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the work folder {}: {e}", options.work_dir.display()))?;
+    let config = ExecutorProcessConfig {
+        bind_host: "127.0.0.1".into(),
+        external_host: Some("127.0.0.1".into()),
+        port: options.port,
+        grpc_port: options.port + 1,
+        scheduler_host: options.scheduler.ip().to_string(),
+        scheduler_port: options.scheduler.port(),
+        scheduler_connect_timeout_seconds: 30,
+        work_dir: Some(options.work_dir.display().to_string()),
+        vcores: options.vcores.max(1),
+        print_thread_info: false,
+        override_logical_codec: Some(Arc::new(LakeCodec::default())),
+        override_runtime_producer: Some(Arc::new(|_config: &SessionConfig| runtime_env())),
+        ..ExecutorProcessConfig::default()
+    };
+    tracing::info!(port = options.port, scheduler = %options.scheduler, "Ballista executor starting");
+    // The executor process handles SIGTERM itself: it deregisters and exits.
+    start_executor_process(Arc::new(config))
+        .await
+        .map_err(|e| anyhow::anyhow!("executor on ports {} and {}: {e}", options.port, options.port + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_parse_and_mistakes_name_the_fix() {
+        assert_eq!(Engine::parse("").unwrap(), Engine::InProcess);
+        assert_eq!(Engine::parse("local").unwrap(), Engine::InProcess);
+        assert_eq!(
+            Engine::parse("ballista://127.0.0.1:50050").unwrap(),
+            Engine::Ballista { scheduler: "127.0.0.1:50050".into() }
+        );
+        assert_eq!(Engine::parse("ballista://127.0.0.1:50050").unwrap().to_string(), "ballista://127.0.0.1:50050");
+        for bad in ["ballista://host", "spark://h:1", "ballista://h:1/x", "ballista://:1"] {
+            let e = Engine::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("ballista://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lake_files_round_trip_through_the_codec() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("v", arrow::datatypes::DataType::Int64, false),
+            Field::new("d", arrow::datatypes::DataType::Date32, true),
+        ]));
+        let files = LakeFiles {
+            schema: schema.clone(),
+            partition_columns: vec!["d".into()],
+            store: "file://".into(),
+            files: vec![LakeFile {
+                path: "lake/t/d=2026-11-26/a.parquet".into(),
+                size: 10,
+                partition_values: vec![None],
+            }],
+            table: "t".into(),
+            version: 3,
+        };
+        let codec = LakeCodec::default();
+        let mut buf = Vec::new();
+        codec.try_encode_table_provider(&TableReference::bare("t"), Arc::new(files.clone()), &mut buf).unwrap();
+        let back = codec
+            .try_decode_table_provider(&buf, &TableReference::bare("t"), schema.clone(), &TaskContext::default())
+            .unwrap();
+        let back = back.downcast_ref::<LakeFiles>().unwrap();
+        assert_eq!(back.files, files.files);
+        assert_eq!(back.schema(), schema);
+        assert_eq!(back.file_schema().fields().len(), 1);
+    }
+}
