@@ -56,10 +56,16 @@ install_tools() {
         say "installing tansu $TANSU_VERSION into $CACHE/tools (first time only, about 11 minutes)"
         cargo install --quiet --locked --root "$CACHE/tools" tansu --version "$TANSU_VERSION" --features libsql
     fi
+    # Python with venv (for moto) and curl (the cluster and S3 scripts).
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null || ! command -v curl >/dev/null; then
+        say "installing python3-venv and curl (Debian packages)"
+        command -v apt-get >/dev/null || die "python3 with venv and curl are needed; install them"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv curl >/dev/null
+    fi
     # moto: the local S3-compatible server of the lake-on-S3 tests (PyPI).
     if [ ! -x "$MOTO" ] || ! "$MOTO_PIP" show moto 2>/dev/null | grep "^Version: $MOTO_VERSION\$" >/dev/null; then
         say "installing moto $MOTO_VERSION (local S3 server) into $CACHE/tools/moto"
-        command -v python3 >/dev/null || die "python3 not found; install python3 (with venv) for the S3 tests"
         python3 -m venv "$CACHE/tools/moto"
         "$MOTO_PIP" install --quiet "moto[server]==$MOTO_VERSION"
     fi

@@ -100,6 +100,10 @@ pub enum Command {
         /// Address to listen on (gRPC, plus /healthz and /readyz over HTTP).
         #[arg(long, default_value = "127.0.0.1:50050")]
         bind: std::net::SocketAddr,
+        /// The host name executors and clients reach the scheduler by
+        /// (default: the --bind address).
+        #[arg(long)]
+        external_host: Option<String>,
         /// /readyz answers 200 once this many executors have registered.
         #[arg(long, default_value_t = 1)]
         min_executors: usize,
@@ -107,9 +111,16 @@ pub enum Command {
     /// A Ballista executor that registers with --scheduler and reads the
     /// lake (local, or s3:// with the AWS_* variables); runs until SIGTERM.
     Executor {
-        /// The scheduler's address.
+        /// The scheduler's HOST:PORT.
         #[arg(long, default_value = "127.0.0.1:50050")]
-        scheduler: std::net::SocketAddr,
+        scheduler: String,
+        /// Address to listen on (0.0.0.0: every interface).
+        #[arg(long, default_value = "127.0.0.1")]
+        bind_host: String,
+        /// The host name the scheduler and other executors reach this one by
+        /// (default: --bind-host).
+        #[arg(long)]
+        external_host: Option<String>,
         /// Port for data (Arrow Flight); the next port serves gRPC.
         #[arg(long, default_value_t = 50051)]
         port: u16,
@@ -296,16 +307,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Scheduler { bind, min_executors } => {
-            let options = crate::cluster::SchedulerOptions { bind, min_executors };
+        Command::Scheduler { bind, external_host, min_executors } => {
+            let options = crate::cluster::SchedulerOptions { bind, external_host, min_executors };
             crate::cluster::run_scheduler(options, shutdown).await
         }
-        Command::Executor { scheduler, port, work_dir, vcores } => {
+        Command::Executor { scheduler, bind_host, external_host, port, work_dir, vcores } => {
             if port == u16::MAX {
                 anyhow::bail!("--port must leave room for the gRPC port after it (at most 65534)");
             }
             let vcores = vcores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            crate::cluster::run_executor(crate::cluster::ExecutorOptions { scheduler, port, work_dir, vcores }).await
+            let options =
+                crate::cluster::ExecutorOptions { scheduler, bind_host, external_host, port, work_dir, vcores };
+            crate::cluster::run_executor(options).await
         }
         Command::Schedule { every, cron, run } => {
             if every < Duration::from_secs(1) {

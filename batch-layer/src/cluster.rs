@@ -180,7 +180,9 @@ struct LakeFile {
 /// Ballista plan carries (see the module documentation).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LakeFiles {
-    /// The table's schema, partition columns last (as delta-rs gives it).
+    /// The table's schema with its partition columns moved last, the order
+    /// in which DataFusion's file scan produces them (queries name columns,
+    /// so the order is not visible to them).
     #[serde(skip, default = "empty_schema")]
     schema: SchemaRef,
     partition_columns: Vec<String>,
@@ -194,6 +196,26 @@ pub struct LakeFiles {
 
 fn empty_schema() -> SchemaRef {
     Arc::new(Schema::empty())
+}
+
+/// `schema` with the `partitions` columns moved to the end, in that order.
+fn partitions_last(schema: &Schema, partitions: &[String]) -> SchemaRef {
+    let data = schema.fields().iter().filter(|f| !partitions.contains(f.name())).cloned();
+    let parts = partitions.iter().filter_map(|p| schema.field_with_name(p).ok().map(|f| Arc::new(f.clone())));
+    Arc::new(Schema::new_with_metadata(data.chain(parts).collect::<Vec<FieldRef>>(), schema.metadata().clone()))
+}
+
+/// Where a data file is inside its object store: the table root's path plus
+/// the file's path relative to it (as delta-rs parses it into an
+/// object-store path), or the path of an absolute URL in the log.
+fn file_path(root: &Url, raw: &str, relative: object_store::path::Path) -> Result<String, String> {
+    if raw.contains("://") {
+        let url = Url::parse(raw).map_err(|e| format!("data file {raw}: {e}"))?;
+        let path = object_store::path::Path::from_url_path(url.path()).map_err(|e| e.to_string())?;
+        return Ok(path.to_string());
+    }
+    let root = object_store::path::Path::from_url_path(root.path()).map_err(|e| e.to_string())?;
+    Ok(root.parts().chain(relative.parts()).collect::<object_store::path::Path>().to_string())
 }
 
 impl LakeFiles {
@@ -213,8 +235,8 @@ impl LakeFiles {
         // both engines see the same column types.
         let provider =
             table.table_provider().await.map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
-        let schema = provider.schema();
         let partition_columns: Vec<String> = snapshot.metadata().partition_columns().to_vec();
+        let schema = partitions_last(&provider.schema(), &partition_columns);
         let root = table.log_store().root_url().clone();
         let store = format!("{}://{}", root.scheme(), root.host_str().unwrap_or(""));
         let mut files = Vec::new();
@@ -222,9 +244,8 @@ impl LakeFiles {
             if file.deletion_vector_descriptor().is_some() {
                 return Err(unsupported("deletion vectors"));
             }
-            let url = root.join(&file.path()).map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
-            let path = object_store::path::Path::from_url_path(url.path())
-                .map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+            let path = file_path(&root, &file.path(), file.object_store_path())
+                .map_err(|e| delta(deltalake::DeltaTableError::Generic(e)))?;
             let values = file.partition_values_map();
             files.push(LakeFile {
                 path: path.to_string(),
@@ -242,6 +263,7 @@ impl LakeFiles {
         })
     }
 
+    /// The partition columns' fields, in [`Self::partition_columns`] order.
     fn partition_fields(&self) -> Vec<FieldRef> {
         self.partition_columns
             .iter()
@@ -287,13 +309,13 @@ impl LakeFiles {
         };
         // One row per file holding its partition values; the predicate
         // decides each file at once.
+        if files.is_empty() {
+            return Ok(files);
+        }
         let schema = Arc::new(Schema::new(fields.clone()));
         let columns = (0..fields.len())
             .map(|i| ScalarValue::iter_to_array(files.iter().map(|f| f.partition_values[i].clone())))
             .collect::<DfResult<Vec<_>>>()?;
-        if files.is_empty() {
-            return Ok(files);
-        }
         let batch = arrow::array::RecordBatch::try_new(schema.clone(), columns)?;
         let physical = state.create_physical_expr(predicate, &DFSchema::try_from(schema)?)?;
         let keep = physical.evaluate(&batch)?.into_array(batch.num_rows())?;
@@ -470,6 +492,9 @@ fn runtime_env() -> DfResult<Arc<RuntimeEnv>> {
 #[derive(Debug, Clone)]
 pub struct SchedulerOptions {
     pub bind: SocketAddr,
+    /// The host name executors and clients reach it by (default: the bind
+    /// address).
+    pub external_host: Option<String>,
     /// `/readyz` answers 200 once this many executors are registered.
     pub min_executors: usize,
 }
@@ -483,7 +508,7 @@ pub async fn run_scheduler(
     let config = SchedulerConfig {
         bind_host: options.bind.ip().to_string(),
         bind_port: options.bind.port(),
-        external_host: options.bind.ip().to_string(),
+        external_host: options.external_host.clone().unwrap_or_else(|| options.bind.ip().to_string()),
         min_ready_executors: options.min_executors,
         override_logical_codec: Some(Arc::new(LakeCodec::default())),
         override_session_builder: Some(Arc::new(|config: SessionConfig| {
@@ -511,7 +536,13 @@ pub async fn run_scheduler(
 /// `batch-layer executor`: a Ballista executor that reads our lake.
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
-    pub scheduler: SocketAddr,
+    /// The scheduler's `HOST:PORT`.
+    pub scheduler: String,
+    /// Address to listen on (`0.0.0.0` for every interface).
+    pub bind_host: String,
+    /// The host name the scheduler and other executors reach it by
+    /// (default: the bind address).
+    pub external_host: Option<String>,
     /// Flight (data) port; gRPC is the next one.
     pub port: u16,
     pub work_dir: std::path::PathBuf,
@@ -523,13 +554,25 @@ pub async fn run_executor(options: ExecutorOptions) -> anyhow::Result<()> {
     use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
     std::fs::create_dir_all(&options.work_dir)
         .map_err(|e| anyhow::anyhow!("cannot create the work folder {}: {e}", options.work_dir.display()))?;
+    let (scheduler_host, scheduler_port) = options
+        .scheduler
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().ok()?)))
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--scheduler {:?}: expected HOST:PORT, e.g. 127.0.0.1:50050", options.scheduler)
+        })?;
+    let external_host = options.external_host.clone().unwrap_or_else(|| options.bind_host.clone());
+    if external_host == "0.0.0.0" || external_host == "::" {
+        anyhow::bail!("an executor bound to every interface needs --external-host: the name others reach it by");
+    }
     let config = ExecutorProcessConfig {
-        bind_host: "127.0.0.1".into(),
-        external_host: Some("127.0.0.1".into()),
+        bind_host: options.bind_host.clone(),
+        external_host: Some(external_host),
         port: options.port,
         grpc_port: options.port + 1,
-        scheduler_host: options.scheduler.ip().to_string(),
-        scheduler_port: options.scheduler.port(),
+        scheduler_host,
+        scheduler_port,
         scheduler_connect_timeout_seconds: 30,
         work_dir: Some(options.work_dir.display().to_string()),
         vcores: options.vcores.max(1),
@@ -562,6 +605,35 @@ mod tests {
             let e = Engine::parse(bad).unwrap_err().to_string();
             assert!(e.contains("ballista://HOST:PORT"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn partition_columns_move_last_whatever_their_place_in_the_table() {
+        use arrow::datatypes::DataType;
+        let schema = Schema::new(vec![
+            Field::new("d", DataType::Date32, true),
+            Field::new("v", DataType::Int64, false),
+            Field::new("h", DataType::Int32, true),
+            Field::new("added_later", DataType::Int32, true),
+        ]);
+        let moved = partitions_last(&schema, &["h".into(), "d".into()]);
+        let names: Vec<&str> = moved.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["v", "added_later", "h", "d"]);
+    }
+
+    #[test]
+    fn file_paths_join_the_table_root() {
+        let root = Url::parse("file:///data/lake/events/").unwrap();
+        let rel = object_store::path::Path::parse("event_date=2026-11-26/event_hour=3/a.parquet").unwrap();
+        assert_eq!(
+            file_path(&root, "event_date=2026-11-26/event_hour=3/a.parquet", rel).unwrap(),
+            "data/lake/events/event_date=2026-11-26/event_hour=3/a.parquet"
+        );
+        let s3 = Url::parse("s3://bucket/shop/events/").unwrap();
+        let rel = object_store::path::Path::parse("event_hour=3/x.parquet").unwrap();
+        assert_eq!(file_path(&s3, "event_hour=3/x.parquet", rel).unwrap(), "shop/events/event_hour=3/x.parquet");
+        let abs = object_store::path::Path::parse("ignored").unwrap();
+        assert_eq!(file_path(&s3, "s3://bucket/elsewhere/y.parquet", abs).unwrap(), "elsewhere/y.parquet");
     }
 
     #[test]

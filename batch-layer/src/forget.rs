@@ -120,6 +120,18 @@ pub async fn forget_user(config: &ForgetConfig, user_id: &str) -> Result<ForgetR
     platform::db::prepare(&pool, None).await?;
     // Refuses a key other than the one earlier requests were hashed with.
     Forgotten::load(&pool, Some(&config.key)).await?;
+    // No batch run may overlap: one that pinned its snapshot before the
+    // delete would publish the user's rows again after it. Wait for a
+    // running one to finish; runs that start meanwhile find the lock taken.
+    let mut lock = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(crate::recompute::RUN_LOCK).execute(&mut *lock).await?;
+    let outcome = forget_locked(config, &pool, user_id).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(crate::recompute::RUN_LOCK).execute(&mut *lock).await;
+    outcome
+}
+
+async fn forget_locked(config: &ForgetConfig, pool: &PgPool, user_id: &str) -> Result<ForgetReport, ForgetUserError> {
+    let pool = pool.clone();
     let user_hash = config.key.hash(user_id);
     let requests: i32 = sqlx::query_scalar(
         "INSERT INTO ops.forgotten_users (user_hash, key_id) VALUES ($1, $2)

@@ -51,6 +51,22 @@ impl Processes {
         Ok(())
     }
 
+    /// The process `name` exited, and its log contains `text`.
+    fn exited_saying(&mut self, name: &str, text: &str) -> bool {
+        let exited = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .is_some_and(|(_, child)| child.try_wait().is_ok_and(|status| status.is_some()));
+        exited && std::fs::read_to_string(self.logs.path().join(format!("{name}.log"))).is_ok_and(|l| l.contains(text))
+    }
+
+    /// Replaces the (exited) process `name` with a new one.
+    fn respawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+        self.children.retain(|(n, _)| n != name);
+        self.spawn(name, cmd)
+    }
+
     /// Every process's log, for a failure message.
     fn logs(&self) -> String {
         self.children
@@ -96,27 +112,36 @@ impl BallistaCluster {
                 .args(["scheduler", "--bind", &scheduler.to_string(), "--min-executors", &executors.to_string()])
                 .envs(env.iter().map(|(k, v)| (*k, v))),
         )?;
+        let executor = |i: usize| -> anyhow::Result<Command> {
+            let mut cmd = Command::new(&bin);
+            cmd.args(["executor", "--scheduler", &scheduler.to_string(), "--port", &free_port_pair()?.to_string()])
+                .arg("--work-dir")
+                .arg(work.path().join(format!("executor-{i}")))
+                .args(["--vcores", "2"])
+                .envs(env.iter().map(|(k, v)| (*k, v)));
+            Ok(cmd)
+        };
         for i in 0..executors {
-            let port = free_port_pair()?;
-            processes.spawn(
-                &format!("executor-{i}"),
-                Command::new(&bin)
-                    .args(["executor", "--scheduler", &scheduler.to_string(), "--port", &port.to_string()])
-                    .arg("--work-dir")
-                    .arg(work.path().join(format!("executor-{i}")))
-                    .args(["--vcores", "2"])
-                    .envs(env.iter().map(|(k, v)| (*k, v))),
-            )?;
+            processes.spawn(&format!("executor-{i}"), &mut executor(i)?)?;
         }
-        let cluster = Self { scheduler, processes, _work: work };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut moves = 0;
         while !get(scheduler, "/readyz").await.is_ok_and(|a| a.status == 200) {
             if tokio::time::Instant::now() > deadline {
-                bail!("the Ballista cluster did not become ready in 60 s:\n{}", cluster.processes.logs());
+                bail!("the Ballista cluster did not become ready in 60 s:\n{}", processes.logs());
+            }
+            // A port picked free may be taken before the executor binds it
+            // (another test, an outgoing connection): try other ports.
+            for i in 0..executors {
+                let name = format!("executor-{i}");
+                if moves < 5 && processes.exited_saying(&name, "Address already in use") {
+                    moves += 1;
+                    processes.respawn(&name, &mut executor(i)?)?;
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(cluster)
+        Ok(Self { scheduler, processes, _work: work })
     }
 
     /// `ballista://HOST:PORT`, for `--engine`.

@@ -298,7 +298,9 @@ impl ViewDef {
             .measures
             .iter()
             .map(|m| match m.merge {
-                Merge::Sum => format!("{0} = t.{0} + EXCLUDED.{0}", m.name),
+                // COALESCE: a row written before a migration added this
+                // measure holds NULL there.
+                Merge::Sum => format!("{0} = COALESCE(t.{0}, 0) + EXCLUDED.{0}", m.name),
                 Merge::Max => format!("{0} = GREATEST(t.{0}, EXCLUDED.{0})", m.name),
             })
             .collect();
