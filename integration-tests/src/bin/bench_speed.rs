@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use shared_schema::EventType;
 use speed_layer::stream::{self, SpeedConfig};
@@ -145,6 +145,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             f.percentile(0.90),
             f.percentile(0.99),
             f.percentile(1.0)
+        );
+        println!(
+            "    for comparison, produce -> acknowledged by the broker: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} markers)",
+            percentile_ms(&f.acks, 0.50),
+            percentile_ms(&f.acks, 0.90),
+            percentile_ms(&f.acks, 0.99),
+            percentile_ms(&f.acks, 1.0),
+            f.acks.len()
         );
         println!(
             "    one poll of the serving view took {:.1} ms on average ({} polls): the resolution of these figures",
@@ -341,6 +349,9 @@ async fn speed_layer_catch_up(
 struct Freshness {
     /// Produce → visible, per measured marker, sorted.
     latencies: Vec<Duration>,
+    /// Produce → acknowledged by the broker, per measured marker, sorted:
+    /// the part of the freshness the platform cannot change.
+    acks: Vec<Duration>,
     achieved_rate: f64,
     mean_poll_ms: f64,
     polls: u64,
@@ -348,11 +359,39 @@ struct Freshness {
 
 impl Freshness {
     fn percentile(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
+        percentile_ms(&self.latencies, q)
+    }
+}
+
+/// The `q` quantile of sorted `times`, in milliseconds.
+fn percentile_ms(times: &[Duration], q: f64) -> f64 {
+    if times.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1;
+    times[i].as_secs_f64() * 1000.0
+}
+
+/// Records how long the broker took to acknowledge each measured marker.
+/// A record's opaque is 0, or 1 + the nanoseconds from `base` to its send.
+struct MarkerAcks {
+    base: Instant,
+    acks: std::sync::Mutex<Vec<Duration>>,
+}
+
+impl rdkafka::ClientContext for MarkerAcks {}
+
+impl ProducerContext for MarkerAcks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: usize) {
+        if sent == 0 || result.is_err() {
+            return;
         }
-        let i = ((self.latencies.len() as f64 * q).ceil() as usize).clamp(1, self.latencies.len()) - 1;
-        self.latencies[i].as_secs_f64() * 1000.0
+        let sent = self.base + Duration::from_nanos(sent as u64 - 1);
+        if let Ok(mut acks) = self.acks.lock() {
+            acks.push(sent.elapsed());
+        }
     }
 }
 
@@ -379,19 +418,22 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
     let _stop_speed = shutdown.clone().drop_guard();
     let speed = tokio::spawn(stream::run(speed_config(args, stack, &topic, dlq, &url), shutdown.clone()));
 
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
-        .context("creating the freshness producer")?;
+    let producer: Arc<ThreadedProducer<MarkerAcks>> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &stack.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "200000")
+            .create_with_context(MarkerAcks { base: Instant::now(), acks: std::sync::Mutex::new(Vec::new()) })
+            .context("creating the freshness producer")?,
+    );
     let (marker_tx, mut marker_rx) = tokio::sync::mpsc::unbounded_channel::<Marker>();
     let produced = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let _stop_load = stop.clone().drop_guard();
     let load = tokio::task::spawn_blocking({
-        let (topic, produced, stop) = (topic.clone(), Arc::clone(&produced), stop.clone());
+        let (topic, produced, stop, producer) =
+            (topic.clone(), Arc::clone(&produced), stop.clone(), Arc::clone(&producer));
         let load = Load { rate: args.rate, warmup: args.warmup, marker_every: args.marker_every, seed: args.seed };
         move || steady_load(&producer, &topic, load, &produced, &stop, &marker_tx)
     });
@@ -454,7 +496,10 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
     speed.await??;
     pool.close().await;
     latencies.sort();
+    let mut acks = producer.context().acks.lock().map(|a| a.clone()).unwrap_or_default();
+    acks.sort();
     Ok(Freshness {
+        acks,
         achieved_rate: produced.load(Ordering::Relaxed) as f64 / load_secs,
         latencies,
         mean_poll_ms: poll_time.as_secs_f64() * 1000.0 / polls.max(1) as f64,
@@ -476,7 +521,7 @@ struct Load {
 /// Produces the shop's live traffic at `load.rate` events/s plus a marker
 /// every `load.marker_every` until `stop`. Returns how long it produced.
 fn steady_load(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &ThreadedProducer<MarkerAcks>,
     topic: &str,
     load: Load,
     produced: &AtomicU64,
@@ -485,8 +530,10 @@ fn steady_load(
 ) -> anyhow::Result<f64> {
     let shop = Shop::new(ShopConfig { seed: load.seed, rate: load.rate, ..ShopConfig::default() });
     let mut rng = StdRng::seed_from_u64(load.seed);
-    let send = |key: &str, payload: &[u8]| -> anyhow::Result<()> {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    // `marker`: when a measured marker was sent, to time its acknowledgement.
+    let send = |key: &str, payload: &[u8], marker: Option<Instant>| -> anyhow::Result<()> {
+        let opaque = marker.map_or(0, |t| 1 + (t - producer.context().base).as_nanos() as usize);
+        let mut record = BaseRecord::with_opaque_to(topic, opaque).key(key).payload(payload);
         loop {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -519,7 +566,7 @@ fn steady_load(
             }
             let Some(mut e) = queue.pop_front() else { continue };
             e.event_time = Utc::now();
-            send(&e.user_id, e.to_json().as_bytes())?;
+            send(&e.user_id, e.to_json().as_bytes(), None)?;
             sent_events += 1;
         }
         produced.store(sent_events, Ordering::Relaxed);
@@ -536,8 +583,8 @@ fn steady_load(
                 price_cents: None,
             };
             let sent = Instant::now();
-            send(&marker.user_id, marker.to_json().as_bytes())?;
             let measured = sent - started >= load.warmup;
+            send(&marker.user_id, marker.to_json().as_bytes(), measured.then_some(sent))?;
             let _ = markers.send(Marker { product_id: marker.product_id, sent, measured });
             k += 1;
             next_marker += load.marker_every;
