@@ -155,6 +155,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             f.acks.len()
         );
         println!(
+            "    for comparison, produce -> received by a bare consumer: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} markers)",
+            percentile_ms(&f.delivered, 0.50),
+            percentile_ms(&f.delivered, 0.90),
+            percentile_ms(&f.delivered, 0.99),
+            percentile_ms(&f.delivered, 1.0),
+            f.delivered.len()
+        );
+        println!(
             "    one poll of the serving view took {:.1} ms on average ({} polls): the resolution of these figures",
             f.mean_poll_ms, f.polls
         );
@@ -352,6 +360,9 @@ struct Freshness {
     /// Produce → acknowledged by the broker, per measured marker, sorted:
     /// the part of the freshness the platform cannot change.
     acks: Vec<Duration>,
+    /// Produce → received by a bare consumer (the speed layer's client
+    /// settings, no work), per measured marker, sorted.
+    delivered: Vec<Duration>,
     achieved_rate: f64,
     mean_poll_ms: f64,
     polls: u64,
@@ -428,14 +439,45 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
             .context("creating the freshness producer")?,
     );
     let (marker_tx, mut marker_rx) = tokio::sync::mpsc::unbounded_channel::<Marker>();
+    // A bare consumer beside the speed layer: when each marker reaches a
+    // client at all.
+    let sent_at: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let delivery = {
+        let bare = consumer(&stack.brokers, &format!("{topic}.bare"))?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..args.partitions {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+        }
+        bare.assign(&tpl)?;
+        let (sent_at, stop) = (Arc::clone(&sent_at), shutdown.clone());
+        tokio::spawn(async move {
+            let mut delivered = Vec::new();
+            loop {
+                let m = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = bare.recv() => m,
+                };
+                let (Ok(m), now) = (m, Instant::now()) else { continue };
+                let Some(payload) = m.payload().and_then(|p| std::str::from_utf8(p).ok()) else { continue };
+                let Some(start) = payload.find("\"product_id\":\"marker-") else { continue };
+                let id = &payload[start + 14..];
+                let id = &id[..id.find('"').unwrap_or(id.len())];
+                let sent = sent_at.lock().ok().and_then(|mut s| s.remove(id));
+                if let Some(sent) = sent {
+                    delivered.push(now - sent);
+                }
+            }
+            delivered
+        })
+    };
     let produced = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let _stop_load = stop.clone().drop_guard();
     let load = tokio::task::spawn_blocking({
-        let (topic, produced, stop, producer) =
-            (topic.clone(), Arc::clone(&produced), stop.clone(), Arc::clone(&producer));
+        let (topic, produced, stop, producer, sent_at) =
+            (topic.clone(), Arc::clone(&produced), stop.clone(), Arc::clone(&producer), Arc::clone(&sent_at));
         let load = Load { rate: args.rate, warmup: args.warmup, marker_every: args.marker_every, seed: args.seed };
-        move || steady_load(&producer, &topic, load, &produced, &stop, &marker_tx)
+        move || steady_load(&producer, &topic, load, &produced, &stop, &marker_tx, &sent_at)
     });
 
     // The poller: its own connection, a tight loop over the pending markers.
@@ -494,12 +536,15 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
     drop(poll_conn);
     shutdown.cancel();
     speed.await??;
+    let mut delivered = delivery.await?;
+    delivered.sort();
     pool.close().await;
     latencies.sort();
     let mut acks = producer.context().acks.lock().map(|a| a.clone()).unwrap_or_default();
     acks.sort();
     Ok(Freshness {
         acks,
+        delivered,
         achieved_rate: produced.load(Ordering::Relaxed) as f64 / load_secs,
         latencies,
         mean_poll_ms: poll_time.as_secs_f64() * 1000.0 / polls.max(1) as f64,
@@ -527,6 +572,7 @@ fn steady_load(
     produced: &AtomicU64,
     stop: &CancellationToken,
     markers: &tokio::sync::mpsc::UnboundedSender<Marker>,
+    sent_at: &std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 ) -> anyhow::Result<f64> {
     let shop = Shop::new(ShopConfig { seed: load.seed, rate: load.rate, ..ShopConfig::default() });
     let mut rng = StdRng::seed_from_u64(load.seed);
@@ -584,6 +630,9 @@ fn steady_load(
             };
             let sent = Instant::now();
             let measured = sent - started >= load.warmup;
+            if measured && let Ok(mut s) = sent_at.lock() {
+                s.insert(marker.product_id.clone(), sent);
+            }
             send(&marker.user_id, marker.to_json().as_bytes(), measured.then_some(sent))?;
             let _ = markers.send(Marker { product_id: marker.product_id, sent, measured });
             k += 1;
