@@ -417,7 +417,15 @@ async fn locked_run(
     .bind(run_id)
     .bind(json!(rows))
     .bind(json!({"compute": compute_ms, "publish": publish_ms, "total": started.elapsed().as_millis() as u64}))
-    .bind(format!("{mode}: {} hours recomputed", touched.len()))
+    .bind(match (full, redefined.is_empty()) {
+        (true, _) => "full: every hour recomputed".to_string(),
+        (false, true) => format!("incremental: {} hours recomputed", touched.len()),
+        (false, false) => format!(
+            "incremental: {} hours recomputed, all hours of {} (definition changed)",
+            touched.len(),
+            redefined.join(", ")
+        ),
+    })
     .execute(pool)
     .await?;
     progress.finish_and_clear();
