@@ -47,6 +47,15 @@ use url::Url;
 
 use crate::lake::{self, LakeError};
 
+/// `HOST:PORT` (an IPv6 host in brackets, kept so) and nothing else.
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let url = Url::parse(&format!("df://{s}")).ok()?;
+    match (url.host_str(), url.port(), url.path()) {
+        (Some(host), Some(port), "") if !host.is_empty() => Some((host.to_string(), port)),
+        _ => None,
+    }
+}
+
 /// How long `run` waits for the scheduler to accept a connection.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -86,11 +95,8 @@ impl Engine {
         }
         let invalid = || EngineError::Invalid(s.to_string());
         let rest = s.strip_prefix("ballista://").ok_or_else(invalid)?.trim_end_matches('/');
-        let url = Url::parse(&format!("df://{rest}")).map_err(|_| invalid())?;
-        match (url.host_str(), url.port(), url.path()) {
-            (Some(host), Some(port), "") => Ok(Self::Ballista { scheduler: format!("{host}:{port}") }),
-            _ => Err(invalid()),
-        }
+        let (host, port) = host_port(rest).ok_or_else(invalid)?;
+        Ok(Self::Ballista { scheduler: format!("{host}:{port}") })
     }
 
     /// A session that runs its queries on this engine.
@@ -554,14 +560,9 @@ pub async fn run_executor(options: ExecutorOptions) -> anyhow::Result<()> {
     use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
     std::fs::create_dir_all(&options.work_dir)
         .map_err(|e| anyhow::anyhow!("cannot create the work folder {}: {e}", options.work_dir.display()))?;
-    let (scheduler_host, scheduler_port) = options
-        .scheduler
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().ok()?)))
-        .filter(|(h, _)| !h.is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!("--scheduler {:?}: expected HOST:PORT, e.g. 127.0.0.1:50050", options.scheduler)
-        })?;
+    let (scheduler_host, scheduler_port) = host_port(&options.scheduler).ok_or_else(|| {
+        anyhow::anyhow!("--scheduler {:?}: expected HOST:PORT, e.g. 127.0.0.1:50050", options.scheduler)
+    })?;
     let external_host = options.external_host.clone().unwrap_or_else(|| options.bind_host.clone());
     if external_host == "0.0.0.0" || external_host == "::" {
         anyhow::bail!("an executor bound to every interface needs --external-host: the name others reach it by");

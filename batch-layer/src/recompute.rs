@@ -272,12 +272,16 @@ async fn locked_run(
             .await?
             .into_iter()
             .collect();
+    // Every view's current definition, recorded with the publish: a view
+    // this run skips is not redefined (those are recomputed), so its tables
+    // match it too.
+    let definitions: Vec<(&'static str, String)> = ALL_VIEWS.iter().map(|v| (v.name, v.fingerprint())).collect();
     // No fingerprint on record at all: tables published before they were
     // recorded (an upgrade); this run records them without a backfill.
     let redefined: Vec<&'static str> = if full || defined.is_empty() {
         Vec::new()
     } else {
-        ALL_VIEWS.iter().filter(|v| defined.get(v.name) != Some(&v.fingerprint())).map(|v| v.name).collect()
+        definitions.iter().filter(|(name, f)| defined.get(*name) != Some(f)).map(|(name, _)| *name).collect()
     };
     if !full && last == Some(version) && redefined.is_empty() {
         return Ok(RunOutcome::Unchanged { delta_version: version });
@@ -396,9 +400,6 @@ async fn locked_run(
     let publish_started = Instant::now();
     let mut conn = pool.acquire().await?;
     let tables: Vec<&'static str> = refreshed_tables.iter().map(|(t, _)| t.name).collect();
-    // Every view's current definition: a view this run skipped is not
-    // redefined (those are recomputed), so its tables match it too.
-    let definitions: Vec<(&'static str, String)> = ALL_VIEWS.iter().map(|v| (v.name, v.fingerprint())).collect();
     let published = Published {
         run_id,
         cut: &cut,
