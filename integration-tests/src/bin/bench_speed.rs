@@ -140,26 +140,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             humantime::format_duration(args.duration)
         );
         println!(
-            "    produce -> visible in serving.product_demand_hourly: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms   (goal p99 < 1000 ms)",
-            f.percentile(0.50),
-            f.percentile(0.90),
-            f.percentile(0.99),
-            f.percentile(1.0)
+            "    produce -> visible in serving.product_demand_hourly: {}   (goal p99 < 1000 ms)",
+            quantiles(&f.latencies)
         );
         println!(
-            "    for comparison, produce -> acknowledged by the broker: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} markers)",
-            percentile_ms(&f.acks, 0.50),
-            percentile_ms(&f.acks, 0.90),
-            percentile_ms(&f.acks, 0.99),
-            percentile_ms(&f.acks, 1.0),
+            "    for comparison, produce -> acknowledged by the broker: {} ({} markers)",
+            quantiles(&f.acks),
             f.acks.len()
         );
         println!(
-            "    for comparison, produce -> received by a bare consumer: p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} markers)",
-            percentile_ms(&f.delivered, 0.50),
-            percentile_ms(&f.delivered, 0.90),
-            percentile_ms(&f.delivered, 0.99),
-            percentile_ms(&f.delivered, 1.0),
+            "    for comparison, produce -> received by a bare consumer: {} ({} markers)",
+            quantiles(&f.delivered),
             f.delivered.len()
         );
         println!(
@@ -270,14 +261,20 @@ fn consumer(brokers: &str, group: &str) -> anyhow::Result<StreamConsumer> {
         .with_context(|| format!("creating a Kafka consumer for {brokers}"))
 }
 
+/// Assigns `consumer` every partition of `topic` from its first record (no
+/// group coordination).
+fn read_from_beginning(consumer: &StreamConsumer, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    Ok(consumer.assign(&tpl)?)
+}
+
 async fn bare_consumer(stack: &Stack, topic: &str, records: i64) -> anyhow::Result<(Duration, u64)> {
     let started = Instant::now();
     let consumer = consumer(&stack.brokers, &format!("{topic}.bare"))?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..stack.partitions(topic)? as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+    read_from_beginning(&consumer, topic, stack.partitions(topic)? as i32)?;
     let (mut n, mut bytes) = (0i64, 0u64);
     while n < records {
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -368,10 +365,15 @@ struct Freshness {
     polls: u64,
 }
 
-impl Freshness {
-    fn percentile(&self, q: f64) -> f64 {
-        percentile_ms(&self.latencies, q)
-    }
+/// "p50 …, p90 …, p99 …, max …" of sorted `times`, in milliseconds.
+fn quantiles(times: &[Duration]) -> String {
+    format!(
+        "p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile_ms(times, 0.50),
+        percentile_ms(times, 0.90),
+        percentile_ms(times, 0.99),
+        percentile_ms(times, 1.0)
+    )
 }
 
 /// The `q` quantile of sorted `times`, in milliseconds.
@@ -444,11 +446,7 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
     let sent_at: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let delivery = {
         let bare = consumer(&stack.brokers, &format!("{topic}.bare"))?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..args.partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-        }
-        bare.assign(&tpl)?;
+        read_from_beginning(&bare, &topic, args.partitions)?;
         let (sent_at, stop) = (Arc::clone(&sent_at), shutdown.clone());
         tokio::spawn(async move {
             let mut delivered = Vec::new();
