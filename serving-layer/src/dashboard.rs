@@ -169,6 +169,23 @@ fn parse_limit(raw: Option<&str>, default: i64) -> Result<i64, ApiError> {
     })
 }
 
+/// Rows of `sql` (one `$1` bind: the limit), at most `?limit=` of them
+/// (`default` without one): the shape of every listing endpoint.
+async fn limited<T>(
+    pool: &PgPool,
+    query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+    default: i64,
+    sql: &'static str,
+) -> Result<Json<Vec<T>>, ApiError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = parse_limit(q.limit.as_deref(), default)?;
+    let rows = sqlx::query_as::<_, T>(sql).bind(limit).fetch_all(pool).await.map_err(ApiError::database)?;
+    Ok(Json(rows))
+}
+
 /// A currently active demand spike.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct Spike {
@@ -187,9 +204,10 @@ pub async fn spikes(
     State(pool): State<PgPool>,
     query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Spike>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = parse_limit(q.limit.as_deref(), 100)?;
-    let rows = sqlx::query_as::<_, Spike>(
+    limited(
+        &pool,
+        query,
+        100,
         "SELECT s.product_id, p.name, COALESCE(s.category, p.category) AS category, s.spike_start,
                 s.latest_hour, s.current_demand, s.baseline_demand, s.score
          FROM serving.demand_spikes AS s
@@ -197,11 +215,7 @@ pub async fn spikes(
          ORDER BY s.score DESC, s.product_id
          LIMIT $1",
     )
-    .bind(limit)
-    .fetch_all(&pool)
     .await
-    .map_err(ApiError::database)?;
-    Ok(Json(rows))
 }
 
 /// A product of the popular list, with its catalog entry.
@@ -219,20 +233,17 @@ pub async fn popular(
     State(pool): State<PgPool>,
     query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<PopularProduct>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = parse_limit(q.limit.as_deref(), 10)?;
-    let rows = sqlx::query_as::<_, PopularProduct>(
+    limited(
+        &pool,
+        query,
+        10,
         "SELECT pp.rank, pp.product_id, p.name, p.category, pp.score
          FROM serving.popular_products AS pp
          LEFT JOIN serving.products AS p ON p.product_id = pp.product_id
          ORDER BY pp.rank, pp.product_id
          LIMIT $1",
     )
-    .bind(limit)
-    .fetch_all(&pool)
     .await
-    .map_err(ApiError::database)?;
-    Ok(Json(rows))
 }
 
 /// How current one layer is.
