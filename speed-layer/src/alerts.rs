@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use platform::notify::{Notification, Notifier, Severity};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -112,14 +110,7 @@ pub(crate) async fn watch(
     notifier: Notifier,
     shutdown: CancellationToken,
 ) {
-    let consumer: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", &brokers).create() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "stall and lag alerts disabled: cannot create a metadata client");
-            return;
-        }
-    };
-    let consumer = std::sync::Arc::new(consumer);
+    let Some(consumer) = crate::lag::metadata_client(&brokers, "stall and lag alerts") else { return };
     let started = Utc::now();
     let (mut stalled, mut lagging) = (false, false);
     loop {
@@ -135,20 +126,7 @@ pub(crate) async fn watch(
         else {
             continue; // PostgreSQL away: the flush loop reports it
         };
-        let c = std::sync::Arc::clone(&consumer);
-        let t = topic.clone();
-        let ends = tokio::task::spawn_blocking(move || {
-            let partitions = c
-                .fetch_metadata(Some(&t), Duration::from_secs(5))
-                .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>())
-                .unwrap_or_default();
-            partitions
-                .into_iter()
-                .filter_map(|p| c.fetch_watermarks(&t, p, Duration::from_secs(5)).ok().map(|(_, high)| (p, high)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let ends = crate::lag::topic_ends(&consumer, &topic).await;
         if ends.is_empty() {
             continue; // broker away: nothing to judge
         }

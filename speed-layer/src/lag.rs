@@ -4,6 +4,7 @@
 //! newest event folded in is. The watermarks also go to
 //! `ops.speed_offsets.end_offset`, where `serving.freshness` reads the lag.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,17 +13,39 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// A client for broker metadata, or `None` (logged: `what` is disabled).
+pub(crate) fn metadata_client(brokers: &str, what: &str) -> Option<Arc<BaseConsumer>> {
+    match ClientConfig::new().set("bootstrap.servers", brokers).create::<BaseConsumer>() {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            tracing::warn!(error = %e, "{what} disabled: cannot create a metadata client");
+            None
+        }
+    }
+}
+
+/// The end (high watermark) of every partition of `topic`, asked off the
+/// async threads; empty when the broker does not answer.
+pub(crate) async fn topic_ends(consumer: &Arc<BaseConsumer>, topic: &str) -> Vec<(i32, i64)> {
+    let (c, topic) = (Arc::clone(consumer), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let partitions = c
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>())
+            .unwrap_or_default();
+        partitions
+            .into_iter()
+            .filter_map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok().map(|(_, high)| (p, high)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// Publishes `speed_partition_lag_records{partition}` and
 /// `speed_event_age_seconds` every `every` until `shutdown`.
 pub async fn watch(brokers: String, topic: String, pool: PgPool, every: Duration, shutdown: CancellationToken) {
-    let consumer: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", &brokers).create() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "lag metrics disabled: cannot create a metadata client");
-            return;
-        }
-    };
-    let consumer = std::sync::Arc::new(consumer);
+    let Some(consumer) = metadata_client(&brokers, "lag metrics") else { return };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -39,20 +62,7 @@ pub async fn watch(brokers: String, topic: String, pool: PgPool, every: Duration
         if let Some(newest) = stored.iter().filter_map(|(_, _, t)| *t).max() {
             metrics::gauge!("speed_event_age_seconds").set((Utc::now() - newest).num_milliseconds() as f64 / 1000.0);
         }
-        let c = std::sync::Arc::clone(&consumer);
-        let topic = topic.clone();
-        let ends = tokio::task::spawn_blocking(move || {
-            let partitions = c
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<_>>())
-                .unwrap_or_default();
-            partitions
-                .into_iter()
-                .filter_map(|p| c.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok().map(|(_, high)| (p, high)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let ends = topic_ends(&consumer, &topic).await;
         for (p, high) in ends {
             let next = stored.iter().find(|(sp, _, _)| *sp == p).map_or(0, |(_, n, _)| *n);
             metrics::gauge!("speed_partition_lag_records", "partition" => p.to_string())
