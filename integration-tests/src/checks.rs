@@ -45,13 +45,7 @@ pub fn merged(truths: &[&Truth]) -> DemandMap {
     let mut out = DemandMap::new();
     for t in truths {
         for (k, d) in t.demand_map() {
-            let e = out.entry(k).or_default();
-            e.views += d.views;
-            e.cart_adds += d.cart_adds;
-            e.cart_removes += d.cart_removes;
-            e.purchases += d.purchases;
-            e.units += d.units;
-            e.revenue_cents += d.revenue_cents;
+            *out.entry(k).or_default() += d;
         }
     }
     out
@@ -74,15 +68,20 @@ pub fn assert_demand_eq(actual: &DemandMap, expected: &DemandMap, what: &str) {
     );
 }
 
+/// Records the speed layer has committed: its stored next offsets, summed.
+pub async fn speed_consumed(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Waits until the speed layer's stored offsets add up to `total` records
 /// (two minutes at most).
 pub async fn wait_for_speed(pool: &PgPool, total: i64) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let n = speed_consumed(pool).await;
         if n == total {
             return;
         }

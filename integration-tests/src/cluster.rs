@@ -10,12 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use crate::fixture::binary;
+use crate::fixture::{binary, free_port};
 use crate::serving::get;
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
-}
 
 /// Two free ports in a row (an executor takes `port` and `port + 1`).
 fn free_port_pair() -> anyhow::Result<u16> {

@@ -98,7 +98,8 @@ impl Stack {
     }
 
     pub fn topics(&self) -> anyhow::Result<Vec<String>> {
-        let md = self.metadata_consumer()?.fetch_metadata(None, Duration::from_secs(10))?;
+        let consumer = self.metadata_consumer()?;
+        let md = ask_again_while_busy(|| consumer.fetch_metadata(None, Duration::from_secs(10)))?;
         Ok(md.topics().iter().map(|t| t.name().to_string()).collect())
     }
 
@@ -107,16 +108,36 @@ impl Stack {
         let consumer = self.metadata_consumer()?;
         let mut total = 0;
         for p in 0..self.partitions(topic)? {
-            let (low, high) = consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(10))?;
+            let (low, high) =
+                ask_again_while_busy(|| consumer.fetch_watermarks(topic, p as i32, Duration::from_secs(10)))?;
             total += high - low;
         }
         Ok(total)
     }
 
     pub fn partitions(&self, topic: &str) -> anyhow::Result<usize> {
-        let md = self.metadata_consumer()?.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let consumer = self.metadata_consumer()?;
+        let md = ask_again_while_busy(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))?;
         Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
     }
+}
+
+/// A busy local broker may time a metadata request out while the whole
+/// suite runs against it: ask again, for up to a minute.
+fn ask_again_while_busy<T>(mut ask: impl FnMut() -> rdkafka::error::KafkaResult<T>) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match ask() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() < deadline => eprintln!("broker metadata: {e}; asking again"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
 /// Path of a workspace binary (`batch-layer`, `speed-layer`, ...), built

@@ -160,6 +160,17 @@ impl Demand {
     }
 }
 
+impl std::ops::AddAssign for Demand {
+    fn add_assign(&mut self, d: Demand) {
+        self.views += d.views;
+        self.cart_adds += d.cart_adds;
+        self.cart_removes += d.cart_removes;
+        self.purchases += d.purchases;
+        self.units += d.units;
+        self.revenue_cents += d.revenue_cents;
+    }
+}
+
 impl Truth {
     /// The expected demand keyed by (hour, product).
     pub fn demand_map(&self) -> BTreeMap<(DateTime<Utc>, String), Demand> {

@@ -8,7 +8,7 @@
 //! tansu in `$LAMBDA_CACHE/tools/bin` (`scripts/stack.sh tools` installs
 //! both). As root, PostgreSQL runs as the `postgres` user.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -21,6 +21,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
+
+use crate::fixture::free_port;
 
 /// A private PostgreSQL and tansu broker; see the module docs.
 #[derive(Debug)]
@@ -258,10 +260,6 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
         .collect();
     found.sort();
     found.pop().map(|(_, bin)| bin).context("no PostgreSQL server under /usr/lib/postgresql/*/bin")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
 fn is_root() -> bool {

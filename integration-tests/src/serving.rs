@@ -287,6 +287,22 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
 }
 
 /// Waits until the server at `addr` answers `/readyz` with 200 (30 s at most).
+/// Starts the `serving-layer serve` binary on a free port against
+/// `database_url` and waits until it is ready; it is killed when dropped.
+pub async fn serve_binary(database_url: &str) -> (SocketAddr, tokio::process::Child) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], crate::fixture::free_port().expect("a free port")));
+    let child = tokio::process::Command::new(crate::fixture::binary("serving-layer"))
+        .args(["serve", "--addr", &addr.to_string()])
+        .env("DATABASE_URL", database_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting serving-layer serve");
+    wait_ready(addr).await;
+    (addr, child)
+}
+
 pub async fn wait_ready(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {

@@ -18,7 +18,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use datafusion::prelude::SessionContext;
-use integration_tests::checks::{DemandMap, assert_demand_eq, serving_demand};
+use integration_tests::checks::{DemandMap, assert_demand_eq, serving_demand, speed_consumed};
 use integration_tests::fixture::{Stack, binary};
 use integration_tests::generator::Demand;
 use integration_tests::shop::{Shop, ShopConfig};
@@ -30,7 +30,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use shared_schema::event::MAX_RECORD_BYTES;
 use shared_schema::{Event, RejectReason};
-use sqlx::PgPool;
 
 /// Size of the oversized record made at test time (the corpus holds one a
 /// single byte over the limit; this one is far over it).
@@ -135,13 +134,7 @@ fn demand_of(bytes: &[u8]) -> (String, (DateTime<Utc>, String), Demand) {
 }
 
 fn add(map: &mut DemandMap, key: (DateTime<Utc>, String), d: Demand) {
-    let e = map.entry(key).or_default();
-    e.views += d.views;
-    e.cart_adds += d.cart_adds;
-    e.cart_removes += d.cart_removes;
-    e.purchases += d.purchases;
-    e.units += d.units;
-    e.revenue_cents += d.revenue_cents;
+    *map.entry(key).or_default() += d;
 }
 
 #[test]
@@ -275,13 +268,6 @@ async fn lake_event_ids(lake: &Lake) -> (BTreeSet<String>, usize) {
         rows += b.num_rows();
     }
     (ids, rows)
-}
-
-async fn consumed(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-        .fetch_one(pool)
-        .await
-        .unwrap()
 }
 
 fn log_tail(path: &Path) -> String {
@@ -443,7 +429,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let n = consumed(&pool).await;
+        let n = speed_consumed(&pool).await;
         if n >= total {
             assert_eq!(n, total, "the speed layer went past the end of the topic");
             break;

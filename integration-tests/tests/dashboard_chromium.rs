@@ -7,12 +7,11 @@
 //! Without Chromium the test fails and says how to install it: a dashboard
 //! test that silently passes would prove nothing.
 
-use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::fixture::{Stack, binary};
-use integration_tests::serving::{get, seed_dashboard};
+use integration_tests::fixture::Stack;
+use integration_tests::serving::{seed_dashboard, serve_binary};
 
 fn chromium() -> std::path::PathBuf {
     for candidate in ["chromium", "chromium-browser"] {
@@ -87,21 +86,7 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     platform::db::prepare(&pool, None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let _server = tokio::process::Command::new(binary("serving-layer"))
-        .args(["serve", "--addr", &addr.to_string()])
-        .env("DATABASE_URL", &url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/readyz").await.map(|a| a.status).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "serving-layer serve did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (addr, _server) = serve_binary(&url).await;
 
     let dom = dump_dom(&format!("http://{addr}/"), 5000).await;
     println!("rendered with {}", browser.display());

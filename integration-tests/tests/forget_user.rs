@@ -14,6 +14,7 @@ use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::file::statistics::Statistics;
+use integration_tests::checks::speed_consumed;
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args};
 use platform::forgotten::ForgetKey;
@@ -170,24 +171,10 @@ async fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload
     producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
 }
 
-async fn consumed(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 async fn wait_for_speed(stack: &Stack, topic: &str, pool: &PgPool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    // A busy broker may time a metadata request out: ask again.
-    let total = loop {
-        match stack.topic_size(topic) {
-            Ok(n) => break n,
-            Err(e) if tokio::time::Instant::now() < deadline => eprintln!("topic size: {e}; retrying"),
-            Err(e) => panic!("topic size of {topic}: {e}"),
-        }
-    };
-    while consumed(pool).await < total {
+    let total = stack.topic_size(topic).unwrap_or_else(|e| panic!("topic size of {topic}: {e}"));
+    while speed_consumed(pool).await < total {
         assert!(tokio::time::Instant::now() < deadline, "speed layer stuck below {total} offsets");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

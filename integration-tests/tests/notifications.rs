@@ -151,10 +151,7 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let consumed: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let consumed = integration_tests::checks::speed_consumed(&pool).await;
         let kinds = hook.kinds();
         if consumed == total && kinds.iter().any(|k| k == "speed_caught_up") {
             break;

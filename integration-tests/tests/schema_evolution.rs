@@ -61,18 +61,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
         SpeedConfig { max_batch: 1_000, ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url) },
         shutdown.clone(),
     ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let consumed: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if consumed == 40 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "speed layer at {consumed} of 40");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    integration_tests::checks::wait_for_speed(&pool, 40).await;
     shutdown.cancel();
     speed.await.unwrap().unwrap();
     let speed_units: i64 = sqlx::query_scalar(

@@ -366,10 +366,6 @@ async fn import_errors_are_one_line_and_keep_the_current_model() {
     assert_eq!(still, [("v1".to_string(), "p-5".to_string())]);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
     page.lines().find(|l| l.starts_with(name_and_labels)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
@@ -377,16 +373,7 @@ fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn the_binary_serves_metrics_health_and_stops_gracefully_on_sigterm() {
     let (url, _pool) = prepared("serving_binary").await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = tokio::process::Command::new(binary("serving-layer"))
-        .args(["serve", "--addr", &addr.to_string()])
-        .env("DATABASE_URL", &url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_ready(addr).await;
+    let (addr, mut child) = serving::serve_binary(&url).await;
     assert_eq!(get(addr, "/healthz").await.unwrap().status, 200);
     for _ in 0..3 {
         recommend(addr, "u-1", 3).await;

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use integration_tests::checks::{assert_demand_eq, serving_demand};
+use integration_tests::checks::{assert_demand_eq, serving_demand, speed_consumed};
 use integration_tests::fixture::{Stack, binary};
 use integration_tests::generator::{self, Args, Truth};
 use rand::{Rng, SeedableRng};
@@ -22,17 +22,10 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
     Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
 }
 
-async fn consumed(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 async fn wait_for_offsets(pool: &PgPool, total: i64, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let n = consumed(pool).await;
+        let n = speed_consumed(pool).await;
         if n >= total {
             assert_eq!(n, total, "the speed layer went past the end of the topic");
             return;
@@ -159,7 +152,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
         // committed past the previous instance.
         let mut child = spawn(incarnation);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        while consumed(&pool).await <= last {
+        while speed_consumed(&pool).await <= last {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "a restarted instance made no progress; its log:\n{}",
@@ -170,7 +163,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         child.start_kill().unwrap();
         child.wait().await.unwrap();
-        last = consumed(&pool).await;
+        last = speed_consumed(&pool).await;
         progress.push(last);
     }
     eprintln!("offsets committed after each kill: {progress:?} of {total}");
