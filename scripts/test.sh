@@ -44,4 +44,7 @@ step "lints (clippy -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (nextest)"
+# The target directory is shared between clones (see the Makefile), so a
+# test binary may have been built in another clone: snapshots are this one's.
+export INSTA_WORKSPACE_ROOT=$ROOT
 cargo nextest run --workspace --locked --no-fail-fast

@@ -39,7 +39,10 @@ const LARGE_RECORD_BYTES: usize = 256 * 1024;
 const PARTITIONS: i32 = 3;
 
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
+    // At run time (cargo and nextest set it): the target directory is shared
+    // between clones, so the binary may have been built in another one.
+    let crate_dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    Path::new(&crate_dir).join("corpus")
 }
 
 /// A corpus record: its file name, its bytes, and the reason it must be
