@@ -153,7 +153,8 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     loop {
         let consumed = integration_tests::checks::speed_consumed(&pool).await;
         let kinds = hook.kinds();
-        if consumed == total && kinds.iter().any(|k| k == "speed_caught_up") {
+        let last_lag_state = kinds.iter().rev().find(|k| *k == "speed_lagging" || *k == "speed_caught_up");
+        if consumed == total && last_lag_state.map(String::as_str) == Some("speed_caught_up") {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "consumed {consumed} of {total}; notified {kinds:?}");
@@ -163,9 +164,20 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     speed.await.unwrap().unwrap();
 
     let kinds = hook.kinds();
-    for k in ["speed_lagging", "dlq_rate_high", "speed_caught_up"] {
-        assert_eq!(kinds.iter().filter(|x| *x == k).count(), 1, "{k} exactly once in {kinds:?}");
+    // Once per change of state: lagging and caught-up alternate, starting
+    // lagging and ending caught up (a loaded machine may legitimately fall
+    // behind twice; a repeat without a change between would be spam).
+    let lag_states: Vec<&str> =
+        kinds.iter().map(String::as_str).filter(|k| *k == "speed_lagging" || *k == "speed_caught_up").collect();
+    assert!(!lag_states.is_empty(), "{kinds:?}");
+    for (i, k) in lag_states.iter().enumerate() {
+        let expected = if i % 2 == 0 { "speed_lagging" } else { "speed_caught_up" };
+        assert_eq!(*k, expected, "lag alerts must alternate: {kinds:?}");
     }
+    assert_eq!(lag_states.last(), Some(&"speed_caught_up"), "{kinds:?}");
+    // A fifth of the records are bad throughout, so the rate never drops
+    // back below the threshold: one crossing, one notification.
+    assert_eq!(kinds.iter().filter(|k| *k == "dlq_rate_high").count(), 1, "{kinds:?}");
     assert!(!kinds.iter().any(|k| k == "speed_stalled"), "{kinds:?}");
     let lagging = hook.body("speed_lagging").unwrap();
     assert!(lagging["details"]["lag"].as_i64().unwrap() > 10, "{lagging}");
