@@ -34,9 +34,9 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 command -v wrk >/dev/null || die "wrk is missing: scripts/stack.sh tools installs it"
 psql "$PG_SERVER/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1 || die "PostgreSQL does not answer at $PG_SERVER: make up"
 
-say "building serving-layer"
-cargo build --quiet -p serving-layer --bins
-BIN=$CARGO_TARGET_DIR/debug/serving-layer
+say "building serving-layer (release profile, as it runs in production)"
+cargo build --quiet --release --locked -p serving-layer --bin serving-layer
+BIN=$RELEASE/serving-layer
 
 say "database $DB: $USERS users, $PRODUCTS products"
 psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
@@ -130,7 +130,7 @@ section=$(cat <<MD
 \`make bench-serving\` ($when, commit $rev): \`GET /api/recommendations/{user_id}?k=10\`
 for a random one of $USERS users (10 products each in \`user_product_state\`,
 $PRODUCTS products with 20 similar ones each), through \`serving-layer serve\`
-(dev profile, as \`make up\` builds it) and PostgreSQL, wrk on the same
+(release profile) and PostgreSQL, wrk on the same
 machine: $cores cores ($cpu), shared by wrk, the server and PostgreSQL;
 load average $load when the runs ended (other work on the machine
 inflates the tail).

@@ -174,3 +174,30 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     child.wait().await.unwrap();
     assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
 }
+
+/// Mistakes on `speed-layer run`'s command line get one line naming the
+/// flag and how to fix it, before anything is connected.
+#[test]
+fn command_line_mistakes_get_one_line_naming_the_fix() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--max-batch", "0"], "--max-batch must be at least 1"),
+        (&["--flush-interval", "0s"], "--flush-interval must be positive, e.g. 200ms"),
+        (&["--fetch-wait", "0s"], "--fetch-wait must be from 1ms to 300s, e.g. 50ms"),
+        (&["--dlq-rate-threshold", "1.5"], "--dlq-rate-threshold must be between 0 and 1, got 1.5"),
+    ];
+    for (args, expected) in cases {
+        let out = std::process::Command::new(binary("speed-layer"))
+            .arg("run")
+            .args(args)
+            // Nothing listens there: a mistake must be reported before any connection.
+            .env("KAFKA_BROKERS", "127.0.0.1:9")
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:9/none")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines, [format!("error: {expected}")], "{args:?}");
+    }
+}

@@ -40,6 +40,10 @@ pub enum Command {
         /// Flush as soon as this many records are buffered.
         #[arg(long, env = "SPEED_MAX_BATCH", default_value_t = 50_000)]
         max_batch: usize,
+        /// Longest a fetch waits at the broker for new records (Kafka's
+        /// fetch.wait.max.ms): lower is fresher, at one request per wait while idle.
+        #[arg(long, env = "SPEED_FETCH_WAIT", default_value = "50ms", value_parser = humantime::parse_duration)]
+        fetch_wait: Duration,
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, env = "SPEED_OPS_ADDR", default_value = "127.0.0.1:9101")]
         ops_addr: SocketAddr,
@@ -79,6 +83,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url,
             flush_interval,
             max_batch,
+            fetch_wait,
             ops_addr,
             assignment,
             forget_key,
@@ -101,6 +106,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
             }
+            if fetch_wait.is_zero() || fetch_wait > Duration::from_secs(300) {
+                anyhow::bail!("--fetch-wait must be from 1ms to 300s, e.g. 50ms");
+            }
             if flush_interval.is_zero() {
                 anyhow::bail!("--flush-interval must be positive, e.g. 200ms");
             }
@@ -112,6 +120,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 database_url,
                 flush_interval,
                 max_batch,
+                fetch_wait,
                 ops_addr,
                 assignment,
                 forget_key: platform::forgotten::ForgetKey::optional(forget_key.as_deref())?,

@@ -43,6 +43,10 @@ pub struct SpeedConfig {
     pub flush_interval: Duration,
     /// Flush as soon as this many records are buffered.
     pub max_batch: usize,
+    /// The longest a fetch waits at the broker for new records
+    /// (`fetch.wait.max.ms`): an upper bound on how late an idle consumer
+    /// hears of a record, paid for with one fetch request per wait.
+    pub fetch_wait: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (port 0: any).
     pub ops_addr: SocketAddr,
     /// How partitions are shared out.
@@ -67,6 +71,7 @@ impl SpeedConfig {
             database_url: database_url.to_string(),
             flush_interval: Duration::from_millis(100),
             max_batch: 5_000,
+            fetch_wait: DEFAULT_FETCH_WAIT,
             ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             assignment: Assignment::All,
             forget_key: None,
@@ -74,6 +79,12 @@ impl SpeedConfig {
         }
     }
 }
+
+/// `fetch.wait.max.ms` unless configured. tansu 0.6 answers every fetch
+/// only after this long (it sleeps out the wait even when it has records);
+/// 10 ms and 50 ms measured the same within the noise there
+/// (docs/BENCHMARKS.md), and 50 ms costs a fifth of the idle requests.
+pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(50);
 
 /// How often the forgotten users are re-read.
 const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
@@ -156,7 +167,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         .set("max.poll.interval.ms", "30000")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().max(1).to_string())
         .create_with_context(Context(Arc::clone(&log)))
         .map_err(kafka)?;
     match config.assignment {
@@ -223,7 +234,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         state.apply_rebalances();
         let due = state.first_at.is_some_and(|t| t.elapsed() >= config.flush_interval);
         if !state.buffer.is_empty() && (due || state.buffer.len() >= config.max_batch || shutdown.is_cancelled()) {
-            state.flush(&shutdown).await;
+            state.flush_while_receiving(&consumer, &shutdown).await;
         }
         if shutdown.is_cancelled() {
             break;
@@ -240,7 +251,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
                     tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Ok(m)) => state.accept(m.partition(), m.offset(), m.key(), m.payload()).await,
+                Ok(Ok(m)) => state.accept(m.partition(), m.offset(), m.key(), m.payload(), Instant::now()).await,
             }
         }
     }
@@ -252,6 +263,15 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     notifier.flush(Duration::from_secs(5)).await;
     let _ = ops_task.await;
     Ok(())
+}
+
+/// A record received while a flush ran, accepted after it.
+struct Held {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    at: Instant,
 }
 
 struct Loop<'a> {
@@ -277,10 +297,10 @@ impl Loop<'_> {
     /// Forgets the position and the buffered records of every partition
     /// assigned or revoked since the last look: records of an earlier
     /// assignment are re-read from the offset PostgreSQL holds.
-    fn apply_rebalances(&mut self) {
+    fn apply_rebalances(&mut self) -> std::collections::BTreeSet<i32> {
         let changed = std::mem::take(&mut *self.rebalances.0.lock().unwrap_or_else(|p| p.into_inner()));
         if changed.is_empty() {
-            return;
+            return changed;
         }
         for p in &changed {
             self.positions.remove(p);
@@ -297,9 +317,50 @@ impl Loop<'_> {
                 "rebalance: buffered records will be re-read"
             );
         }
+        changed
     }
 
-    async fn accept(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>) {
+    /// Flushes the buffer while the consumer goes on receiving, so records
+    /// that arrive during a flush wait only for their own micro-batch, not
+    /// for the previous one's commit too. What arrives is held (at most a
+    /// micro-batch of it: a flush retrying against a dead database stops
+    /// the reading) and accepted once the flush is over, when the positions
+    /// it leaves are known; records of partitions reassigned meanwhile are
+    /// dropped and re-read from the offset PostgreSQL holds.
+    async fn flush_while_receiving(&mut self, consumer: &StreamConsumer<Context>, shutdown: &CancellationToken) {
+        let max_held = self.config.max_batch;
+        let mut held: Vec<Held> = Vec::new();
+        {
+            let flush = self.flush(shutdown);
+            tokio::pin!(flush);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut flush => break,
+                    received = consumer.recv(), if held.len() < max_held && !shutdown.is_cancelled() => match received {
+                        Ok(m) => held.push(Held {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            at: Instant::now(),
+                        }),
+                        Err(e) => tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries"),
+                    },
+                }
+            }
+        }
+        let changed = self.apply_rebalances();
+        for h in held {
+            if !changed.contains(&h.partition) {
+                self.accept(h.partition, h.offset, h.key.as_deref(), h.payload.as_deref(), h.at).await;
+            }
+        }
+    }
+
+    /// Buffers the record if it is the next of its partition; `at` is when
+    /// it was received (a micro-batch's age counts from its first record's).
+    async fn accept(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>, at: Instant) {
         // A rebalance callback may have run while this record was fetched.
         self.apply_rebalances();
         let expected = match self.positions.get(&partition) {
@@ -332,7 +393,7 @@ impl Loop<'_> {
         metrics::counter!("speed_records_total").increment(1);
         metrics::counter!("speed_bytes_total").increment(payload.len() as u64);
         self.buffer.push(Buffered { partition, offset, key: key.map(<[u8]>::to_vec), payload: payload.to_vec() });
-        self.first_at.get_or_insert_with(Instant::now);
+        self.first_at.get_or_insert(at);
     }
 
     fn seek(&self, partition: i32, offset: i64) {
