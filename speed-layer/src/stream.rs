@@ -144,6 +144,18 @@ struct Buffered {
     payload: Vec<u8>,
 }
 
+impl Buffered {
+    /// A copy of `m` (an absent payload is empty, and rejected as such).
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        }
+    }
+}
+
 /// Runs until `shutdown`; flushes what it holds before returning.
 pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(), SpeedError> {
     let kafka = |source: KafkaError| SpeedError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) };
@@ -234,9 +246,10 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         state.apply_rebalances();
         let due = state.first_at.is_some_and(|t| t.elapsed() >= config.flush_interval);
         if !state.buffer.is_empty() && (due || state.buffer.len() >= config.max_batch || shutdown.is_cancelled()) {
-            state.flush_while_receiving(&consumer, &shutdown).await;
+            state.flush_while_receiving(&shutdown).await;
         }
-        if shutdown.is_cancelled() {
+        // What was read during a last flush is flushed before stopping.
+        if shutdown.is_cancelled() && state.buffer.is_empty() {
             break;
         }
         let wait = match state.first_at {
@@ -251,7 +264,9 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
                     tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Ok(m)) => state.accept(m.partition(), m.offset(), m.key(), m.payload(), Instant::now()).await,
+                Ok(Ok(m)) => {
+                    state.accept(Buffered::of(&m), Instant::now()).await;
+                }
             }
         }
     }
@@ -267,11 +282,18 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
 
 /// A record received while a flush ran, accepted after it.
 struct Held {
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+    record: Buffered,
     at: Instant,
+}
+
+/// What [`Loop::accept`] did with a record.
+#[derive(Debug, PartialEq, Eq)]
+enum Accepted {
+    Buffered,
+    /// Already counted.
+    Behind,
+    /// Not the next record: the partition is read again from its position.
+    SoughtBack,
 }
 
 struct Loop<'a> {
@@ -297,7 +319,8 @@ impl Loop<'_> {
     /// Forgets the position and the buffered records of every partition
     /// assigned or revoked since the last look: records of an earlier
     /// assignment are re-read from the offset PostgreSQL holds.
-    fn apply_rebalances(&mut self) -> std::collections::BTreeSet<i32> {
+    /// Returns the partitions that changed.
+    fn apply_rebalances(&mut self) -> BTreeSet<i32> {
         let changed = std::mem::take(&mut *self.rebalances.0.lock().unwrap_or_else(|p| p.into_inner()));
         if changed.is_empty() {
             return changed;
@@ -322,14 +345,18 @@ impl Loop<'_> {
 
     /// Flushes the buffer while the consumer goes on receiving, so records
     /// that arrive during a flush wait only for their own micro-batch, not
-    /// for the previous one's commit too. What arrives is held (at most a
-    /// micro-batch of it: a flush retrying against a dead database stops
-    /// the reading) and accepted once the flush is over, when the positions
-    /// it leaves are known; records of partitions reassigned meanwhile are
-    /// dropped and re-read from the offset PostgreSQL holds.
-    async fn flush_while_receiving(&mut self, consumer: &StreamConsumer<Context>, shutdown: &CancellationToken) {
+    /// for the previous one's commit too. What arrives is held and accepted
+    /// once the flush is over, when the positions it leaves are known: at
+    /// most a micro-batch of it (a flush retrying against a dead database
+    /// stops the reading; memory peaks at about twice `max_batch`), nothing
+    /// after shutdown began or after a consumer error. Records of partitions
+    /// reassigned meanwhile are dropped and re-read from the offset
+    /// PostgreSQL holds.
+    async fn flush_while_receiving(&mut self, shutdown: &CancellationToken) {
+        let consumer = self.consumer;
         let max_held = self.config.max_batch;
         let mut held: Vec<Held> = Vec::new();
+        let mut receiving = true;
         {
             let flush = self.flush(shutdown);
             tokio::pin!(flush);
@@ -337,30 +364,62 @@ impl Loop<'_> {
                 tokio::select! {
                     biased;
                     () = &mut flush => break,
-                    received = consumer.recv(), if held.len() < max_held && !shutdown.is_cancelled() => match received {
-                        Ok(m) => held.push(Held {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(<[u8]>::to_vec),
-                            payload: m.payload().map(<[u8]>::to_vec),
-                            at: Instant::now(),
-                        }),
-                        Err(e) => tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries"),
-                    },
+                    received = consumer.recv(), if receiving && held.len() < max_held && !shutdown.is_cancelled() => {
+                        match received {
+                            Ok(m) => held.push(Held { record: Buffered::of(&m), at: Instant::now() }),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
+                                receiving = false;
+                            }
+                        }
+                    }
                 }
             }
         }
         let changed = self.apply_rebalances();
-        for h in held {
-            if !changed.contains(&h.partition) {
-                self.accept(h.partition, h.offset, h.key.as_deref(), h.payload.as_deref(), h.at).await;
+        held.retain(|h| !changed.contains(&h.record.partition));
+        // Positions unknown after a fenced flush or for a partition first
+        // seen now: loaded at once, not once per held record.
+        let unknown: Vec<i32> = held
+            .iter()
+            .map(|h| h.record.partition)
+            .filter(|p| !self.positions.contains_key(p))
+            .collect::<BTreeSet<i32>>()
+            .into_iter()
+            .collect();
+        if !unknown.is_empty() {
+            match offsets::load(self.pool, &unknown).await {
+                Ok(loaded) => {
+                    for p in &unknown {
+                        self.positions.insert(*p, loaded.get(p).copied().unwrap_or(0));
+                    }
+                }
+                Err(e) => {
+                    // Read those partitions again from their first held record.
+                    tracing::warn!(error = %e, partitions = ?unknown, "cannot load the stored offsets; re-reading");
+                    for p in &unknown {
+                        if let Some(first) = held.iter().find(|h| h.record.partition == *p) {
+                            self.seek(*p, first.record.offset);
+                        }
+                    }
+                    held.retain(|h| !unknown.contains(&h.record.partition));
+                }
+            }
+        }
+        // Once a partition is sought back, its later held records come again.
+        let mut sought = BTreeSet::new();
+        for Held { record, at } in held {
+            let partition = record.partition;
+            if !sought.contains(&partition) && self.accept(record, at).await == Accepted::SoughtBack {
+                sought.insert(partition);
             }
         }
     }
 
     /// Buffers the record if it is the next of its partition; `at` is when
     /// it was received (a micro-batch's age counts from its first record's).
-    async fn accept(&mut self, partition: i32, offset: i64, key: Option<&[u8]>, payload: Option<&[u8]>, at: Instant) {
+    async fn accept(&mut self, record: Buffered, at: Instant) -> Accepted {
+        let (partition, offset) = (record.partition, record.offset);
         // A rebalance callback may have run while this record was fetched.
         self.apply_rebalances();
         let expected = match self.positions.get(&partition) {
@@ -376,24 +435,24 @@ impl Loop<'_> {
                     tracing::warn!(error = %e, partition, "cannot load the stored offset; retrying");
                     self.seek(partition, offset);
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    return;
+                    return Accepted::SoughtBack;
                 }
             },
         };
         if offset < expected {
-            return; // already counted (replay after a seek or rebalance)
+            return Accepted::Behind; // already counted (replay after a seek or rebalance)
         }
         if offset > expected {
             // The broker started past what PostgreSQL holds: go back.
             self.seek(partition, expected);
-            return;
+            return Accepted::SoughtBack;
         }
         self.positions.insert(partition, offset + 1);
-        let payload = payload.unwrap_or_default();
         metrics::counter!("speed_records_total").increment(1);
-        metrics::counter!("speed_bytes_total").increment(payload.len() as u64);
-        self.buffer.push(Buffered { partition, offset, key: key.map(<[u8]>::to_vec), payload: payload.to_vec() });
+        metrics::counter!("speed_bytes_total").increment(record.payload.len() as u64);
+        self.buffer.push(record);
         self.first_at.get_or_insert(at);
+        Accepted::Buffered
     }
 
     fn seek(&self, partition: i32, offset: i64) {
