@@ -17,3 +17,9 @@ build_release bench_speed
 
 step "benchmark"
 "$RELEASE/bench_speed" "$@"
+
+# The pre-loaded topic stays (later runs reuse it), so the local broker is
+# now large; the test suite wants a fresh one.
+if [ -f .local/tansu/tansu.db ]; then
+    echo "note: the local broker now holds $(du -h .local/tansu/tansu.db | cut -f1); run \`make clean\` before \`make test\`"
+fi
