@@ -175,6 +175,65 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
 }
 
+/// SIGTERM makes the binary flush what it holds and exit cleanly: with a
+/// flush interval of an hour and no size limit reached, every record is
+/// still buffered when the signal comes, and committed exactly once after.
+#[tokio::test]
+async fn sigterm_flushes_what_is_buffered_and_exits_cleanly() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("speed_sigterm", 2).await.unwrap();
+    let dlq = stack.fresh_topic("speed_sigterm_dlq", 1).await.unwrap();
+    let (url, pool) = stack.fresh_database("speed_sigterm").await.unwrap();
+    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let truth = generator::run(generator_args(&stack, &topic, 23, 1, 1.0, 0.05)).await.unwrap();
+    let total = truth.events_sent + truth.bad_sent;
+    let port = integration_tests::fixture::free_port().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("speed-layer.log");
+    let mut child = tokio::process::Command::new(binary("speed-layer"))
+        .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
+        .args(["--assignment", "all", "--flush-interval", "1h", "--max-batch", "10000000"])
+        .args(["--ops-addr", &format!("127.0.0.1:{port}")])
+        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Every record read (and buffered, not yet committed).
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let read = match integration_tests::serving::get(addr, "/metrics").await {
+            Ok(a) => a
+                .body
+                .lines()
+                .find_map(|l| l.strip_prefix("speed_records_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as u64,
+            Err(_) => 0,
+        };
+        if read == total {
+            break;
+        }
+        assert!(read < total, "read {read} records, the topic holds {total}");
+        assert!(tokio::time::Instant::now() < deadline, "read {read} of {total}; log:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(speed_consumed(&pool).await, 0, "nothing is committed before the hour is up");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status =
+        tokio::time::timeout(Duration::from_secs(60), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    assert!(status.success(), "exit status {status}; log:\n{}", log());
+    assert!(log().contains("speed layer stopped cleanly"), "{}", log());
+    assert_eq!(speed_consumed(&pool).await, total as i64, "every record committed on the way out");
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
+}
+
 /// Mistakes on `speed-layer run`'s command line get one line naming the
 /// flag and how to fix it, before anything is connected.
 #[test]
