@@ -25,7 +25,8 @@ use async_trait::async_trait;
 use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use ballista_core::serde::BallistaLogicalExtensionCodec;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DFSchema, ScalarValue, TableReference};
+use datafusion::common::stats::Precision;
+use datafusion::common::{DFSchema, ScalarValue, Statistics, TableReference};
 use datafusion::config::TableParquetOptions;
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
@@ -180,6 +181,45 @@ struct LakeFile {
     size: u64,
     /// In the order of [`LakeFiles::partition_columns`]; `None` is null.
     partition_values: Vec<Option<String>>,
+    /// Rows, from the Delta log's statistics when it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rows: Option<u64>,
+    /// Per integer column of the file, its smallest and largest value, from
+    /// the log's statistics: lets a scan skip the file without opening it
+    /// (an incremental run reads a few Kafka offset ranges). Integers only:
+    /// the log truncates timestamps and strings, so their bounds are not
+    /// exact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bounds: Vec<Bounds>,
+}
+
+/// An integer column's smallest and largest value in one file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Bounds {
+    column: String,
+    min: i64,
+    max: i64,
+}
+
+/// The row count and the integer columns' bounds of a Delta `add` action's
+/// statistics (`{"numRecords":…,"minValues":{…},"maxValues":{…}}`), for the
+/// top-level integer columns of `schema`. Anything unreadable is left out.
+fn file_bounds(stats: Option<&str>, schema: &Schema) -> (Option<u64>, Vec<Bounds>) {
+    let Some(stats) = stats.and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()) else {
+        return (None, Vec::new());
+    };
+    let rows = stats["numRecords"].as_u64();
+    let bounds = schema
+        .fields()
+        .iter()
+        .filter(|f| f.data_type().is_signed_integer())
+        .filter_map(|f| {
+            let min = stats["minValues"][f.name()].as_i64()?;
+            let max = stats["maxValues"][f.name()].as_i64()?;
+            Some(Bounds { column: f.name().clone(), min, max })
+        })
+        .collect();
+    (rows, bounds)
 }
 
 /// A Delta snapshot as a list of Parquet files: the table provider a
@@ -253,10 +293,13 @@ impl LakeFiles {
             let path = file_path(&root, &file.path(), file.object_store_path())
                 .map_err(|e| delta(deltalake::DeltaTableError::Generic(e)))?;
             let values = file.partition_values_map();
+            let (rows, bounds) = file_bounds(file.stats().as_deref(), &schema);
             files.push(LakeFile {
                 path: path.to_string(),
                 size: file.size() as u64,
                 partition_values: partition_columns.iter().map(|c| values.get(c).cloned().flatten()).collect(),
+                rows,
+                bounds,
             });
         }
         Ok(Self {
@@ -288,6 +331,27 @@ impl LakeFiles {
         Arc::new(Schema::new(fields))
     }
 
+    /// `file`'s statistics over [`Self::file_schema`] (DataFusion adds the
+    /// partition columns), when the log gave any and no partition value is
+    /// null (DataFusion takes partition values to be never null).
+    fn statistics(&self, file: &LakeFile, file_schema: &Schema) -> DfResult<Option<Statistics>> {
+        if (file.rows.is_none() && file.bounds.is_empty()) || file.partition_values.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let mut stats = Statistics::new_unknown(file_schema);
+        if let Some(rows) = file.rows {
+            stats.num_rows = Precision::Exact(rows as usize);
+        }
+        for b in &file.bounds {
+            let Ok(i) = file_schema.index_of(&b.column) else { continue };
+            let data_type = file_schema.field(i).data_type();
+            let column = &mut stats.column_statistics[i];
+            column.min_value = Precision::Exact(ScalarValue::Int64(Some(b.min)).cast_to(data_type)?);
+            column.max_value = Precision::Exact(ScalarValue::Int64(Some(b.max)).cast_to(data_type)?);
+        }
+        Ok(Some(stats))
+    }
+
     fn is_partition_filter(&self, expr: &Expr) -> bool {
         let columns = expr.column_refs();
         !columns.is_empty() && columns.iter().all(|c| self.partition_columns.contains(&c.name))
@@ -297,6 +361,7 @@ impl LakeFiles {
     /// filter (the others are applied by the scan and by DataFusion).
     fn pruned(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<PartitionedFile>> {
         let fields = self.partition_fields();
+        let file_schema = self.file_schema();
         let mut files = Vec::with_capacity(self.files.len());
         for f in &self.files {
             let values = f
@@ -308,7 +373,11 @@ impl LakeFiles {
                     None => ScalarValue::try_from(field.data_type()),
                 })
                 .collect::<DfResult<Vec<_>>>()?;
-            files.push(PartitionedFile::new(f.path.clone(), f.size).with_partition_values(values));
+            let mut file = PartitionedFile::new(f.path.clone(), f.size).with_partition_values(values);
+            if let Some(stats) = self.statistics(f, &file_schema)? {
+                file = file.with_statistics(Arc::new(stats));
+            }
+            files.push(file);
         }
         let Some(predicate) = conjunction(filters.iter().filter(|e| self.is_partition_filter(e)).cloned()) else {
             return Ok(files);
@@ -651,6 +720,8 @@ mod tests {
                 path: "lake/t/d=2026-11-26/a.parquet".into(),
                 size: 10,
                 partition_values: vec![None],
+                rows: Some(2),
+                bounds: vec![Bounds { column: "v".into(), min: -1, max: 7 }],
             }],
             table: "t".into(),
             version: 3,
@@ -665,5 +736,82 @@ mod tests {
         assert_eq!(back.files, files.files);
         assert_eq!(back.schema(), schema);
         assert_eq!(back.file_schema().fields().len(), 1);
+    }
+
+    #[test]
+    fn integer_bounds_and_rows_come_from_the_log_statistics() {
+        use arrow::datatypes::DataType;
+        let schema = Schema::new(vec![
+            Field::new("kafka_offset", DataType::Int64, false),
+            Field::new("kafka_partition", DataType::Int32, false),
+            Field::new("event_time", DataType::Utf8, false),
+            Field::new("no_stats", DataType::Int32, true),
+        ]);
+        let stats = r#"{"numRecords":3,"minValues":{"kafka_offset":100,"kafka_partition":2,"event_time":"a"},
+                        "maxValues":{"kafka_offset":199,"kafka_partition":2,"event_time":"z"},"nullCount":{}}"#;
+        let (rows, bounds) = file_bounds(Some(stats), &schema);
+        assert_eq!(rows, Some(3));
+        assert_eq!(
+            bounds,
+            [
+                Bounds { column: "kafka_offset".into(), min: 100, max: 199 },
+                Bounds { column: "kafka_partition".into(), min: 2, max: 2 },
+            ]
+        );
+        assert_eq!(file_bounds(None, &schema), (None, Vec::new()));
+        assert_eq!(file_bounds(Some("not json"), &schema), (None, Vec::new()));
+    }
+
+    /// A file whose logged bounds rule it out is never opened: here it does
+    /// not even exist, and the query still answers from the other file.
+    #[tokio::test]
+    async fn files_outside_the_filter_are_skipped_by_their_logged_bounds() {
+        use arrow::array::{Int64Array, RecordBatch};
+        use arrow::datatypes::DataType;
+        let dir = tempfile::tempdir().unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let real = dir.path().join("real.parquet");
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from_iter_values(10..20))]).unwrap();
+        let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&real).unwrap(),
+            schema.clone(),
+            None,
+        )
+        .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let path = |p: &std::path::Path| p.to_str().unwrap().trim_start_matches('/').to_string();
+        let file = |p: String, size: u64, min: i64, max: i64| LakeFile {
+            path: p,
+            size,
+            partition_values: vec![],
+            rows: Some(10),
+            bounds: vec![Bounds { column: "v".into(), min, max }],
+        };
+        let lake = LakeFiles {
+            schema: schema.clone(),
+            partition_columns: vec![],
+            store: "file://".into(),
+            files: vec![
+                file(path(&dir.path().join("missing.parquet")), 1000, 0, 9),
+                file(path(&real), std::fs::metadata(&real).unwrap().len(), 10, 19),
+            ],
+            table: "t".into(),
+            version: 1,
+        };
+        let ctx = SessionContext::new();
+        ctx.register_table("t", Arc::new(lake)).unwrap();
+        let count = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let batches = ctx.sql(sql).await?.collect().await?;
+                let n =
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(batches[0].column(0)).value(0);
+                Ok::<i64, DataFusionError>(n)
+            }
+        };
+        assert_eq!(count("SELECT count(*) FROM t WHERE v >= 12").await.unwrap(), 8);
+        // Without a filter that rules it out, the missing file is read (and fails).
+        assert!(count("SELECT count(*) FROM t WHERE v >= 5").await.is_err());
     }
 }
