@@ -13,6 +13,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
+/// [`Stack::fresh_stream`]'s topics and database.
+pub struct FreshStream {
+    pub topic: String,
+    pub dlq: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
 /// Where the local stack listens (env overrides as for the binaries).
 #[derive(Debug, Clone)]
 pub struct Stack {
@@ -91,6 +99,17 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("topic {name} did not appear with {partitions} partitions")))
+    }
+
+    /// What a test of the stream starts from: a fresh topic of `partitions`
+    /// for `test`, its DLQ topic, and a fresh database prepared with
+    /// segments of `segment_size` offsets.
+    pub async fn fresh_stream(&self, test: &str, partitions: i32, segment_size: i64) -> anyhow::Result<FreshStream> {
+        let topic = self.fresh_topic(test, partitions).await?;
+        let dlq = self.fresh_topic(&format!("{test}_dlq"), 1).await?;
+        let (url, pool) = self.fresh_database(test).await?;
+        platform::db::prepare(&pool, Some(segment_size)).await?;
+        Ok(FreshStream { topic, dlq, url, pool })
     }
 
     fn metadata_consumer(&self) -> anyhow::Result<BaseConsumer> {

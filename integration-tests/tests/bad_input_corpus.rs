@@ -19,7 +19,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
 use datafusion::prelude::SessionContext;
 use integration_tests::checks::{DemandMap, assert_demand_eq, serving_demand, speed_consumed};
-use integration_tests::fixture::{Stack, binary};
+use integration_tests::fixture::{FreshStream, Stack, binary};
 use integration_tests::generator::Demand;
 use integration_tests::shop::{Shop, ShopConfig};
 use rand::SeedableRng;
@@ -315,10 +315,7 @@ fn assert_every_bad_record_kept(what: &str, stored: &[Stored], sent: &BTreeMap<V
 #[tokio::test]
 async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_events_are_counted_exactly() {
     let stack = Stack::from_env();
-    let topic = stack.fresh_topic("bad_input_corpus", PARTITIONS).await.unwrap();
-    let dlq = stack.fresh_topic("bad_input_corpus_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("bad_input_corpus").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("bad_input_corpus", PARTITIONS, 100).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_path = dir.path().join("lake");
 

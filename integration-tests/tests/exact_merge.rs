@@ -11,7 +11,7 @@ use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, Utc};
 use integration_tests::checks::{assert_demand_eq, merged, serving_demand, wait_for_speed, watch_totals};
-use integration_tests::fixture::Stack;
+use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args, Truth};
 use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
@@ -38,10 +38,7 @@ async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>
 #[tokio::test]
 async fn batch_landing_changes_no_serving_number() {
     let stack = Stack::from_env();
-    let topic = stack.fresh_topic("exact_merge", 4).await.unwrap();
-    let dlq = stack.fresh_topic("exact_merge_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("exact_merge").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("exact_merge", 4, 100).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };

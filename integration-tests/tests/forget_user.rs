@@ -15,7 +15,7 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::file::statistics::Statistics;
 use integration_tests::checks::speed_consumed;
-use integration_tests::fixture::Stack;
+use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args};
 use platform::forgotten::ForgetKey;
 use rdkafka::ClientConfig;
@@ -193,11 +193,8 @@ async fn lake_count(lake: &Lake, condition: &str) -> i64 {
 #[tokio::test]
 async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     let stack = Stack::from_env();
-    let topic = stack.fresh_topic("forget_user", 2).await.unwrap();
-    let dlq = stack.fresh_topic("forget_user_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("forget_user").await.unwrap();
     // Small segments: the batch holds most offsets, the speed layer the rest.
-    platform::db::prepare(&pool, Some(10)).await.unwrap();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("forget_user", 2, 10).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let key = ForgetKey::new(KEY).unwrap();

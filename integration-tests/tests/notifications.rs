@@ -15,7 +15,7 @@ use axum::routing::post;
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
-use integration_tests::fixture::Stack;
+use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args};
 use serde_json::Value;
 use speed_layer::alerts::Alerts;
@@ -126,10 +126,7 @@ async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded(
 #[tokio::test]
 async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     let stack = Stack::from_env();
-    let topic = stack.fresh_topic("notify_speed", 2).await.unwrap();
-    let dlq = stack.fresh_topic("notify_speed_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("notify_speed").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("notify_speed", 2, 100).await.unwrap();
     let truth = generator::run(Args { bad_fraction: 0.2, ..Args::for_tests(&stack.brokers, &topic, 6) }).await.unwrap();
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let (webhook, hook) = receiver(1).await;

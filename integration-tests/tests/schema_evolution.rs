@@ -9,7 +9,7 @@ use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int64Type;
-use integration_tests::fixture::Stack;
+use integration_tests::fixture::{FreshStream, Stack};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use speed_layer::stream::{self, SpeedConfig};
@@ -38,10 +38,7 @@ fn event(version: i32, n: u32) -> String {
 #[tokio::test]
 async fn version_two_events_with_new_fields_flow_through_every_layer() {
     let stack = Stack::from_env();
-    let topic = stack.fresh_topic("schema_v2", 2).await.unwrap();
-    let dlq = stack.fresh_topic("schema_v2_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("schema_v2").await.unwrap();
-    platform::db::prepare(&pool, Some(10)).await.unwrap();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("schema_v2", 2, 10).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
