@@ -286,7 +286,6 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
     Ok(Answer { status, content_type, body: body.to_owned() })
 }
 
-/// Waits until the server at `addr` answers `/readyz` with 200 (30 s at most).
 /// Starts the `serving-layer serve` binary on a free port against
 /// `database_url` and waits until it is ready; it is killed when dropped.
 pub async fn serve_binary(database_url: &str) -> (SocketAddr, tokio::process::Child) {
@@ -303,6 +302,7 @@ pub async fn serve_binary(database_url: &str) -> (SocketAddr, tokio::process::Ch
     (addr, child)
 }
 
+/// Waits until the server at `addr` answers `/readyz` with 200 (30 s at most).
 pub async fn wait_ready(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {
