@@ -156,6 +156,24 @@ impl Buffered {
     }
 }
 
+/// The speed layer's Kafka consumer settings (`bench_speed` reads with the
+/// same, to compare a bare consumer with the layer).
+pub fn consumer_config(brokers: &str, group_id: &str, fetch_wait: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // A killed instance's partitions move on within seconds, yet a
+        // loaded broker does not make a live member miss its session.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .set("max.poll.interval.ms", "30000")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().max(1).to_string());
+    config
+}
+
 /// Runs until `shutdown`; flushes what it holds before returning.
 pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(), SpeedError> {
     let kafka = |source: KafkaError| SpeedError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) };
@@ -169,17 +187,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     let deployment = platform::db::prepare(&pool, None).await?;
     let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
     let log = Arc::new(RebalanceLog::default());
-    let consumer: StreamConsumer<Context> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        // A killed instance's partitions move on within seconds, yet a
-        // loaded broker does not make a live member miss its session.
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
-        .set("max.poll.interval.ms", "30000")
-        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().max(1).to_string())
+    let consumer: StreamConsumer<Context> = consumer_config(&config.brokers, &config.group_id, config.fetch_wait)
         .create_with_context(Context(Arc::clone(&log)))
         .map_err(kafka)?;
     match config.assignment {
@@ -387,24 +395,17 @@ impl Loop<'_> {
             .collect::<BTreeSet<i32>>()
             .into_iter()
             .collect();
-        if !unknown.is_empty() {
-            match offsets::load(self.pool, &unknown).await {
-                Ok(loaded) => {
-                    for p in &unknown {
-                        self.positions.insert(*p, loaded.get(p).copied().unwrap_or(0));
-                    }
-                }
-                Err(e) => {
-                    // Read those partitions again from their first held record.
-                    tracing::warn!(error = %e, partitions = ?unknown, "cannot load the stored offsets; re-reading");
-                    for p in &unknown {
-                        if let Some(first) = held.iter().find(|h| h.record.partition == *p) {
-                            self.seek(*p, first.record.offset);
-                        }
-                    }
-                    held.retain(|h| !unknown.contains(&h.record.partition));
+        if !unknown.is_empty()
+            && let Err(e) = self.load_positions(&unknown).await
+        {
+            // Read those partitions again from their first held record.
+            tracing::warn!(error = %e, partitions = ?unknown, "cannot load the stored offsets; re-reading");
+            for p in &unknown {
+                if let Some(first) = held.iter().find(|h| h.record.partition == *p) {
+                    self.seek(*p, first.record.offset);
                 }
             }
+            held.retain(|h| !unknown.contains(&h.record.partition));
         }
         // Once a partition is sought back, its later held records come again.
         let mut sought = BTreeSet::new();
@@ -424,12 +425,8 @@ impl Loop<'_> {
         self.apply_rebalances();
         let expected = match self.positions.get(&partition) {
             Some(next) => *next,
-            None => match offsets::load(self.pool, &[partition]).await {
-                Ok(loaded) => {
-                    let next = loaded.get(&partition).copied().unwrap_or(0);
-                    self.positions.insert(partition, next);
-                    next
-                }
+            None => match self.load_positions(&[partition]).await {
+                Ok(()) => self.positions[&partition],
                 Err(e) => {
                     // Seek back so the record comes again once PostgreSQL answers.
                     tracing::warn!(error = %e, partition, "cannot load the stored offset; retrying");
@@ -453,6 +450,16 @@ impl Loop<'_> {
         self.buffer.push(record);
         self.first_at.get_or_insert(at);
         Accepted::Buffered
+    }
+
+    /// Sets the position of each of `partitions` to the next offset
+    /// PostgreSQL holds for it (0 for a partition never seen).
+    async fn load_positions(&mut self, partitions: &[i32]) -> Result<(), sqlx::Error> {
+        let loaded = offsets::load(self.pool, partitions).await?;
+        for p in partitions {
+            self.positions.insert(*p, loaded.get(p).copied().unwrap_or(0));
+        }
+        Ok(())
     }
 
     fn seek(&self, partition: i32, offset: i64) {

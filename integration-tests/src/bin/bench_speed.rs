@@ -258,12 +258,7 @@ async fn throughput(args: &Args, stack: &Stack, cache: &std::path::Path, dlq: &s
 /// The speed layer's consumer settings, without its work: how fast the
 /// records can be read at all.
 fn consumer(brokers: &str, group: &str, fetch_wait: Duration) -> anyhow::Result<StreamConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", fetch_wait.as_millis().max(1).to_string())
+    stream::consumer_config(brokers, group, fetch_wait)
         .create()
         .with_context(|| format!("creating a Kafka consumer for {brokers}"))
 }
