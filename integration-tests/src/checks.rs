@@ -68,6 +68,18 @@ pub fn assert_demand_eq(actual: &DemandMap, expected: &DemandMap, what: &str) {
     );
 }
 
+/// Sum of a Prometheus counter over all its label sets in the text format.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let series_name = series.split('{').next()?;
+            (series_name == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
 /// Records the speed layer has committed: its stored next offsets, summed.
 pub async fn speed_consumed(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
@@ -80,13 +92,19 @@ pub async fn speed_consumed(pool: &PgPool) -> i64 {
 /// (five minutes at most: a liveness bound, the whole suite on two CPUs
 /// runs these tests several times slower than alone).
 pub async fn wait_for_speed(pool: &PgPool, total: i64) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    wait_for_speed_within(pool, total, std::time::Duration::from_secs(300)).await;
+}
+
+/// [`wait_for_speed`] with another bound.
+pub async fn wait_for_speed_within(pool: &PgPool, total: i64, within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let n = speed_consumed(pool).await;
-        if n == total {
+        if n >= total {
+            assert_eq!(n, total, "the speed layer went past the end of the topic");
             return;
         }
-        assert!(n < total && tokio::time::Instant::now() < deadline, "speed layer at {n} of {total}");
+        assert!(tokio::time::Instant::now() < deadline, "speed layer at {n} of {total}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }

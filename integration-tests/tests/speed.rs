@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use integration_tests::checks::{assert_demand_eq, serving_demand, speed_consumed};
+use integration_tests::checks::{
+    assert_demand_eq, metric_sum, serving_demand, speed_consumed, wait_for_speed, wait_for_speed_within,
+};
 use integration_tests::fixture::{FreshStream, Stack, binary};
 use integration_tests::generator::{self, Args, Truth};
 use rand::{Rng, SeedableRng};
@@ -15,27 +17,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
 use speed_layer::stream::{self, SpeedConfig};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
     Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
-}
-
-/// Waits until the speed layer has committed `total` offsets. `within` is a
-/// liveness bound, not a speed goal: under the whole suite on two CPUs these
-/// tests run five to ten times slower than alone.
-async fn wait_for_offsets(pool: &PgPool, total: i64, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let n = speed_consumed(pool).await;
-        if n >= total {
-            assert_eq!(n, total, "the speed layer went past the end of the topic");
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "speed layer stuck at {n} of {total} offsets");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
@@ -80,7 +65,7 @@ async fn speed_totals_equal_an_independent_computation_and_bad_records_reach_the
 
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(stream::run(config(&stack, &url, &topic, &dlq), shutdown.clone()));
-    wait_for_offsets(&pool, (truth.events_sent + truth.bad_sent) as i64, Duration::from_secs(300)).await;
+    wait_for_speed(&pool, (truth.events_sent + truth.bad_sent) as i64).await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
@@ -166,7 +151,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
     eprintln!("offsets committed after each kill: {progress:?} of {total}");
     assert!(progress[2] < total, "every kill interrupted the stream: {progress:?} of {total}");
     let mut child = spawn(3);
-    wait_for_offsets(&pool, total, Duration::from_secs(480)).await;
+    wait_for_speed_within(&pool, total, Duration::from_secs(480)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
@@ -203,12 +188,7 @@ async fn sigterm_flushes_what_is_buffered_and_exits_cleanly() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         let read = match integration_tests::serving::get(addr, "/metrics").await {
-            Ok(a) => a
-                .body
-                .lines()
-                .find_map(|l| l.strip_prefix("speed_records_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64,
+            Ok(a) => metric_sum(&a.body, "speed_records_total") as u64,
             Err(_) => 0,
         };
         if read == total {

@@ -8,16 +8,16 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::checks::{assert_demand_eq, serving_demand};
+use integration_tests::checks::{assert_demand_eq, metric_sum, serving_demand};
 use integration_tests::fixture::binary;
 use integration_tests::generator::{self, Args, Truth};
 use integration_tests::private_stack::PrivateStack;
+use integration_tests::serving::get;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
 use speed_layer::stream::{self, Assignment, SpeedConfig, SpeedError};
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -111,28 +111,6 @@ async fn wait_for_total(pool: &PgPool, total: i64, task: &mut Option<JoinHandle<
     }
 }
 
-/// Sum of a counter over all its label sets in Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let series_name = series.split('{').next()?;
-            (series_name == name).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
-/// Plain HTTP/1.0 GET; returns (status line, body).
-async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    Ok((head.lines().next().unwrap_or_default().to_string(), body.to_string()))
-}
-
 /// Reads the DLQ until `expected` distinct source positions arrived (it is
 /// at least once: repeats are allowed); returns per reason the count of
 /// distinct positions, and the number of repeats.
@@ -183,7 +161,7 @@ async fn survives(fault: Fault, seed: u64) {
     let (mut stack, url, pool, truth) = stack_with_traffic(seed).await;
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let metrics = platform::ops_http::install_metrics();
-    let failures_before = metric(&metrics.render(), "speed_flush_failures_total");
+    let failures_before = metric_sum(&metrics.render(), "speed_flush_failures_total");
 
     let shutdown = CancellationToken::new();
     let mut task = Some(tokio::spawn(stream::run(config(&stack.brokers(), &url), shutdown.clone())));
@@ -195,7 +173,7 @@ async fn survives(fault: Fault, seed: u64) {
         Fault::Postgres => stack
             .restart_postgres(async {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                while metric(&metrics.render(), "speed_flush_failures_total") <= failures_before {
+                while metric_sum(&metrics.render(), "speed_flush_failures_total") <= failures_before {
                     assert!(tokio::time::Instant::now() < deadline, "no flush failed while PostgreSQL was down");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -213,7 +191,7 @@ async fn survives(fault: Fault, seed: u64) {
     assert_running(&mut task).await;
 
     wait_for_total(&pool, total, &mut task).await;
-    let failures = metric(&metrics.render(), "speed_flush_failures_total") - failures_before;
+    let failures = metric_sum(&metrics.render(), "speed_flush_failures_total") - failures_before;
     eprintln!("flush attempts that failed during the fault: {failures}");
     assert_running(&mut task).await;
     shutdown.cancel();
@@ -278,9 +256,7 @@ async fn two_instances_split_the_partitions_exactly() {
     let wait_ready = |ops: SocketAddr| async move {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if let Ok((status, _)) = http_get(ops, "/readyz").await
-                && status.contains(" 200 ")
-            {
+            if get(ops, "/readyz").await.is_ok_and(|a| a.status == 200) {
                 return;
             }
             assert!(tokio::time::Instant::now() < deadline, "instance on {ops} never became ready");
@@ -311,16 +287,16 @@ async fn two_instances_split_the_partitions_exactly() {
         assert!(tokio::time::Instant::now() < deadline, "stuck at {n} of {total} offsets; see {}", logs.display());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let records_a = metric(&http_get(ops_a, "/metrics").await.unwrap().1, "speed_records_total");
-    let records_b = metric(&http_get(ops_b, "/metrics").await.unwrap().1, "speed_records_total");
+    let records_a = metric_sum(&get(ops_a, "/metrics").await.unwrap().body, "speed_records_total");
+    let records_b = metric_sum(&get(ops_b, "/metrics").await.unwrap().body, "speed_records_total");
     eprintln!("records accepted: first {records_a}, second {records_b}, topic {total}");
     // Caught up, each instance reports every partition's lag as zero.
     for ops in [ops_a, ops_b] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let text = http_get(ops, "/metrics").await.unwrap().1;
+            let text = get(ops, "/metrics").await.unwrap().body;
             let series = text.lines().filter(|l| l.starts_with("speed_partition_lag_records{")).count();
-            if series == 4 && metric(&text, "speed_partition_lag_records") == 0.0 {
+            if series == 4 && metric_sum(&text, "speed_partition_lag_records") == 0.0 {
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "lag metrics never showed 4 partitions at 0:\n{text}");
