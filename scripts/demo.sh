@@ -112,8 +112,9 @@ cat <<TXT
 
 The whole pipeline runs locally: live shop traffic flows into Kafka; the
 speed layer keeps speed.* current, typically within half a second (p99
-about 1 s here, docs/BENCHMARKS.md); the ingest appends to the Delta lake and a batch run every ${DEMO_BATCH_EVERY:-5m} republishes batch.*
-with its offset cut; serving.* merges both exactly.
+about 1 s here, docs/BENCHMARKS.md); the ingest appends to the Delta lake
+and a batch run every ${DEMO_BATCH_EVERY:-5m} republishes batch.* with its
+offset cut; serving.* merges both exactly.
 
   Dashboard          http://$ADDR/
   Recommendations    curl -s http://$ADDR/api/recommendations/$user?k=5
