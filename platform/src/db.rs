@@ -51,7 +51,7 @@ pub struct Deployment {
 pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse().map_err(|source| DbError::Url { url: redact(url), source })?;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let attempt = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -65,8 +65,7 @@ pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<
             }
             Err(e) => {
                 tracing::debug!(error = %e, "PostgreSQL not reachable yet, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                backoff.sleep().await;
             }
         }
     }

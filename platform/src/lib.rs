@@ -1,6 +1,7 @@
 //! Runtime plumbing every binary of the platform shares, so each layer's
 //! `main` stays a few lines and all of them behave alike:
 //!
+//! * [`backoff`]: the one capped exponential backoff with jitter;
 //! * [`logging`]: `tracing` set-up (JSON when not on a terminal) and the
 //!   one-line error report of a failed command;
 //! * [`db`]: connecting to PostgreSQL, migrations, the deployment's segment
@@ -16,6 +17,7 @@
 //! Contracts (event, schemas, view definitions) live in `shared-schema`;
 //! this crate is machinery.
 
+pub mod backoff;
 pub mod db;
 pub mod forgotten;
 pub mod logging;

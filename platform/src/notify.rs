@@ -238,7 +238,7 @@ async fn handle(n: &Notification, config: &NotifyConfig, pool: Option<&PgPool>, 
         "created_at": created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     })
     .to_string();
-    let mut delay = config.backoff;
+    let mut backoff = crate::backoff::Backoff::new(config.backoff, config.max_backoff);
     for attempt in 1..=config.attempts.max(1) {
         let sent = client
             .post(url.clone())
@@ -266,19 +266,12 @@ async fn handle(n: &Notification, config: &NotifyConfig, pool: Option<&PgPool>, 
             tracing::warn!(kind = %n.kind, error = %failure, "webhook POST failed; retrying with backoff");
         }
         if attempt < config.attempts {
-            let jitter = delay.mul_f64(jitter_fraction() * 0.25);
-            tokio::time::sleep(delay + jitter).await;
-            delay = (delay * 2).min(config.max_backoff);
+            backoff.sleep().await;
         } else {
             metrics::counter!("notify_failed_total").increment(1);
             tracing::error!(kind = %n.kind, error = %failure, attempts = config.attempts, "webhook never answered; the notification stays undelivered in ops.notifications");
         }
     }
-}
-
-fn jitter_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    f64::from(nanos % 1000) / 1000.0
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ pub async fn keep_fresh(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_load = Instant::now();
-    let mut retry = Duration::from_secs(1);
+    let mut retry = platform::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut failing = false;
     loop {
         tokio::select! {
@@ -109,7 +109,7 @@ pub async fn keep_fresh(
                         tracing::info!(products = n, "popular list reloaded again");
                     }
                     failing = false;
-                    retry = Duration::from_secs(1);
+                    retry.reset();
                     next_load = Instant::now() + every;
                     telemetry::popular_products(n);
                 }
@@ -119,8 +119,7 @@ pub async fn keep_fresh(
                     }
                     failing = true;
                     telemetry::popular_reload_failed();
-                    next_load = Instant::now() + retry.min(every);
-                    retry = (retry * 2).min(Duration::from_secs(30));
+                    next_load = Instant::now() + retry.next_delay().min(every);
                 }
             }
         }

@@ -476,7 +476,7 @@ impl Loop<'_> {
     async fn flush(&mut self, shutdown: &CancellationToken) {
         let buffer = std::mem::take(&mut self.buffer);
         self.first_at = None;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut failing = false;
         let mut dlq_done = false;
         loop {
@@ -502,14 +502,12 @@ impl Loop<'_> {
                     }
                     self.ready.set(false);
                     metrics::counter!("speed_flush_failures_total").increment(1);
-                    if shutdown.is_cancelled() && delay >= Duration::from_secs(5) {
+                    if shutdown.is_cancelled() && backoff.at_cap() {
                         // Nothing was committed; the next start resumes from PostgreSQL.
                         tracing::warn!("shutting down with an uncommitted micro-batch; it will be re-read");
                         return;
                     }
-                    let jitter = Duration::from_millis(rand_jitter(delay.as_millis() as u64 / 4));
-                    tokio::time::sleep(delay + jitter).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    backoff.sleep().await;
                 }
             }
         }
@@ -682,12 +680,4 @@ fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(i32, DateTime<Utc
         .zip(t.values())
         .filter_map(|(p, t)| DateTime::from_timestamp_micros(*t).map(|t| (*p, t)))
         .collect()
-}
-
-fn rand_jitter(max: u64) -> u64 {
-    if max == 0 {
-        return 0;
-    }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    u64::from(nanos) % max
 }
