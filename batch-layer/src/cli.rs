@@ -13,7 +13,7 @@ use crate::recompute::{self, RunConfig, RunOutcome};
 #[command(name = "batch-layer", version, about)]
 pub struct Cli {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = shared_schema::defaults::KAFKA_BROKERS, global = true)]
     pub brokers: String,
     /// The Delta Lake: a folder or an s3:// URL.
     #[arg(long, env = "LAKE_URI", default_value = ".local/lake", global = true)]
@@ -28,7 +28,7 @@ pub enum Command {
     /// Drain topic `events` into the Delta table `events`, each offset exactly once.
     Ingest {
         /// Topic to read.
-        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+        #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
         topic: String,
         /// Flush at the latest this long after the first buffered record (e.g. 60s, 5s).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -40,7 +40,7 @@ pub enum Command {
         #[arg(long)]
         until_caught_up: bool,
         /// Platform database (the ingest reads the forgotten users from it).
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
@@ -75,7 +75,7 @@ pub enum Command {
         /// The user id as the shop sends it.
         user_id: String,
         /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
@@ -166,10 +166,10 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Platform database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+    #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
     database_url: String,
     /// Topic whose offsets the lake records.
-    #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+    #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
     topic: String,
     /// Largest accepted drop of a view's row count against the last
     /// published run, as a fraction (0.5 = half).
@@ -220,7 +220,7 @@ fn parse_cron(s: &str) -> Result<Box<croner::Cron>, String> {
 #[derive(Debug, clap::Args)]
 pub struct CatalogArgs {
     /// The shop's database (its `products` table is snapshotted read-only into the lake).
-    #[arg(long, env = "SALES_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/sales")]
+    #[arg(long, env = "SALES_DATABASE_URL", default_value = shared_schema::defaults::SALES_DATABASE_URL)]
     sales_database_url: String,
     /// Do not snapshot the catalog.
     #[arg(long)]

@@ -32,13 +32,13 @@ use crate::shop::{Shop, ShopConfig, ShopEvent, Spike};
 #[command(name = "generate", version, about, long_about = None)]
 pub struct Args {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = shared_schema::defaults::KAFKA_BROKERS)]
     pub brokers: String,
     /// Topic to produce to.
-    #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+    #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
     pub topic: String,
     /// The shop's database, whose `products` table is seeded with the catalog.
-    #[arg(long, env = "SALES_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/sales")]
+    #[arg(long, env = "SALES_DATABASE_URL", default_value = shared_schema::defaults::SALES_DATABASE_URL)]
     pub sales_database_url: String,
     /// Do not touch the shop database.
     #[arg(long)]

@@ -13,7 +13,7 @@ use crate::server::{self, ServeConfig};
 #[command(name = "serving-layer", version, about)]
 pub struct Cli {
     /// Platform database.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda", global = true)]
+    #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL, global = true)]
     pub database_url: String,
 
     #[command(subcommand)]

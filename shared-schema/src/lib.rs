@@ -5,7 +5,8 @@
 //! * [`decode`]: raw Kafka records → one Arrow batch plus rejections;
 //! * [`views`]: the view definitions every layer executes;
 //! * [`derived`]: the batch tables and PostgreSQL views built on the views;
-//! * [`cut`]: partitions, offsets, segments and the offset cut.
+//! * [`cut`]: partitions, offsets, segments and the offset cut;
+//! * [`defaults`]: the local stack's addresses, which every flag falls back to.
 //!
 //! This crate holds contracts, not machinery: it depends on no Kafka or
 //! PostgreSQL client. The SQL migrations live in the workspace's
@@ -13,6 +14,7 @@
 
 pub mod cut;
 pub mod decode;
+pub mod defaults;
 pub mod derived;
 pub mod event;
 pub mod schema;

@@ -20,19 +20,19 @@ pub enum Command {
     /// Consume `events` and keep `speed.*` up to date until SIGTERM/SIGINT.
     Run {
         /// Kafka bootstrap servers.
-        #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+        #[arg(long, env = "KAFKA_BROKERS", default_value = shared_schema::defaults::KAFKA_BROKERS)]
         brokers: String,
         /// Topic to read.
-        #[arg(long, env = "EVENTS_TOPIC", default_value = "events")]
+        #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
         topic: String,
         /// Where rejected records go.
-        #[arg(long, env = "DLQ_TOPIC", default_value = "events.dlq")]
+        #[arg(long, env = "DLQ_TOPIC", default_value = shared_schema::defaults::DLQ_TOPIC)]
         dlq_topic: String,
         /// Consumer group; instances in one group split the partitions.
         #[arg(long, env = "SPEED_GROUP_ID", default_value = "lambda-speed")]
         group_id: String,
         /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5433/lambda")]
+        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         /// Flush a micro-batch at the latest this long after its first record (e.g. 200ms).
         #[arg(long, env = "SPEED_FLUSH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
