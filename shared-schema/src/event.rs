@@ -241,11 +241,11 @@ impl<'a> Event<'a> {
                 // Tell "valid JSON but not an object" from "not JSON at all".
                 return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
                     Ok(_) => Rejection::new(NotObject, None, "top-level value is not an object"),
-                    Err(e) => classify_json_error(&e),
+                    Err(e) => classify_json_error(&e, JsonAt::TopLevel),
                 });
             }
         }
-        let wire: Wire<'a> = serde_json::from_str(text).map_err(|e| classify_json_error(&e))?;
+        let wire: Wire<'a> = serde_json::from_str(text).map_err(|e| classify_json_error(&e, JsonAt::Object))?;
 
         let event_type_raw = string_field(wire.event_type, "event_type")?;
         let event_type = EventType::parse(&event_type_raw).ok_or_else(|| {
@@ -294,20 +294,30 @@ impl<'a> Event<'a> {
     }
 }
 
-fn classify_json_error(e: &serde_json::Error) -> Rejection {
+/// Which parse a JSON error came from: that, and the error's category,
+/// decide the reason (serde_json's message text is not a contract).
+#[derive(Clone, Copy)]
+enum JsonAt {
+    /// Any JSON value, to tell "not an object" from "not JSON".
+    TopLevel,
+    /// The event object (the record starts with `{`).
+    Object,
+}
+
+fn classify_json_error(e: &serde_json::Error, at: JsonAt) -> Rejection {
     use RejectReason::*;
-    let msg = e.to_string();
-    let reason = if msg.starts_with("recursion limit exceeded") {
-        TooDeep
-    } else if msg.starts_with("duplicate field") {
-        DuplicateField
-    } else if e.is_data() {
-        // The only data error left for `Wire` is a non-object top level.
-        NotObject
-    } else {
-        NotJson
+    use serde_json::error::Category;
+    let reason = match (e.classify(), at) {
+        // Every known field takes any JSON value and unknown ones are
+        // ignored, so inside an object the one data error left is a field
+        // given twice.
+        (Category::Data, JsonAt::Object) => DuplicateField,
+        (Category::Data, JsonAt::TopLevel) => NotObject,
+        // Nesting is bounded before parsing ([`MAX_NESTING`] is below
+        // serde_json's own limit), so what is left is malformed text.
+        (Category::Syntax | Category::Eof | Category::Io, _) => NotJson,
     };
-    Rejection::new(reason, None, msg)
+    Rejection::new(reason, None, e.to_string())
 }
 
 fn required<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<&'a RawValue, Rejection> {
