@@ -89,29 +89,6 @@ pub enum Input {
     RecentEvents { days: i64 },
 }
 
-/// Where a batch table's query reads: the cut, and the window start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scope {
-    /// `e.kafka_offset < cut` per partition (over alias `e`).
-    pub below_cut: String,
-    /// Newest event hour below the cut.
-    pub anchor: chrono::DateTime<chrono::Utc>,
-}
-
-impl Scope {
-    /// Restricts events to the cut and to `days` before the anchor; the
-    /// `event_date` term lets the lake scan skip whole partitions.
-    fn window(&self, days: i64) -> String {
-        let since = self.anchor - chrono::TimeDelta::days(days);
-        format!(
-            "({}) AND e.event_date >= '{}' AND e.event_time >= CAST('{}' AS TIMESTAMP)",
-            self.below_cut,
-            since.format("%Y-%m-%d"),
-            since.format("%Y-%m-%dT%H:%M:%SZ"),
-        )
-    }
-}
-
 /// A table the batch layer computes whole and publishes as `batch.<name>`,
 /// served unchanged as `serving.<name>`.
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +101,7 @@ pub struct BatchTable {
     /// Columns the quality gate requires to be non-negative.
     pub non_negative: &'static [&'static str],
     pub readers: &'static [Reader],
-    query: fn(&Scope, &Input) -> String,
+    query: fn() -> String,
 }
 
 impl PartialEq for BatchTable {
@@ -135,9 +112,20 @@ impl PartialEq for BatchTable {
 
 impl BatchTable {
     /// The DataFusion query over `events` (alias `e`) and `products`; its
-    /// output columns are [`Self::columns`], in order.
-    pub fn batch_sql(&self, scope: &Scope) -> String {
-        (self.query)(scope, &self.input)
+    /// output columns are [`Self::columns`], in order. The batch layer
+    /// registers `events` restricted to the cut and to [`Self::window`].
+    pub fn batch_sql(&self) -> String {
+        (self.query)()
+    }
+
+    /// How far back before the newest event hour below the cut the table
+    /// looks (`None`: it does not read events): bounded work, whatever the
+    /// lake's age.
+    pub fn window(&self) -> Option<chrono::TimeDelta> {
+        match self.input {
+            Input::RecentEvents { days } => Some(chrono::TimeDelta::days(days)),
+            Input::Catalog => None,
+        }
     }
 
     pub fn key_names(&self) -> impl Iterator<Item = &'static str> + '_ {
@@ -163,14 +151,7 @@ impl BatchTable {
     }
 }
 
-fn window_days(input: &Input) -> i64 {
-    match input {
-        Input::RecentEvents { days } => *days,
-        Input::Catalog => 0,
-    }
-}
-
-fn catalog_query(_: &Scope, _: &Input) -> String {
+fn catalog_query() -> String {
     "SELECT product_id, name, category, price_cents FROM products WHERE product_id IS NOT NULL".into()
 }
 
@@ -188,8 +169,8 @@ fn catalog_query(_: &Scope, _: &Input) -> String {
 ///   `dispersion × expected`, estimated robustly as the median squared
 ///   Pearson residual over the window, divided by 0.455 (that median for a
 ///   Poisson count), never below 1.
-fn baseline_query(scope: &Scope, input: &Input) -> String {
-    let hourly = PRODUCT_DEMAND_HOURLY.batch_sql(Some(&scope.window(window_days(input))));
+fn baseline_query() -> String {
+    let hourly = PRODUCT_DEMAND_HOURLY.batch_sql();
     format!(
         "WITH hourly AS (\n{hourly}\n),
 demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM hourly),
@@ -239,8 +220,8 @@ GROUP BY t.product_id, t.share, t.hours, t.demand"
 /// normalised so popular products do not pair with everything. Each user
 /// contributes only their most recent products, which bounds the pairs per
 /// user; the work grows with users, not with the square of any popularity.
-fn similarity_query(scope: &Scope, input: &Input) -> String {
-    let state = USER_PRODUCT_STATE.batch_sql(Some(&scope.window(window_days(input))));
+fn similarity_query() -> String {
+    let state = USER_PRODUCT_STATE.batch_sql();
     format!(
         "WITH state AS (\n{state}\n),
 touched AS (
@@ -557,17 +538,10 @@ mod tests {
     use super::*;
     use crate::views::ALL_VIEWS;
 
-    fn scope() -> Scope {
-        Scope {
-            below_cut: "e.kafka_offset < 100".into(),
-            anchor: chrono::DateTime::parse_from_rfc3339("2026-11-24T13:00:00Z").unwrap().into(),
-        }
-    }
-
     #[test]
     fn batch_table_sql_snapshots() {
         for t in BATCH_TABLES {
-            insta::assert_snapshot!(format!("{}_batch", t.name), t.batch_sql(&scope()));
+            insta::assert_snapshot!(format!("{}_batch", t.name), t.batch_sql());
             insta::assert_snapshot!(format!("{}_ddl", t.name), t.table_ddl());
         }
     }
@@ -581,11 +555,10 @@ mod tests {
     }
 
     #[test]
-    fn windows_bound_both_the_partition_and_the_time() {
-        let w = scope().window(14);
-        assert!(w.contains("e.event_date >= '2026-11-10'"), "{w}");
-        assert!(w.contains("CAST('2026-11-10T13:00:00Z' AS TIMESTAMP)"), "{w}");
-        assert!(w.starts_with("(e.kafka_offset < 100)"), "{w}");
+    fn only_tables_of_events_have_a_window() {
+        assert_eq!(PRODUCTS.window(), None);
+        assert_eq!(DEMAND_BASELINE.window(), Some(chrono::TimeDelta::days(BASELINE_DAYS)));
+        assert_eq!(ITEM_SIMILARITY.window(), Some(chrono::TimeDelta::days(SIMILARITY_DAYS)));
     }
 
     #[test]

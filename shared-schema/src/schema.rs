@@ -28,6 +28,30 @@ pub mod col {
 /// The lake's partition columns, in order.
 pub const PARTITION_COLUMNS: [&str; 2] = [col::EVENT_DATE, col::EVENT_HOUR];
 
+/// An hour of event time (UTC, truncated to the hour): the grain of the
+/// hourly views and of the lake's partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hour(chrono::DateTime<chrono::Utc>);
+
+impl Hour {
+    /// The hour `t` falls in.
+    pub fn of(t: chrono::DateTime<chrono::Utc>) -> Self {
+        use chrono::{DurationRound, TimeDelta};
+        Self(t.duration_trunc(TimeDelta::hours(1)).unwrap_or(t))
+    }
+
+    pub fn start(self) -> chrono::DateTime<chrono::Utc> {
+        self.0
+    }
+
+    /// The lake partition values of its events: `event_date`
+    /// (`YYYY-MM-DD`) and `event_hour` (0-23).
+    pub fn partition(self) -> (String, i32) {
+        use chrono::Timelike;
+        (self.0.format("%Y-%m-%d").to_string(), i32::try_from(self.0.hour()).unwrap_or_default())
+    }
+}
+
 /// `event_time` and every hour key: microseconds, UTC.
 pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -89,4 +113,18 @@ static REJECTED: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// [`crate::RejectReason`] name). Partitioned by `rejected_date`.
 pub fn rejected_schema() -> SchemaRef {
     Arc::clone(&REJECTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_hour_truncates_and_names_its_lake_partition() {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-24T23:59:59.999Z").unwrap().to_utc();
+        let h = Hour::of(t);
+        assert_eq!(h.start().to_rfc3339(), "2026-11-24T23:00:00+00:00");
+        assert_eq!(h.partition(), ("2026-11-24".to_string(), 23));
+        assert_eq!(Hour::of(h.start()), h);
+    }
 }

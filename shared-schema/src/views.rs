@@ -191,10 +191,9 @@ impl ViewDef {
         out.push_str(&items.join(",\n       "));
     }
 
-    fn where_clause(&self, out: &mut String, predicate: Option<&str>) {
-        let conds: Vec<String> = self.filter.into_iter().chain(predicate).map(|c| format!("({c})")).collect();
-        if !conds.is_empty() {
-            let _ = write!(out, "\nWHERE {}", conds.join(" AND "));
+    fn where_clause(&self, out: &mut String) {
+        if let Some(filter) = self.filter {
+            let _ = write!(out, "\nWHERE ({filter})");
         }
     }
 
@@ -204,13 +203,15 @@ impl ViewDef {
     }
 
     /// The batch query (DataFusion SQL) over the table registered as
-    /// `events` (and `products` for catalog views), restricted by
-    /// `predicate` (the offset cut, and the hours to recompute).
-    pub fn batch_sql(&self, predicate: Option<&str>) -> String {
+    /// `events` (and `products` for catalog views). Which events it sees
+    /// (below the offset cut, the hours to recompute) is the registered
+    /// table's business: the batch layer registers `events` with those
+    /// filters as DataFusion expressions, so no predicate is pasted in.
+    pub fn batch_sql(&self) -> String {
         let mut sql = String::from("SELECT ");
         self.select_list(&mut sql, &[]);
         let _ = write!(sql, "\nFROM {}", self.source_clause("events"));
-        self.where_clause(&mut sql, predicate);
+        self.where_clause(&mut sql);
         Self::group_by(&mut sql, self.keys.len());
         sql
     }
@@ -218,7 +219,7 @@ impl ViewDef {
     /// A stable fingerprint of what the batch computes for this view (its
     /// batch SQL): it changes when a key, a measure or the filter does.
     pub fn fingerprint(&self) -> String {
-        fnv1a(&self.batch_sql(None))
+        fnv1a(&self.batch_sql())
     }
 
     /// The speed query (DataFusion SQL) over one micro-batch registered as
@@ -231,7 +232,7 @@ impl ViewDef {
             if self.segmented() { &[(&partition, PARTITION_COLUMN), (&segment, SEGMENT_COLUMN)] } else { &[] };
         self.select_list(&mut sql, extra);
         let _ = write!(sql, "\nFROM {}", self.source_clause("events"));
-        self.where_clause(&mut sql, None);
+        self.where_clause(&mut sql);
         Self::group_by(&mut sql, self.keys.len() + extra.len());
         sql
     }
@@ -439,7 +440,7 @@ mod tests {
     #[test]
     fn product_demand_sql_snapshots() {
         let v = PRODUCT_DEMAND_HOURLY;
-        insta::assert_snapshot!("product_demand_batch", v.batch_sql(Some("e.kafka_offset < 100")));
+        insta::assert_snapshot!("product_demand_batch", v.batch_sql());
         insta::assert_snapshot!("product_demand_speed", v.speed_sql(1000));
         insta::assert_snapshot!("product_demand_upsert", v.speed_upsert_sql("delta"));
         insta::assert_snapshot!("product_demand_serving", v.serving_view_sql());
