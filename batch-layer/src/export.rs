@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
@@ -23,6 +23,7 @@ use serde::Serialize;
 use shared_schema::views::USER_PRODUCT_INTERACTIONS;
 
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
+use crate::scope;
 
 /// Name of the data file in the output folder.
 pub const DATA_FILE: &str = "interactions.parquet";
@@ -82,16 +83,12 @@ pub async fn run(lake: &Lake, out: &Path, as_of: DateTime<Utc>) -> Result<Manife
     let table = lake.open(EVENTS_TABLE).await?.ok_or_else(|| ExportError::EmptyLake(lake.root().to_string()))?;
     let delta_version = table.version().unwrap_or_default() as i64;
     let ctx = SessionContext::new();
-    lake::register(&ctx, "events", &table).await?;
+    lake::register(&ctx, scope::LAKE_EVENTS, &table).await?;
+    scope::register_events(&ctx, scope::before(as_of)).await?;
 
     let view = &USER_PRODUCT_INTERACTIONS;
-    let cutoff = as_of.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let predicate = format!(
-        "e.event_time < CAST('{cutoff}' AS TIMESTAMP) AND e.event_date <= '{}'",
-        as_of.date_naive().format("%Y-%m-%d")
-    );
     let keys: Vec<_> = view.key_names().collect();
-    let sql = format!("{}\nORDER BY {}", view.batch_sql(Some(&predicate)), keys.join(", "));
+    let sql = format!("{}\nORDER BY {}", view.batch_sql(), keys.join(", "));
     let batches: Vec<RecordBatch> =
         ctx.sql(&sql).await?.collect().await?.iter().map(plain_strings).collect::<Result<_, _>>()?;
     let schema = match batches.first() {

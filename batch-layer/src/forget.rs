@@ -167,7 +167,7 @@ async fn delete_user_rows(
     user_id: &str,
 ) -> Result<(DeltaTable, u64), ForgetUserError> {
     let predicate = if name == EVENTS_TABLE {
-        Some(format!("{} = '{}'", col::USER_ID, user_id.replace('\'', "''")))
+        Some(datafusion::prelude::col(col::USER_ID).eq(datafusion::prelude::lit(user_id)))
     } else {
         rejected_predicate(&table, user_id).await?
     };
@@ -184,7 +184,10 @@ async fn delete_user_rows(
 
 /// A predicate selecting, by Kafka position, the rejected records that
 /// name the user in their key or bytes; `None` when there are none.
-async fn rejected_predicate(table: &DeltaTable, user_id: &str) -> Result<Option<String>, ForgetUserError> {
+async fn rejected_predicate(
+    table: &DeltaTable,
+    user_id: &str,
+) -> Result<Option<datafusion::prelude::Expr>, ForgetUserError> {
     use rejected_col::{KAFKA_KEY, KAFKA_OFFSET, KAFKA_PARTITION, PAYLOAD};
     let ctx = SessionContext::new();
     lake::register(&ctx, REJECTED_TABLE, table).await?;
@@ -219,14 +222,14 @@ async fn rejected_predicate(table: &DeltaTable, user_id: &str) -> Result<Option<
     if positions.is_empty() {
         return Ok(None);
     }
-    let terms: Vec<String> = positions
-        .iter()
+    use datafusion::prelude::{col as column, lit};
+    let terms = positions
+        .into_iter()
         .map(|(p, offsets)| {
-            let list = offsets.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
-            format!("({KAFKA_PARTITION} = {p} AND {KAFKA_OFFSET} IN ({list}))")
+            column(KAFKA_PARTITION).eq(lit(p)).and(column(KAFKA_OFFSET).in_list(offsets.into_iter().map(lit).collect(), false))
         })
         .collect();
-    Ok(Some(terms.join(" OR ")))
+    Ok(Some(crate::scope::any(terms)))
 }
 
 /// Removes every file that may still hold deleted rows: the replaced data

@@ -5,6 +5,7 @@
 //! * [`ingest`]: Kafka → Delta table `events`, each offset exactly once;
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
+//! * [`scope`]: which lake events a query sees (cut, offset range, hours), as DataFusion expressions;
 //! * [`schedule`]: `run` every period, aligned to the clock;
 //! * [`forget`]: `forget-user`, the GDPR erasure of one user everywhere;
 //! * [`export`]: the recommender's training data as Parquet, as of a time;
@@ -21,3 +22,4 @@ pub mod lake;
 pub mod quality;
 pub mod recompute;
 pub mod schedule;
+pub mod scope;
