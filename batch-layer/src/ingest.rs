@@ -33,7 +33,8 @@ use deltalake::kernel::transaction::CommitProperties;
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use shared_schema::cut::{Offset, Partition};
 use shared_schema::schema::PARTITION_COLUMNS;
 use shared_schema::{EventDecoder, RawRecord, RejectedRecord, events_schema, rejected_schema};
 use tokio_util::sync::CancellationToken;
@@ -121,7 +122,7 @@ pub struct IngestSummary {
     pub rejected: u64,
     pub commits: u64,
     /// Next offset per partition in `events` when the run ended.
-    pub offsets: BTreeMap<i32, i64>,
+    pub offsets: BTreeMap<Partition, Offset>,
 }
 
 struct Buffered {
@@ -156,8 +157,8 @@ struct Tables {
     events: DeltaTable,
     rejected: DeltaTable,
     /// Next offset per partition of each table.
-    events_next: BTreeMap<i32, i64>,
-    rejected_next: BTreeMap<i32, i64>,
+    events_next: BTreeMap<Partition, Offset>,
+    rejected_next: BTreeMap<Partition, Offset>,
 }
 
 fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
@@ -194,10 +195,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .await?;
     let commit_err =
         |table| move |source: deltalake::DeltaTableError| IngestError::Commit { table, source: Box::new(source) };
-    let events_next = committed_offsets(&events, &config.topic, partitions.iter().copied())
+    let events_next = committed_offsets(&events, &config.topic, partitions.iter().map(|p| Partition(*p)))
         .await
         .map_err(commit_err(EVENTS_TABLE))?;
-    let rejected_next = committed_offsets(&rejected, &config.topic, partitions.iter().copied())
+    let rejected_next = committed_offsets(&rejected, &config.topic, partitions.iter().map(|p| Partition(*p)))
         .await
         .map_err(commit_err(REJECTED_TABLE))?;
     let mut tables = Tables { events, rejected, events_next, rejected_next };
@@ -207,11 +208,11 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     };
 
     let mut assignment = TopicPartitionList::new();
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut ends: BTreeMap<Partition, Offset> = BTreeMap::new();
     let mut backlog = 0u64;
     for &p in &partitions {
-        let start = tables.events_next.get(&p).copied().unwrap_or(0);
-        assignment.add_partition_offset(&config.topic, p, Offset::Offset(start)).map_err(kafka)?;
+        let start = tables.events_next.get(&Partition(p)).map_or(0, |o| o.0);
+        assignment.add_partition_offset(&config.topic, p, rdkafka::Offset::Offset(start)).map_err(kafka)?;
         let (low, high) = consumer.fetch_watermarks(&config.topic, p, Duration::from_secs(30)).map_err(kafka)?;
         if high < start {
             return Err(IngestError::TopicBehindLake {
@@ -221,7 +222,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
                 lake: start,
             });
         }
-        ends.insert(p, high);
+        ends.insert(Partition(p), Offset(high));
         backlog += (high - start.max(low)).max(0) as u64;
     }
     consumer.assign(&assignment).map_err(kafka)?;
@@ -235,9 +236,12 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     );
 
     let bar = progress(config.show_progress && config.until_caught_up, backlog);
-    let mut next: BTreeMap<i32, i64> =
-        partitions.iter().map(|p| (*p, tables.events_next.get(p).copied().unwrap_or(0))).collect();
-    let caught_up = |next: &BTreeMap<i32, i64>| ends.iter().all(|(p, end)| next.get(p).copied().unwrap_or(0) >= *end);
+    let mut next: BTreeMap<Partition, Offset> = partitions
+        .iter()
+        .map(|p| (Partition(*p), tables.events_next.get(&Partition(*p)).copied().unwrap_or(Offset(0))))
+        .collect();
+    let caught_up =
+        |next: &BTreeMap<Partition, Offset>| ends.iter().all(|(p, end)| next.get(p).copied().unwrap_or(Offset(0)) >= *end);
     let mut summary = IngestSummary::default();
     let mut decoder = EventDecoder::new();
     let mut buffer: Vec<Buffered> = Vec::new();
@@ -279,15 +283,15 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     Ok(Ok(m)) => {
-                        let (p, o) = (m.partition(), m.offset());
+                        let (p, o) = (Partition(m.partition()), Offset(m.offset()));
                         // A reassignment could redeliver; never take an offset twice.
-                        if o < next.get(&p).copied().unwrap_or(0) {
+                        if o < next.get(&p).copied().unwrap_or(Offset(0)) {
                             continue;
                         }
-                        next.insert(p, o + 1);
+                        next.insert(p, Offset(o.0 + 1));
                         buffer.push(Buffered {
-                            partition: p,
-                            offset: o,
+                            partition: p.0,
+                            offset: o.0,
                             key: m.key().map(<[u8]>::to_vec),
                             payload: m.payload().unwrap_or_default().to_vec(),
                         });
@@ -328,15 +332,18 @@ struct Flushed {
 /// below it; recording the lower offset would make a later replay write
 /// those rejects again.)
 fn advanced(
-    committed: &BTreeMap<i32, i64>,
-    next: &BTreeMap<i32, i64>,
-    touched: &std::collections::BTreeSet<i32>,
-) -> BTreeMap<i32, i64> {
-    touched.iter().filter_map(|p| next.get(p).map(|n| (*p, (*n).max(committed.get(p).copied().unwrap_or(0))))).collect()
+    committed: &BTreeMap<Partition, Offset>,
+    next: &BTreeMap<Partition, Offset>,
+    touched: &std::collections::BTreeSet<Partition>,
+) -> BTreeMap<Partition, Offset> {
+    touched
+        .iter()
+        .filter_map(|p| next.get(p).map(|n| (*p, (*n).max(committed.get(p).copied().unwrap_or(Offset(0))))))
+        .collect()
 }
 
-fn txns(topic: &str, offsets: &BTreeMap<i32, i64>) -> Vec<Transaction> {
-    offsets.iter().map(|(p, o)| Transaction::new(ingest_app_id(topic, *p), *o)).collect()
+fn txns(topic: &str, offsets: &BTreeMap<Partition, Offset>) -> Vec<Transaction> {
+    offsets.iter().map(|(p, o)| Transaction::new(ingest_app_id(topic, *p), o.0)).collect()
 }
 
 async fn flush(
@@ -344,7 +351,7 @@ async fn flush(
     tables: &mut Tables,
     decoder: &mut EventDecoder,
     buffer: Vec<Buffered>,
-    next: &BTreeMap<i32, i64>,
+    next: &BTreeMap<Partition, Offset>,
     forgotten: Option<&platform::forgotten::Forgotten>,
 ) -> Result<Flushed, IngestError> {
     let started = Instant::now();
@@ -365,14 +372,14 @@ async fn flush(
             tracing::debug!(dropped, "dropped records of forgotten users");
         }
     }
-    let touched: std::collections::BTreeSet<i32> = buffer.iter().map(|b| b.partition).collect();
+    let touched: std::collections::BTreeSet<Partition> = buffer.iter().map(|b| Partition(b.partition)).collect();
     let mut out = Flushed { records: buffer.len() as u64, events: 0, rejected: 0, commits: 0 };
 
     // 1. Rejected records the rejected table does not hold yet.
     let fresh: Vec<&RejectedRecord> = decoded
         .rejected
         .iter()
-        .filter(|r| r.offset >= tables.rejected_next.get(&r.partition).copied().unwrap_or(0))
+        .filter(|r| Offset(r.offset) >= tables.rejected_next.get(&Partition(r.partition)).copied().unwrap_or(Offset(0)))
         .collect();
     if !fresh.is_empty() {
         let batch = rejected_batch(&fresh, &buffer)?;
@@ -422,7 +429,7 @@ pub async fn append_events(
     table: DeltaTable,
     events: RecordBatch,
     topic: &str,
-    offsets: &BTreeMap<i32, i64>,
+    offsets: &BTreeMap<Partition, Offset>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let props = CommitProperties::default().with_application_transactions(txns(topic, offsets));
     table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
@@ -475,9 +482,10 @@ mod tests {
 
     #[test]
     fn recorded_offsets_never_move_back() {
-        let committed = BTreeMap::from([(0, 1062), (1, 10)]);
-        let next = BTreeMap::from([(0, 1000), (1, 311), (2, 5)]);
-        let touched = [0, 1].into_iter().collect();
-        assert_eq!(advanced(&committed, &next, &touched), BTreeMap::from([(0, 1062), (1, 311)]));
+        let typed = |pairs: &[(i32, i64)]| pairs.iter().map(|(p, o)| (Partition(*p), Offset(*o))).collect();
+        let committed: BTreeMap<Partition, Offset> = typed(&[(0, 1062), (1, 10)]);
+        let next = typed(&[(0, 1000), (1, 311), (2, 5)]);
+        let touched = [Partition(0), Partition(1)].into_iter().collect();
+        assert_eq!(advanced(&committed, &next, &touched), typed(&[(0, 1062), (1, 311)]));
     }
 }

@@ -15,6 +15,7 @@ use deltalake::arrow::datatypes::Schema as ArrowSchema;
 use deltalake::kernel::StructType;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::{DeltaTable, DeltaTableError};
+use shared_schema::cut::{Offset, Partition};
 use url::Url;
 
 /// Table names inside the lake (the contract of `DESIGN.md`).
@@ -30,6 +31,8 @@ pub enum LakeError {
     Folder { path: String, source: std::io::Error },
     #[error("Delta table {table}: {source}")]
     Delta { table: String, source: DeltaTableError },
+    #[error("reading Delta table {table} with DataFusion: {source}")]
+    Scan { table: String, source: datafusion::error::DataFusionError },
 }
 
 /// Where the lake is.
@@ -145,15 +148,15 @@ pub async fn register(
         .table_provider()
         .with_session(std::sync::Arc::new(state))
         .await
-        .map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
-    ctx.register_table(name, provider).map_err(|e| delta(DeltaTableError::Generic(e.to_string())))?;
+        .map_err(|source| LakeError::Scan { table: name.to_string(), source })?;
+    ctx.register_table(name, provider).map_err(|source| LakeError::Scan { table: name.to_string(), source })?;
     Ok(())
 }
 
 /// The Delta application id under which the ingest records partition `p`
 /// of `topic`.
-pub fn ingest_app_id(topic: &str, partition: i32) -> String {
-    format!("lambda-ingest/{topic}/{partition}")
+pub fn ingest_app_id(topic: &str, partition: Partition) -> String {
+    format!("lambda-ingest/{topic}/{}", partition.0)
 }
 
 /// Per partition, the next offset `table` expects from `topic` (offsets
@@ -162,8 +165,8 @@ pub fn ingest_app_id(topic: &str, partition: i32) -> String {
 pub async fn committed_offsets(
     table: &DeltaTable,
     topic: &str,
-    partitions: impl IntoIterator<Item = i32>,
-) -> Result<BTreeMap<i32, i64>, DeltaTableError> {
+    partitions: impl IntoIterator<Item = Partition>,
+) -> Result<BTreeMap<Partition, Offset>, DeltaTableError> {
     let mut out = BTreeMap::new();
     if table.version().is_none() {
         return Ok(out);
@@ -172,7 +175,7 @@ pub async fn committed_offsets(
     let log_store = table.log_store();
     for p in partitions {
         if let Some(v) = state.transaction_version(log_store.as_ref(), ingest_app_id(topic, p)).await? {
-            out.insert(p, v);
+            out.insert(p, Offset(v));
         }
     }
     Ok(out)
