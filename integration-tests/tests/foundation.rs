@@ -211,6 +211,29 @@ async fn run_sql(batch: RecordBatch, sql: &str) -> Vec<RecordBatch> {
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
 }
 
+/// The speed rows (with `kafka_partition` and `segment`) whose segment
+/// `cut` leaves to the speed layer.
+fn speed_rows_left_by(
+    batches: &[RecordBatch],
+    cut: &shared_schema::OffsetCut,
+    size: shared_schema::cut::SegmentSize,
+) -> Vec<RecordBatch> {
+    batches
+        .iter()
+        .map(|b| {
+            let p = b.column_by_name("kafka_partition").unwrap().as_primitive::<Int64Type>();
+            let s = b.column_by_name("segment").unwrap().as_primitive::<Int64Type>();
+            let keep: datafusion::arrow::array::BooleanArray = (0..b.num_rows())
+                .map(|i| {
+                    let partition = shared_schema::Partition(i32::try_from(p.value(i)).unwrap());
+                    Some(cut.leaves_to_speed(partition, shared_schema::Segment(s.value(i)), size))
+                })
+                .collect();
+            datafusion::arrow::compute::filter_record_batch(b, &keep).unwrap()
+        })
+        .collect()
+}
+
 fn demand_rows(batches: &[RecordBatch], view: &ViewDef) -> BTreeMap<(i64, String), [i64; 6]> {
     let mut out: BTreeMap<(i64, String), [i64; 6]> = BTreeMap::new();
     for b in batches {
@@ -247,23 +270,26 @@ async fn view_definition_executes_identically_for_batch_and_speed() {
     let truth = expected_product_demand(&events);
 
     let view = &PRODUCT_DEMAND_HOURLY;
-    let all = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql(None)).await, view);
+    let all = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql()).await, view);
     assert_eq!(all, truth, "batch query equals the independent computation");
     let speed = demand_rows(&run_sql(decoded.batch.clone(), &view.speed_sql(7)).await, view);
     assert_eq!(speed, truth, "summed speed deltas equal the independent computation");
 
+    let size = shared_schema::cut::SegmentSize::new(7).unwrap();
+    let speed = run_sql(decoded.batch.clone(), &view.speed_sql(size.get())).await;
     for cut_at in [0i64, 7, 70, 140, 100_000] {
         let mut cut = shared_schema::OffsetCut::new();
         for p in 0..3 {
             cut.insert(shared_schema::Partition(p), shared_schema::Offset(cut_at + 7 * i64::from(p)));
         }
-        let below = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql(Some(&cut.predicate()))).await, view);
-        let above_sql = format!(
-            "SELECT * FROM ({}) WHERE NOT ({})",
-            view.speed_sql(7),
-            cut.predicate().replace("e.kafka_partition", "kafka_partition").replace("e.kafka_offset", "segment * 7")
-        );
-        let above = demand_rows(&run_sql(decoded.batch.clone(), &above_sql).await, view);
+        // The batch reads the lake restricted to the cut, as `run` does.
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(events_schema(), vec![vec![decoded.batch.clone()]]).unwrap();
+        ctx.register_table(batch_layer::scope::LAKE_EVENTS, Arc::new(table)).unwrap();
+        batch_layer::scope::register_events(&ctx, batch_layer::scope::below(&cut)).await.unwrap();
+        let below = demand_rows(&ctx.sql(&view.batch_sql()).await.unwrap().collect().await.unwrap(), view);
+        // The speed rows the serving view merges: segments the cut leaves.
+        let above = demand_rows(&speed_rows_left_by(&speed, &cut, size), view);
         let mut merged = below.clone();
         for (k, m) in above {
             let e = merged.entry(k).or_default();

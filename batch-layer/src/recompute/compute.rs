@@ -1,0 +1,168 @@
+//! Carrying out a [`Plan`] in DataFusion: every view and batch table
+//! computed from one pinned snapshot, in this process or on a Ballista
+//! cluster, into Arrow batches that [`super::publish`] writes.
+//!
+//! Each query reads `events` registered with the filter its refresh needs
+//! ([`crate::scope`]), so the SQL is the view's one definition, unchanged.
+
+use std::collections::BTreeMap;
+
+use arrow::array::RecordBatch;
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use shared_schema::cut::{Offset, Partition};
+use shared_schema::derived::BatchTable;
+use shared_schema::schema::Hour;
+use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+
+use super::RunError;
+use super::plan::{Plan, Refresh};
+use crate::cluster::Engine;
+use crate::lake::{self, Lake};
+use crate::scope;
+
+/// What a computed relation is.
+#[derive(Clone, Copy)]
+pub(crate) enum Relation {
+    View(&'static ViewDef),
+    Table(&'static BatchTable),
+}
+
+/// One relation computed by a run, ready to publish.
+pub(crate) struct Computed {
+    pub(crate) name: &'static str,
+    pub(crate) relation: Relation,
+    /// How it is written: batch tables are always replaced whole.
+    pub(crate) refresh: Refresh,
+    pub(crate) batches: Vec<RecordBatch>,
+}
+
+impl Computed {
+    /// Whether the relation is replaced whole (the row-count check compares
+    /// only those).
+    pub(crate) fn replaces_all(&self) -> bool {
+        self.refresh == Refresh::Replace
+    }
+}
+
+/// A session over one snapshot: the lake's `events` (as
+/// [`scope::LAKE_EVENTS`]) and the catalog as `products`.
+pub(crate) async fn session(engine: &Engine, lake: &Lake, events: &DeltaTable) -> Result<SessionContext, RunError> {
+    let ctx = engine.context().await?;
+    engine.register(&ctx, scope::LAKE_EVENTS, events).await?;
+    match lake.open(lake::PRODUCTS_TABLE).await? {
+        Some(products) => engine.register(&ctx, "products", &products).await?,
+        None => engine
+            .register_empty(&ctx, "products", crate::catalog::schema())
+            .map_err(|source| RunError::Compute { view: "products", source })?,
+    }
+    Ok(ctx)
+}
+
+/// The Kafka partitions the snapshot holds.
+pub(crate) async fn partitions(ctx: &SessionContext) -> Result<Vec<Partition>, RunError> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int32Type;
+    let sql = format!("SELECT DISTINCT kafka_partition FROM {}", scope::LAKE_EVENTS);
+    let batches = async { ctx.sql(&sql).await?.collect().await }
+        .await
+        .map_err(|source| RunError::Compute { view: "events", source })?;
+    Ok(batches.iter().flat_map(|b| b.column(0).as_primitive::<Int32Type>().values().iter().map(|p| Partition(*p))).collect())
+}
+
+/// Per partition, the next offset the snapshot expects from `topic`.
+pub(crate) async fn lake_next(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    topic: &str,
+) -> Result<BTreeMap<Partition, Offset>, RunError> {
+    let partitions = partitions(ctx).await?;
+    Ok(lake::committed_offsets(table, topic, partitions).await?)
+}
+
+/// The hours of the events between the previous cut and the new one.
+pub(crate) async fn touched_hours(ctx: &SessionContext, plan: &Plan) -> Result<Vec<Hour>, RunError> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::TimestampMicrosecondType;
+    let failed = |source| RunError::Compute { view: "touched hours", source };
+    scope::register_events(ctx, scope::between(&plan.previous, &plan.cut)).await.map_err(failed)?;
+    let batches =
+        async { ctx.sql("SELECT DISTINCT date_trunc('hour', e.event_time) AS hour FROM events e").await?.collect().await }
+            .await
+            .map_err(failed)?;
+    let mut hours: Vec<Hour> = batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<TimestampMicrosecondType>().iter().flatten().collect::<Vec<_>>())
+        .filter_map(chrono::DateTime::from_timestamp_micros)
+        .map(Hour::of)
+        .collect();
+    hours.sort();
+    hours.dedup();
+    Ok(hours)
+}
+
+/// Computes `view` as `refresh` says: the events below the cut, only those
+/// of the hours to recompute, or only the new offset range.
+pub(crate) async fn view(
+    ctx: &SessionContext,
+    plan: &Plan,
+    view: &'static ViewDef,
+    refresh: Refresh,
+) -> Result<Computed, RunError> {
+    let below = scope::below(&plan.cut);
+    let filter = match &refresh {
+        Refresh::Replace => below,
+        Refresh::Hours { hours, .. } => below.and(scope::in_hours(hours)),
+        Refresh::Upsert => scope::between(&plan.previous, &plan.cut),
+    };
+    let batches = query(ctx, view.name, filter, &view.batch_sql()).await?;
+    Ok(Computed { name: view.name, relation: Relation::View(view), refresh, batches })
+}
+
+/// Computes a batch table over the events below the cut inside its window
+/// before `anchor` (the newest event hour below the cut).
+pub(crate) async fn table(
+    ctx: &SessionContext,
+    plan: &Plan,
+    table: &'static BatchTable,
+    anchor: chrono::DateTime<chrono::Utc>,
+) -> Result<Computed, RunError> {
+    let below = scope::below(&plan.cut);
+    let filter = match table.window() {
+        Some(window) => below.and(scope::since(anchor - window)),
+        None => below,
+    };
+    let batches = query(ctx, table.name, filter, &table.batch_sql()).await?;
+    Ok(Computed { name: table.name, relation: Relation::Table(table), refresh: Refresh::Replace, batches })
+}
+
+/// The newest event hour in what this run computed of the hourly view.
+pub(crate) fn newest_hour(computed: &[Computed]) -> Option<chrono::DateTime<chrono::Utc>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::TimestampMicrosecondType;
+    let view = &PRODUCT_DEMAND_HOURLY;
+    let key = view.hour_key.unwrap_or("hour");
+    computed
+        .iter()
+        .filter(|c| c.name == view.name)
+        .flat_map(|c| &c.batches)
+        .filter_map(|b| b.column_by_name(key))
+        .filter_map(|col| arrow::compute::max(col.as_primitive::<TimestampMicrosecondType>()))
+        .max()
+        .and_then(chrono::DateTime::from_timestamp_micros)
+}
+
+/// Runs `sql` to completion over `events` restricted by `filter`.
+async fn query(
+    ctx: &SessionContext,
+    name: &'static str,
+    filter: datafusion::prelude::Expr,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, RunError> {
+    async {
+        scope::register_events(ctx, filter).await?;
+        ctx.sql(sql).await?.collect().await
+    }
+    .await
+    .map_err(|source| RunError::Compute { view: name, source })
+}

@@ -1,0 +1,460 @@
+//! What a run recomputes, decided without touching data.
+//!
+//! Given the snapshot's offsets, what was published last (its lake
+//! version, its cut, the view fingerprints on record), the hours new events
+//! touched and the batch tables' ages, the plan says: nothing to do, or the
+//! new cut and, per view and table, how it is brought up to date. It is a
+//! pure function of those inputs, so every branch is tested in a table
+//! below; [`super::compute`] and [`super::publish`] carry it out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
+use shared_schema::derived::{BatchTable, Input};
+use shared_schema::schema::Hour;
+use shared_schema::views::ViewDef;
+
+/// What was published last.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// The lake version of the last published run (`None`: never).
+    pub version: Option<i64>,
+    pub cut: OffsetCut,
+    /// Each view's fingerprint as published (empty: published before
+    /// fingerprints were recorded).
+    pub fingerprints: BTreeMap<String, String>,
+}
+
+/// What a run is asked to do and what it finds.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// `--full`: recompute everything.
+    pub full: bool,
+    pub lake_version: i64,
+    pub segment_size: SegmentSize,
+    /// Every view's current definition: name and fingerprint.
+    pub definitions: &'a [(&'static str, String)],
+    pub published: &'a Published,
+}
+
+/// Why the run stops before computing anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "partition {partition}: the lake ends at offset {lake}, below the published cut {published}; the lake is behind what was published"
+    )]
+    CutBackwards { partition: Partition, lake: Offset, published: Offset },
+}
+
+/// The plan of a run that publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Every view and table recomputed over all history.
+    pub full: bool,
+    /// The cut this run publishes: never below the published one.
+    pub cut: OffsetCut,
+    /// The cut published before: an incremental run adds what lies between.
+    pub previous: OffsetCut,
+    /// Views whose definition changed since they were published: recomputed
+    /// over all history even by an incremental run (a new measure is
+    /// backfilled by the next run).
+    pub redefined: Vec<&'static str>,
+}
+
+/// What the plan says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The lake holds nothing the batch may publish yet.
+    Unchanged,
+    Run(Plan),
+}
+
+/// How one view is brought up to date, and hence which events it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// Recompute everything below the cut and replace the table.
+    Replace,
+    /// Recompute the listed hours below the cut and replace those hours.
+    Hours { key: &'static str, hours: Vec<Hour> },
+    /// Fold the rows of the new offset range in with the merge rules.
+    Upsert,
+}
+
+/// The views whose fingerprint differs from the one on record. A full run
+/// recomputes everything anyway, and with nothing on record (tables
+/// published before fingerprints were) the run records them without a
+/// backfill.
+pub fn redefined(request: &Request<'_>) -> Vec<&'static str> {
+    let recorded = &request.published.fingerprints;
+    if request.full || recorded.is_empty() {
+        return Vec::new();
+    }
+    request.definitions.iter().filter(|(name, f)| recorded.get(*name) != Some(f)).map(|(name, _)| *name).collect()
+}
+
+/// Whether the run is full: asked to be, or nothing was ever published.
+pub fn is_full(request: &Request<'_>) -> bool {
+    request.full || request.published.version.is_none()
+}
+
+/// True when the lake version is the published one and no definition
+/// changed: the run need not even read the lake's offsets.
+pub fn nothing_new(request: &Request<'_>) -> bool {
+    !is_full(request) && request.published.version == Some(request.lake_version) && redefined(request).is_empty()
+}
+
+/// Decides the run, given the next offset the snapshot expects per
+/// partition (what it holds lies below).
+pub fn decide(request: &Request<'_>, lake_next: &BTreeMap<Partition, Offset>) -> Result<Decision, PlanError> {
+    if nothing_new(request) {
+        return Ok(Decision::Unchanged);
+    }
+    let full = is_full(request);
+    let redefined = redefined(request);
+    let cut = OffsetCut::from_lake(lake_next.iter().map(|(p, o)| (*p, *o)), request.segment_size);
+    let previous = &request.published.cut;
+    for (partition, published) in previous.iter() {
+        let lake = cut.get(partition);
+        if lake < published {
+            return Err(PlanError::CutBackwards { partition, lake, published });
+        }
+    }
+    if !full && cut == *previous && redefined.is_empty() {
+        // New data, but none of it below a segment boundary yet: the speed
+        // layer holds it, and the batch has nothing new to publish.
+        return Ok(Decision::Unchanged);
+    }
+    Ok(Decision::Run(Plan { full, cut, previous: previous.clone(), redefined }))
+}
+
+impl Plan {
+    /// Whether the run must find the hours that the new offsets touch.
+    pub fn needs_touched_hours(&self) -> bool {
+        !self.full
+    }
+
+    /// How each view is refreshed, in the order given; views with nothing
+    /// to do are left out. `touched`: the hours of the events between the
+    /// previous cut and the new one (ignored by a full run).
+    pub fn views(&self, views: &'static [ViewDef], touched: &[Hour]) -> Vec<(&'static ViewDef, Refresh)> {
+        views
+            .iter()
+            .filter_map(|view| {
+                let refresh = if self.full || self.redefined.contains(&view.name) {
+                    Refresh::Replace
+                } else if let Some(key) = view.hour_key {
+                    if touched.is_empty() {
+                        return None;
+                    }
+                    Refresh::Hours { key, hours: touched.to_vec() }
+                } else if view.mergeable_by_upsert() {
+                    Refresh::Upsert
+                } else {
+                    Refresh::Replace
+                };
+                Some((view, refresh))
+            })
+            .collect()
+    }
+
+    /// The batch tables due: the catalog copy always; the windowed tables
+    /// on a full run or when older than `refresh_every` (or never
+    /// computed: absent from `ages`), and only when there are events below
+    /// the cut to look back from (`has_events`).
+    pub fn tables(
+        &self,
+        tables: &'static [BatchTable],
+        ages: &BTreeMap<String, Duration>,
+        refresh_every: Duration,
+        has_events: bool,
+    ) -> Vec<&'static BatchTable> {
+        tables
+            .iter()
+            .filter(|t| match t.input {
+                Input::Catalog => true,
+                Input::RecentEvents { .. } => {
+                    let stale = ages.get(t.name).is_none_or(|age| *age >= refresh_every);
+                    has_events && (self.full || stale)
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared_schema::derived::{BATCH_TABLES, DEMAND_BASELINE, ITEM_SIMILARITY, PRODUCTS};
+    use shared_schema::views::{ALL_VIEWS, PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
+
+    use super::*;
+
+    fn offsets(pairs: &[(i32, i64)]) -> BTreeMap<Partition, Offset> {
+        pairs.iter().map(|(p, o)| (Partition(*p), Offset(*o))).collect()
+    }
+
+    fn cut(pairs: &[(i32, i64)]) -> OffsetCut {
+        pairs.iter().map(|(p, o)| (Partition(*p), Offset(*o))).collect()
+    }
+
+    fn defs() -> Vec<(&'static str, String)> {
+        vec![("product_demand_hourly", "a".into()), ("user_product_state", "b".into())]
+    }
+
+    fn fingerprints(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(n, f)| (n.to_string(), f.to_string())).collect()
+    }
+
+    /// One row of the decision table.
+    struct Case {
+        name: &'static str,
+        full: bool,
+        lake_version: i64,
+        lake_next: &'static [(i32, i64)],
+        last_version: Option<i64>,
+        published_cut: &'static [(i32, i64)],
+        recorded: &'static [(&'static str, &'static str)],
+        expect: Result<Option<(bool, &'static [(i32, i64)], &'static [&'static str])>, PlanError>,
+    }
+
+    #[test]
+    fn decisions() {
+        let same = &[("product_demand_hourly", "a"), ("user_product_state", "b")];
+        let cases = [
+            Case {
+                name: "first run is full and cuts at segment boundaries",
+                full: false,
+                lake_version: 3,
+                lake_next: &[(0, 250), (1, 99)],
+                last_version: None,
+                published_cut: &[],
+                recorded: &[],
+                expect: Ok(Some((true, &[(0, 200), (1, 0)], &[]))),
+            },
+            Case {
+                name: "same lake version, same definitions: unchanged",
+                full: false,
+                lake_version: 3,
+                lake_next: &[(0, 950)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: same,
+                expect: Ok(None),
+            },
+            Case {
+                name: "new data inside the current segment only: unchanged",
+                full: false,
+                lake_version: 4,
+                lake_next: &[(0, 990)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: same,
+                expect: Ok(None),
+            },
+            Case {
+                name: "a new segment boundary: incremental run to it",
+                full: false,
+                lake_version: 4,
+                lake_next: &[(0, 1_010), (1, 5)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: same,
+                expect: Ok(Some((false, &[(0, 1_000), (1, 0)], &[]))),
+            },
+            Case {
+                name: "--full runs even when nothing changed",
+                full: true,
+                lake_version: 3,
+                lake_next: &[(0, 950)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: same,
+                expect: Ok(Some((true, &[(0, 900)], &[]))),
+            },
+            Case {
+                name: "a changed definition runs on an unchanged lake, backfilling that view",
+                full: false,
+                lake_version: 3,
+                lake_next: &[(0, 950)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: &[("product_demand_hourly", "old"), ("user_product_state", "b")],
+                expect: Ok(Some((false, &[(0, 900)], &["product_demand_hourly"]))),
+            },
+            Case {
+                name: "a view never recorded counts as changed",
+                full: false,
+                lake_version: 3,
+                lake_next: &[(0, 950)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: &[("product_demand_hourly", "a")],
+                expect: Ok(Some((false, &[(0, 900)], &["user_product_state"]))),
+            },
+            Case {
+                name: "no fingerprints on record (an upgrade): recorded without a backfill",
+                full: false,
+                lake_version: 3,
+                lake_next: &[(0, 950)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: &[],
+                expect: Ok(None),
+            },
+            Case {
+                name: "a lake behind the published cut is an error, never a cut moving back",
+                full: false,
+                lake_version: 5,
+                lake_next: &[(0, 850), (1, 400)],
+                last_version: Some(3),
+                published_cut: &[(0, 900)],
+                recorded: same,
+                expect: Err(PlanError::CutBackwards {
+                    partition: Partition(0),
+                    lake: Offset(800),
+                    published: Offset(900),
+                }),
+            },
+            Case {
+                name: "a partition the lake never saw is behind a published cut above 0",
+                full: true,
+                lake_version: 5,
+                lake_next: &[(0, 1_000)],
+                last_version: Some(3),
+                published_cut: &[(0, 900), (1, 100)],
+                recorded: same,
+                expect: Err(PlanError::CutBackwards {
+                    partition: Partition(1),
+                    lake: Offset(0),
+                    published: Offset(100),
+                }),
+            },
+        ];
+        let definitions = defs();
+        for case in cases {
+            let published = Published {
+                version: case.last_version,
+                cut: cut(case.published_cut),
+                fingerprints: fingerprints(case.recorded),
+            };
+            let request = Request {
+                full: case.full,
+                lake_version: case.lake_version,
+                segment_size: SegmentSize::new(100).unwrap(),
+                definitions: &definitions,
+                published: &published,
+            };
+            let got = decide(&request, &offsets(case.lake_next));
+            let want = case.expect.map(|o| match o {
+                None => Decision::Unchanged,
+                Some((full, c, redefined)) => Decision::Run(Plan {
+                    full,
+                    cut: cut(c),
+                    previous: published.cut.clone(),
+                    redefined: redefined.to_vec(),
+                }),
+            });
+            assert_eq!(got, want, "{}", case.name);
+        }
+    }
+
+    fn plan(full: bool, redefined: &[&'static str]) -> Plan {
+        Plan { full, cut: cut(&[(0, 200)]), previous: cut(&[(0, 100)]), redefined: redefined.to_vec() }
+    }
+
+    fn hours(n: i64) -> Vec<Hour> {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().to_utc();
+        (0..n).map(|i| Hour::of(t + chrono::TimeDelta::hours(i))).collect()
+    }
+
+    #[test]
+    fn view_refreshes() {
+        type Want = &'static [(&'static str, &'static str)];
+        let cases: [(&str, Plan, i64, Want); 4] = [
+            (
+                "full: every view replaced",
+                plan(true, &[]),
+                2,
+                &[("product_demand_hourly", "replace"), ("user_product_state", "replace")],
+            ),
+            (
+                "incremental: hourly views by the touched hours, max-only views by upsert",
+                plan(false, &[]),
+                2,
+                &[("product_demand_hourly", "hours:2"), ("user_product_state", "upsert")],
+            ),
+            (
+                "incremental with no touched hour: the hourly view is left alone",
+                plan(false, &[]),
+                0,
+                &[("user_product_state", "upsert")],
+            ),
+            (
+                "a redefined view is replaced whole by an incremental run",
+                plan(false, &["user_product_state"]),
+                1,
+                &[("product_demand_hourly", "hours:1"), ("user_product_state", "replace")],
+            ),
+        ];
+        assert_eq!(ALL_VIEWS, &[PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE], "the cases name every view");
+        for (name, plan, n, want) in cases {
+            let got: Vec<(&str, String)> = plan
+                .views(ALL_VIEWS, &hours(n))
+                .into_iter()
+                .map(|(v, r)| {
+                    let r = match r {
+                        Refresh::Replace => "replace".to_string(),
+                        Refresh::Upsert => "upsert".to_string(),
+                        Refresh::Hours { key, hours } => {
+                            assert_eq!(key, "hour");
+                            format!("hours:{}", hours.len())
+                        }
+                    };
+                    (v.name, r)
+                })
+                .collect();
+            let want: Vec<(&str, String)> = want.iter().map(|(v, r)| (*v, r.to_string())).collect();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn batch_tables_due() {
+        let hour = Duration::from_secs(3600);
+        let ages = |pairs: &[(&str, u64)]| -> BTreeMap<String, Duration> {
+            pairs.iter().map(|(n, h)| (n.to_string(), hour * *h as u32)).collect()
+        };
+        let names = |t: Vec<&BatchTable>| t.into_iter().map(|t| t.name).collect::<Vec<_>>();
+        let every = 6 * hour;
+        let fresh = ages(&[("demand_baseline", 1), ("item_similarity", 5)]);
+        let cases: [(&str, Plan, BTreeMap<String, Duration>, bool, Vec<&str>); 6] = [
+            ("full: all", plan(true, &[]), fresh.clone(), true, vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name]),
+            ("incremental, fresh: the catalog only", plan(false, &[]), fresh, true, vec![PRODUCTS.name]),
+            (
+                "incremental, one at its age limit: that one",
+                plan(false, &[]),
+                ages(&[("demand_baseline", 6), ("item_similarity", 5)]),
+                true,
+                vec![PRODUCTS.name, DEMAND_BASELINE.name],
+            ),
+            (
+                "incremental, never computed: both",
+                plan(false, &[]),
+                ages(&[]),
+                true,
+                vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name],
+            ),
+            ("full but no events below the cut: the catalog only", plan(true, &[]), ages(&[]), false, vec![PRODUCTS.name]),
+            ("stale but no events: the catalog only", plan(false, &[]), ages(&[]), false, vec![PRODUCTS.name]),
+        ];
+        for (name, plan, ages, has_events, want) in cases {
+            assert_eq!(names(plan.tables(BATCH_TABLES, &ages, every, has_events)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_incremental_runs_look_for_touched_hours() {
+        assert!(plan(false, &[]).needs_touched_hours());
+        assert!(!plan(true, &[]).needs_touched_hours());
+    }
+}
