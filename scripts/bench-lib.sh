@@ -32,10 +32,10 @@ ensure_stack() {
     fi
 }
 
-# build_release BIN: the benchmark tool, optimised (the dev profile would
+# build_release BIN: the benchmark tool (crate `tools`), optimised (the dev profile would
 # measure the compiler's debug settings, not the platform).
 build_release() {
-    cargo build --release --locked -p integration-tests --bin "$1"
+    cargo build --release --locked -p tools --bin "$1"
 }
 
 # write_section "## Title": replaces that section of docs/BENCHMARKS.md with

@@ -33,7 +33,10 @@ impl Stack {
     pub fn from_env() -> Self {
         let db = std::env::var("DATABASE_URL").unwrap_or_else(|_| shared_schema::defaults::DATABASE_URL.into());
         let server = db.rsplit_once('/').map_or(db.clone(), |(s, _)| s.to_string());
-        Self { brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| shared_schema::defaults::KAFKA_BROKERS.into()), postgres: server }
+        Self {
+            brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| shared_schema::defaults::KAFKA_BROKERS.into()),
+            postgres: server,
+        }
     }
 
     fn admin_url(&self) -> String {

@@ -5,7 +5,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 
-use crate::shop::{Shop, ShopConfig};
+use integration_tests::shop::{Shop, ShopConfig};
 
 /// The `rate` at which `config`'s shop makes `events` events in the hours
 /// `[from, to)`: measured on the model itself, at a tenth of that rate,

@@ -35,7 +35,6 @@ use datafusion::arrow::datatypes::Int64Type;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use indicatif::{ProgressBar, ProgressStyle};
-use integration_tests::bench::{calibrated_rate, group};
 use integration_tests::fixture::Stack;
 use integration_tests::shop::{Shop, ShopConfig, Spike};
 use rand::SeedableRng as _;
@@ -44,6 +43,7 @@ use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
 use shared_schema::schema::PARTITION_COLUMNS;
 use shared_schema::views::PRODUCT_DEMAND_HOURLY;
 use shared_schema::{EventDecoder, RawRecord, events_schema};
+use tools::bench::{calibrated_rate, group};
 
 /// Batch-layer benchmark: DataFusion vs DuckDB, full vs incremental run.
 #[derive(Debug, Parser)]

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use chrono::{DurationRound as _, TimeDelta, Utc};
 use clap::Parser;
-use integration_tests::bench::{calibrated_rate, group};
 use integration_tests::fixture::Stack;
 use integration_tests::generator;
 use integration_tests::shop::{Shop, ShopConfig, ShopEvent};
@@ -39,6 +38,7 @@ use shared_schema::EventType;
 use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tools::bench::{calibrated_rate, group};
 
 /// Speed-layer benchmark: throughput against a bare consumer, freshness.
 #[derive(Debug, Parser)]
