@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
-use shared_schema::cut::SegmentSize;
+use rdkafka::{ClientConfig, ClientContext, Message, TopicPartitionList};
+use shared_schema::cut::{Offset, Partition, SegmentSize};
 use shared_schema::{EventDecoder, RawRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -116,7 +116,7 @@ pub enum SpeedError {
 /// Partitions assigned or revoked since the loop last looked: their
 /// positions must be reloaded from PostgreSQL.
 #[derive(Default)]
-struct RebalanceLog(Mutex<BTreeSet<i32>>);
+struct RebalanceLog(Mutex<BTreeSet<Partition>>);
 
 struct Context(Arc<RebalanceLog>);
 
@@ -132,14 +132,14 @@ impl ConsumerContext for Context {
             }
         };
         let mut log = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
-        log.extend(tpl.elements().iter().map(|e| e.partition()));
+        log.extend(tpl.elements().iter().map(|e| Partition(e.partition())));
         tracing::info!(?rebalance, "partitions rebalanced");
     }
 }
 
 struct Buffered {
-    partition: i32,
-    offset: i64,
+    partition: Partition,
+    offset: Offset,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
 }
@@ -148,8 +148,8 @@ impl Buffered {
     /// A copy of `m` (an absent payload is empty, and rejected as such).
     fn of(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
         Self {
-            partition: m.partition(),
-            offset: m.offset(),
+            partition: Partition(m.partition()),
+            offset: Offset(m.offset()),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().unwrap_or_default().to_vec(),
         }
@@ -194,17 +194,17 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(kafka)?,
         Assignment::All => {
             let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30)).map_err(kafka)?;
-            let partitions: Vec<i32> = metadata
+            let partitions: Vec<Partition> = metadata
                 .topics()
                 .iter()
                 .filter(|t| t.name() == config.topic)
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .flat_map(|t| t.partitions().iter().map(|p| Partition(p.id())))
                 .collect();
             let stored = offsets::load(&pool, &partitions).await.map_err(|e| SpeedError::Db(e.into()))?;
             let mut tpl = TopicPartitionList::new();
             for p in &partitions {
-                let next = stored.get(p).copied().unwrap_or(0);
-                tpl.add_partition_offset(&config.topic, *p, Offset::Offset(next)).map_err(kafka)?;
+                let next = stored.get(p).copied().unwrap_or(Offset(0));
+                tpl.add_partition_offset(&config.topic, p.0, rdkafka::Offset::Offset(next.0)).map_err(kafka)?;
             }
             consumer.assign(&tpl).map_err(kafka)?;
             tracing::info!(partitions = partitions.len(), "assigned every partition directly");
@@ -311,7 +311,7 @@ struct Loop<'a> {
     dlq: &'a Dlq,
     segment_size: SegmentSize,
     /// Per partition, the next offset this instance accepts.
-    positions: BTreeMap<i32, i64>,
+    positions: BTreeMap<Partition, Offset>,
     buffer: Vec<Buffered>,
     first_at: Option<Instant>,
     decoder: EventDecoder,
@@ -328,7 +328,7 @@ impl Loop<'_> {
     /// assigned or revoked since the last look: records of an earlier
     /// assignment are re-read from the offset PostgreSQL holds.
     /// Returns the partitions that changed.
-    fn apply_rebalances(&mut self) -> BTreeSet<i32> {
+    fn apply_rebalances(&mut self) -> BTreeSet<Partition> {
         let changed = std::mem::take(&mut *self.rebalances.0.lock().unwrap_or_else(|p| p.into_inner()));
         if changed.is_empty() {
             return changed;
@@ -388,11 +388,11 @@ impl Loop<'_> {
         held.retain(|h| !changed.contains(&h.record.partition));
         // Positions unknown after a fenced flush or for a partition first
         // seen now: loaded at once, not once per held record.
-        let unknown: Vec<i32> = held
+        let unknown: Vec<Partition> = held
             .iter()
             .map(|h| h.record.partition)
             .filter(|p| !self.positions.contains_key(p))
-            .collect::<BTreeSet<i32>>()
+            .collect::<BTreeSet<Partition>>()
             .into_iter()
             .collect();
         if !unknown.is_empty()
@@ -429,7 +429,7 @@ impl Loop<'_> {
                 Ok(()) => self.positions[&partition],
                 Err(e) => {
                     // Seek back so the record comes again once PostgreSQL answers.
-                    tracing::warn!(error = %e, partition, "cannot load the stored offset; retrying");
+                    tracing::warn!(error = %e, %partition, "cannot load the stored offset; retrying");
                     self.seek(partition, offset);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     return Accepted::SoughtBack;
@@ -444,7 +444,7 @@ impl Loop<'_> {
             self.seek(partition, expected);
             return Accepted::SoughtBack;
         }
-        self.positions.insert(partition, offset + 1);
+        self.positions.insert(partition, Offset(offset.0 + 1));
         metrics::counter!("speed_records_total").increment(1);
         metrics::counter!("speed_bytes_total").increment(record.payload.len() as u64);
         self.buffer.push(record);
@@ -454,20 +454,20 @@ impl Loop<'_> {
 
     /// Sets the position of each of `partitions` to the next offset
     /// PostgreSQL holds for it (0 for a partition never seen).
-    async fn load_positions(&mut self, partitions: &[i32]) -> Result<(), sqlx::Error> {
+    async fn load_positions(&mut self, partitions: &[Partition]) -> Result<(), sqlx::Error> {
         let loaded = offsets::load(self.pool, partitions).await?;
         for p in partitions {
-            self.positions.insert(*p, loaded.get(p).copied().unwrap_or(0));
+            self.positions.insert(*p, loaded.get(p).copied().unwrap_or(Offset(0)));
         }
         Ok(())
     }
 
-    fn seek(&self, partition: i32, offset: i64) {
+    fn seek(&self, partition: Partition, offset: Offset) {
         let mut tpl = TopicPartitionList::new();
-        if tpl.add_partition_offset(&self.config.topic, partition, Offset::Offset(offset)).is_ok()
+        if tpl.add_partition_offset(&self.config.topic, partition.0, rdkafka::Offset::Offset(offset.0)).is_ok()
             && let Err(e) = self.consumer.seek_partitions(tpl, Duration::from_secs(5))
         {
-            tracing::warn!(error = %e, partition, offset, "seek failed; will retry on the next record");
+            tracing::warn!(error = %e, %partition, %offset, "seek failed; will retry on the next record");
         }
     }
 
@@ -519,7 +519,7 @@ impl Loop<'_> {
         let started = Instant::now();
         let records: Vec<RawRecord<'_>> = buffer
             .iter()
-            .map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload })
+            .map(|b| RawRecord { partition: b.partition.0, offset: b.offset.0, payload: &b.payload })
             .collect();
         let mut decoded = self.decoder.decode(&records, Utc::now())?;
         if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
@@ -554,22 +554,23 @@ impl Loop<'_> {
             *dlq_done = true;
         }
 
-        let mut advances: BTreeMap<i32, Advance> = BTreeMap::new();
+        let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
         for b in buffer {
+            let next = Offset(b.offset.0 + 1);
             let a = advances.entry(b.partition).or_insert(Advance {
                 partition: b.partition,
                 from: b.offset,
-                to: b.offset + 1,
+                to: next,
                 last_event_time: None,
             });
             a.from = a.from.min(b.offset);
-            a.to = a.to.max(b.offset + 1);
+            a.to = a.to.max(next);
         }
-        let counts = buffer.iter().fold(BTreeMap::<i32, i64>::new(), |mut m, b| {
+        let counts = buffer.iter().fold(BTreeMap::<Partition, i64>::new(), |mut m, b| {
             *m.entry(b.partition).or_default() += 1;
             m
         });
-        if advances.values().any(|a| counts.get(&a.partition) != Some(&(a.to - a.from))) {
+        if advances.values().any(|a| counts.get(&a.partition) != Some(&(a.to.0 - a.from.0))) {
             // Never commit a micro-batch with a gap or a repeat: start over
             // from what PostgreSQL holds.
             tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
@@ -599,7 +600,7 @@ impl Loop<'_> {
         // tooling show the group's lag.
         let mut tpl = TopicPartitionList::new();
         for a in &advances {
-            let _ = tpl.add_partition_offset(&self.config.topic, a.partition, Offset::Offset(a.to));
+            let _ = tpl.add_partition_offset(&self.config.topic, a.partition.0, rdkafka::Offset::Offset(a.to.0));
         }
         let _ = self.consumer.commit(&tpl, CommitMode::Async);
 
@@ -623,7 +624,7 @@ impl Loop<'_> {
 
 enum Flushed {
     Committed,
-    Fenced(Vec<i32>),
+    Fenced(Vec<Partition>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -666,7 +667,7 @@ async fn write_delta(conn: &mut sqlx::PgConnection, delta: &ViewDelta) -> Result
     Ok(done.rows_affected())
 }
 
-fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(i32, DateTime<Utc>)> {
+fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(Partition, DateTime<Utc>)> {
     use arrow::array::AsArray;
     use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
     use shared_schema::schema::col;
@@ -678,6 +679,6 @@ fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(i32, DateTime<Utc
     p.values()
         .iter()
         .zip(t.values())
-        .filter_map(|(p, t)| DateTime::from_timestamp_micros(*t).map(|t| (*p, t)))
+        .filter_map(|(p, t)| DateTime::from_timestamp_micros(*t).map(|t| (Partition(*p), t)))
         .collect()
 }
