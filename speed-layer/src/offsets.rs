@@ -10,11 +10,13 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use shared_schema::cut::{Offset, Partition};
 use sqlx::{PgConnection, PgPool};
 
 /// Where consumption of partition `p` starts when nothing is stored: the
 /// batch's cut (offsets below it are the batch's), else the beginning.
-pub async fn load(pool: &PgPool, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+pub async fn load(pool: &PgPool, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, sqlx::Error> {
+    let partitions: Vec<i32> = partitions.iter().map(|p| p.0).collect();
     let rows: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT p.kafka_partition, COALESCE(o.next_offset, c.cut_offset, 0)
          FROM unnest($1::int[]) AS p(kafka_partition)
@@ -24,23 +26,23 @@ pub async fn load(pool: &PgPool, partitions: &[i32]) -> Result<BTreeMap<i32, i64
     .bind(partitions)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows.into_iter().map(|(p, o)| (Partition(p), Offset(o))).collect())
 }
 
 /// One partition's advance in a flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Advance {
-    pub partition: i32,
+    pub partition: Partition,
     /// The offset this instance started the flush from (what it loaded).
-    pub from: i64,
+    pub from: Offset,
     /// The next offset after the flush.
-    pub to: i64,
+    pub to: Offset,
     pub last_event_time: Option<DateTime<Utc>>,
 }
 
 /// Moves each partition's offset from `from` to `to` inside `tx`; returns
 /// the partitions whose stored offset was not `from` (fenced off).
-pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Vec<i32>, sqlx::Error> {
+pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Vec<Partition>, sqlx::Error> {
     let mut fenced = Vec::new();
     for a in advances {
         // Insert when absent (then `from` was derived from the cut), update
@@ -54,10 +56,10 @@ pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Ve
                 updated_at = now()
              WHERE o.next_offset = $4",
         )
-        .bind(a.partition)
-        .bind(a.to)
+        .bind(a.partition.0)
+        .bind(a.to.0)
         .bind(a.last_event_time)
-        .bind(a.from)
+        .bind(a.from.0)
         .execute(&mut *conn)
         .await?
         .rows_affected();

@@ -1,0 +1,320 @@
+//! The micro-batch into PostgreSQL: decode → DLQ the rejects (acknowledged)
+//! → DataFusion deltas → one transaction that advances the offsets with a
+//! fence (see [`crate::offsets`]), COPYs the deltas into temporary tables
+//! and folds them into `speed.*`.
+//!
+//! A crash at any point leaves either the whole flush or none of it. A
+//! fenced flush (another instance moved an offset) commits nothing and says
+//! so, and so does a micro-batch whose offsets are not contiguous: the
+//! caller re-reads from what PostgreSQL holds. Events and rejected records
+//! of forgotten users (`batch-layer forget-user`) are dropped at decode; the
+//! set is re-read from PostgreSQL every few seconds.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::error::KafkaError;
+use shared_schema::cut::{Offset, Partition, SegmentSize};
+use shared_schema::{EventDecoder, RawRecord};
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::SpeedConfig;
+use super::micro_batch::Record;
+use crate::deltas::{self, ViewDelta};
+use crate::dlq::{DeadLetter, Dlq};
+use crate::offsets::{self, Advance};
+
+/// How often the forgotten users are re-read.
+const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
+
+/// How a flush ended.
+#[derive(Debug)]
+pub(super) enum Flushed {
+    /// Deltas and offsets committed: per partition, the next offset.
+    Committed(Vec<(Partition, Offset)>),
+    /// Nothing committed: the micro-batch must be re-read from PostgreSQL's
+    /// offsets (another instance moved these partitions, or the micro-batch
+    /// was not contiguous).
+    Fenced,
+    /// Nothing committed, given up at shutdown; the next start re-reads it.
+    Abandoned,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Committed(Vec<(Partition, Offset)>),
+    Fenced(Vec<Partition>),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    #[error("decoding: {0}")]
+    Decode(#[from] shared_schema::decode::DecodeError),
+    #[error("DLQ: {0}")]
+    Dlq(Box<KafkaError>),
+    #[error("computing deltas: {0}")]
+    Deltas(#[from] datafusion::error::DataFusionError),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("encoding COPY data: {0}")]
+    Copy(#[from] platform::pgcopy::CopyError),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
+    #[error("dropping forgotten users: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// Writes micro-batches; owns what a flush needs besides the records.
+pub(super) struct Sink<'a> {
+    config: &'a SpeedConfig,
+    pool: &'a PgPool,
+    dlq: &'a Dlq,
+    segment_size: SegmentSize,
+    decoder: EventDecoder,
+    ready: platform::ops_http::Readiness,
+    forgotten: platform::forgotten::Forgotten,
+    forgotten_at: Instant,
+    dlq_rate: crate::alerts::DlqRate,
+    notifier: platform::notify::Notifier,
+}
+
+impl<'a> Sink<'a> {
+    pub(super) fn new(
+        config: &'a SpeedConfig,
+        pool: &'a PgPool,
+        dlq: &'a Dlq,
+        segment_size: SegmentSize,
+        forgotten: platform::forgotten::Forgotten,
+        ready: platform::ops_http::Readiness,
+        notifier: platform::notify::Notifier,
+    ) -> Self {
+        Self {
+            config,
+            pool,
+            dlq,
+            segment_size,
+            decoder: EventDecoder::new(),
+            ready,
+            forgotten,
+            forgotten_at: Instant::now(),
+            dlq_rate: crate::alerts::DlqRate::new(&config.alerts),
+            notifier,
+        }
+    }
+
+    /// Flushes `records`, retrying with capped backoff while PostgreSQL or
+    /// the broker is away (progress stops, the process does not).
+    pub(super) async fn flush(&mut self, records: &[Record], shutdown: &CancellationToken) -> Flushed {
+        let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failing = false;
+        let mut dlq_done = false;
+        loop {
+            match self.try_flush(records, &mut dlq_done).await {
+                Ok(Attempt::Committed(next)) => {
+                    if failing {
+                        tracing::info!("flushing works again");
+                    }
+                    self.ready.set(true);
+                    return Flushed::Committed(next);
+                }
+                Ok(Attempt::Fenced(partitions)) => {
+                    // Another instance moved these partitions: drop the whole
+                    // micro-batch (the caller re-reads every partition from
+                    // PostgreSQL).
+                    tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
+                    return Flushed::Fenced;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "flush failed; retrying with backoff until it succeeds");
+                        failing = true;
+                    }
+                    self.ready.set(false);
+                    metrics::counter!("speed_flush_failures_total").increment(1);
+                    if shutdown.is_cancelled() && backoff.at_cap() {
+                        // Nothing was committed; the next start resumes from PostgreSQL.
+                        tracing::warn!("shutting down with an uncommitted micro-batch; it will be re-read");
+                        return Flushed::Abandoned;
+                    }
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+
+    /// One attempt; `dlq_done` remembers across attempts that the rejects
+    /// of this micro-batch are already acknowledged by the DLQ.
+    async fn try_flush(&mut self, buffer: &[Record], dlq_done: &mut bool) -> Result<Attempt, FlushError> {
+        let started = Instant::now();
+        let records: Vec<RawRecord<'_>> = buffer
+            .iter()
+            .map(|b| RawRecord { partition: b.partition.0, offset: b.offset.0, payload: &b.payload })
+            .collect();
+        let mut decoded = self.decoder.decode(&records, Utc::now())?;
+        if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
+            self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
+            self.forgotten_at = Instant::now();
+        }
+        if !self.forgotten.is_empty() {
+            let (kept, events) = self.forgotten.filter_events(decoded.batch)?;
+            decoded.batch = kept;
+            let before = decoded.rejected.len();
+            let forgotten = &self.forgotten;
+            decoded
+                .rejected
+                .retain(|r| !forgotten.rejected_is_forgotten(buffer[r.index].key.as_deref(), &buffer[r.index].payload));
+            let dropped = events + before - decoded.rejected.len();
+            if dropped > 0 {
+                metrics::counter!("speed_forgotten_total").increment(dropped as u64);
+                tracing::debug!(dropped, "dropped records of forgotten users");
+            }
+        }
+
+        let rejected: Vec<_> = decoded
+            .rejected
+            .iter()
+            .map(|r| {
+                let b = &buffer[r.index];
+                DeadLetter { record: r, key: b.key.as_deref(), payload: b.payload.as_slice() }
+            })
+            .collect();
+        if !*dlq_done {
+            self.dlq.send(&rejected).await.map_err(|e| FlushError::Dlq(Box::new(e)))?;
+            *dlq_done = true;
+        }
+
+        let mut advances = match advances(buffer) {
+            Ok(advances) => advances,
+            Err(partitions) => {
+                // Never commit a micro-batch with a gap or a repeat: start over
+                // from what PostgreSQL holds.
+                tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
+                return Ok(Attempt::Fenced(partitions));
+            }
+        };
+        for (p, t) in last_event_times(&decoded.batch) {
+            if let Some(a) = advances.get_mut(&p) {
+                a.last_event_time = a.last_event_time.max(Some(t));
+            }
+        }
+        let deltas = deltas::compute(decoded.batch, self.segment_size).await?;
+
+        let mut tx = self.pool.begin().await?;
+        let advances: Vec<Advance> = advances.into_values().collect();
+        let fenced = offsets::advance(&mut tx, &advances).await?;
+        if !fenced.is_empty() {
+            tx.rollback().await?;
+            return Ok(Attempt::Fenced(fenced));
+        }
+        let mut rows = 0;
+        for delta in &deltas {
+            rows += write_delta(&mut tx, delta).await?;
+        }
+        tx.commit().await?;
+
+        let secs = started.elapsed().as_secs_f64();
+        metrics::histogram!("speed_flush_seconds").record(secs);
+        metrics::counter!("speed_rows_written_total").increment(rows);
+        metrics::counter!("speed_dlq_total").increment(rejected.len() as u64);
+        if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
+            self.notifier.send(n);
+        }
+        for a in &advances {
+            if let Some(t) = a.last_event_time {
+                metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
+                    .set(t.timestamp_millis() as f64 / 1000.0);
+            }
+        }
+        tracing::debug!(records = buffer.len(), rejected = rejected.len(), rows, ms = secs * 1000.0, "flushed");
+        Ok(Attempt::Committed(advances.iter().map(|a| (a.partition, a.to)).collect()))
+    }
+}
+
+/// Per partition, the offsets `records` move it across; the partitions
+/// (all of them) when some partition's offsets have a gap or a repeat.
+fn advances(records: &[Record]) -> Result<BTreeMap<Partition, Advance>, Vec<Partition>> {
+    let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
+    for r in records {
+        let next = Offset(r.offset.0 + 1);
+        let a = advances.entry(r.partition).or_insert(Advance {
+            partition: r.partition,
+            from: r.offset,
+            to: next,
+            last_event_time: None,
+        });
+        a.from = a.from.min(r.offset);
+        a.to = a.to.max(next);
+    }
+    let counts = records.iter().fold(BTreeMap::<Partition, i64>::new(), |mut m, r| {
+        *m.entry(r.partition).or_default() += 1;
+        m
+    });
+    if advances.values().any(|a| counts.get(&a.partition) != Some(&(a.to.0 - a.from.0))) {
+        return Err(advances.keys().copied().collect());
+    }
+    Ok(advances)
+}
+
+/// COPYs a view's deltas into a temporary table and folds them into
+/// `speed.<view>` with the view's merge rules.
+async fn write_delta(conn: &mut sqlx::PgConnection, delta: &ViewDelta) -> Result<u64, FlushError> {
+    if delta.rows() == 0 {
+        return Ok(0);
+    }
+    let name = delta.view.name;
+    let temp = format!("speed_delta_{name}");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE speed.{name}) ON COMMIT DELETE ROWS"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let data = platform::pgcopy::encode(&delta.batches)?;
+    let statement = format!("COPY {temp} FROM STDIN (FORMAT binary)");
+    let mut copy = conn.copy_in_raw(&statement).await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    let done = sqlx::query(AssertSqlSafe(delta.view.speed_upsert_sql(&temp))).execute(&mut *conn).await?;
+    Ok(done.rows_affected())
+}
+
+fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(Partition, DateTime<Utc>)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
+    use shared_schema::schema::col;
+    let (Some(t), Some(p)) = (batch.column_by_name(col::EVENT_TIME), batch.column_by_name(col::KAFKA_PARTITION)) else {
+        return Vec::new();
+    };
+    let t = t.as_primitive::<TimestampMicrosecondType>();
+    let p = p.as_primitive::<Int32Type>();
+    p.values()
+        .iter()
+        .zip(t.values())
+        .filter_map(|(p, t)| DateTime::from_timestamp_micros(*t).map(|t| (Partition(*p), t)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::micro_batch::record;
+    use super::*;
+
+    fn spans(records: &[Record]) -> Result<Vec<(i32, i64, i64)>, Vec<Partition>> {
+        advances(records).map(|a| a.values().map(|a| (a.partition.0, a.from.0, a.to.0)).collect())
+    }
+
+    #[test]
+    fn contiguous_records_advance_each_partition_across_them() {
+        let records = [record(0, 4), record(1, 0), record(0, 5), record(0, 6), record(1, 1)];
+        assert_eq!(spans(&records), Ok(vec![(0, 4, 7), (1, 0, 2)]));
+    }
+
+    #[test]
+    fn gap_or_repeat_discards_the_micro_batch() {
+        let gap = [record(0, 4), record(1, 0), record(0, 6)];
+        assert_eq!(spans(&gap), Err(vec![Partition(0), Partition(1)]));
+        let repeat = [record(0, 4), record(0, 5), record(0, 5)];
+        assert_eq!(spans(&repeat), Err(vec![Partition(0)]));
+    }
+}
