@@ -204,7 +204,7 @@ impl RunArgs {
             notify_webhook: platform::notify::parse_webhook(self.notify_webhook_url.as_deref())
                 .map_err(anyhow::Error::msg)?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            engine: crate::cluster::Engine::parse(&self.engine)?,
+            engine: crate::engine::Engine::parse(&self.engine)?,
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
         })
     }

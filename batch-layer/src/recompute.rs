@@ -28,7 +28,7 @@ use shared_schema::derived::{BATCH_TABLES, Input, Scope};
 use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
-use crate::cluster::Engine;
+use crate::engine::Engine;
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
 use crate::quality::{self, QualityReport, Target};
 
@@ -104,7 +104,7 @@ pub enum RunError {
     )]
     CutBackwards { partition: i32, lake: i64, published: i64 },
     #[error(transparent)]
-    Engine(#[from] crate::cluster::EngineError),
+    Engine(#[from] crate::engine::EngineError),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
 }
