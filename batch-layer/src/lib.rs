@@ -11,12 +11,10 @@
 //! * [`engine`]: where a run's SQL executes, in process or `ballista://…`;
 //! * [`lake_files`]: a pinned snapshot as Parquet files, as a Ballista plan carries it;
 //! * [`stores`]: the object stores a Ballista session reads the lake through;
-//! * [`cluster`]: the Ballista scheduler and executor processes;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod catalog;
 pub mod cli;
-pub mod cluster;
 pub mod engine;
 pub mod export;
 pub mod forget;
