@@ -25,12 +25,12 @@ fi
 
 step "build (release profile)"
 build_release bench_batch
-cargo build --release --locked -p batch-layer --bin batch-layer
+cargo build --release --locked -p batch-layer --bin batch-layer -p batch-cluster --bin batch-cluster
 
 ballista=()
 if [ "${BENCH_BALLISTA:-1}" != 0 ]; then
     step "local Ballista cluster (release build, port ${BALLISTA_PORT:=50060})"
-    export BALLISTA_PORT BATCH_LAYER=$RELEASE/batch-layer LOCAL_DIR=$LAMBDA_CACHE/bench/cluster
+    export BALLISTA_PORT BATCH_CLUSTER=$RELEASE/batch-cluster LOCAL_DIR=$LAMBDA_CACHE/bench/cluster
     trap 'scripts/cluster.sh down >/dev/null 2>&1 || true' EXIT
     scripts/cluster.sh up
     ballista=(--ballista "ballista://127.0.0.1:$BALLISTA_PORT")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A local Ballista cluster for `batch-layer run --engine ballista://…`: one
-# `batch-layer scheduler` and two `batch-layer executor`s on loopback, state
-# and logs under .local/ballista.
+# `batch-cluster scheduler` and two `batch-cluster executor`s on loopback,
+# state and logs under .local/ballista.
 #
 #   scripts/cluster.sh up      start them (idempotent) and wait until the
 #                              scheduler has both executors
@@ -17,7 +17,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOCAL=${LOCAL_DIR:-$ROOT/.local}
 DIR=$LOCAL/ballista
 CACHE=${LAMBDA_CACHE:-$HOME/.cache/lambda-platform}
-BIN=${BATCH_LAYER:-${CARGO_TARGET_DIR:-$CACHE/target}/debug/batch-layer}
+BIN=${BATCH_CLUSTER:-${CARGO_TARGET_DIR:-$CACHE/target}/debug/batch-cluster}
 PORT=${BALLISTA_PORT:-50050}
 EXECUTORS=${BALLISTA_EXECUTORS:-2}
 

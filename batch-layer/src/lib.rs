@@ -9,17 +9,21 @@
 //! * [`schedule`]: `run` every period, aligned to the clock;
 //! * [`forget`]: `forget-user`, the GDPR erasure of one user everywhere;
 //! * [`export`]: the recommender's training data as Parquet, as of a time;
-//! * [`cluster`]: `run --engine ballista://…`, and the scheduler and executor;
+//! * [`engine`]: where a run's SQL executes, in process or `ballista://…`;
+//! * [`lake_files`]: a pinned snapshot as Parquet files, as a Ballista plan carries it;
+//! * [`stores`]: the object stores a Ballista session reads the lake through;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod catalog;
 pub mod cli;
-pub mod cluster;
+pub mod engine;
 pub mod export;
 pub mod forget;
 pub mod ingest;
 pub mod lake;
+pub mod lake_files;
 pub mod quality;
 pub mod recompute;
 pub mod schedule;
 pub mod scope;
+pub mod stores;

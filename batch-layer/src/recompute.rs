@@ -34,7 +34,7 @@ use shared_schema::derived::BATCH_TABLES;
 use shared_schema::views::PRODUCT_DEMAND_HOURLY;
 use sqlx::{AssertSqlSafe, PgPool};
 
-use crate::cluster::Engine;
+use crate::engine::Engine;
 use crate::lake::{EVENTS_TABLE, Lake, LakeError};
 use crate::quality::QualityReport;
 use plan::{Decision, Plan};
@@ -109,7 +109,7 @@ pub enum RunError {
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
     #[error(transparent)]
-    Engine(#[from] crate::cluster::EngineError),
+    Engine(#[from] crate::engine::EngineError),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
 }

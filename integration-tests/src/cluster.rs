@@ -1,5 +1,5 @@
 //! Beyond one machine, on loopback: a Ballista cluster of our own
-//! `batch-layer scheduler` and two `batch-layer executor` processes, and a
+//! `batch-cluster scheduler` and two `batch-cluster executor` processes, and a
 //! local S3-compatible server (moto) for a lake on `s3://`. Each is started
 //! by the test that needs it and stopped when dropped.
 
@@ -86,7 +86,7 @@ impl Drop for Processes {
     }
 }
 
-/// A Ballista scheduler and `executors` executors of `batch-layer`.
+/// A Ballista scheduler and `executors` executors of `batch-cluster`.
 pub struct BallistaCluster {
     scheduler: SocketAddr,
     processes: Processes,
@@ -98,7 +98,7 @@ impl BallistaCluster {
     /// variables of an s3:// lake) and waits until the scheduler reports
     /// every executor registered.
     pub async fn start(executors: usize, env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let bin = binary("batch-layer");
+        let bin = binary("batch-cluster");
         let work = tempfile::tempdir()?;
         let scheduler = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let mut processes = Processes::new()?;

@@ -17,7 +17,7 @@ use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
 
 use super::RunError;
 use super::plan::{Plan, Refresh};
-use crate::cluster::Engine;
+use crate::engine::Engine;
 use crate::lake::{self, Lake};
 use crate::scope;
 

@@ -569,7 +569,7 @@ async fn ballista_full(
     let (url, pool) = stack.fresh_database("bench_batch_ballista").await?;
     let config = RunConfig {
         full: true,
-        engine: batch_layer::cluster::Engine::parse(engine)?,
+        engine: batch_layer::engine::Engine::parse(engine)?,
         ..RunConfig::new(url, lake.clone(), topic.to_string())
     };
     println!("batch-layer run --full --engine {engine} into a fresh database ...");

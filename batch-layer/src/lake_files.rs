@@ -1,28 +1,25 @@
-//! The batch on a Ballista cluster: `run --engine ballista://HOST:PORT`,
-//! and the `scheduler` and `executor` processes it talks to.
+//! A pinned Delta snapshot as a list of Parquet files, the form in which a
+//! lake table travels in a Ballista plan.
 //!
-//! A run's SQL is the same whichever engine executes it; only the session
-//! differs. In process, the lake's tables are delta-rs providers. On a
-//! cluster the plan travels to the scheduler and its stages to the executors,
-//! so the table must travel too: [`LakeFiles`] is the pinned Delta snapshot
-//! reduced to what a reader needs (each live Parquet file with its size and
-//! partition values), serialised by [`LakeCodec`] into the logical plan. The
-//! scheduler turns it into DataFusion's own Parquet scan, which every
-//! executor already knows how to run; executors read exactly that version's
-//! files, never a directory listing, so files a later commit added or removed
-//! make no difference.
+//! A delta-rs table provider cannot travel in a plan (its scan has no
+//! serialisation). [`LakeFiles`] is the snapshot reduced to what a reader
+//! needs: each live Parquet file with its size, partition values, and the
+//! row count and integer min/max the Delta log records for it. [`LakeCodec`]
+//! serialises it (as JSON) into the logical plan; the scheduler, which knows
+//! the codec, turns it into DataFusion's own Parquet scan, which every
+//! executor already knows how to run.
 //!
-//! Our scheduler and executor are the `ballista-scheduler` and
-//! `ballista-executor` crates with two additions: the codec, and object
-//! stores for `s3://` lakes configured from the usual `AWS_*` variables.
+//! Guarantees: executors read exactly that version's files, never a
+//! directory listing, so files a later commit added or removed make no
+//! difference; a file whose logged bounds rule it out is never opened; every
+//! filter stays above the scan too, so pruning is an optimisation and never
+//! changes a result. Tables this form cannot represent (column mapping,
+//! deletion vectors) are refused with [`LakeFilesError::Unsupported`].
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use async_trait::async_trait;
-use ballista::prelude::{SessionConfigExt, SessionContextExt};
 use ballista_core::serde::BallistaLogicalExtensionCodec;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::stats::Precision;
@@ -34,145 +31,57 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, Pa
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::TaskContext;
-use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry, ObjectStoreUrl};
-use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
-use deltalake::DeltaTable;
-use object_store::ObjectStore;
+use deltalake::{DeltaTable, DeltaTableError};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::lake::{self, LakeError};
-
-/// `HOST:PORT` (an IPv6 host in brackets, kept so) and nothing else.
-fn host_port(s: &str) -> Option<(String, u16)> {
-    let url = Url::parse(&format!("df://{s}")).ok()?;
-    match (url.host_str(), url.port(), url.path()) {
-        (Some(host), Some(port), "") if !host.is_empty() => Some((host.to_string(), port)),
-        _ => None,
-    }
-}
-
-/// How long `run` waits for the scheduler to accept a connection.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Where a run's SQL executes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Engine {
-    /// DataFusion in this process (the default).
-    #[default]
-    InProcess,
-    /// A Ballista scheduler at `host:port`.
-    Ballista { scheduler: String },
-}
-
+/// Why a Delta snapshot cannot be read as [`LakeFiles`].
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum LakeFilesError {
     #[error(
-        "invalid engine {0:?}: give `local` (in this process) or `ballista://HOST:PORT` (a Ballista scheduler, e.g. ballista://127.0.0.1:50050 after `make cluster-up`)"
+        "Delta table {table} uses {feature}, which the Ballista engine cannot read yet; run with the in-process engine (--engine local)"
     )]
-    Invalid(String),
-    #[error(
-        "cannot reach the Ballista scheduler at {scheduler}: {reason}; is it running (`make cluster-up`, or `batch-layer scheduler`)?"
-    )]
-    Connect { scheduler: String, reason: String },
-    #[error(
-        "Delta table {table} uses {feature}, which the Ballista engine cannot read yet; run with the in-process engine"
-    )]
-    Unsupported { table: String, feature: &'static str },
+    Unsupported { table: String, feature: UnsupportedFeature },
+    #[error("Delta table {table}: data file {file}: {source}")]
+    FilePath { table: String, file: String, source: FilePathError },
+    #[error("Delta table {table}: {source}")]
+    Delta { table: String, source: DeltaTableError },
+    #[error("Delta table {table}: {source}")]
+    DataFusion { table: String, source: DataFusionError },
 }
 
-impl Engine {
-    /// Parses `--engine` / `BATCH_ENGINE`: `local` (or empty) or
-    /// `ballista://HOST:PORT`.
-    pub fn parse(s: &str) -> Result<Self, EngineError> {
-        let s = s.trim();
-        if s.is_empty() || s == "local" || s == "in-process" {
-            return Ok(Self::InProcess);
-        }
-        let invalid = || EngineError::Invalid(s.to_string());
-        let rest = s.strip_prefix("ballista://").ok_or_else(invalid)?.trim_end_matches('/');
-        let (host, port) = host_port(rest).ok_or_else(invalid)?;
-        Ok(Self::Ballista { scheduler: format!("{host}:{port}") })
-    }
-
-    /// A session that runs its queries on this engine.
-    pub async fn context(&self) -> Result<SessionContext, EngineError> {
-        match self {
-            Self::InProcess => Ok(SessionContext::new()),
-            Self::Ballista { scheduler } => {
-                let connect = |reason: String| EngineError::Connect { scheduler: scheduler.clone(), reason };
-                // The client connects lazily, at the first query; fail here,
-                // before a run starts, with a message that names the fix.
-                match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(scheduler.as_str())).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(connect(e.to_string())),
-                    Err(_) => return Err(connect(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs()))),
-                }
-                let config = SessionConfig::new_with_ballista()
-                    .with_ballista_logical_extension_codec(Arc::new(LakeCodec::default()));
-                let state = datafusion::execution::SessionStateBuilder::new()
-                    .with_config(config)
-                    .with_runtime_env(runtime_env().map_err(|e| connect(e.to_string()))?)
-                    .with_default_features()
-                    .build();
-                SessionContext::remote_with_state(&format!("df://{scheduler}"), state)
-                    .await
-                    .map_err(|e| connect(e.to_string()))
-            }
-        }
-    }
-
-    /// Registers `table`'s pinned snapshot in `ctx` as `name`, in the form
-    /// this engine reads.
-    pub async fn register(&self, ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<(), LakeError> {
-        match self {
-            Self::InProcess => lake::register(ctx, name, table).await,
-            Self::Ballista { .. } => {
-                let files = LakeFiles::from_snapshot(name, table).await?;
-                ctx.register_table(name, Arc::new(files))
-                    .map_err(|e| LakeError::Delta { table: name.into(), source: e.into() })?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Registers an empty table of `schema` as `name` (a table the lake
-    /// does not have yet).
-    pub fn register_empty(&self, ctx: &SessionContext, name: &str, schema: SchemaRef) -> DfResult<()> {
-        match self {
-            Self::InProcess => {
-                ctx.register_table(name, Arc::new(datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?))?;
-            }
-            Self::Ballista { .. } => {
-                let empty = LakeFiles {
-                    schema,
-                    partition_columns: Vec::new(),
-                    store: "file://".into(),
-                    files: Vec::new(),
-                    table: name.into(),
-                    version: -1,
-                };
-                ctx.register_table(name, Arc::new(empty))?;
-            }
-        }
-        Ok(())
-    }
+/// A Delta feature the file list cannot represent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsupportedFeature {
+    /// `delta.columnMapping.mode` other than `none`: Parquet column names
+    /// differ from the table's.
+    ColumnMapping,
+    /// Rows deleted by a deletion vector are still in the Parquet file.
+    DeletionVectors,
 }
 
-impl std::fmt::Display for Engine {
+impl std::fmt::Display for UnsupportedFeature {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::InProcess => f.write_str("local"),
-            Self::Ballista { scheduler } => write!(f, "ballista://{scheduler}"),
-        }
+        f.write_str(match self {
+            Self::ColumnMapping => "column mapping",
+            Self::DeletionVectors => "deletion vectors",
+        })
     }
 }
 
+/// Why a data file's path in the log gives no object-store path.
+#[derive(Debug, thiserror::Error)]
+pub enum FilePathError {
+    #[error("not a URL: {0}")]
+    Url(#[from] url::ParseError),
+    #[error("not an object-store path: {0}")]
+    Path(#[from] object_store::path::Error),
+}
 /// One live data file of a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct LakeFile {
@@ -254,33 +163,29 @@ fn partitions_last(schema: &Schema, partitions: &[String]) -> SchemaRef {
 /// Where a data file is inside its object store: the table root's path plus
 /// the file's path relative to it (as delta-rs parses it into an
 /// object-store path), or the path of an absolute URL in the log.
-fn file_path(root: &Url, raw: &str, relative: object_store::path::Path) -> Result<String, String> {
+fn file_path(root: &Url, raw: &str, relative: object_store::path::Path) -> Result<String, FilePathError> {
     if raw.contains("://") {
-        let url = Url::parse(raw).map_err(|e| format!("data file {raw}: {e}"))?;
-        let path = object_store::path::Path::from_url_path(url.path()).map_err(|e| e.to_string())?;
-        return Ok(path.to_string());
+        let url = Url::parse(raw)?;
+        return Ok(object_store::path::Path::from_url_path(url.path())?.to_string());
     }
-    let root = object_store::path::Path::from_url_path(root.path()).map_err(|e| e.to_string())?;
+    let root = object_store::path::Path::from_url_path(root.path())?;
     Ok(root.parts().chain(relative.parts()).collect::<object_store::path::Path>().to_string())
 }
 
 impl LakeFiles {
     /// The live files of `table`'s loaded snapshot.
-    pub async fn from_snapshot(name: &str, table: &DeltaTable) -> Result<Self, LakeError> {
-        let delta = |source: deltalake::DeltaTableError| LakeError::Delta { table: name.into(), source };
+    pub async fn from_snapshot(name: &str, table: &DeltaTable) -> Result<Self, LakeFilesError> {
+        let delta = |source| LakeFilesError::Delta { table: name.into(), source };
+        let unsupported = |feature| LakeFilesError::Unsupported { table: name.into(), feature };
         let snapshot = table.snapshot().map_err(delta)?;
-        let unsupported = |feature| {
-            let e = EngineError::Unsupported { table: name.into(), feature };
-            LakeError::Delta { table: name.into(), source: deltalake::DeltaTableError::Generic(e.to_string()) }
-        };
         let mapping = snapshot.metadata().configuration().get("delta.columnMapping.mode").cloned();
         if mapping.is_some_and(|m| m != "none") {
-            return Err(unsupported("column mapping"));
+            return Err(unsupported(UnsupportedFeature::ColumnMapping));
         }
         // The provider's schema is the one the in-process engine reads, so
         // both engines see the same column types.
         let provider =
-            table.table_provider().await.map_err(|e| delta(deltalake::DeltaTableError::Generic(e.to_string())))?;
+            table.table_provider().await.map_err(|source| LakeFilesError::DataFusion { table: name.into(), source })?;
         let partition_columns: Vec<String> = snapshot.metadata().partition_columns().to_vec();
         let schema = partitions_last(&provider.schema(), &partition_columns);
         let root = table.log_store().root_url().clone();
@@ -288,14 +193,18 @@ impl LakeFiles {
         let mut files = Vec::new();
         for file in snapshot.log_data().iter() {
             if file.deletion_vector_descriptor().is_some() {
-                return Err(unsupported("deletion vectors"));
+                return Err(unsupported(UnsupportedFeature::DeletionVectors));
             }
-            let path = file_path(&root, &file.path(), file.object_store_path())
-                .map_err(|e| delta(deltalake::DeltaTableError::Generic(e)))?;
+            let raw = file.path();
+            let path = file_path(&root, &raw, file.object_store_path()).map_err(|source| LakeFilesError::FilePath {
+                table: name.into(),
+                file: raw.to_string(),
+                source,
+            })?;
             let values = file.partition_values_map();
             let (rows, bounds) = file_bounds(file.stats().as_deref(), &schema);
             files.push(LakeFile {
-                path: path.to_string(),
+                path,
                 size: file.size() as u64,
                 partition_values: partition_columns.iter().map(|c| values.get(c).cloned().flatten()).collect(),
                 rows,
@@ -310,6 +219,18 @@ impl LakeFiles {
             table: name.into(),
             version: table.version().map_or(-1, |v| v as i64),
         })
+    }
+
+    /// An empty table of `schema` (a table the lake does not have yet).
+    pub fn empty(name: &str, schema: SchemaRef) -> Self {
+        Self {
+            schema,
+            partition_columns: Vec::new(),
+            store: "file://".into(),
+            files: Vec::new(),
+            table: name.into(),
+            version: -1,
+        }
     }
 
     /// The partition columns' fields, in [`Self::partition_columns`] order.
@@ -520,162 +441,10 @@ impl LogicalExtensionCodec for LakeCodec {
     }
 }
 
-/// Object stores by URL: local files, and `s3://BUCKET` built on first use
-/// from the `AWS_*` variables (endpoint, region, keys, `AWS_ALLOW_HTTP`).
-#[derive(Debug, Default)]
-pub struct LakeStores {
-    known: DefaultObjectStoreRegistry,
-    s3: RwLock<HashMap<String, Arc<dyn ObjectStore>>>,
-}
-
-impl ObjectStoreRegistry for LakeStores {
-    fn register_store(&self, url: &Url, store: Arc<dyn ObjectStore>) -> Option<Arc<dyn ObjectStore>> {
-        self.known.register_store(url, store)
-    }
-
-    fn deregister_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
-        self.known.deregister_store(url)
-    }
-
-    fn get_store(&self, url: &Url) -> DfResult<Arc<dyn ObjectStore>> {
-        if let Ok(store) = self.known.get_store(url) {
-            return Ok(store);
-        }
-        if !matches!(url.scheme(), "s3" | "s3a") {
-            return Err(DataFusionError::Configuration(format!("no object store for {url}")));
-        }
-        let bucket = url.host_str().unwrap_or_default().to_string();
-        if let Some(store) = self.s3.read().map_err(|_| poisoned())?.get(&bucket) {
-            return Ok(store.clone());
-        }
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket).build()?);
-        self.s3.write().map_err(|_| poisoned())?.insert(bucket, store.clone());
-        Ok(store)
-    }
-}
-
-fn poisoned() -> DataFusionError {
-    DataFusionError::Internal("object store registry lock poisoned".into())
-}
-
-fn runtime_env() -> DfResult<Arc<RuntimeEnv>> {
-    RuntimeEnvBuilder::new().with_object_store_registry(Arc::new(LakeStores::default())).build_arc()
-}
-
-/// `batch-layer scheduler`: a Ballista scheduler that knows our codec.
-#[derive(Debug, Clone)]
-pub struct SchedulerOptions {
-    pub bind: SocketAddr,
-    /// The host name executors and clients reach it by (default: the bind
-    /// address).
-    pub external_host: Option<String>,
-    /// `/readyz` answers 200 once this many executors are registered.
-    pub min_executors: usize,
-}
-
-pub async fn run_scheduler(
-    options: SchedulerOptions,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    use ballista_scheduler::cluster::BallistaCluster;
-    use ballista_scheduler::config::SchedulerConfig;
-    let config = SchedulerConfig {
-        bind_host: options.bind.ip().to_string(),
-        bind_port: options.bind.port(),
-        external_host: options.external_host.clone().unwrap_or_else(|| options.bind.ip().to_string()),
-        min_ready_executors: options.min_executors,
-        override_logical_codec: Some(Arc::new(LakeCodec::default())),
-        override_session_builder: Some(Arc::new(|config: SessionConfig| {
-            Ok(datafusion::execution::SessionStateBuilder::new()
-                .with_config(config)
-                .with_runtime_env(runtime_env()?)
-                .with_default_features()
-                .build())
-        })),
-        ..SchedulerConfig::default()
-    };
-    let cluster = BallistaCluster::new_from_config(&config).await?;
-    tracing::info!(bind = %options.bind, min_executors = options.min_executors, "Ballista scheduler starting");
-    tokio::select! {
-        r = ballista_scheduler::scheduler_process::start_server(cluster, options.bind, Arc::new(config)) => {
-            r.map_err(|e| anyhow::anyhow!("scheduler on {}: {e}", options.bind))
-        }
-        () = shutdown.cancelled() => {
-            tracing::info!("scheduler stopped");
-            Ok(())
-        }
-    }
-}
-
-/// `batch-layer executor`: a Ballista executor that reads our lake.
-#[derive(Debug, Clone)]
-pub struct ExecutorOptions {
-    /// The scheduler's `HOST:PORT`.
-    pub scheduler: String,
-    /// Address to listen on (`0.0.0.0` for every interface).
-    pub bind_host: String,
-    /// The host name the scheduler and other executors reach it by
-    /// (default: the bind address).
-    pub external_host: Option<String>,
-    /// Flight (data) port; gRPC is the next one.
-    pub port: u16,
-    pub work_dir: std::path::PathBuf,
-    /// Tasks run at once.
-    pub vcores: usize,
-}
-
-pub async fn run_executor(options: ExecutorOptions) -> anyhow::Result<()> {
-    use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
-    std::fs::create_dir_all(&options.work_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create the work folder {}: {e}", options.work_dir.display()))?;
-    let (scheduler_host, scheduler_port) = host_port(&options.scheduler).ok_or_else(|| {
-        anyhow::anyhow!("--scheduler {:?}: expected HOST:PORT, e.g. 127.0.0.1:50050", options.scheduler)
-    })?;
-    let external_host = options.external_host.clone().unwrap_or_else(|| options.bind_host.clone());
-    if external_host == "0.0.0.0" || external_host == "::" {
-        anyhow::bail!("an executor bound to every interface needs --external-host: the name others reach it by");
-    }
-    let config = ExecutorProcessConfig {
-        bind_host: options.bind_host.clone(),
-        external_host: Some(external_host),
-        port: options.port,
-        grpc_port: options.port + 1,
-        scheduler_host,
-        scheduler_port,
-        scheduler_connect_timeout_seconds: 30,
-        work_dir: Some(options.work_dir.display().to_string()),
-        vcores: options.vcores.max(1),
-        print_thread_info: false,
-        override_logical_codec: Some(Arc::new(LakeCodec::default())),
-        override_runtime_producer: Some(Arc::new(|_config: &SessionConfig| runtime_env())),
-        ..ExecutorProcessConfig::default()
-    };
-    tracing::info!(port = options.port, scheduler = %options.scheduler, "Ballista executor starting");
-    // The executor process handles SIGTERM itself: it deregisters and exits.
-    start_executor_process(Arc::new(config))
-        .await
-        .map_err(|e| anyhow::anyhow!("executor on ports {} and {}: {e}", options.port, options.port + 1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn engines_parse_and_mistakes_name_the_fix() {
-        assert_eq!(Engine::parse("").unwrap(), Engine::InProcess);
-        assert_eq!(Engine::parse("local").unwrap(), Engine::InProcess);
-        assert_eq!(
-            Engine::parse("ballista://127.0.0.1:50050").unwrap(),
-            Engine::Ballista { scheduler: "127.0.0.1:50050".into() }
-        );
-        assert_eq!(Engine::parse("ballista://127.0.0.1:50050").unwrap().to_string(), "ballista://127.0.0.1:50050");
-        for bad in ["ballista://host", "spark://h:1", "ballista://h:1/x", "ballista://:1"] {
-            let e = Engine::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("ballista://HOST:PORT"), "{bad}: {e}");
-        }
-    }
+    use datafusion::prelude::SessionContext;
 
     #[test]
     fn partition_columns_move_last_whatever_their_place_in_the_table() {
