@@ -3,7 +3,7 @@
 Parquet files, once, and print its time and result totals as JSON.
 
 The query is the batch layer's own `product_demand_hourly` SQL over a
-relation `events`; here `events` is a view over exactly the files of the
+relation `lake_events`; here `lake_events` is a view over exactly the files of the
 Delta snapshot DataFusion reads. Only the query is timed (Python's start, the connection and the view
 definition are not).
 """
@@ -18,7 +18,7 @@ import duckdb
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--files", required=True, help="file with one Parquet path per line")
-    ap.add_argument("--sql", required=True, help="file with the query over `events`")
+    ap.add_argument("--sql", required=True, help="file with the query over `lake_events`")
     args = ap.parse_args()
     with open(args.files) as f:
         files = [line.strip() for line in f if line.strip()]
@@ -31,7 +31,7 @@ def main() -> int:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet([{listed}])")
+    con.execute(f"CREATE VIEW lake_events AS SELECT * FROM read_parquet([{listed}])")
     # The result is materialised in memory, as DataFusion's collect() does;
     # the totals are read from it afterwards, untimed.
     started = time.perf_counter()

@@ -93,6 +93,7 @@ pub fn any(mut terms: Vec<Expr>) -> Expr {
 /// those records.
 pub async fn register_events(ctx: &SessionContext, filter: Expr) -> DfResult<()> {
     let view = ctx.table(LAKE_EVENTS).await?.filter(filter)?.into_view();
+    ctx.deregister_table(EVENTS)?;
     ctx.register_table(EVENTS, view)?;
     Ok(())
 }

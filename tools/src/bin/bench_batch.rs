@@ -143,10 +143,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // The cut a full run over this snapshot takes, and the query it runs.
-    let next = lake::committed_offsets(&table, &args.topic, 0..args.partitions).await?;
+    let next = lake::committed_offsets(&table, &args.topic, (0..args.partitions).map(Partition)).await?;
     let segment = SegmentSize::new(platform::db::DEFAULT_SEGMENT_SIZE).context("segment size")?;
-    let cut = OffsetCut::from_lake(next.iter().map(|(p, o)| (Partition(*p), Offset(*o))), segment);
-    let sql = PRODUCT_DEMAND_HOURLY.batch_sql(Some(&cut.predicate()));
+    let cut = OffsetCut::from_lake(next.iter().map(|(p, o)| (*p, *o)), segment);
+    // Both engines run one SQL text: the view over the lake restricted to
+    // the cut, the same expression `run` applies, unparsed for DuckDB.
+    let below = datafusion::sql::unparser::expr_to_sql(&batch_layer::scope::below(&cut))?;
+    let sql = format!(
+        "WITH events AS (SELECT * FROM {} WHERE {below})\n{}",
+        batch_layer::scope::LAKE_EVENTS,
+        PRODUCT_DEMAND_HOURLY.batch_sql()
+    );
 
     let comparison = compare_engines(&args, &table, &shape.files, &sql, &bench_dir).await?;
     let runs =
@@ -191,7 +198,7 @@ impl Traffic {
         &self,
         shop: &Shop,
         h: u32,
-        next: &mut BTreeMap<i32, i64>,
+        next: &mut BTreeMap<Partition, Offset>,
         decoder: &mut EventDecoder,
     ) -> anyhow::Result<RecordBatch> {
         let from = history_start() + TimeDelta::hours(i64::from(h));
@@ -202,9 +209,9 @@ impl Traffic {
             .iter()
             .map(|e| {
                 let p = partition_of(&e.user_id, self.partitions);
-                let offset = next.entry(p).or_insert(0);
-                *offset += 1;
-                (p, *offset - 1, e.to_json())
+                let offset = next.entry(Partition(p)).or_insert(Offset(0));
+                offset.0 += 1;
+                (p, offset.0 - 1, e.to_json())
             })
             .collect();
         let raw: Vec<RawRecord<'_>> = records
@@ -281,8 +288,8 @@ async fn append_hours(
     hours: std::ops::Range<u32>,
     bar: &ProgressBar,
 ) -> anyhow::Result<u64> {
-    let mut next = lake::committed_offsets(&table, topic, 0..traffic.partitions).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<(RecordBatch, BTreeMap<i32, i64>)>>(2);
+    let mut next = lake::committed_offsets(&table, topic, (0..traffic.partitions).map(Partition)).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<(RecordBatch, BTreeMap<Partition, Offset>)>>(2);
     let traffic = traffic.clone();
     let maker = tokio::task::spawn_blocking(move || {
         let shop = Shop::new(traffic.shop.clone());
@@ -410,7 +417,7 @@ async fn datafusion_once(
 ) -> anyhow::Result<(Duration, Totals)> {
     let started = Instant::now();
     let ctx = session(settings)?;
-    lake::register(&ctx, "events", table).await?;
+    lake::register(&ctx, batch_layer::scope::LAKE_EVENTS, table).await?;
     let batches = ctx.sql(sql).await?.collect().await?;
     Ok((started.elapsed(), Totals::of(&batches)))
 }
@@ -425,7 +432,7 @@ async fn datafusion_parquet_once(
     let started = Instant::now();
     let ctx = session(settings)?;
     let events = ctx.read_parquet(files.to_vec(), datafusion::prelude::ParquetReadOptions::default()).await?;
-    ctx.register_table("events", events.into_view())?;
+    ctx.register_table(batch_layer::scope::LAKE_EVENTS, events.into_view())?;
     let batches = ctx.sql(sql).await?.collect().await?;
     Ok((started.elapsed(), Totals::of(&batches)))
 }

@@ -25,12 +25,13 @@ use chrono::{DateTime, DurationRound, TimeDelta};
 use datafusion::prelude::SessionContext;
 use integration_tests::serving::get;
 use serving_layer::server::{self, ServeConfig};
-use shared_schema::derived::{ITEM_SIMILARITY, Scope};
+use shared_schema::derived::ITEM_SIMILARITY;
 use shared_schema::views::{PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
 
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::{EVENTS_TABLE, Lake};
 use batch_layer::recompute::{self, RunConfig};
+use batch_layer::scope;
 use clap::Parser;
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args as GeneratorArgs};
@@ -163,7 +164,8 @@ async fn query(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatc
 async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args) -> anyhow::Result<Hits> {
     let table = lake.open(EVENTS_TABLE).await?.context("the lake has no events")?;
     let ctx = SessionContext::new();
-    batch_layer::lake::register(&ctx, "events", &table).await?;
+    batch_layer::lake::register(&ctx, scope::LAKE_EVENTS, &table).await?;
+    scope::register_events(&ctx, datafusion::prelude::lit(true)).await?;
     let newest = query(&ctx, "SELECT max(event_time) FROM events").await?;
     let newest = newest[0].column(0).as_primitive::<TimestampMicrosecondType>().value(0);
     let newest = DateTime::from_timestamp_micros(newest).context("a time")?;
@@ -173,19 +175,25 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
     // What the recommender would have read at the cut-off.
     let (url, pool) = stack.fresh_database(&format!("{name}_recs")).await?;
     platform::db::prepare(&pool, Some(1)).await?;
-    let scope = Scope { below_cut: before.clone(), anchor: cutoff };
+    let similarity_window = ITEM_SIMILARITY.window().context("item similarity reads events")?;
     let views = [
-        (USER_PRODUCT_STATE.name, USER_PRODUCT_STATE.batch_sql(Some(&before))),
-        (PRODUCT_DEMAND_HOURLY.name, PRODUCT_DEMAND_HOURLY.batch_sql(Some(&before))),
-        (ITEM_SIMILARITY.name, ITEM_SIMILARITY.batch_sql(&scope)),
+        (USER_PRODUCT_STATE.name, USER_PRODUCT_STATE.batch_sql(), scope::before(cutoff)),
+        (PRODUCT_DEMAND_HOURLY.name, PRODUCT_DEMAND_HOURLY.batch_sql(), scope::before(cutoff)),
+        (
+            ITEM_SIMILARITY.name,
+            ITEM_SIMILARITY.batch_sql(),
+            scope::before(cutoff).and(scope::since(cutoff - similarity_window)),
+        ),
     ];
-    for (table, sql) in views {
+    for (table, sql, events) in views {
+        scope::register_events(&ctx, events).await?;
         let batches = query(&ctx, &sql).await?;
         let mut conn = pool.acquire().await?;
         let mut copy = conn.copy_in_raw(&format!("COPY batch.{table} FROM STDIN (FORMAT binary)")).await?;
         copy.send(platform::pgcopy::encode(&batches)?).await?;
         copy.finish().await?;
     }
+    scope::register_events(&ctx, datafusion::prelude::lit(true)).await?;
 
     // Who bought what in the held-out hours: users known before them, and
     // products they had neither in the cart nor bought before (those the
