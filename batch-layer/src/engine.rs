@@ -63,13 +63,25 @@ pub enum EngineError {
     )]
     NoAnswer { scheduler: String },
     #[error("cannot open a session on the Ballista scheduler at {scheduler}: {source}")]
-    Session { scheduler: String, source: DataFusionError },
+    Session { scheduler: String, source: Box<DataFusionError> },
     /// Registering a table in process.
     #[error(transparent)]
-    Lake(#[from] LakeError),
+    Lake(Box<LakeError>),
     /// Registering a table for the cluster.
     #[error(transparent)]
-    LakeFiles(#[from] LakeFilesError),
+    LakeFiles(Box<LakeFilesError>),
+}
+
+impl From<LakeError> for EngineError {
+    fn from(e: LakeError) -> Self {
+        Self::Lake(Box::new(e))
+    }
+}
+
+impl From<LakeFilesError> for EngineError {
+    fn from(e: LakeFilesError) -> Self {
+        Self::LakeFiles(Box::new(e))
+    }
 }
 
 impl Engine {
@@ -98,7 +110,7 @@ impl Engine {
                     Ok(Err(source)) => return Err(EngineError::Unreachable { scheduler: scheduler.clone(), source }),
                     Err(_) => return Err(EngineError::NoAnswer { scheduler: scheduler.clone() }),
                 }
-                let session = |source| EngineError::Session { scheduler: scheduler.clone(), source };
+                let session = |source| EngineError::Session { scheduler: scheduler.clone(), source: Box::new(source) };
                 let config = SessionConfig::new_with_ballista()
                     .with_ballista_logical_extension_codec(Arc::new(LakeCodec::default()));
                 let state = crate::stores::session_state(config).map_err(session)?;

@@ -226,7 +226,9 @@ async fn rejected_predicate(
     let terms = positions
         .into_iter()
         .map(|(p, offsets)| {
-            column(KAFKA_PARTITION).eq(lit(p)).and(column(KAFKA_OFFSET).in_list(offsets.into_iter().map(lit).collect(), false))
+            column(KAFKA_PARTITION)
+                .eq(lit(p))
+                .and(column(KAFKA_OFFSET).in_list(offsets.into_iter().map(lit).collect(), false))
         })
         .collect();
     Ok(Some(crate::scope::any(terms)))

@@ -240,8 +240,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .iter()
         .map(|p| (Partition(*p), tables.events_next.get(&Partition(*p)).copied().unwrap_or(Offset(0))))
         .collect();
-    let caught_up =
-        |next: &BTreeMap<Partition, Offset>| ends.iter().all(|(p, end)| next.get(p).copied().unwrap_or(Offset(0)) >= *end);
+    let caught_up = |next: &BTreeMap<Partition, Offset>| {
+        ends.iter().all(|(p, end)| next.get(p).copied().unwrap_or(Offset(0)) >= *end)
+    };
     let mut summary = IngestSummary::default();
     let mut decoder = EventDecoder::new();
     let mut buffer: Vec<Buffered> = Vec::new();

@@ -20,10 +20,7 @@ pub const EVENTS: &str = "events";
 
 /// True exactly for the records the cut covers (offset below `cut[p]`).
 pub fn below(cut: &OffsetCut) -> Expr {
-    any(cut
-        .iter()
-        .map(|(p, o)| col(c::KAFKA_PARTITION).eq(lit(p.0)).and(col(c::KAFKA_OFFSET).lt(lit(o.0))))
-        .collect())
+    any(cut.iter().map(|(p, o)| col(c::KAFKA_PARTITION).eq(lit(p.0)).and(col(c::KAFKA_OFFSET).lt(lit(o.0)))).collect())
 }
 
 /// True exactly for the records at or above `from[p]` and below `to[p]`:

@@ -67,7 +67,10 @@ pub(crate) async fn partitions(ctx: &SessionContext) -> Result<Vec<Partition>, R
     let batches = async { ctx.sql(&sql).await?.collect().await }
         .await
         .map_err(|source| RunError::Compute { view: "events", source })?;
-    Ok(batches.iter().flat_map(|b| b.column(0).as_primitive::<Int32Type>().values().iter().map(|p| Partition(*p))).collect())
+    Ok(batches
+        .iter()
+        .flat_map(|b| b.column(0).as_primitive::<Int32Type>().values().iter().map(|p| Partition(*p)))
+        .collect())
 }
 
 /// Per partition, the next offset the snapshot expects from `topic`.
@@ -86,10 +89,11 @@ pub(crate) async fn touched_hours(ctx: &SessionContext, plan: &Plan) -> Result<V
     use arrow::datatypes::TimestampMicrosecondType;
     let failed = |source| RunError::Compute { view: "touched hours", source };
     scope::register_events(ctx, scope::between(&plan.previous, &plan.cut)).await.map_err(failed)?;
-    let batches =
-        async { ctx.sql("SELECT DISTINCT date_trunc('hour', e.event_time) AS hour FROM events e").await?.collect().await }
-            .await
-            .map_err(failed)?;
+    let batches = async {
+        ctx.sql("SELECT DISTINCT date_trunc('hour', e.event_time) AS hour FROM events e").await?.collect().await
+    }
+    .await
+    .map_err(failed)?;
     let mut hours: Vec<Hour> = batches
         .iter()
         .flat_map(|b| b.column(0).as_primitive::<TimestampMicrosecondType>().iter().flatten().collect::<Vec<_>>())

@@ -27,10 +27,8 @@ pub(crate) async fn check(
         })
         .collect();
     // The row-count check compares whole tables, so only replaced ones take part.
-    let whole: BTreeMap<String, u64> = previous
-        .into_iter()
-        .filter(|(name, _)| computed.iter().any(|c| c.name == name && c.replaces_all()))
-        .collect();
+    let whole: BTreeMap<String, u64> =
+        previous.into_iter().filter(|(name, _)| computed.iter().any(|c| c.name == name && c.replaces_all())).collect();
     let report = quality::check(&targets, &whole, max_shrink, chrono::Utc::now());
     if !report.passed() {
         sqlx::query(

@@ -205,6 +205,9 @@ mod tests {
         pairs.iter().map(|(n, f)| (n.to_string(), f.to_string())).collect()
     }
 
+    /// A run's expected plan: full, cut, redefined views (`None`: unchanged).
+    type Expected = Option<(bool, &'static [(i32, i64)], &'static [&'static str])>;
+
     /// One row of the decision table.
     struct Case {
         name: &'static str,
@@ -214,7 +217,7 @@ mod tests {
         last_version: Option<i64>,
         published_cut: &'static [(i32, i64)],
         recorded: &'static [(&'static str, &'static str)],
-        expect: Result<Option<(bool, &'static [(i32, i64)], &'static [&'static str])>, PlanError>,
+        expect: Result<Expected, PlanError>,
     }
 
     #[test]
@@ -427,8 +430,15 @@ mod tests {
         let names = |t: Vec<&BatchTable>| t.into_iter().map(|t| t.name).collect::<Vec<_>>();
         let every = 6 * hour;
         let fresh = ages(&[("demand_baseline", 1), ("item_similarity", 5)]);
-        let cases: [(&str, Plan, BTreeMap<String, Duration>, bool, Vec<&str>); 6] = [
-            ("full: all", plan(true, &[]), fresh.clone(), true, vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name]),
+        type Case = (&'static str, Plan, BTreeMap<String, Duration>, bool, Vec<&'static str>);
+        let cases: [Case; 6] = [
+            (
+                "full: all",
+                plan(true, &[]),
+                fresh.clone(),
+                true,
+                vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name],
+            ),
             ("incremental, fresh: the catalog only", plan(false, &[]), fresh, true, vec![PRODUCTS.name]),
             (
                 "incremental, one at its age limit: that one",
@@ -444,7 +454,13 @@ mod tests {
                 true,
                 vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name],
             ),
-            ("full but no events below the cut: the catalog only", plan(true, &[]), ages(&[]), false, vec![PRODUCTS.name]),
+            (
+                "full but no events below the cut: the catalog only",
+                plan(true, &[]),
+                ages(&[]),
+                false,
+                vec![PRODUCTS.name],
+            ),
             ("stale but no events: the catalog only", plan(false, &[]), ages(&[]), false, vec![PRODUCTS.name]),
         ];
         for (name, plan, ages, has_events, want) in cases {
