@@ -196,7 +196,11 @@ create_topic() {
 
 migrate() {
     say "applying migrations"
-    cargo run --quiet -p serving-layer -- migrate --database-url "$PG_URL/lambda" \
+    # Built with the whole workspace (as `make test` and `make build` do), so
+    # dependencies keep one feature set and one build: `cargo run -p` alone
+    # would rebuild DataFusion and friends for a narrower set.
+    cargo build --quiet --workspace --bins --locked || die "building the binaries failed"
+    "${CARGO_TARGET_DIR:-$ROOT/target}/debug/serving-layer" migrate --database-url "$PG_URL/lambda" \
         || die "migrations failed (see the message above)"
 }
 
