@@ -87,7 +87,7 @@ chaos: ## the chaos test at full size: kills and restarts under live traffic (CH
 	@scripts/stack.sh tools
 	cargo build --workspace --bins --locked
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-6} CHAOS_RATE=$${CHAOS_RATE:-400} CHAOS_SECONDS=$${CHAOS_SECONDS:-120} \
-		cargo nextest run -p integration-tests --test e2e -E 'test(/^chaos::/)' --no-capture --locked
+		cargo nextest run --workspace -E 'binary(e2e) & test(/^chaos::/)' --no-capture --locked
 
 quality: build ## spike precision/recall and recommendation hit-rate on a generated week (needs `make up`)
 	$(BIN)/quality $(ARGS)

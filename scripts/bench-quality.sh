@@ -22,7 +22,7 @@ say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
 
 say "stack and build"
 scripts/stack.sh up >/dev/null
-cargo build --quiet --locked -p tools --bin quality
+cargo build --quiet --locked --workspace --bins
 say "quality $ARGS (generates a week of traffic: a few minutes)"
 # shellcheck disable=SC2086
 result=$(RUST_LOG=warn "$CARGO_TARGET_DIR/debug/quality" $ARGS --quiet-spikes 2>&1 | grep -E '^(spikes|recommendations|  )')
