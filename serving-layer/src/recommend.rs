@@ -202,6 +202,27 @@ impl Recommender {
         Self { pool, popular, budget, failing: Arc::default() }
     }
 
+    /// Opens `connections` connections of the pool at once and prepares
+    /// the personal query on each, so the first requests after a start
+    /// find them ready instead of paying a connect and a prepare each
+    /// (which exceeded the budget: the first answers were fallbacks or
+    /// 503s). Failures are logged; the requests then connect themselves.
+    pub async fn warm_up(&self, connections: u32) {
+        let started = std::time::Instant::now();
+        let warm = (0..connections.max(1)).map(|_| async {
+            let mut conn = self.pool.acquire().await?;
+            sqlx::query_as::<_, Row>(PERSONAL_SQL).bind("").bind(1_i64).bind(SEEDS).fetch_all(&mut *conn).await?;
+            // Held until every connection is open, so each is a new one.
+            Ok::<_, sqlx::Error>(conn)
+        });
+        let results = futures::future::join_all(warm).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        match results.into_iter().find_map(Result::err) {
+            Some(e) => tracing::warn!(error = %e, failed, "warming the recommender's connections failed"),
+            None => tracing::info!(connections, ms = started.elapsed().as_millis() as u64, "recommender warmed up"),
+        }
+    }
+
     pub async fn recommend(&self, user: &UserId, k: K) -> Result<Recommendations, Unavailable> {
         let personal = match tokio::time::timeout(self.budget, self.personal(user, k)).await {
             Ok(Ok(p)) => {

@@ -8,9 +8,13 @@
 //! the popular list while PostgreSQL is away, and stops gracefully on
 //! SIGINT/SIGTERM (in-flight requests finish).
 //!
-//! `/readyz` turns ready once the popular list is loaded and stays ready
-//! while PostgreSQL is down: the fallback still answers, and taking every
-//! instance out of a load balancer would stop recommendations altogether.
+//! The port opens only once the recommender's connections are open, its
+//! query prepared and the popular list loaded, so the first request after a
+//! start is answered in full; `/readyz` (the probe a load balancer uses) is
+//! ready from then on and stays ready while PostgreSQL is down: the
+//! fallback still answers, and taking every instance out of a load balancer
+//! would stop recommendations altogether. `/healthz` only says the process
+//! lives.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -197,6 +201,17 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 
     let popular = PopularCache::new();
     let ready = Readiness::default();
+    let recommender = Recommender::new(recommender_pool, popular.clone(), config.budget);
+    // Ready before the port opens: the popular list loaded (the refresher
+    // below retries if this fails) and the recommender's connections warm.
+    let (loaded, ()) = tokio::join!(popular.reload(&dashboard_pool), recommender.warm_up(config.max_connections));
+    match loaded {
+        Ok(n) => {
+            telemetry::popular_products(n);
+            ready.set(true);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot load the popular list yet; not ready until it loads"),
+    }
     // The popular list is computed from a week of merged demand: a
     // dashboard-sized query, so it runs on that pool and its time limit.
     tokio::spawn(popular::keep_fresh(
@@ -206,8 +221,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         ready.clone(),
         shutdown.clone(),
     ));
-    let state =
-        AppState { recommender: Recommender::new(recommender_pool, popular, config.budget), dashboard: dashboard_pool };
+    let state = AppState { recommender, dashboard: dashboard_pool };
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .map_err(|source| ServeError::Bind { addr: config.addr, source })?;
