@@ -69,6 +69,8 @@ pub struct RunConfig {
     pub notify_webhook: Option<url::Url>,
     /// Where the SQL runs: in this process, or on a Ballista cluster.
     pub engine: Engine,
+    /// Tests only: pause before publishing (see [`PublishPause`]).
+    pub pause_before_publish: Option<PublishPause>,
 }
 
 impl RunConfig {
@@ -85,6 +87,7 @@ impl RunConfig {
             progress: false,
             notify_webhook: None,
             engine: Engine::InProcess,
+            pause_before_publish: None,
         }
     }
 }
@@ -112,6 +115,22 @@ pub enum RunError {
     Engine(#[from] crate::engine::EngineError),
     #[error("encoding COPY data: {0}")]
     Copy(#[from] platform::pgcopy::CopyError),
+    #[error(
+        "this run lost its lock (PostgreSQL restarted or its session dropped) and run token {current} took over from {ours}; nothing published"
+    )]
+    Fenced { ours: i64, current: i64 },
+    #[error("publishing would move partition {partition}'s cut back from {published} to {planned}; nothing published")]
+    CutMovesBack { partition: i32, published: i64, planned: i64 },
+}
+
+/// Where a run waits between its quality gate and its publish: a seam for
+/// tests that must change the world at exactly that point (restart
+/// PostgreSQL, start another run). `reached` is notified, then the run waits
+/// for `resume`.
+#[derive(Debug, Clone, Default)]
+pub struct PublishPause {
+    pub reached: std::sync::Arc<tokio::sync::Notify>,
+    pub resume: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// How a run ended.
@@ -189,6 +208,11 @@ async fn run_with(
     if !locked {
         return Ok(RunOutcome::Busy);
     }
+    // The lock lives only as long as this session; the token outlives it
+    // and fences the publish (see `publish`).
+    let token: i64 = sqlx::query_scalar("UPDATE ops.run_fence SET token = token + 1 RETURNING token")
+        .fetch_one(&mut *lock_conn)
+        .await?;
     if let Some(url) = &config.sales_database_url {
         // No view reads the catalog yet, so a shop database that is away
         // costs this run its snapshot, not its publish.
@@ -202,7 +226,7 @@ async fn run_with(
             Err(e) => tracing::warn!(error = %e, "catalog snapshot skipped"),
         }
     }
-    let outcome = locked_run(config, &pool, deployment, started).await;
+    let outcome = locked_run(config, &pool, deployment, token, started).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *lock_conn).await;
     outcome
 }
@@ -232,6 +256,7 @@ async fn locked_run(
     config: &RunConfig,
     pool: &PgPool,
     deployment: platform::db::Deployment,
+    token: i64,
     started: Instant,
 ) -> Result<RunOutcome, RunError> {
     // We hold the lock: a run still marked running was interrupted.
@@ -296,19 +321,37 @@ async fn locked_run(
         return Ok(RunOutcome::Rejected { run_id, report });
     }
 
+    if let Some(pause) = &config.pause_before_publish {
+        pause.reached.notify_one();
+        pause.resume.notified().await;
+    }
     progress.set_position(progress.length().unwrap_or(1) - 1);
     progress.set_message("publishing in one transaction");
     let publish_started = Instant::now();
     let mut conn = pool.acquire().await?;
     let record = publish::Record {
         run_id,
+        token,
         cut: &plan.cut,
         segment_size: deployment.segment_size,
         newest_hour,
         anchor,
         definitions: &definitions,
     };
-    let rows = publish::publish(&mut conn, &computed, &record).await?;
+    let rows = match publish::publish(&mut conn, &computed, &record).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Not left 'running' for the next run to call interrupted.
+            let _ = sqlx::query(
+                "UPDATE ops.batch_runs SET status = 'failed', finished_at = now(), message = $2 WHERE run_id = $1",
+            )
+            .bind(run_id)
+            .bind(e.to_string())
+            .execute(pool)
+            .await;
+            return Err(e);
+        }
+    };
     let publish_ms = publish_started.elapsed().as_millis() as u64;
     let tables: Vec<&'static str> =
         computed.iter().filter(|c| matches!(c.relation, compute::Relation::Table(_))).map(|c| c.name).collect();

@@ -3,6 +3,11 @@
 //! speed rows below it. Readers see the old state or the new one; the
 //! totals of `serving.*` do not move, because what leaves `speed.*`
 //! arrives in `batch.*` in the same commit.
+//!
+//! The transaction first locks `ops.run_fence` and goes on only if the token
+//! is still the one this run took with its lock, and only if no partition's
+//! cut would move back: a run that lost its lock to a newer run (a
+//! PostgreSQL restart mid-run) publishes nothing.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +22,8 @@ use super::plan::Refresh;
 /// What the publish records besides the tables.
 pub(crate) struct Record<'a> {
     pub(crate) run_id: i64,
+    /// The fencing token taken with the lock.
+    pub(crate) token: i64,
     pub(crate) cut: &'a OffsetCut,
     pub(crate) segment_size: SegmentSize,
     pub(crate) newest_hour: Option<chrono::DateTime<chrono::Utc>>,
@@ -38,6 +45,7 @@ pub(crate) async fn publish(
     record: &Record<'_>,
 ) -> Result<BTreeMap<String, u64>, RunError> {
     let mut tx = conn.begin().await?;
+    fence(&mut tx, record).await?;
     let mut rows = BTreeMap::new();
     for Computed { name, relation, refresh, batches } in computed {
         let staging = staging_table(name);
@@ -128,4 +136,24 @@ pub(crate) async fn publish(
     }
     tx.commit().await?;
     Ok(rows)
+}
+
+/// Locks the fence row for the rest of the transaction (publishes run one
+/// at a time) and refuses to publish when another run took the token since
+/// this one did, or when the cut would move back.
+async fn fence(tx: &mut PgConnection, record: &Record<'_>) -> Result<(), RunError> {
+    let current: i64 = sqlx::query_scalar("SELECT token FROM ops.run_fence FOR UPDATE").fetch_one(&mut *tx).await?;
+    if current != record.token {
+        return Err(RunError::Fenced { ours: record.token, current });
+    }
+    let published: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut").fetch_all(&mut *tx).await?;
+    for (partition, published) in published {
+        // A partition the cut leaves out keeps its published cut.
+        let Some(planned) = record.cut.iter().find(|(p, _)| p.0 == partition).map(|(_, o)| o.0) else { continue };
+        if planned < published {
+            return Err(RunError::CutMovesBack { partition, published, planned });
+        }
+    }
+    Ok(())
 }
