@@ -298,7 +298,11 @@ async fn locked_run(
     let compute_started = Instant::now();
     let progress = progress_bar(config.progress, (ALL_VIEWS.len() + BATCH_TABLES.len() + 2) as u64);
     progress.set_message("finding the hours new events touched");
-    let touched = if plan.needs_touched_hours() { compute::touched_hours(&ctx, &plan).await? } else { Vec::new() };
+    let touched = if plan.needs_touched_hours() {
+        plan::cover(&compute::touched_hours(&ctx, &plan).await?, plan::MAX_HOUR_RUNS)
+    } else {
+        Vec::new()
+    };
     let mut computed = Vec::new();
     for (view, refresh) in plan.views(ALL_VIEWS, &touched) {
         progress.inc(1);

@@ -39,15 +39,27 @@ pub fn between(from: &OffsetCut, to: &OffsetCut) -> Expr {
 }
 
 /// True for the events of `hours`, by the lake's partition columns (so the
-/// scan opens only those partitions).
+/// scan opens only those partitions): one range term per run of
+/// consecutive hours, not one term per hour, so months of late data make a
+/// few terms (see `recompute::plan::cover` for scattered hours).
 pub fn in_hours(hours: &[Hour]) -> Expr {
-    any(hours
-        .iter()
-        .map(|h| {
-            let (date, hour) = h.partition();
-            col(c::EVENT_DATE).eq(lit(date)).and(col(c::EVENT_HOUR).eq(lit(hour)))
-        })
-        .collect())
+    any(Hour::runs(hours).into_iter().map(|(first, last)| hour_range(first, last)).collect())
+}
+
+/// True for the events from hour `first` to hour `last`, both included.
+fn hour_range(first: Hour, last: Hour) -> Expr {
+    let ((d1, h1), (d2, h2)) = (first.partition(), last.partition());
+    let date = || col(c::EVENT_DATE);
+    let hour = || col(c::EVENT_HOUR);
+    if d1 == d2 {
+        let hours = if h1 == h2 { hour().eq(lit(h1)) } else { hour().gt_eq(lit(h1)).and(hour().lt_eq(lit(h2))) };
+        return date().eq(lit(d1)).and(hours);
+    }
+    // `YYYY-MM-DD` sorts as the dates do.
+    let head = date().eq(lit(d1.clone())).and(hour().gt_eq(lit(h1)));
+    let middle = date().gt(lit(d1)).and(date().lt(lit(d2.clone())));
+    let tail = date().eq(lit(d2)).and(hour().lt_eq(lit(h2)));
+    head.or(middle).or(tail)
 }
 
 /// True for the events at or after `start`; the `event_date` term lets the
@@ -108,6 +120,12 @@ mod tests {
     /// Ten records per partition 0 and 1, offsets 0-9, one per hour from
     /// 2026-11-24 00:00 on.
     async fn lake() -> SessionContext {
+        lake_of("2026-11-24T00:00:00Z", 10).await
+    }
+
+    /// `n` records per partition 0 and 1, offsets 0 to n-1, one per hour
+    /// from `start` on.
+    async fn lake_of(start: &str, n: i64) -> SessionContext {
         let schema = Arc::new(Schema::new(vec![
             Field::new(c::KAFKA_PARTITION, DataType::Int32, false),
             Field::new(c::KAFKA_OFFSET, DataType::Int64, false),
@@ -115,10 +133,10 @@ mod tests {
             Field::new(c::EVENT_DATE, DataType::Utf8, false),
             Field::new(c::EVENT_HOUR, DataType::Int32, false),
         ]));
-        let start = chrono::DateTime::parse_from_rfc3339("2026-11-24T00:00:00Z").unwrap().to_utc();
+        let start = chrono::DateTime::parse_from_rfc3339(start).unwrap().to_utc();
         let (mut p, mut o, mut t, mut d, mut h) = (vec![], vec![], vec![], vec![], vec![]);
         for part in 0..2 {
-            for off in 0..10i64 {
+            for off in 0..n {
                 let at = start + chrono::TimeDelta::hours(off);
                 let (date, hour) = Hour::of(at).partition();
                 p.push(part);
@@ -192,6 +210,41 @@ mod tests {
         assert_eq!(seen(&ctx, window).await, [(0, 9), (1, 9)]);
         let until = before(start + chrono::TimeDelta::hours(1));
         assert_eq!(seen(&ctx, until).await, [(0, 0), (1, 0)], "strictly before: the record at the end is out");
+    }
+
+    #[tokio::test]
+    async fn hour_ranges_span_days_and_make_one_term_per_run() {
+        // Offset k of each partition is hour k after 2026-11-23 20:00: three dates.
+        let ctx = lake_of("2026-11-23T20:00:00Z", 60).await;
+        let start = chrono::DateTime::parse_from_rfc3339("2026-11-23T20:00:00Z").unwrap().to_utc();
+        let at = |k: i64| Hour::of(start + chrono::TimeDelta::hours(k));
+        let offsets = |e: Vec<(i64, i64)>| e.into_iter().filter(|(p, _)| *p == 0).map(|(_, o)| o).collect::<Vec<_>>();
+        // 22:00 on the 23rd to 01:00 on the 26th (offsets 2-53), plus 05:00 on
+        // the 24th again (inside) and 10:00 on the 26th (apart).
+        let mut hours: Vec<Hour> = (2..=53).map(at).collect();
+        hours.extend([at(9), at(58)]);
+        let expected: Vec<i64> = (2..=53).chain([58]).collect();
+        assert_eq!(offsets(seen(&ctx, in_hours(&hours)).await), expected);
+        // Within one day, and a single hour at midnight.
+        assert_eq!(offsets(seen(&ctx, in_hours(&[at(5), at(6), at(7)])).await), [5, 6, 7]);
+        assert_eq!(offsets(seen(&ctx, in_hours(&[at(4)])).await), [4]);
+        // A run ending at the last hour of a day, one starting at the first.
+        assert_eq!(offsets(seen(&ctx, in_hours(&[at(1), at(2), at(3)])).await), [1, 2, 3]);
+        assert_eq!(offsets(seen(&ctx, in_hours(&[at(28), at(29)])).await), [28, 29]);
+
+        fn terms(e: &Expr) -> usize {
+            match e {
+                Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Or => {
+                    terms(&b.left) + terms(&b.right)
+                }
+                _ => 1,
+            }
+        }
+        // Within a day one conjunction; across days head, middle and tail.
+        assert_eq!(terms(&in_hours(&[at(5), at(6), at(7)])), 1);
+        assert_eq!(terms(&in_hours(&(2..=53).map(at).collect::<Vec<_>>())), 3);
+        let twenty_thousand: Vec<Hour> = (0..20_000).map(at).collect();
+        assert_eq!(terms(&in_hours(&twenty_thousand)), 3, "20,000 consecutive hours are one range");
     }
 
     #[test]

@@ -44,6 +44,27 @@ impl Hour {
         self.0
     }
 
+    /// The hour after this one.
+    pub fn next(self) -> Self {
+        Self(self.0 + chrono::TimeDelta::hours(1))
+    }
+
+    /// Sorted, distinct `hours` as runs of consecutive hours, each as its
+    /// first and last hour.
+    pub fn runs(hours: &[Hour]) -> Vec<(Hour, Hour)> {
+        let mut sorted = hours.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(Hour, Hour)> = Vec::new();
+        for h in sorted {
+            match runs.last_mut() {
+                Some((_, last)) if last.next() == h => *last = h,
+                _ => runs.push((h, h)),
+            }
+        }
+        runs
+    }
+
     /// The lake partition values of its events: `event_date`
     /// (`YYYY-MM-DD`) and `event_hour` (0-23).
     pub fn partition(self) -> (String, i32) {

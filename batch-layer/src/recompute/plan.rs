@@ -128,6 +128,39 @@ pub fn decide(request: &Request<'_>, lake_next: &BTreeMap<Partition, Offset>) ->
     Ok(Decision::Run(Plan { full, cut, previous: previous.clone(), redefined }))
 }
 
+/// At most this many runs of consecutive hours are recomputed: the scan's
+/// filter has one range term per run (see `scope::in_hours`).
+pub const MAX_HOUR_RUNS: usize = 256;
+
+/// The hours to recompute for the `touched` ones: all of them, plus, when
+/// they form more than `max_runs` runs of consecutive hours (late events
+/// scattered over months), the shortest gaps between runs, until at most
+/// `max_runs` runs remain. Recomputing an untouched hour is exact (it is
+/// computed from the lake like any other), only more work; a filter with
+/// tens of thousands of terms is not. Sorted and distinct.
+pub fn cover(touched: &[Hour], max_runs: usize) -> Vec<Hour> {
+    let runs = Hour::runs(touched);
+    let max_runs = max_runs.max(1);
+    // Gap i lies between run i and run i + 1; fill the shortest ones.
+    let mut gaps: Vec<(i64, usize)> =
+        runs.windows(2).enumerate().map(|(i, w)| ((w[1].0.start() - w[0].1.start()).num_hours(), i)).collect();
+    gaps.sort_unstable();
+    let mut filled = vec![false; gaps.len()];
+    for (_, i) in gaps.iter().take(runs.len().saturating_sub(max_runs)) {
+        filled[*i] = true;
+    }
+    let mut hours = Vec::with_capacity(touched.len());
+    for (i, (first, last)) in runs.iter().enumerate() {
+        let end = if filled.get(i).copied().unwrap_or(false) { runs[i + 1].0 } else { last.next() };
+        let mut h = *first;
+        while h < end {
+            hours.push(h);
+            h = h.next();
+        }
+    }
+    hours
+}
+
 impl Plan {
     /// Whether the run must find the hours that the new offsets touch.
     pub fn needs_touched_hours(&self) -> bool {
@@ -472,5 +505,41 @@ mod tests {
     fn only_incremental_runs_look_for_touched_hours() {
         assert!(plan(false, &[]).needs_touched_hours());
         assert!(!plan(true, &[]).needs_touched_hours());
+    }
+
+    fn hour(h: i64) -> Hour {
+        Hour::of(chrono::DateTime::UNIX_EPOCH + chrono::TimeDelta::hours(h))
+    }
+
+    fn at_hours(hs: &[i64]) -> Vec<Hour> {
+        hs.iter().map(|h| hour(*h)).collect()
+    }
+
+    #[test]
+    fn cover_keeps_few_runs_as_they_are() {
+        let touched = at_hours(&[9, 1, 2, 3, 7, 2]);
+        assert_eq!(cover(&touched, 3), at_hours(&[1, 2, 3, 7, 9]));
+        assert_eq!(cover(&[], 3), vec![]);
+    }
+
+    #[test]
+    fn cover_fills_the_shortest_gaps_first() {
+        // Runs [1-3], [7], [9], [20-21]: gaps of 3, 1 and 10 hours.
+        let touched = at_hours(&[1, 2, 3, 7, 9, 20, 21]);
+        assert_eq!(cover(&touched, 3), at_hours(&[1, 2, 3, 7, 8, 9, 20, 21]));
+        assert_eq!(cover(&touched, 2), at_hours(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21]));
+        assert_eq!(cover(&touched, 1), (1..=21).map(hour).collect::<Vec<_>>());
+        assert_eq!(cover(&touched, 0), cover(&touched, 1), "at least one run");
+    }
+
+    #[test]
+    fn cover_bounds_twenty_thousand_scattered_hours() {
+        // Every other hour over more than four years: 20,000 runs.
+        let touched: Vec<Hour> = (0..20_000).map(|i| hour(2 * i)).collect();
+        let covered = cover(&touched, MAX_HOUR_RUNS);
+        assert!(Hour::runs(&covered).len() <= MAX_HOUR_RUNS);
+        assert!(touched.iter().all(|h| covered.binary_search(h).is_ok()), "every touched hour is covered");
+        assert!(covered.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        assert!(covered.len() < 2 * touched.len());
     }
 }
