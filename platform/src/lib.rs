@@ -8,10 +8,13 @@
 //!   size and the generated `serving.*` views;
 //! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
 //!   every writer applies;
+//! * [`gaps`]: offsets without records that both layers step over, recorded
+//!   and notified;
 //! * [`notify`]: operator notifications, recorded and POSTed to a webhook
 //!   without ever blocking the pipeline;
 //! * [`shutdown`]: one cancellation token fed by SIGINT/SIGTERM;
 //! * [`ops_http`]: `/metrics`, `/healthz`, `/readyz` for long-running processes;
+//! * [`oversize`]: what is kept of a rejected record too large to keep whole;
 //! * [`pgcopy`]: Arrow batches → PostgreSQL binary `COPY`.
 //!
 //! Contracts (event, schemas, view definitions) live in `shared-schema`;
@@ -20,8 +23,10 @@
 pub mod backoff;
 pub mod db;
 pub mod forgotten;
+pub mod gaps;
 pub mod logging;
 pub mod notify;
 pub mod ops_http;
+pub mod oversize;
 pub mod pgcopy;
 pub mod shutdown;
