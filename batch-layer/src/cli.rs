@@ -36,6 +36,10 @@ pub enum Command {
         /// Flush as soon as this many records are buffered.
         #[arg(long, default_value_t = 200_000)]
         flush_records: usize,
+        /// Flush as soon as the buffered records hold this many MiB (memory
+        /// stays bounded whatever the records' size).
+        #[arg(long, default_value_t = 64)]
+        flush_mib: usize,
         /// Exit once every partition is read to its end as of the start.
         #[arg(long)]
         until_caught_up: bool,
@@ -44,6 +48,10 @@ pub enum Command {
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
+        /// Webhook told of offset gaps (records removed by retention before
+        /// they were read); recorded in ops.notifications either way.
+        #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
+        notify_webhook_url: Option<String>,
     },
     /// Recompute the views from the lake and publish them with their offset cut,
     /// atomically: incremental by default (only the hours new events touched),
@@ -202,26 +210,50 @@ impl CatalogArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = platform::shutdown::on_signals();
     match cli.command {
-        Command::Ingest { topic, flush_interval, flush_records, until_caught_up, database_url, forget } => {
+        Command::Ingest {
+            topic,
+            flush_interval,
+            flush_records,
+            flush_mib,
+            until_caught_up,
+            database_url,
+            forget,
+            notify_webhook_url,
+        } => {
             if flush_records == 0 {
                 anyhow::bail!("--flush-records must be at least 1");
             }
-            let forget = ingest::Forgetting { database_url, key: forget.optional()? };
+            if flush_mib == 0 || flush_mib > 16 * 1024 {
+                anyhow::bail!("--flush-mib must be from 1 to 16384, e.g. 64");
+            }
+            let db = ingest::PlatformDb {
+                database_url,
+                key: forget.optional()?,
+                notify_webhook: platform::notify::parse_webhook(notify_webhook_url.as_deref())
+                    .map_err(anyhow::Error::msg)?,
+            };
             let config = IngestConfig {
                 brokers: cli.brokers,
                 topic,
                 lake: Lake::parse(&cli.lake_uri)?,
                 flush_interval,
                 flush_records,
+                flush_bytes: flush_mib << 20,
                 until_caught_up,
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-                forget: Some(forget),
+                db: Some(db),
             };
             let s = ingest::run(config, shutdown).await?;
             println!(
                 "ingest: {} records read, {} events and {} rejected records committed in {} Delta commits; next offsets {:?}",
                 s.records, s.events, s.rejected, s.commits, s.offsets
             );
+            if s.gap_records > 0 {
+                println!(
+                    "ingest: stepped over {} offsets that hold no record (retention, compaction or transaction markers); see ops.offset_gaps",
+                    s.gap_records
+                );
+            }
             Ok(())
         }
         Command::Run { run, full } => {

@@ -18,6 +18,14 @@
 //!
 //! Forgotten users (`forget-user`) are read from PostgreSQL before every
 //! flush; their events and rejected records are dropped, not written.
+//!
+//! Offsets that hold no record (removed by retention before the ingest read
+//! them, compacted away, transaction markers, aborted transactions: the
+//! consumer reads `read_committed`) are stepped over, never waited for: each
+//! such gap is recorded in `ops.offset_gaps` before the lake commit that
+//! passes it, counted, and notified (see [`platform::gaps`]). Whether the
+//! ingest has caught up is told by the broker (end of partition), not by
+//! reaching the high watermark, which a trailing marker never lets it reach.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,20 +59,35 @@ pub struct IngestConfig {
     pub flush_interval: Duration,
     /// Flush as soon as this many records are buffered.
     pub flush_records: usize,
+    /// Flush as soon as the buffered records hold this many bytes (keys and
+    /// payloads): memory stays bounded whatever the records' size.
+    pub flush_bytes: usize,
     /// Stop once every partition is read up to its end as of the start.
     pub until_caught_up: bool,
     pub show_progress: bool,
-    /// Where to learn which users are forgotten (`None`: do not look; tools
-    /// and tests whose database has none).
-    pub forget: Option<Forgetting>,
+    /// The platform database: which users are forgotten, where offset gaps
+    /// are recorded and notifications kept (`None`: none of that; tools and
+    /// tests without one).
+    pub db: Option<PlatformDb>,
 }
 
-/// Where the ingest learns which users are forgotten, and the key their
-/// ids were hashed with.
+/// [`IngestConfig::flush_bytes`] unless configured: 64 MiB.
+pub const DEFAULT_FLUSH_BYTES: usize = 64 << 20;
+
+/// The platform database as the ingest uses it, with the key forgotten
+/// user ids were hashed with and where notifications are POSTed.
 #[derive(Debug, Clone)]
-pub struct Forgetting {
+pub struct PlatformDb {
     pub database_url: String,
     pub key: Option<platform::forgotten::ForgetKey>,
+    pub notify_webhook: Option<url::Url>,
+}
+
+impl PlatformDb {
+    /// `database_url` with no forget key and no webhook.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self { database_url: database_url.into(), key: None, notify_webhook: None }
+    }
 }
 
 impl IngestConfig {
@@ -77,9 +100,10 @@ impl IngestConfig {
             lake: lake.clone(),
             flush_interval: Duration::from_secs(1),
             flush_records: 10_000,
+            flush_bytes: DEFAULT_FLUSH_BYTES,
             until_caught_up: true,
             show_progress: false,
-            forget: None,
+            db: None,
         }
     }
 }
@@ -121,6 +145,8 @@ pub struct IngestSummary {
     pub events: u64,
     pub rejected: u64,
     pub commits: u64,
+    /// Offsets stepped over because they hold no record (see [`platform::gaps`]).
+    pub gap_records: u64,
     /// Next offset per partition in `events` when the run ended.
     pub offsets: BTreeMap<Partition, Offset>,
 }
@@ -128,27 +154,48 @@ pub struct IngestSummary {
 struct Buffered {
     partition: i32,
     offset: i64,
+    timestamp: Option<chrono::DateTime<Utc>>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
 }
 
-/// The forgotten users, re-read before each flush.
-struct Forget {
+/// The platform database while the ingest runs: the forgotten users
+/// (re-read before each flush), and where gaps are recorded and notified.
+struct Db {
     pool: sqlx::PgPool,
     key: Option<platform::forgotten::ForgetKey>,
     users: platform::forgotten::Forgotten,
+    notifier: platform::notify::Notifier,
+    notices: platform::gaps::GapNotices,
 }
 
-impl Forget {
-    async fn connect(config: &Forgetting) -> Result<Self, IngestError> {
-        let pool = platform::db::connect(&config.database_url, 1, Duration::from_secs(30)).await?;
+impl Db {
+    async fn connect(config: &PlatformDb) -> Result<Self, IngestError> {
+        let pool = platform::db::connect(&config.database_url, 2, Duration::from_secs(30)).await?;
         platform::db::MIGRATOR.run(&pool).await.map_err(platform::db::DbError::from)?;
         let users = platform::forgotten::Forgotten::load(&pool, config.key.as_ref()).await?;
-        Ok(Self { pool, key: config.key.clone(), users })
+        let notifier = platform::notify::Notifier::spawn(
+            platform::notify::NotifyConfig::new(config.notify_webhook.clone(), "batch-ingest"),
+            Some(pool.clone()),
+        );
+        Ok(Self { pool, key: config.key.clone(), users, notifier, notices: platform::gaps::GapNotices::default() })
     }
 
     async fn refresh(&mut self) -> Result<(), IngestError> {
         self.users = platform::forgotten::Forgotten::load(&self.pool, self.key.as_ref()).await?;
+        Ok(())
+    }
+
+    /// Records `gaps` (before the lake commit that passes them) and
+    /// notifies them when due.
+    async fn record_gaps(&mut self, topic: &str, gaps: &[platform::gaps::Gap]) -> Result<(), IngestError> {
+        let mut conn = self.pool.acquire().await.map_err(platform::db::DbError::from)?;
+        platform::gaps::record(&mut conn, platform::gaps::Layer::Batch, topic, gaps)
+            .await
+            .map_err(platform::db::DbError::from)?;
+        if let Some(n) = self.notices.notice(platform::gaps::Layer::Batch, topic, gaps, Instant::now()) {
+            self.notifier.send(n);
+        }
         Ok(())
     }
 }
@@ -169,6 +216,11 @@ fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.message.max.bytes", "4194304")
+        // Told when a partition is read to its end: caught up, even when the
+        // last offsets are transaction markers that are never delivered.
+        .set("enable.partition.eof", "true")
+        // Only committed records of transactional producers reach the lake.
+        .set("isolation.level", "read_committed")
         .create()
         .map_err(|source| IngestError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) })
 }
@@ -202,8 +254,8 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .await
         .map_err(commit_err(REJECTED_TABLE))?;
     let mut tables = Tables { events, rejected, events_next, rejected_next };
-    let mut forget = match &config.forget {
-        Some(f) => Some(Forget::connect(f).await?),
+    let mut db = match &config.db {
+        Some(d) => Some(Db::connect(d).await?),
         None => None,
     };
 
@@ -240,23 +292,37 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .iter()
         .map(|p| (Partition(*p), tables.events_next.get(&Partition(*p)).copied().unwrap_or(Offset(0))))
         .collect();
-    let caught_up = |next: &BTreeMap<Partition, Offset>| {
-        ends.iter().all(|(p, end)| next.get(p).copied().unwrap_or(Offset(0)) >= *end)
+    // Partitions the broker said are read to their end (since their last record).
+    let mut at_end: std::collections::BTreeSet<Partition> = std::collections::BTreeSet::new();
+    let caught_up = |next: &BTreeMap<Partition, Offset>, at_end: &std::collections::BTreeSet<Partition>| {
+        ends.iter().all(|(p, end)| at_end.contains(p) || next.get(p).copied().unwrap_or(Offset(0)) >= *end)
     };
     let mut summary = IngestSummary::default();
     let mut decoder = EventDecoder::new();
     let mut buffer: Vec<Buffered> = Vec::new();
+    let mut buffered_bytes = 0usize;
+    let mut gaps: Vec<platform::gaps::Gap> = Vec::new();
     let mut first_at: Option<Instant> = None;
 
     loop {
-        let done = config.until_caught_up && caught_up(&next);
+        let done = config.until_caught_up && caught_up(&next, &at_end);
         let stopping = shutdown.is_cancelled();
         let due = first_at.is_some_and(|t| t.elapsed() >= config.flush_interval);
-        if !buffer.is_empty() && (done || stopping || due || buffer.len() >= config.flush_records) {
-            if let Some(f) = forget.as_mut() {
-                f.refresh().await?;
+        let full = buffer.len() >= config.flush_records || buffered_bytes >= config.flush_bytes;
+        if !buffer.is_empty() && (done || stopping || due || full) {
+            buffered_bytes = 0;
+            let passed = std::mem::take(&mut gaps);
+            let gap_records: u64 = passed.iter().map(platform::gaps::Gap::len).sum();
+            if let Some(d) = db.as_mut() {
+                d.refresh().await?;
+                d.record_gaps(&config.topic, &passed).await?;
             }
-            let forgotten = forget.as_ref().map(|f| &f.users);
+            if gap_records > 0 {
+                metrics::counter!("batch_ingest_gap_records_total").increment(gap_records);
+                tracing::warn!(gaps = ?passed, "stepped over offsets that hold no record");
+                summary.gap_records += gap_records;
+            }
+            let forgotten = db.as_ref().map(|d| &d.users);
             let flushed =
                 flush(&config, &mut tables, &mut decoder, std::mem::take(&mut buffer), &next, forgotten).await?;
             summary.records += flushed.records;
@@ -278,6 +344,20 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             received = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()) => {
                 match received {
                     Err(_elapsed) => continue,
+                    Ok(Err(KafkaError::PartitionEOF(p))) => {
+                        // Read to the end: caught up if the fetch position
+                        // reached the end as of the start (offsets between
+                        // the last record and it hold nothing to read).
+                        let position = consumer.position().ok().and_then(|tpl| {
+                            tpl.find_partition(&config.topic, p).and_then(|e| e.offset().to_raw())
+                        });
+                        let end = ends.get(&Partition(p)).copied().unwrap_or(Offset(0));
+                        if position.is_some_and(|o| o >= end.0) {
+                            at_end.insert(Partition(p));
+                        } else {
+                            tracing::debug!(partition = p, ?position, end = end.0, "end of partition before its end as of the start");
+                        }
+                    }
                     Ok(Err(e)) => {
                         // Transient broker trouble: librdkafka reconnects by itself.
                         tracing::warn!(error = %e, "Kafka consumer error; retrying");
@@ -285,14 +365,23 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
                     }
                     Ok(Ok(m)) => {
                         let (p, o) = (Partition(m.partition()), Offset(m.offset()));
+                        at_end.remove(&p);
+                        let expected = next.get(&p).copied().unwrap_or(Offset(0));
                         // A reassignment could redeliver; never take an offset twice.
-                        if o < next.get(&p).copied().unwrap_or(Offset(0)) {
+                        if o < expected {
                             continue;
                         }
+                        // The consumer reads on from the position it was
+                        // assigned: offsets it skipped hold no record.
+                        if o > expected {
+                            gaps.push(platform::gaps::Gap { partition: p, from: expected, to: o });
+                        }
                         next.insert(p, Offset(o.0 + 1));
+                        buffered_bytes += m.payload_len() + m.key().map_or(0, <[u8]>::len);
                         buffer.push(Buffered {
                             partition: p.0,
                             offset: o.0,
+                            timestamp: shared_schema::decode::kafka_time(m.timestamp().to_millis()),
                             key: m.key().map(<[u8]>::to_vec),
                             payload: m.payload().unwrap_or_default().to_vec(),
                         });
@@ -303,6 +392,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         }
     }
     bar.finish_and_clear();
+    if let Some(d) = db {
+        d.notifier.flush(Duration::from_secs(10)).await;
+    }
     summary.offsets = tables.events_next.clone();
     Ok(summary)
 }
@@ -356,9 +448,11 @@ async fn flush(
     forgotten: Option<&platform::forgotten::Forgotten>,
 ) -> Result<Flushed, IngestError> {
     let started = Instant::now();
-    let records: Vec<RawRecord<'_>> =
-        buffer.iter().map(|b| RawRecord { partition: b.partition, offset: b.offset, payload: &b.payload }).collect();
-    let mut decoded = decoder.decode(&records, Utc::now())?;
+    let records: Vec<RawRecord<'_>> = buffer
+        .iter()
+        .map(|b| RawRecord { partition: b.partition, offset: b.offset, timestamp: b.timestamp, payload: &b.payload })
+        .collect();
+    let mut decoded = decoder.decode(&records)?;
     if let Some(forgotten) = forgotten.filter(|f| !f.is_empty()) {
         let (kept, dropped_events) = forgotten.filter_events(decoded.batch)?;
         decoded.batch = kept;
@@ -454,10 +548,16 @@ fn rejected_batch(rejected: &[&RejectedRecord], buffer: &[Buffered]) -> Result<R
         partition.append_value(r.partition);
         offset.append_value(r.offset);
         key.append_option(b.key.as_deref());
-        payload.append_value(&b.payload);
+        // A record past 64 KiB keeps its first 64 KiB, its size and SHA-256:
+        // a flush of megabyte rejects stays small.
+        let kept = platform::oversize::keep(&b.payload);
+        payload.append_value(kept.bytes);
         reason.append_value(r.rejection.reason.as_str());
         field.append_option(r.rejection.field);
-        detail.append_value(&r.rejection.detail);
+        match kept.describe() {
+            Some(what) => detail.append_value(format!("{}; {what}", r.rejection.detail)),
+            None => detail.append_value(&r.rejection.detail),
+        }
         at.append_value(now.timestamp_micros());
         date.append_value(&today);
     }

@@ -48,10 +48,10 @@ fuzz_target!(|data: &[u8]| {
     let records: Vec<_> = payloads
         .iter()
         .enumerate()
-        .map(|(i, p)| RawRecord { partition: i as i32, offset: 1_000 + i as i64, payload: p })
+        .map(|(i, p)| RawRecord { partition: i as i32, offset: 1_000 + i as i64, timestamp: Some(now()), payload: p })
         .collect();
     // One decoder for the whole run, as a layer keeps one across batches.
-    let decoded = DECODER.with_borrow_mut(|d| d.decode(&records, now())).expect("valid events always build a batch");
+    let decoded = DECODER.with_borrow_mut(|d| d.decode(&records)).expect("valid events always build a batch");
     let expected: Vec<_> = payloads.iter().map(|p| Event::parse(p, now())).collect();
     let accepted: Vec<_> = expected.iter().filter_map(|r| r.as_ref().ok()).collect();
     let rejected: Vec<_> = expected.iter().enumerate().filter_map(|(i, r)| r.as_ref().err().map(|r| (i, r))).collect();

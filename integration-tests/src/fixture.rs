@@ -73,6 +73,14 @@ impl Stack {
     pub async fn fresh_topic(&self, test: &str, partitions: i32) -> anyhow::Result<String> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let name = format!("test.{}.{}.{}", sanitize(test), std::process::id(), nanos % 1_000_000_000);
+        self.create_topic(&name, partitions).await?;
+        Ok(name)
+    }
+
+    /// Creates topic `name` with `partitions` partitions and waits until the
+    /// broker reports it (a topic an earlier attempt created is fine).
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        let name = name.to_string();
         let admin = self.admin()?;
         let opts = AdminOptions::new()
             .operation_timeout(Some(Duration::from_secs(20)))
@@ -97,7 +105,7 @@ impl Stack {
         // Wait until the broker reports the topic with all its partitions.
         for _ in 0..100 {
             if self.partitions(&name)? == partitions as usize {
-                return Ok(name);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -335,13 +335,21 @@ fn producer(brokers: &str, delivery: Arc<Delivery>) -> anyhow::Result<ThreadedPr
 /// Sends hand-made records (key, payload) to `topic` and waits until the
 /// broker acknowledged each one: for tests that need exact inputs.
 pub fn send_records(brokers: &str, topic: &str, records: &[(String, String)]) -> anyhow::Result<()> {
+    let timed: Vec<_> = records.iter().map(|(k, p)| (k.clone(), p.clone(), None)).collect();
+    send_timed_records(brokers, topic, &timed)
+}
+
+/// Like [`send_records`], each record with the Kafka timestamp given
+/// (milliseconds since the epoch; `None`: the producer's clock).
+pub fn send_timed_records(brokers: &str, topic: &str, records: &[(String, String, Option<i64>)]) -> anyhow::Result<()> {
     let delivery = Arc::new(Delivery::default());
     let producer = producer(brokers, Arc::clone(&delivery))?;
-    for (key, payload) in records {
-        producer
-            .send(BaseRecord::to(topic).key(key).payload(payload))
-            .map_err(|(e, _)| e)
-            .with_context(|| format!("producing to topic {topic}"))?;
+    for (key, payload, timestamp) in records {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        if let Some(t) = timestamp {
+            record = record.timestamp(*t);
+        }
+        producer.send(record).map_err(|(e, _)| e).with_context(|| format!("producing to topic {topic}"))?;
     }
     producer.flush(Duration::from_secs(60)).context("waiting for the broker to acknowledge every record")?;
     let failed = delivery.failed.load(Ordering::Relaxed);

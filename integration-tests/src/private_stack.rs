@@ -33,11 +33,20 @@ pub struct PrivateStack {
     kafka_port: u16,
     tansu_bin: PathBuf,
     tansu: Option<Child>,
+    /// How often the broker applies retention (tansu's default: 10 minutes).
+    maintenance: Option<Duration>,
 }
 
 impl PrivateStack {
     /// Initialises and starts both servers; returns once both answer.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_maintenance(None).await
+    }
+
+    /// A private stack whose broker applies topic retention every
+    /// `maintenance` (tansu's storage URL parameter), so a test can have
+    /// records removed before a layer reads them.
+    pub async fn start_with_maintenance(maintenance: Option<Duration>) -> anyhow::Result<Self> {
         let pg_bin = pg_bin()?;
         let cache = std::env::var_os("LAMBDA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/lambda-platform")
@@ -54,7 +63,8 @@ impl PrivateStack {
         ));
         std::fs::create_dir_all(dir.join("pg/run")).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::create_dir_all(dir.join("tansu"))?;
-        let mut stack = Self { dir, pg_bin, pg_port: free_port()?, kafka_port: free_port()?, tansu_bin, tansu: None };
+        let mut stack =
+            Self { dir, pg_bin, pg_port: free_port()?, kafka_port: free_port()?, tansu_bin, tansu: None, maintenance };
         if is_root() {
             run(Command::new("chown").arg("-R").arg("postgres:").arg(stack.dir.join("pg")))?;
             // PostgreSQL must traverse the directory (it is 0755 by umask, normally).
@@ -98,10 +108,24 @@ impl PrivateStack {
 
     /// Creates `topic` and waits until the broker reports all its partitions.
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        self.create_topic_with(topic, partitions, &[]).await
+    }
+
+    /// A topic with topic configs, e.g. `("retention.ms", "60000")`.
+    pub async fn create_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", self.brokers()).create()?;
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for r in admin.create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &opts).await? {
+        let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
+        for r in admin.create_topics(&[new], &opts).await? {
             r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
         }
         for _ in 0..100 {
@@ -194,7 +218,7 @@ impl PrivateStack {
         let child = Command::new(&self.tansu_bin)
             .current_dir(self.dir.join("tansu"))
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", &self.storage_url()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -212,6 +236,13 @@ impl PrivateStack {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("tansu does not answer on {addr}; see {}", self.dir.join("tansu.log").display())
+    }
+
+    fn storage_url(&self) -> String {
+        match self.maintenance {
+            Some(every) => format!("sqlite://tansu.db?maintenance_interval={}ms", every.as_millis()),
+            None => "sqlite://tansu.db".to_string(),
+        }
     }
 
     async fn metadata_answers(&self) -> bool {

@@ -20,7 +20,17 @@ use crate::schema::events_schema;
 pub struct RawRecord<'a> {
     pub partition: i32,
     pub offset: i64,
+    /// The record's Kafka timestamp (create or log-append time): what its
+    /// `event_time` is judged against (see [`kafka_time`]).
+    pub timestamp: Option<DateTime<Utc>>,
     pub payload: &'a [u8],
+}
+
+/// A Kafka record timestamp (milliseconds since the epoch, as librdkafka
+/// reports it) as a time; `None` when the record has none or it is out of
+/// range. A record without a timestamp is never judged to lie in the future.
+pub fn kafka_time(millis: Option<i64>) -> Option<DateTime<Utc>> {
+    millis.filter(|m| *m >= 0).and_then(DateTime::from_timestamp_millis)
 }
 
 /// A record that did not decode, with where it came from.
@@ -115,12 +125,14 @@ impl EventDecoder {
         Self { decoder }
     }
 
-    /// Decodes `records`, judging event times against `now`.
-    pub fn decode(&mut self, records: &[RawRecord<'_>], now: DateTime<Utc>) -> Result<Decoded, DecodeError> {
+    /// Decodes `records`, judging each event time against its record's
+    /// Kafka timestamp, not the reader's clock: the lake and the speed layer
+    /// reject the same records, and a retried flush reaches the same verdict.
+    pub fn decode(&mut self, records: &[RawRecord<'_>]) -> Result<Decoded, DecodeError> {
         let mut events = Vec::with_capacity(records.len());
         let mut rejected = Vec::new();
         for (index, r) in records.iter().enumerate() {
-            match Event::parse(r.payload, now) {
+            match Event::parse(r.payload, r.timestamp.unwrap_or(DateTime::<Utc>::MAX_UTC)) {
                 Ok(e) => events.push((e, r.partition, r.offset)),
                 Err(rejection) => {
                     rejected.push(RejectedRecord { index, partition: r.partition, offset: r.offset, rejection })
@@ -168,11 +180,11 @@ mod tests {
         let b = event("page_view", "u-2", "2026-11-23T23:59:59Z", "");
         let bad = "{oops".to_string();
         let records = [
-            RawRecord { partition: 3, offset: 10, payload: a.as_bytes() },
-            RawRecord { partition: 3, offset: 11, payload: bad.as_bytes() },
-            RawRecord { partition: 1, offset: 7, payload: b.as_bytes() },
+            RawRecord { partition: 3, offset: 10, timestamp: Some(now()), payload: a.as_bytes() },
+            RawRecord { partition: 3, offset: 11, timestamp: Some(now()), payload: bad.as_bytes() },
+            RawRecord { partition: 1, offset: 7, timestamp: Some(now()), payload: b.as_bytes() },
         ];
-        let out = EventDecoder::new().decode(&records, now()).unwrap();
+        let out = EventDecoder::new().decode(&records).unwrap();
         let batch = &out.batch;
         assert_eq!(batch.schema(), events_schema());
         assert_eq!(batch.num_rows(), 2);
@@ -201,8 +213,8 @@ mod tests {
 
     #[test]
     fn an_all_rejected_batch_is_empty_not_an_error() {
-        let records = [RawRecord { partition: 0, offset: 0, payload: b"\xff" }];
-        let out = EventDecoder::new().decode(&records, now()).unwrap();
+        let records = [RawRecord { partition: 0, offset: 0, timestamp: None, payload: b"\xff" }];
+        let out = EventDecoder::new().decode(&records).unwrap();
         assert_eq!(out.batch.num_rows(), 0);
         assert_eq!(out.batch.schema(), events_schema());
         assert_eq!(out.rejected[0].rejection.reason, RejectReason::NotUtf8);
@@ -213,10 +225,31 @@ mod tests {
         let mut d = EventDecoder::new();
         for i in 0..3 {
             let a = event("page_view", &format!("u-{i}"), "2026-11-24T10:00:00Z", "");
-            let out = d.decode(&[RawRecord { partition: 0, offset: i, payload: a.as_bytes() }], now()).unwrap();
+            let out = d
+                .decode(&[RawRecord { partition: 0, offset: i, timestamp: Some(now()), payload: a.as_bytes() }])
+                .unwrap();
             assert_eq!(out.batch.num_rows(), 1);
             assert_eq!(out.batch.column_by_name("user_id").unwrap().as_string::<i32>().value(0), format!("u-{i}"));
         }
+    }
+
+    #[test]
+    fn the_future_is_judged_by_each_record_timestamp() {
+        let ahead = event("page_view", "u-1", "2026-11-24T15:00:00Z", "");
+        let at = |timestamp| RawRecord { partition: 0, offset: 0, timestamp, payload: ahead.as_bytes() };
+        let mut d = EventDecoder::new();
+        // An hour after the record's timestamp: rejected, whoever reads it when.
+        let out = d.decode(&[at(Some(now()))]).unwrap();
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].rejection.reason, RejectReason::FutureEventTime);
+        // Produced an hour later: the same bytes are fine.
+        let later = now() + chrono::TimeDelta::hours(1);
+        assert_eq!(d.decode(&[at(Some(later))]).unwrap().batch.num_rows(), 1);
+        // No timestamp: never judged future.
+        assert_eq!(d.decode(&[at(None)]).unwrap().batch.num_rows(), 1);
+        assert_eq!(kafka_time(None), None);
+        assert_eq!(kafka_time(Some(-1)), None);
+        assert_eq!(kafka_time(Some(now().timestamp_millis())), Some(now()));
     }
 
     #[test]
@@ -238,9 +271,9 @@ mod tests {
             )
         ) {
             let records: Vec<_> = payloads.iter().enumerate()
-                .map(|(i, p)| RawRecord { partition: 0, offset: i as i64, payload: p })
+                .map(|(i, p)| RawRecord { partition: 0, offset: i as i64, timestamp: Some(now()), payload: p })
                 .collect();
-            let out = EventDecoder::new().decode(&records, now()).unwrap();
+            let out = EventDecoder::new().decode(&records).unwrap();
             prop_assert_eq!(out.batch.num_rows() + out.rejected.len(), records.len());
             let offsets = out.batch.column_by_name("kafka_offset").unwrap().as_primitive::<Int64Type>();
             for r in &out.rejected {

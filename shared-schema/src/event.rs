@@ -223,7 +223,11 @@ struct Wire<'a> {
 }
 
 impl<'a> Event<'a> {
-    /// Parses one raw record, judging `event_time` against `now`.
+    /// Parses one raw record, judging `event_time` against `now`: the
+    /// record's Kafka timestamp when decoding a topic (see
+    /// [`crate::decode::EventDecoder::decode`]), so every reader reaches the
+    /// same verdict whenever it reads. `DateTime::<Utc>::MAX_UTC` judges no
+    /// time as future.
     pub fn parse(bytes: &'a [u8], now: DateTime<Utc>) -> Result<Event<'a>, Rejection> {
         use RejectReason::*;
         if bytes.len() > MAX_RECORD_BYTES {
@@ -359,11 +363,12 @@ fn time_field(raw: Option<&RawValue>, now: DateTime<Utc>) -> Result<DateTime<Utc
     if t < DateTime::UNIX_EPOCH {
         return Err(invalid(format!("{t} lies before 1970")));
     }
-    if t > now + MAX_FUTURE_SKEW {
+    // Past the largest representable time nothing is in the future.
+    if now.checked_add_signed(MAX_FUTURE_SKEW).is_some_and(|limit| t > limit) {
         return Err(Rejection::field(
             RejectReason::FutureEventTime,
             "event_time",
-            format!("{t} is more than 5 minutes after {now}"),
+            format!("{t} is more than 5 minutes after the record's timestamp {now}"),
         ));
     }
     Ok(t)

@@ -40,6 +40,10 @@ pub enum Command {
         /// Flush as soon as this many records are buffered.
         #[arg(long, env = "SPEED_MAX_BATCH", default_value_t = 50_000)]
         max_batch: usize,
+        /// Flush as soon as the buffered records hold this many MiB; also
+        /// bounds what is read during a flush (memory stays bounded).
+        #[arg(long, env = "SPEED_MAX_BATCH_MIB", default_value_t = 64)]
+        max_batch_mib: usize,
         /// Longest a fetch waits at the broker for new records (Kafka's
         /// fetch.wait.max.ms): lower is fresher, at one request per wait while idle.
         #[arg(long, env = "SPEED_FETCH_WAIT", default_value = "50ms", value_parser = humantime::parse_duration)]
@@ -51,6 +55,13 @@ pub enum Command {
         /// `all`: this instance takes every partition itself (single instance).
         #[arg(long, env = "SPEED_ASSIGNMENT", value_enum, default_value = "group")]
         assignment: crate::stream::Assignment,
+        /// In group mode, this instance's static membership id
+        /// (group.instance.id), unique in the group: a restart after a crash
+        /// takes its partitions back at once. Default `speed-<host>-<ops
+        /// port>`; `none` for a dynamic member (also the default when the
+        /// ops port is 0, which changes at every start).
+        #[arg(long, env = "SPEED_INSTANCE_ID")]
+        instance_id: Option<String>,
         /// Secret (at least 16 characters) that `batch-layer forget-user`
         /// hashed forgotten user ids with; needed once any user is forgotten.
         #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
@@ -83,9 +94,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url,
             flush_interval,
             max_batch,
+            max_batch_mib,
             fetch_wait,
             ops_addr,
             assignment,
+            instance_id,
             forget_key,
             notify_webhook_url,
             stall_after,
@@ -106,6 +119,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if max_batch == 0 {
                 anyhow::bail!("--max-batch must be at least 1");
             }
+            if max_batch_mib == 0 || max_batch_mib > 16 * 1024 {
+                anyhow::bail!("--max-batch-mib must be from 1 to 16384, e.g. 64");
+            }
             if fetch_wait.is_zero() || fetch_wait > Duration::from_secs(300) {
                 anyhow::bail!("--fetch-wait must be from 1ms to 300s, e.g. 50ms");
             }
@@ -120,14 +136,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 database_url,
                 flush_interval,
                 max_batch,
+                max_batch_bytes: max_batch_mib << 20,
                 fetch_wait,
                 ops_addr,
                 assignment,
+                instance_id: instance_id_or_default(instance_id, ops_addr),
                 forget_key: platform::forgotten::ForgetKey::optional(forget_key.as_deref())?,
                 alerts,
             };
             stream::run(config, shutdown).await?;
             Ok(())
         }
+    }
+}
+
+/// `--instance-id` as given (`none`: no static membership), or by default
+/// `speed-<host>-<ops port>`: stable across restarts on one host and unique
+/// there (two instances cannot share an ops port). A random ops port (0)
+/// gives no stable id, so a dynamic member.
+fn instance_id_or_default(given: Option<String>, ops_addr: SocketAddr) -> Option<String> {
+    match given {
+        Some(id) if id.eq_ignore_ascii_case("none") || id.is_empty() => None,
+        Some(id) => Some(id),
+        None if ops_addr.port() == 0 => None,
+        None => Some(format!("speed-{}-{}", hostname(), ops_addr.port())),
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_id_defaults_to_host_and_ops_port() {
+        let fixed: SocketAddr = "127.0.0.1:9101".parse().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let default = instance_id_or_default(None, fixed).unwrap();
+        assert!(default.starts_with("speed-") && default.ends_with("-9101"), "{default}");
+        assert_eq!(instance_id_or_default(None, any), None);
+        assert_eq!(instance_id_or_default(Some("none".into()), fixed), None);
+        assert_eq!(instance_id_or_default(Some("speed-a".into()), any).as_deref(), Some("speed-a"));
     }
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use self::intake::{Edge, FlushEnd, Intake};
 use self::micro_batch::{FlushPolicy, Hold, Record};
 use self::sink::{Flushed, Sink};
-use crate::dlq::Dlq;
+use crate::dlq::Shipper;
 use crate::offsets;
 
 /// What `speed-layer run` needs.
@@ -51,6 +51,10 @@ pub struct SpeedConfig {
     pub flush_interval: Duration,
     /// Flush as soon as this many records are buffered.
     pub max_batch: usize,
+    /// Flush as soon as the buffered records hold this many bytes (keys
+    /// and payloads); also bounds what is read during a flush, so memory
+    /// stays bounded whatever the records' size.
+    pub max_batch_bytes: usize,
     /// The longest a fetch waits at the broker for new records
     /// (`fetch.wait.max.ms`): an upper bound on how late an idle consumer
     /// hears of a record, paid for with one fetch request per wait.
@@ -59,6 +63,12 @@ pub struct SpeedConfig {
     pub ops_addr: SocketAddr,
     /// How partitions are shared out.
     pub assignment: Assignment,
+    /// In group mode, this instance's static group membership
+    /// (`group.instance.id`): a restarted instance with the same id takes
+    /// its partitions back at once instead of waiting for the broker to
+    /// expire the dead member (see [`consumer_config`]). `None`: a dynamic
+    /// member.
+    pub instance_id: Option<String>,
     /// The key forgotten user ids were hashed with (needed once any user
     /// is forgotten; without it the layer refuses to run).
     pub forget_key: Option<platform::forgotten::ForgetKey>,
@@ -79,14 +89,19 @@ impl SpeedConfig {
             database_url: database_url.to_string(),
             flush_interval: Duration::from_millis(100),
             max_batch: 5_000,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             fetch_wait: DEFAULT_FETCH_WAIT,
             ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             assignment: Assignment::All,
+            instance_id: None,
             forget_key: None,
             alerts: crate::alerts::Alerts::default(),
         }
     }
 }
+
+/// [`SpeedConfig::max_batch_bytes`] unless configured: 64 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// `fetch.wait.max.ms` unless configured. tansu 0.6 answers every fetch
 /// only after this long (it sleeps out the wait even when it has records);
@@ -147,14 +162,24 @@ fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     Record {
         partition: Partition(m.partition()),
         offset: Offset(m.offset()),
+        timestamp: shared_schema::decode::kafka_time(m.timestamp().to_millis()),
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().unwrap_or_default().to_vec(),
+        gap_from: None,
     }
 }
 
 /// The speed layer's Kafka consumer settings (`bench_speed` reads with the
 /// same, to compare a bare consumer with the layer).
-pub fn consumer_config(brokers: &str, group_id: &str, fetch_wait: Duration) -> ClientConfig {
+///
+/// With an `instance_id` the consumer is a static member of its group
+/// (KIP-345): after a crash (kill -9, no LeaveGroup) a dynamic member's
+/// partitions stay with the dead member until the broker expires its
+/// session, and a restarted instance joins as a new member and waits for
+/// that (on tansu 0.6, whose coordinator never expires sessions, it waited
+/// for good). A static member that comes back under its id is handed its
+/// assignment again at once. Ids must be unique within the group.
+pub fn consumer_config(brokers: &str, group_id: &str, fetch_wait: Duration, instance_id: Option<&str>) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -166,7 +191,13 @@ pub fn consumer_config(brokers: &str, group_id: &str, fetch_wait: Duration) -> C
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         .set("max.poll.interval.ms", "30000")
-        .set("fetch.wait.max.ms", fetch_wait.as_millis().max(1).to_string());
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().max(1).to_string())
+        // Only committed records of transactional producers: records of
+        // aborted transactions are never delivered, let alone counted.
+        .set("isolation.level", "read_committed");
+    if let Some(id) = instance_id {
+        config.set("group.instance.id", id);
+    }
     config
 }
 
@@ -183,9 +214,14 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     let deployment = platform::db::prepare(&pool, None).await?;
     let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
     let log = Arc::new(RebalanceLog::default());
-    let consumer: StreamConsumer<Context> = consumer_config(&config.brokers, &config.group_id, config.fetch_wait)
-        .create_with_context(Context(Arc::clone(&log)))
-        .map_err(kafka)?;
+    let instance_id = match config.assignment {
+        Assignment::Group => config.instance_id.as_deref(),
+        Assignment::All => None,
+    };
+    let consumer: StreamConsumer<Context> =
+        consumer_config(&config.brokers, &config.group_id, config.fetch_wait, instance_id)
+            .create_with_context(Context(Arc::clone(&log)))
+            .map_err(kafka)?;
     match config.assignment {
         Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(kafka)?,
         Assignment::All => {
@@ -206,7 +242,14 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
             tracing::info!(partitions = partitions.len(), "assigned every partition directly");
         }
     }
-    let dlq = Dlq::new(&config.brokers, &config.dlq_topic, &config.topic).map_err(kafka)?;
+    // Rejects wait in PostgreSQL's outbox; this ships them to the DLQ topic.
+    let dlq_wake = Arc::new(tokio::sync::Notify::new());
+    let shipper_stop = CancellationToken::new();
+    let shipper = tokio::spawn(
+        Shipper::new(&config.brokers, &config.dlq_topic, pool.clone(), Arc::clone(&dlq_wake))
+            .map_err(kafka)?
+            .run(shipper_stop.clone(), Duration::from_secs(10)),
+    );
     let lag = tokio::spawn(crate::lag::watch(
         config.brokers.clone(),
         config.topic.clone(),
@@ -227,13 +270,17 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     ));
     ready.set(true);
-    tracing::info!(topic = %config.topic, group = %config.group_id, segment_size = deployment.segment_size.get(), "speed layer started");
+    tracing::info!(topic = %config.topic, group = %config.group_id, instance = ?instance_id, segment_size = deployment.segment_size.get(), "speed layer started");
 
     let mut state = Loop {
         edge: KafkaEdge { topic: &config.topic, pool: &pool, consumer: &consumer, rebalances: &log },
-        policy: FlushPolicy { interval: config.flush_interval, max_batch: config.max_batch },
+        policy: FlushPolicy {
+            interval: config.flush_interval,
+            max_batch: config.max_batch,
+            max_bytes: config.max_batch_bytes,
+        },
         intake: Intake::default(),
-        sink: Sink::new(&config, &pool, &dlq, deployment.segment_size, forgotten, ready.clone(), notifier.clone()),
+        sink: Sink::new(&config, &pool, &dlq_wake, deployment.segment_size, forgotten, ready.clone(), notifier.clone()),
     };
     loop {
         state.intake.apply_rebalances(&mut state.edge);
@@ -262,6 +309,9 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     ready.set(false);
     tracing::info!("speed layer stopped cleanly");
     drop(consumer);
+    // The rejects of the last flushes, shipped before stopping if the DLQ is there.
+    shipper_stop.cancel();
+    let _ = shipper.await;
     let _ = lag.await;
     let _ = alerts.await;
     notifier.flush(Duration::from_secs(5)).await;
@@ -341,12 +391,25 @@ impl Edge for KafkaEdge<'_> {
         offsets::load(self.pool, partitions).await
     }
 
-    fn seek(&mut self, partition: Partition, offset: Offset) {
+    fn seek(&mut self, partition: Partition, offset: Offset) -> bool {
         let mut tpl = TopicPartitionList::new();
-        if tpl.add_partition_offset(self.topic, partition.0, rdkafka::Offset::Offset(offset.0)).is_ok()
-            && let Err(e) = self.consumer.seek_partitions(tpl, Duration::from_secs(5))
-        {
-            tracing::warn!(error = %e, %partition, %offset, "seek failed; will retry on the next record");
+        if let Err(e) = tpl.add_partition_offset(self.topic, partition.0, rdkafka::Offset::Offset(offset.0)) {
+            tracing::warn!(error = %e, %partition, %offset, "cannot seek");
+            return false;
+        }
+        match self.consumer.seek_partitions(tpl, Duration::from_secs(5)) {
+            // Per-partition errors come back in the list.
+            Ok(result) => match result.elements().first().map(|e| e.error()) {
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, %partition, %offset, "seek failed; will retry on the next record");
+                    false
+                }
+                _ => true,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, %partition, %offset, "seek failed; will retry on the next record");
+                false
+            }
         }
     }
 }

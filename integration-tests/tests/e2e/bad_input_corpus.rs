@@ -1,7 +1,12 @@
 //! The committed bad-input corpus (`integration-tests/corpus/`) against the
 //! decoder and against the whole pipeline: every malformed record ends in
 //! the DLQ and in the lake's `events_rejected` table with its reason and its
-//! original bytes, and every valid event around them is counted exactly once.
+//! original bytes (past 64 KiB: the first 64 KiB, the size and the SHA-256),
+//! and every valid event around them is counted exactly once. Records made
+//! at test time add the sizes no file should hold: 256 KiB, a
+//! 1,000,001-byte record (one byte over librdkafka's default message
+//! limit, the DLQ producer's) and one of 1,048,400 bytes, about the largest
+//! a Kafka broker accepts by default.
 //!
 //! `corpus/bad/MANIFEST` names the reason each bad file must be rejected
 //! for; every file of `corpus/good/` must be accepted. The same files seed
@@ -31,9 +36,9 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use shared_schema::event::MAX_RECORD_BYTES;
 use shared_schema::{Event, RejectReason};
 
-/// Size of the oversized record made at test time (the corpus holds one a
-/// single byte over the limit; this one is far over it).
-const LARGE_RECORD_BYTES: usize = 256 * 1024;
+/// Sizes of the oversized records made at test time (the corpus holds one
+/// a single byte over the limit; these are far over it).
+const LARGE_RECORD_BYTES: [usize; 3] = [256 * 1024, 1_000_001, 1_048_400];
 
 /// Partitions of the test's `events` topic.
 const PARTITIONS: i32 = 3;
@@ -100,19 +105,22 @@ fn made_at_test_time(now: DateTime<Utc>) -> Vec<Record> {
             time.to_rfc3339_opts(SecondsFormat::Millis, true)
         )
     };
-    let padding = format!(r#","padding":"{}""#, "x".repeat(LARGE_RECORD_BYTES));
-    vec![
-        Record {
-            name: "made/oversized_256_kib.json".into(),
-            bytes: event("corpus-made-oversized", now, &padding).into_bytes(),
-            reason: Some(RejectReason::Oversized),
-        },
-        Record {
-            name: "made/event_time_exactly_five_minutes_ahead.json".into(),
-            bytes: event("corpus-made-five-minutes-ahead", now + TimeDelta::minutes(5), "").into_bytes(),
-            reason: None,
-        },
-    ]
+    let mut made: Vec<Record> = LARGE_RECORD_BYTES
+        .iter()
+        .map(|size| {
+            let mut bytes = event(&format!("corpus-made-oversized-{size}"), now, r#","padding":""#).into_bytes();
+            bytes.resize(size - 2, b'x');
+            bytes.extend_from_slice(br#""}"#);
+            assert_eq!(bytes.len(), *size);
+            Record { name: format!("made/oversized_{size}_bytes.json"), bytes, reason: Some(RejectReason::Oversized) }
+        })
+        .collect();
+    made.extend([Record {
+        name: "made/event_time_exactly_five_minutes_ahead.json".into(),
+        bytes: event("corpus-made-five-minutes-ahead", now + TimeDelta::minutes(5), "").into_bytes(),
+        reason: None,
+    }]);
+    made
 }
 
 /// What a valid record adds to `product_demand_hourly`, computed from the
@@ -176,6 +184,10 @@ struct Stored {
     partition: i32,
     offset: i64,
     reason: String,
+    /// The original's size and SHA-256 as stored with it, when only its
+    /// first bytes are (DLQ headers; the detail text in the lake).
+    size: Option<usize>,
+    sha256: Option<String>,
 }
 
 /// Every record of the DLQ topic (one partition), from the beginning.
@@ -205,12 +217,19 @@ fn read_dlq(stack: &Stack, dlq: &str, source_topic: &str, expected: usize) -> Ve
                 .unwrap_or_else(|| panic!("DLQ record without a {name} header"))
         };
         assert_eq!(header("source_topic"), source_topic);
+        let sha256 = headers
+            .iter()
+            .find(|h| h.key == "original_sha256")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap());
         out.push(Stored {
             key: m.key().unwrap_or_default().to_vec(),
             payload: m.payload().unwrap_or_default().to_vec(),
             partition: header("source_partition").parse().unwrap(),
             offset: header("source_offset").parse().unwrap(),
             reason: header("reason"),
+            size: Some(header("original_size").parse().unwrap()),
+            sha256,
         });
     }
     assert_eq!(records_in(&consumer, dlq, 1), expected as i64, "the DLQ holds exactly the bad records");
@@ -237,16 +256,27 @@ async fn lake_query(lake: &Lake, table: &str, sql: &str) -> Vec<RecordBatch> {
 
 /// Every row of `events_rejected`.
 async fn read_rejected(lake: &Lake) -> Vec<Stored> {
-    let batches =
-        lake_query(lake, REJECTED_TABLE, "SELECT kafka_key, payload, kafka_partition, kafka_offset, reason FROM t")
-            .await;
+    let batches = lake_query(
+        lake,
+        REJECTED_TABLE,
+        "SELECT kafka_key, payload, kafka_partition, kafka_offset, reason, detail FROM t",
+    )
+    .await;
     let mut out = Vec::new();
     for b in batches {
         let col = |i: usize, t: &DataType| cast(b.column(i), t).unwrap();
         let (key, payload) = (col(0, &DataType::Binary), col(1, &DataType::Binary));
         let (partition, offset, reason) = (col(2, &DataType::Int32), col(3, &DataType::Int64), col(4, &DataType::Utf8));
+        let detail = col(5, &DataType::Utf8);
         for i in 0..b.num_rows() {
+            // "…; kept the first 65536 of N bytes, SHA-256 X" for a prefix.
+            let detail = detail.as_string::<i32>().value(i);
+            let kept = detail.split_once("kept the first ").map(|(_, rest)| rest);
+            let size = kept.and_then(|k| k.split(" of ").nth(1)?.split(' ').next()?.parse().ok());
+            let sha256 = kept.and_then(|k| k.rsplit("SHA-256 ").next()).map(str::to_string);
             out.push(Stored {
+                size,
+                sha256,
                 key: if key.is_null(i) { Vec::new() } else { key.as_binary::<i32>().value(i).to_vec() },
                 payload: payload.as_binary::<i32>().value(i).to_vec(),
                 partition: partition.as_primitive::<Int32Type>().value(i),
@@ -295,12 +325,24 @@ fn assert_every_bad_record_kept(what: &str, stored: &[Stored], sent: &BTreeMap<V
         if s.reason != reason {
             wrong.push(format!("{}: reason {} instead of {reason}", r.name, s.reason));
         }
-        if s.payload != r.bytes {
+        let kept = platform::oversize::keep(&r.bytes);
+        if s.payload != kept.bytes {
             wrong.push(format!(
-                "{}: payload of {} bytes differs from the {} sent",
+                "{}: payload of {} bytes differs from the {} kept of the {} sent",
                 r.name,
                 s.payload.len(),
+                kept.bytes.len(),
                 r.bytes.len()
+            ));
+        }
+        if s.sha256 != kept.sha256 || s.size.is_some_and(|n| n != r.bytes.len()) {
+            wrong.push(format!(
+                "{}: size {:?} and SHA-256 {:?} stored, not {} and {:?}",
+                r.name,
+                s.size,
+                s.sha256,
+                r.bytes.len(),
+                kept.sha256
             ));
         }
         if (s.partition, s.offset) != (*partition, *offset) {
@@ -330,7 +372,9 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
     let shop = Shop::new(ShopConfig { seed: 66, products: 60, categories: 6, users: 400, rate: 1.0 });
     let from = now - TimeDelta::hours(2);
     let valid = shop.events_between(from, from + TimeDelta::hours(1), &[], now, &mut rng);
-    assert!(valid.len() > 1_000, "{} generated events", valid.len());
+    // The shop's traffic follows the time of day: at night an hour holds
+    // fewer events, enough to surround every corpus record all the same.
+    assert!(valid.len() > 500, "{} generated events", valid.len());
 
     let mut expected = DemandMap::new();
     let mut expected_ids = BTreeSet::new();
@@ -376,6 +420,8 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("message.timeout.ms", "120000")
+        // The largest records made here exceed librdkafka's 1,000,000-byte default.
+        .set("message.max.bytes", "2000000")
         .create()
         .unwrap();
     let deliveries: Vec<_> = to_send
@@ -450,6 +496,21 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         .unwrap()
         .status;
     assert!(status.success(), "the ingest failed ({status}); its log:\n{}", log_tail(&ingest_log));
+    // The rejects are committed to the outbox with the offsets; wait until
+    // they are shipped before stopping the speed layer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.dlq_outbox").fetch_one(&pool).await.unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{waiting} rejects still in the outbox; the speed layer's log:\n{}",
+            log_tail(&speed_log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     speed.start_kill().unwrap();
     speed.wait().await.unwrap();
 

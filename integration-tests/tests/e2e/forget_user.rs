@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use batch_layer::forget::{ForgetConfig, forget_user};
-use batch_layer::ingest::{self, Forgetting, IngestConfig};
+use batch_layer::ingest::{self, IngestConfig, PlatformDb};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use datafusion::arrow::array::{Array, AsArray};
@@ -200,7 +200,7 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     let key = ForgetKey::new(KEY).unwrap();
     let ingest_config = IngestConfig {
         flush_records: 2_000,
-        forget: Some(Forgetting { database_url: url.clone(), key: Some(key.clone()) }),
+        db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
         ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
     };
     let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
@@ -322,12 +322,12 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     // A writer with another key (or none) refuses to run.
     let wrong = ForgetKey::new("another-key-0123456789").unwrap();
     let bad = IngestConfig {
-        forget: Some(Forgetting { database_url: url.clone(), key: Some(wrong) }),
+        db: Some(PlatformDb { key: Some(wrong), ..PlatformDb::new(url.clone()) }),
         ..ingest_config.clone()
     };
     let e = ingest::run(bad, CancellationToken::new()).await.unwrap_err().to_string();
     assert!(e.contains("FORGET_KEY differs"), "{e}");
-    let none = IngestConfig { forget: Some(Forgetting { database_url: url.clone(), key: None }), ..ingest_config };
+    let none = IngestConfig { db: Some(PlatformDb::new(url.clone())), ..ingest_config };
     let e = ingest::run(none, CancellationToken::new()).await.unwrap_err().to_string();
     assert!(e.contains("no FORGET_KEY"), "{e}");
 

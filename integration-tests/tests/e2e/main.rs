@@ -20,6 +20,7 @@ mod dashboard_chromium;
 mod derived_views;
 mod exact_merge;
 mod export_training;
+mod faults;
 mod forget_user;
 mod foundation;
 mod notifications;

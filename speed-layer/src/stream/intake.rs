@@ -7,9 +7,11 @@
 //! the consumer's seek — is reached through [`Edge`], so this logic runs the
 //! same against Kafka and PostgreSQL as against a script in the tests.
 //! Guarantees: a partition's records enter the micro-batch only at exactly
-//! the next offset; a partition is sought back at most once per record run
-//! (its later held records come again anyway); positions unknown after a
-//! fenced flush are loaded in one query, not once per held record.
+//! the next offset, or past it when a seek back proved the offsets between
+//! empty (the record then carries the gap, see [`Record::gap_from`]); a
+//! partition is sought back at most once per record run (its later held
+//! records come again anyway); positions unknown after a fenced flush are
+//! loaded in one query, not once per held record.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -31,14 +33,16 @@ pub(super) trait Edge {
     fn rebalanced(&mut self) -> BTreeSet<Partition>;
     /// The next offset PostgreSQL holds for each of `partitions`.
     async fn load(&mut self, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, Self::Error>;
-    /// Reads `partition` again from `offset`.
-    fn seek(&mut self, partition: Partition, offset: Offset);
+    /// Reads `partition` again from `offset`; false when the seek failed.
+    fn seek(&mut self, partition: Partition, offset: Offset) -> bool;
 }
 
 /// What [`Intake::accept`] did with a record.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Accepted {
     Buffered,
+    /// Buffered past a gap (offsets that hold nothing to read).
+    PastGap,
     /// Already counted.
     Behind,
     /// Not the next record: the partition is read again from its position.
@@ -93,11 +97,21 @@ impl Intake {
                     self.batch.push(record, at);
                     return Accepted::Buffered;
                 }
+                Verdict::Gap(from) => {
+                    tracing::warn!(%partition, from = from.0, to = offset.0, "offsets without records: skipping the gap");
+                    metrics::counter!("speed_records_total").increment(1);
+                    metrics::counter!("speed_bytes_total").increment(record.payload.len() as u64);
+                    self.batch.push(Record { gap_from: Some(from), ..record }, at);
+                    return Accepted::PastGap;
+                }
                 // Already counted (replay after a seek or rebalance).
                 Verdict::Behind => return Accepted::Behind,
                 Verdict::SeekBack(expected) => {
-                    // The broker started past what PostgreSQL holds: go back.
-                    edge.seek(partition, expected);
+                    // The broker started past what PostgreSQL holds, or the
+                    // offsets between hold nothing: go back and see.
+                    if !edge.seek(partition, expected) {
+                        self.positions.seek_failed(partition);
+                    }
                     return Accepted::SoughtBack;
                 }
                 Verdict::Unknown => {
@@ -165,7 +179,8 @@ mod tests {
     use super::super::micro_batch::{FlushPolicy, record};
     use super::*;
 
-    const POLICY: FlushPolicy = FlushPolicy { interval: Duration::from_millis(100), max_batch: 100 };
+    const POLICY: FlushPolicy =
+        FlushPolicy { interval: Duration::from_millis(100), max_batch: 100, max_bytes: 1 << 20 };
 
     /// One step of a script: what the consumer delivers and how flushes end.
     #[derive(Debug, Clone, Copy)]
@@ -194,6 +209,8 @@ mod tests {
         rebalanced: BTreeSet<Partition>,
         /// Which loads (0 = the first) fail.
         failing_loads: BTreeSet<usize>,
+        /// Which seeks (0 = the first) fail.
+        failing_seeks: BTreeSet<usize>,
         loads: Vec<Vec<i32>>,
         seeks: Vec<(i32, i64)>,
     }
@@ -219,8 +236,9 @@ mod tests {
             Ok(partitions.iter().filter_map(|p| self.stored.get(p).map(|o| (*p, *o))).collect())
         }
 
-        fn seek(&mut self, partition: Partition, offset: Offset) {
+        fn seek(&mut self, partition: Partition, offset: Offset) -> bool {
             self.seeks.push((partition.0, offset.0));
+            !self.failing_seeks.contains(&(self.seeks.len() - 1))
         }
     }
 
@@ -476,5 +494,69 @@ mod tests {
         assert_eq!(run.script.loads, vec![vec![0], vec![1]]);
         assert_eq!(run.script.seeks, vec![(1, 3)], "once, to the first held record");
         assert_eq!(run.batch(), vec![(0, 1)], "partition 0's position was known");
+    }
+
+    fn gaps(run: &Run) -> Vec<(i32, i64, Option<i64>)> {
+        run.intake.batch.records().iter().map(|r| (r.partition.0, r.offset.0, r.gap_from.map(|o| o.0))).collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_that_starts_past_the_position_is_a_gap_after_one_seek() {
+        // Retention removed offsets 0-41 of partition 0: the broker starts
+        // at 42, the seek back to 0 lands on 42 again.
+        let run = play(
+            Script::default(),
+            &[Step::Record(0, 42, 0), Step::Record(0, 42, 1), Step::Record(0, 43, 2), Step::Record(0, 45, 3)],
+        )
+        .await;
+        assert_eq!(
+            run.answers,
+            vec![Accepted::SoughtBack, Accepted::PastGap, Accepted::Buffered, Accepted::SoughtBack]
+        );
+        assert_eq!(run.script.seeks, vec![(0, 0), (0, 44)]);
+        assert_eq!(gaps(&run), vec![(0, 42, Some(0)), (0, 43, None)]);
+    }
+
+    #[tokio::test]
+    async fn a_broker_ahead_of_postgresql_is_no_gap() {
+        // The broker's group offset is past PostgreSQL's: after the seek the
+        // expected record comes, so nothing is skipped.
+        let run =
+            play(Script::stored(&[(0, 10)]), &[Step::Record(0, 15, 0), Step::Record(0, 10, 1), Step::Record(0, 11, 2)])
+                .await;
+        assert_eq!(run.answers, vec![Accepted::SoughtBack, Accepted::Buffered, Accepted::Buffered]);
+        assert_eq!(gaps(&run), vec![(0, 10, None), (0, 11, None)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_seek_is_tried_again_before_a_gap_is_believed() {
+        let mut script = Script::stored(&[(0, 10)]);
+        script.failing_seeks.insert(0);
+        let run = play(script, &[Step::Record(0, 15, 0), Step::Record(0, 16, 1), Step::Record(0, 15, 2)]).await;
+        assert_eq!(run.answers, vec![Accepted::SoughtBack, Accepted::SoughtBack, Accepted::PastGap]);
+        assert_eq!(run.script.seeks, vec![(0, 10), (0, 10)]);
+        assert_eq!(gaps(&run), vec![(0, 15, Some(10))]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_found_among_held_records_waits_for_the_seek() {
+        // During a flush partition 0 jumps from 1 to 5 (a transaction's
+        // aborted records and markers): the held records past the jump are
+        // skipped, the seek brings 5 again, and only then is it a gap.
+        let run = play(
+            Script::stored(&[(0, 0)]),
+            &[
+                Step::Record(0, 0, 0),
+                Step::FlushStart,
+                Step::Held(0, 5, 10),
+                Step::Held(0, 6, 11),
+                Step::FlushEnd(FlushEnd::Kept),
+                Step::Record(0, 5, 20),
+                Step::Record(0, 6, 21),
+            ],
+        )
+        .await;
+        assert_eq!(run.script.seeks, vec![(0, 1)]);
+        assert_eq!(gaps(&run), vec![(0, 5, Some(1)), (0, 6, None)]);
     }
 }

@@ -2,13 +2,13 @@
 //! one flushes.
 //!
 //! A micro-batch is flushed at the latest `flush_interval` after its first
-//! record arrived, as soon as it holds `max_batch` records, and at
-//! shutdown; its age counts from when its first record was *received*, so a
-//! record held during a flush does not wait for that flush twice. The hold
-//! is bounded by `max_batch` (a flush retrying against a dead database
-//! stops the reading: memory peaks at about twice `max_batch`). Records of a
-//! partition rebalanced away are dropped from both, to be re-read from the
-//! offset PostgreSQL holds.
+//! record arrived, as soon as it holds `max_batch` records or `max_bytes`
+//! bytes, and at shutdown; its age counts from when its first record was
+//! *received*, so a record held during a flush does not wait for that flush
+//! twice. The hold is bounded the same way (a flush retrying against a dead
+//! database stops the reading: memory peaks at about twice the bounds,
+//! whatever the records' size). Records of a partition rebalanced away are
+//! dropped from both, to be re-read from the offset PostgreSQL holds.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -24,8 +24,21 @@ const IDLE_WAIT: Duration = Duration::from_millis(250);
 pub(super) struct Record {
     pub(super) partition: Partition,
     pub(super) offset: Offset,
+    /// Its Kafka timestamp: what its event time is judged against.
+    pub(super) timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub(super) key: Option<Vec<u8>>,
     pub(super) payload: Vec<u8>,
+    /// Set when the offsets from this one up to the record's own hold no
+    /// record to read (retention, compaction, transaction markers, aborted
+    /// transactions): the record was accepted past that gap.
+    pub(super) gap_from: Option<Offset>,
+}
+
+impl Record {
+    /// The memory it holds: key and payload.
+    pub(super) fn size(&self) -> usize {
+        self.payload.len() + self.key.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// When a micro-batch is flushed.
@@ -35,12 +48,16 @@ pub(super) struct FlushPolicy {
     pub(super) interval: Duration,
     /// As soon as this many records are gathered; also bounds the hold.
     pub(super) max_batch: usize,
+    /// As soon as the records hold this many bytes; also bounds the hold.
+    pub(super) max_bytes: usize,
 }
 
 /// The records accepted since the last flush, in the order received.
 #[derive(Debug, Default)]
 pub(super) struct MicroBatch {
     records: Vec<Record>,
+    /// What the records hold (see [`Record::size`]).
+    bytes: usize,
     /// When its first record was received.
     first_at: Option<Instant>,
 }
@@ -48,6 +65,7 @@ pub(super) struct MicroBatch {
 impl MicroBatch {
     /// Adds a record received at `at`.
     pub(super) fn push(&mut self, record: Record, at: Instant) {
+        self.bytes += record.size();
         self.records.push(record);
         self.first_at.get_or_insert(at);
     }
@@ -64,7 +82,7 @@ impl MicroBatch {
     /// is old enough, full, or the layer is shutting down.
     pub(super) fn flush_due(&self, policy: FlushPolicy, now: Instant, shutdown: bool) -> bool {
         let old = self.first_at.is_some_and(|t| now.saturating_duration_since(t) >= policy.interval);
-        !self.is_empty() && (old || self.len() >= policy.max_batch || shutdown)
+        !self.is_empty() && (old || self.len() >= policy.max_batch || self.bytes >= policy.max_bytes || shutdown)
     }
 
     /// How long to wait for the next record before looking again: until the
@@ -80,6 +98,7 @@ impl MicroBatch {
     pub(super) fn drop_partitions(&mut self, partitions: &BTreeSet<Partition>) -> usize {
         let before = self.records.len();
         self.records.retain(|r| !partitions.contains(&r.partition));
+        self.bytes = self.records.iter().map(Record::size).sum();
         if self.records.is_empty() {
             self.first_at = None;
         }
@@ -89,6 +108,7 @@ impl MicroBatch {
     /// Takes the records out for a flush; the next micro-batch starts empty.
     pub(super) fn take(&mut self) -> Vec<Record> {
         self.first_at = None;
+        self.bytes = 0;
         std::mem::take(&mut self.records)
     }
 
@@ -108,7 +128,9 @@ impl MicroBatch {
 #[derive(Debug)]
 pub(super) struct Hold {
     records: Vec<(Record, Instant)>,
+    bytes: usize,
     max: usize,
+    max_bytes: usize,
     /// False after a consumer error: nothing more is held in this flush.
     open: bool,
 }
@@ -116,16 +138,17 @@ pub(super) struct Hold {
 impl Hold {
     /// An empty hold taking at most `policy.max_batch` records.
     pub(super) fn new(policy: FlushPolicy) -> Self {
-        Self { records: Vec::new(), max: policy.max_batch, open: true }
+        Self { records: Vec::new(), bytes: 0, max: policy.max_batch, max_bytes: policy.max_bytes, open: true }
     }
 
-    /// Whether to receive another record into the hold: not when full, not
-    /// after a consumer error, not once shutdown began.
+    /// Whether to receive another record into the hold: not when full (by
+    /// records or bytes), not after a consumer error, not once shutdown began.
     pub(super) fn wants_more(&self, shutdown: bool) -> bool {
-        self.open && self.records.len() < self.max && !shutdown
+        self.open && self.records.len() < self.max && self.bytes < self.max_bytes && !shutdown
     }
 
     pub(super) fn push(&mut self, record: Record, at: Instant) {
+        self.bytes += record.size();
         self.records.push((record, at));
     }
 
@@ -138,6 +161,7 @@ impl Hold {
     /// Drops the held records of `partitions`.
     pub(super) fn drop_partitions(&mut self, partitions: &BTreeSet<Partition>) {
         self.records.retain(|(r, _)| !partitions.contains(&r.partition));
+        self.bytes = self.records.iter().map(|(r, _)| r.size()).sum();
     }
 
     /// The partitions of the held records.
@@ -158,14 +182,53 @@ impl Hold {
 
 #[cfg(test)]
 pub(super) fn record(partition: i32, offset: i64) -> Record {
-    Record { partition: Partition(partition), offset: Offset(offset), key: None, payload: Vec::new() }
+    Record {
+        partition: Partition(partition),
+        offset: Offset(offset),
+        timestamp: None,
+        key: None,
+        payload: Vec::new(),
+        gap_from: None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const POLICY: FlushPolicy = FlushPolicy { interval: Duration::from_millis(100), max_batch: 3 };
+    const POLICY: FlushPolicy = FlushPolicy { interval: Duration::from_millis(100), max_batch: 3, max_bytes: 1000 };
+
+    fn sized(partition: i32, offset: i64, bytes: usize) -> Record {
+        Record { payload: vec![b'x'; bytes], ..record(partition, offset) }
+    }
+
+    #[test]
+    fn flush_is_due_on_bytes() {
+        let t0 = Instant::now();
+        let mut batch = MicroBatch::default();
+        batch.push(sized(0, 0, 600), t0);
+        assert!(!batch.flush_due(POLICY, t0, false));
+        batch.push(sized(0, 1, 400), t0);
+        assert!(batch.flush_due(POLICY, t0, false), "1000 bytes in two records");
+        batch.drop_partitions(&BTreeSet::from([Partition(0)]));
+        batch.push(sized(1, 0, 10), t0);
+        assert!(!batch.flush_due(POLICY, t0, false), "bytes of dropped records no longer count");
+        batch.take();
+        batch.push(sized(1, 1, 999), t0);
+        assert!(!batch.flush_due(POLICY, t0, false), "a taken micro-batch's bytes no longer count");
+    }
+
+    #[test]
+    fn hold_is_bounded_by_bytes() {
+        let t0 = Instant::now();
+        let mut hold = Hold::new(POLICY);
+        hold.push(sized(0, 0, 999), t0);
+        assert!(hold.wants_more(false));
+        hold.push(sized(0, 1, 1), t0);
+        assert!(!hold.wants_more(false), "full at max_bytes with room for records");
+        hold.drop_partitions(&BTreeSet::from([Partition(0)]));
+        assert!(hold.wants_more(false));
+    }
 
     #[test]
     fn empty_micro_batch_is_never_due() {

@@ -5,9 +5,17 @@
 //! rebalance or after a fenced flush) has its stored offset loaded first.
 //! From then on a record is counted only at exactly the next offset, so the
 //! micro-batches of a partition are contiguous and nothing is counted twice:
-//! a lower offset is a replay of what is already counted, a higher one means
-//! the broker started past what PostgreSQL holds and the partition must be
-//! read again from there.
+//! a lower offset is a replay of what is already counted.
+//!
+//! A higher offset means one of two things. Either the broker started past
+//! what PostgreSQL holds (its group offsets are only informational), and the
+//! partition must be read again from the position; or the offsets in between
+//! hold no record this consumer will ever see (deleted by retention or
+//! `DeleteRecords`, compacted away, transaction markers, aborted
+//! transactions under `read_committed`). The first time, the partition is
+//! sought back to its position; if the first record that comes after the
+//! seek is still past it, the offsets in between are a real gap: the record
+//! is accepted and the gap reported ([`Verdict::Gap`]), never waited for.
 //!
 //! Pure bookkeeping: the loading and the seeking are the caller's (see
 //! [`super::intake`]).
@@ -21,6 +29,10 @@ use shared_schema::cut::{Offset, Partition};
 pub(super) enum Verdict {
     /// The next record of its partition: counted, the position moved past it.
     Accept,
+    /// Past the position even after a seek back to it: the offsets from the
+    /// given one up to this record's hold nothing to read. Counted, the
+    /// position moved past it.
+    Gap(Offset),
     /// Already counted (a replay after a seek or a rebalance): ignored.
     Behind,
     /// Past the next offset: the partition must be read again from this offset.
@@ -29,32 +41,56 @@ pub(super) enum Verdict {
     Unknown,
 }
 
+/// One partition's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    /// The next offset accepted.
+    next: Offset,
+    /// Whether the partition was sought back to `next` and nothing was
+    /// accepted since: the next record past `next` proves a gap.
+    sought: bool,
+}
+
 /// Per partition, the next offset this instance accepts.
 #[derive(Debug, Default)]
-pub(super) struct Positions(BTreeMap<Partition, Offset>);
+pub(super) struct Positions(BTreeMap<Partition, Position>);
 
 impl Positions {
     /// Decides about the record at `offset` of `partition`; on
-    /// [`Verdict::Accept`] the position moves past it.
+    /// [`Verdict::Accept`] and [`Verdict::Gap`] the position moves past it.
     pub(super) fn receive(&mut self, partition: Partition, offset: Offset) -> Verdict {
-        let Some(expected) = self.0.get(&partition).copied() else {
+        let Some(position) = self.0.get_mut(&partition) else {
             return Verdict::Unknown;
         };
-        if offset < expected {
+        if offset < position.next {
             return Verdict::Behind;
         }
-        if offset > expected {
-            return Verdict::SeekBack(expected);
+        let verdict = if offset == position.next {
+            Verdict::Accept
+        } else if position.sought {
+            Verdict::Gap(position.next)
+        } else {
+            position.sought = true;
+            return Verdict::SeekBack(position.next);
+        };
+        *position = Position { next: Offset(offset.0 + 1), sought: false };
+        verdict
+    }
+
+    /// The seek back to `partition`'s position failed: the next record past
+    /// it proves nothing and asks for another seek.
+    pub(super) fn seek_failed(&mut self, partition: Partition) {
+        if let Some(position) = self.0.get_mut(&partition) {
+            position.sought = false;
         }
-        self.0.insert(partition, Offset(offset.0 + 1));
-        Verdict::Accept
     }
 
     /// Sets the position of each of `partitions` to what PostgreSQL holds
     /// for it in `stored` (0 for a partition never seen).
     pub(super) fn load(&mut self, partitions: &[Partition], stored: &BTreeMap<Partition, Offset>) {
         for p in partitions {
-            self.0.insert(*p, stored.get(p).copied().unwrap_or(Offset(0)));
+            let next = stored.get(p).copied().unwrap_or(Offset(0));
+            self.0.insert(*p, Position { next, sought: false });
         }
     }
 
@@ -83,7 +119,7 @@ impl Positions {
 
     #[cfg(test)]
     pub(super) fn next(&self, partition: Partition) -> Option<Offset> {
-        self.0.get(&partition).copied()
+        self.0.get(&partition).map(|p| p.next)
     }
 }
 
@@ -121,8 +157,42 @@ mod tests {
     fn higher_offset_seeks_back_to_the_expected_one() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(8)), Verdict::SeekBack(Offset(7)));
-        assert_eq!(positions.receive(P0, Offset(100)), Verdict::SeekBack(Offset(7)));
         assert_eq!(positions.next(P0), Some(Offset(7)));
+        // After the seek the expected record comes: no gap.
+        assert_eq!(positions.receive(P0, Offset(7)), Verdict::Accept);
+        // A later jump seeks back again first.
+        assert_eq!(positions.receive(P0, Offset(100)), Verdict::SeekBack(Offset(8)));
+    }
+
+    #[test]
+    fn still_past_the_position_after_the_seek_is_a_gap() {
+        let mut positions = loaded(P0, 7);
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
+        // Replays below the position change nothing.
+        assert_eq!(positions.receive(P0, Offset(3)), Verdict::Behind);
+        // The first record after the seek is offset 10: 7, 8 and 9 are gone.
+        assert_eq!(positions.receive(P0, Offset(10)), Verdict::Gap(Offset(7)));
+        assert_eq!(positions.next(P0), Some(Offset(11)));
+        assert_eq!(positions.receive(P0, Offset(11)), Verdict::Accept);
+        // A new jump is not a gap until a seek proves it.
+        assert_eq!(positions.receive(P0, Offset(20)), Verdict::SeekBack(Offset(12)));
+    }
+
+    #[test]
+    fn a_failed_seek_proves_nothing() {
+        let mut positions = loaded(P0, 7);
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
+        positions.seek_failed(P0);
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)), "seeks again");
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::Gap(Offset(7)));
+    }
+
+    #[test]
+    fn a_load_resets_a_pending_seek() {
+        let mut positions = loaded(P0, 7);
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
+        positions.load(&[P0], &BTreeMap::from([(P0, Offset(9))]));
+        assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(9)));
     }
 
     #[test]

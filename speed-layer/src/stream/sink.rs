@@ -1,7 +1,8 @@
-//! The micro-batch into PostgreSQL: decode → DLQ the rejects (acknowledged)
-//! → DataFusion deltas → one transaction that advances the offsets with a
-//! fence (see [`crate::offsets`]), COPYs the deltas into temporary tables
-//! and folds them into `speed.*`.
+//! The micro-batch into PostgreSQL: decode → DataFusion deltas → one
+//! transaction that advances the offsets with a fence (see
+//! [`crate::offsets`]), records the offset gaps passed, writes the rejects
+//! into the DLQ outbox (see [`crate::dlq`]), COPYs the deltas into temporary
+//! tables and folds them into `speed.*`.
 //!
 //! A crash at any point leaves either the whole flush or none of it. A
 //! fenced flush (another instance moved an offset) commits nothing and says
@@ -14,7 +15,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rdkafka::error::KafkaError;
 use shared_schema::cut::{Offset, Partition, SegmentSize};
 use shared_schema::{EventDecoder, RawRecord};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::SpeedConfig;
 use super::micro_batch::Record;
 use crate::deltas::{self, ViewDelta};
-use crate::dlq::{DeadLetter, Dlq};
+use crate::dlq::{self, DeadLetter};
 use crate::offsets::{self, Advance};
+use platform::gaps::Gap;
 
 /// How often the forgotten users are re-read.
 const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
@@ -52,8 +53,6 @@ enum Attempt {
 enum FlushError {
     #[error("decoding: {0}")]
     Decode(#[from] shared_schema::decode::DecodeError),
-    #[error("DLQ: {0}")]
-    Dlq(Box<KafkaError>),
     #[error("computing deltas: {0}")]
     Deltas(#[from] datafusion::error::DataFusionError),
     #[error("PostgreSQL: {0}")]
@@ -70,7 +69,8 @@ enum FlushError {
 pub(super) struct Sink<'a> {
     config: &'a SpeedConfig,
     pool: &'a PgPool,
-    dlq: &'a Dlq,
+    /// Told when a flush enqueued rejects for the DLQ shipper.
+    dlq_wake: &'a tokio::sync::Notify,
     segment_size: SegmentSize,
     decoder: EventDecoder,
     ready: platform::ops_http::Readiness,
@@ -78,13 +78,14 @@ pub(super) struct Sink<'a> {
     forgotten_at: Instant,
     dlq_rate: crate::alerts::DlqRate,
     notifier: platform::notify::Notifier,
+    gap_notices: platform::gaps::GapNotices,
 }
 
 impl<'a> Sink<'a> {
     pub(super) fn new(
         config: &'a SpeedConfig,
         pool: &'a PgPool,
-        dlq: &'a Dlq,
+        dlq_wake: &'a tokio::sync::Notify,
         segment_size: SegmentSize,
         forgotten: platform::forgotten::Forgotten,
         ready: platform::ops_http::Readiness,
@@ -93,7 +94,7 @@ impl<'a> Sink<'a> {
         Self {
             config,
             pool,
-            dlq,
+            dlq_wake,
             segment_size,
             decoder: EventDecoder::new(),
             ready,
@@ -101,6 +102,7 @@ impl<'a> Sink<'a> {
             forgotten_at: Instant::now(),
             dlq_rate: crate::alerts::DlqRate::new(&config.alerts),
             notifier,
+            gap_notices: platform::gaps::GapNotices::default(),
         }
     }
 
@@ -109,9 +111,8 @@ impl<'a> Sink<'a> {
     pub(super) async fn flush(&mut self, records: &[Record], shutdown: &CancellationToken) -> Flushed {
         let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut failing = false;
-        let mut dlq_done = false;
         loop {
-            match self.try_flush(records, &mut dlq_done).await {
+            match self.try_flush(records).await {
                 Ok(Attempt::Committed(next)) => {
                     if failing {
                         tracing::info!("flushing works again");
@@ -144,15 +145,19 @@ impl<'a> Sink<'a> {
         }
     }
 
-    /// One attempt; `dlq_done` remembers across attempts that the rejects
-    /// of this micro-batch are already acknowledged by the DLQ.
-    async fn try_flush(&mut self, buffer: &[Record], dlq_done: &mut bool) -> Result<Attempt, FlushError> {
+    /// One attempt.
+    async fn try_flush(&mut self, buffer: &[Record]) -> Result<Attempt, FlushError> {
         let started = Instant::now();
         let records: Vec<RawRecord<'_>> = buffer
             .iter()
-            .map(|b| RawRecord { partition: b.partition.0, offset: b.offset.0, payload: &b.payload })
+            .map(|b| RawRecord {
+                partition: b.partition.0,
+                offset: b.offset.0,
+                timestamp: b.timestamp,
+                payload: &b.payload,
+            })
             .collect();
-        let mut decoded = self.decoder.decode(&records, Utc::now())?;
+        let mut decoded = self.decoder.decode(&records)?;
         if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
             self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
             self.forgotten_at = Instant::now();
@@ -180,13 +185,9 @@ impl<'a> Sink<'a> {
                 DeadLetter { record: r, key: b.key.as_deref(), payload: b.payload.as_slice() }
             })
             .collect();
-        if !*dlq_done {
-            self.dlq.send(&rejected).await.map_err(|e| FlushError::Dlq(Box::new(e)))?;
-            *dlq_done = true;
-        }
 
-        let mut advances = match advances(buffer) {
-            Ok(advances) => advances,
+        let (mut advances, gaps) = match advances(buffer) {
+            Ok(spans) => spans,
             Err(partitions) => {
                 // Never commit a micro-batch with a gap or a repeat: start over
                 // from what PostgreSQL holds.
@@ -208,16 +209,30 @@ impl<'a> Sink<'a> {
             tx.rollback().await?;
             return Ok(Attempt::Fenced(fenced));
         }
+        // The gaps passed are recorded with the offsets that pass them.
+        platform::gaps::record(&mut tx, platform::gaps::Layer::Speed, &self.config.topic, &gaps).await?;
+        dlq::enqueue(&mut tx, &self.config.topic, &rejected).await?;
         let mut rows = 0;
         for delta in &deltas {
             rows += write_delta(&mut tx, delta).await?;
         }
         tx.commit().await?;
+        if !rejected.is_empty() {
+            self.dlq_wake.notify_one();
+        }
+        if !gaps.is_empty() {
+            metrics::counter!("speed_gap_records_total").increment(gaps.iter().map(platform::gaps::Gap::len).sum());
+            let notice =
+                self.gap_notices.notice(platform::gaps::Layer::Speed, &self.config.topic, &gaps, Instant::now());
+            if let Some(n) = notice {
+                self.notifier.send(n);
+            }
+        }
 
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!("speed_flush_seconds").record(secs);
         metrics::counter!("speed_rows_written_total").increment(rows);
-        metrics::counter!("speed_dlq_total").increment(rejected.len() as u64);
+        metrics::counter!("speed_rejected_total").increment(rejected.len() as u64);
         if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
             self.notifier.send(n);
         }
@@ -232,29 +247,41 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// Per partition, the offsets `records` move it across; the partitions
-/// (all of them) when some partition's offsets have a gap or a repeat.
-fn advances(records: &[Record]) -> Result<BTreeMap<Partition, Advance>, Vec<Partition>> {
+/// Per partition, the offsets `records` move it across, and the gaps they
+/// step over (offsets without records, proven by the positions: see
+/// [`Record::gap_from`]); the partitions (all of them) when some
+/// partition's records are not contiguous: an unexplained jump or a repeat.
+#[allow(clippy::type_complexity)]
+fn advances(records: &[Record]) -> Result<(BTreeMap<Partition, Advance>, Vec<Gap>), Vec<Partition>> {
     let mut advances: BTreeMap<Partition, Advance> = BTreeMap::new();
+    let mut gaps = Vec::new();
+    let mut contiguous = true;
     for r in records {
+        let start = r.gap_from.unwrap_or(r.offset);
+        if start > r.offset {
+            contiguous = false;
+        }
+        if let Some(from) = r.gap_from.filter(|f| *f < r.offset) {
+            gaps.push(Gap { partition: r.partition, from, to: r.offset });
+        }
         let next = Offset(r.offset.0 + 1);
-        let a = advances.entry(r.partition).or_insert(Advance {
-            partition: r.partition,
-            from: r.offset,
-            to: next,
-            last_event_time: None,
-        });
-        a.from = a.from.min(r.offset);
-        a.to = a.to.max(next);
+        match advances.get_mut(&r.partition) {
+            Some(a) => {
+                contiguous &= start == a.to;
+                a.to = next;
+            }
+            None => {
+                advances.insert(
+                    r.partition,
+                    Advance { partition: r.partition, from: start, to: next, last_event_time: None },
+                );
+            }
+        }
     }
-    let counts = records.iter().fold(BTreeMap::<Partition, i64>::new(), |mut m, r| {
-        *m.entry(r.partition).or_default() += 1;
-        m
-    });
-    if advances.values().any(|a| counts.get(&a.partition) != Some(&(a.to.0 - a.from.0))) {
+    if !contiguous {
         return Err(advances.keys().copied().collect());
     }
-    Ok(advances)
+    Ok((advances, gaps))
 }
 
 /// COPYs a view's deltas into a temporary table and folds them into
@@ -301,7 +328,27 @@ mod tests {
     use super::*;
 
     fn spans(records: &[Record]) -> Result<Vec<(i32, i64, i64)>, Vec<Partition>> {
-        advances(records).map(|a| a.values().map(|a| (a.partition.0, a.from.0, a.to.0)).collect())
+        advances(records).map(|(a, _)| a.values().map(|a| (a.partition.0, a.from.0, a.to.0)).collect())
+    }
+
+    fn past_gap(partition: i32, from: i64, offset: i64) -> Record {
+        Record { gap_from: Some(Offset(from)), ..record(partition, offset) }
+    }
+
+    #[test]
+    fn a_proven_gap_is_advanced_over_and_reported() {
+        let records = [record(0, 4), past_gap(0, 5, 9), record(0, 10), past_gap(1, 0, 42)];
+        let (advances, gaps) = advances(&records).unwrap();
+        let spans: Vec<_> = advances.values().map(|a| (a.partition.0, a.from.0, a.to.0)).collect();
+        assert_eq!(spans, vec![(0, 4, 11), (1, 0, 43)], "a gap at the start moves `from` to the loaded position");
+        let gaps: Vec<_> = gaps.iter().map(|g| (g.partition.0, g.from.0, g.to.0)).collect();
+        assert_eq!(gaps, vec![(0, 5, 9), (1, 0, 42)]);
+    }
+
+    #[test]
+    fn a_gap_that_does_not_join_the_previous_record_discards_the_micro_batch() {
+        // The gap claims to start at 6, but the previous record was 4.
+        assert_eq!(spans(&[record(0, 4), past_gap(0, 6, 9)]), Err(vec![Partition(0)]));
     }
 
     #[test]
@@ -316,5 +363,7 @@ mod tests {
         assert_eq!(spans(&gap), Err(vec![Partition(0), Partition(1)]));
         let repeat = [record(0, 4), record(0, 5), record(0, 5)];
         assert_eq!(spans(&repeat), Err(vec![Partition(0)]));
+        let back = [record(0, 4), record(0, 5), record(0, 3)];
+        assert_eq!(spans(&back), Err(vec![Partition(0)]));
     }
 }

@@ -258,7 +258,7 @@ async fn throughput(args: &Args, stack: &Stack, cache: &std::path::Path, dlq: &s
 /// The speed layer's consumer settings, without its work: how fast the
 /// records can be read at all.
 fn consumer(brokers: &str, group: &str, fetch_wait: Duration) -> anyhow::Result<StreamConsumer> {
-    stream::consumer_config(brokers, group, fetch_wait)
+    stream::consumer_config(brokers, group, fetch_wait, None)
         .create()
         .with_context(|| format!("creating a Kafka consumer for {brokers}"))
 }
