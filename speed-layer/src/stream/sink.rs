@@ -125,6 +125,7 @@ impl<'a> Sink<'a> {
                     // micro-batch (the caller re-reads every partition from
                     // PostgreSQL).
                     tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
+                    metrics::counter!("speed_fenced_flushes_total").increment(1);
                     return Flushed::Fenced;
                 }
                 Err(e) => {
