@@ -1,11 +1,21 @@
 //! Chaos: the whole pipeline under faults, on a private stack.
 //!
 //! While the generator streams live traffic, the lake ingest, the speed
-//! layer and batch runs are killed with SIGKILL at random moments and
-//! restarted, and PostgreSQL and the broker are restarted. A checker reads
-//! the serving totals all along: they never go backwards and never exceed
-//! what was sent. At the end the lake holds every offset exactly once and
-//! `serving.product_demand_hourly` equals the generator's own count.
+//! layer, the `schedule` process and batch runs are killed with SIGKILL at
+//! random moments and restarted; PostgreSQL is restarted while a batch run
+//! computes, and the broker is restarted. Batch runs keep the quality gate
+//! on. A checker
+//! reads the serving totals all along: they never go backwards and never
+//! exceed what was sent. At the end the lake holds every offset exactly once
+//! and `serving.product_demand_hourly` equals the generator's own count.
+//!
+//! The speed layer takes every partition itself (`--assignment all`): with
+//! two members of a consumer group, tansu 0.6's group coordinator left
+//! partitions unassigned after these faults (the stream stopped at 1,002
+//! of 1,315 records), a broker defect, not one of the platform's; group
+//! mode is tested on its own (`faults::a_restart_after_kill_9_in_group_mode_resumes`,
+//! `speed_faults`). `forget-user` under traffic waits for the fix of its
+//! race with in-flight writes (issue 16).
 //!
 //! `make test` runs a small size; `make chaos` a longer one (`CHAOS_ROUNDS`,
 //! `CHAOS_RATE`, `CHAOS_SECONDS`).
@@ -53,7 +63,7 @@ impl Proc {
 
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let bin = if self.name == "speed" { "speed-layer" } else { "batch-layer" };
+        let bin = if self.name.starts_with("speed") { "speed-layer" } else { "batch-layer" };
         let child = Command::new(binary(bin))
             .args(&self.args)
             .env("RUST_LOG", "warn")
@@ -113,6 +123,21 @@ fn checker(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<(i
     })
 }
 
+/// Runs `batch-layer run` to completion; another run holding the lock (the
+/// scheduler's) is waited for.
+async fn complete_a_run(args: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = Command::new(binary("batch-layer")).args(args).output().await.unwrap();
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("holds the lock") && tokio::time::Instant::now() < deadline, "batch run: {stderr}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn consumed(pool: &PgPool) -> Option<i64> {
     sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets").fetch_one(pool).await.ok()
 }
@@ -157,34 +182,34 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         v.extend(cmd.iter().map(|s| s.to_string()));
         v
     };
-    let mut speed = Proc::new(
-        "speed",
-        [
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            TOPIC,
-            "--dlq-topic",
-            DLQ,
-            "--database-url",
-            &url,
-            "--ops-addr",
-            "127.0.0.1:0",
-            "--flush-interval",
-            "100ms",
-            "--assignment",
-            "all",
-        ]
-        .map(String::from)
-        .to_vec(),
+    let speed_args = [
+        "run",
+        "--brokers",
+        &brokers,
+        "--topic",
+        TOPIC,
+        "--dlq-topic",
+        DLQ,
+        "--database-url",
         &url,
-        &logs,
-    );
+        "--ops-addr",
+        "127.0.0.1:0",
+        "--flush-interval",
+        "100ms",
+        "--assignment",
+        "all",
+    ];
+    let mut speed = Proc::new("speed", speed_args.map(String::from).to_vec(), &url, &logs);
     let mut ingest = Proc::new("ingest", common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s"]), &url, &logs);
-    let run_args = common(&["run", "--topic", TOPIC, "--database-url", &url, "--no-catalog", "--max-shrink", "1"]);
+    // The quality gate stays on (the default --max-shrink).
+    let run_args = common(&["run", "--topic", TOPIC, "--database-url", &url, "--no-catalog"]);
+    let mut schedule_args = run_args.clone();
+    schedule_args[4] = "schedule".to_string();
+    schedule_args.extend(["--every", "7s"].map(String::from));
+    let mut schedule = Proc::new("schedule", schedule_args, &url, &logs);
     speed.start();
     ingest.start();
+    schedule.start();
 
     // Live traffic for the whole run, with late and malformed records.
     let args = Args {
@@ -202,12 +227,13 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     let stop = Arc::new(AtomicBool::new(false));
     let readings = checker(url.clone(), Arc::clone(&stop));
 
-    let (mut kills, mut batch_runs, mut restarts) = ([0usize; 3], 0usize, Vec::new());
+    let (mut kills, mut batch_runs, mut restarts) = ([0usize; 4], 0usize, Vec::new());
     let round_time = Duration::from_secs(seconds) / (rounds as u32 + 1);
     for round in 0..rounds {
         tokio::time::sleep(round_time.mul_f64(rng.random_range(0.3..0.7))).await;
         speed.assert_alive();
         ingest.assert_alive();
+        schedule.assert_alive();
         // A batch run, killed at a random moment (perhaps after it published).
         let mut run = Proc::new("run", run_args.clone(), &url, &logs);
         run.start();
@@ -231,10 +257,23 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         ingest.kill().await;
         kills[1] += 1;
         ingest.start();
+        schedule.kill().await;
+        kills[3] += 1;
+        schedule.start();
         match round {
             0 => {
+                // PostgreSQL restarts while a batch run computes: the run
+                // fails or is fenced off; it never publishes a stale cut.
+                let mut run = Proc::new("run", run_args.clone(), &url, &logs);
+                run.start();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
                 stack.restart_postgres(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
-                restarts.push("postgres");
+                if let Some(child) = run.child.as_mut() {
+                    let _ = tokio::time::timeout(Duration::from_secs(120), child.wait()).await;
+                }
+                run.kill().await;
+                batch_runs += 1;
+                restarts.push("postgres during a batch run");
             }
             1 => {
                 stack.restart_broker(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
@@ -243,8 +282,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
             _ => {}
         }
         // A batch run that completes between the faults.
-        let status = Command::new(binary("batch-layer")).args(&run_args).output().await.unwrap();
-        assert!(status.status.success(), "batch run: {}", String::from_utf8_lossy(&status.stderr));
+        complete_a_run(&run_args).await;
         batch_runs += 1;
     }
     let truth = tokio::task::spawn_blocking(move || traffic.join())
@@ -262,6 +300,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ingest.kill().await;
+    schedule.kill().await;
     let caught_up = Command::new(binary("batch-layer"))
         .args(common(&["ingest", "--topic", TOPIC, "--until-caught-up"]))
         .env("DATABASE_URL", &url)
@@ -269,8 +308,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         .await
         .unwrap();
     assert!(caught_up.status.success(), "{}", String::from_utf8_lossy(&caught_up.stderr));
-    let last = Command::new(binary("batch-layer")).args(&run_args).output().await.unwrap();
-    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    complete_a_run(&run_args).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let readings = readings.await.expect("serving totals never went backwards");
@@ -292,11 +330,13 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     assert!(readings.len() > 10, "the checker read only {} times", readings.len());
 
     eprintln!(
-        "chaos: {rounds} rounds; killed speed layer {}x, ingest {}x, batch run {}x ({batch_runs} runs); restarted {}; \
-         {} events and {} malformed records sent; {} checker readings, all monotone",
+        "chaos: {rounds} rounds; killed speed layer {}x, ingest {}x, batch run {}x ({batch_runs} runs), schedule {}x; \
+         restarted {}; {} events and {} malformed records sent; {} checker readings, \
+         all monotone",
         kills[0],
         kills[1],
         kills[2],
+        kills[3],
         restarts.join(" and "),
         truth.events_sent,
         truth.bad_sent,
