@@ -365,7 +365,7 @@ impl Loop<'_> {
                 self.edge.commit(&next);
                 FlushEnd::Kept
             }
-            Flushed::Fenced => FlushEnd::Fenced,
+            Flushed::Fenced => FlushEnd::Fenced(micro_batch::spans(&records)),
             Flushed::Abandoned => FlushEnd::Kept,
         };
         self.intake.after_flush(end, held, &mut self.edge).await;

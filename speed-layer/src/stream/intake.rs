@@ -50,12 +50,14 @@ pub(super) enum Accepted {
 }
 
 /// How a flush ended, as far as positions care.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum FlushEnd {
     /// Committed, or given up at shutdown: the positions stand.
     Kept,
-    /// Another instance moved offsets: every position is reloaded.
-    Fenced,
+    /// Another instance moved offsets: every position is reloaded, and what
+    /// the discarded micro-batch held (per partition, from its first offset
+    /// to just after its last) is read again from there unless committed.
+    Fenced(BTreeMap<Partition, (Offset, Offset)>),
 }
 
 /// The positions and the micro-batch they fill.
@@ -131,30 +133,50 @@ impl Intake {
     /// what was held during it. Records of partitions reassigned meanwhile
     /// are dropped and re-read from the offset PostgreSQL holds.
     pub(super) async fn after_flush(&mut self, end: FlushEnd, mut held: Hold, edge: &mut impl Edge) {
-        if end == FlushEnd::Fenced {
-            // Another instance moved these partitions: re-read every
-            // partition from PostgreSQL.
-            self.positions.forget_all();
-        }
+        let mut discarded = match end {
+            FlushEnd::Kept => BTreeMap::new(),
+            FlushEnd::Fenced(discarded) => {
+                // Another instance moved offsets: re-read every partition
+                // from PostgreSQL.
+                self.positions.forget_all();
+                discarded
+            }
+        };
         let changed = self.apply_rebalances(edge);
         held.drop_partitions(&changed);
+        // A partition reassigned meanwhile is re-read from PostgreSQL anyway.
+        discarded.retain(|p, _| !changed.contains(p));
         // Positions unknown after a fenced flush or for a partition first
         // seen now: loaded at once, not once per held record.
-        let unknown = self.positions.unknown(held.partitions());
+        let unknown = self.positions.unknown(held.partitions().chain(discarded.keys().copied()));
         if !unknown.is_empty()
             && let Err(e) = self.load(&unknown, edge).await
         {
-            // Read those partitions again from their first held record.
+            // Read those partitions again from the first record this
+            // instance dropped; their positions load when it comes.
             tracing::warn!(error = %e, partitions = ?unknown, "cannot load the stored offsets; re-reading");
             for p in &unknown {
-                if let Some(first) = held.first_offset(*p) {
+                if let Some(first) = discarded.get(p).map(|(first, _)| *first).or_else(|| held.first_offset(*p)) {
                     edge.seek(*p, first);
                 }
             }
             held.drop_partitions(&unknown.iter().copied().collect());
+            discarded.retain(|p, _| !unknown.contains(p));
         }
-        // Once a partition is sought back, its later held records come again.
+        // What the discarded micro-batch held and nobody committed is read
+        // again: no later record may come to prompt it (the partition may be
+        // idle), so seek back now. Its held records come again after it.
         let mut sought = BTreeSet::new();
+        for (p, (_, end)) in &discarded {
+            if let Some(next) = self.positions.next(*p).filter(|next| next < end) {
+                if edge.seek(*p, next) {
+                    self.positions.sought(*p);
+                }
+                sought.insert(*p);
+            }
+        }
+        held.drop_partitions(&sought);
+        // Once a partition is sought back, its later held records come again.
         for (record, at) in held.into_records() {
             let partition = record.partition;
             if !sought.contains(&partition) && self.accept(record, at, edge).await == Accepted::SoughtBack {
@@ -176,14 +198,17 @@ impl Intake {
 mod tests {
     use std::collections::VecDeque;
 
-    use super::super::micro_batch::{FlushPolicy, record};
+    use super::super::micro_batch::{FlushPolicy, record, spans};
     use super::*;
 
     const POLICY: FlushPolicy =
         FlushPolicy { interval: Duration::from_millis(100), max_batch: 100, max_bytes: 1 << 20 };
 
+    /// A fenced flush; the harness fills in what the micro-batch held.
+    const FENCED: FlushEnd = FlushEnd::Fenced(BTreeMap::new());
+
     /// One step of a script: what the consumer delivers and how flushes end.
-    #[derive(Debug, Clone, Copy)]
+    #[derive(Debug, Clone)]
     enum Step {
         /// A record (partition, offset) received `ms` after the script began.
         Record(i32, i64, u64),
@@ -269,7 +294,8 @@ mod tests {
         let mut flushed = Vec::new();
         let mut answers = Vec::new();
         let mut hold: Option<Hold> = None;
-        let mut steps: VecDeque<Step> = steps.iter().copied().collect();
+        let mut steps: VecDeque<Step> = steps.iter().cloned().collect();
+        let mut taken: Vec<Record> = Vec::new();
         while let Some(step) = steps.pop_front() {
             match step {
                 Step::Record(p, o, ms) => answers.push(intake.accept(record(p, o), at(ms), &mut script).await),
@@ -278,7 +304,7 @@ mod tests {
                 }
                 Step::FlushStart => {
                     intake.apply_rebalances(&mut script);
-                    let taken = intake.batch.take();
+                    taken = intake.batch.take();
                     flushed.push(taken.iter().map(|r| (r.partition.0, r.offset.0)).collect());
                     hold = Some(Hold::new(POLICY));
                 }
@@ -292,6 +318,10 @@ mod tests {
                     script.stored.insert(Partition(p), Offset(o));
                 }
                 Step::FlushEnd(end) => {
+                    let end = match end {
+                        FlushEnd::Fenced(_) => FlushEnd::Fenced(spans(&taken)),
+                        kept => kept,
+                    };
                     let h = hold.take().expect("FlushEnd outside a flush");
                     intake.after_flush(end, h, &mut script).await;
                 }
@@ -373,7 +403,7 @@ mod tests {
                 Step::Commit(0, 2),
                 Step::Commit(1, 1),
                 Step::Held(0, 2, 12),
-                Step::FlushEnd(FlushEnd::Fenced),
+                Step::FlushEnd(FENCED),
             ],
         )
         .await;
@@ -558,5 +588,48 @@ mod tests {
         .await;
         assert_eq!(run.script.seeks, vec![(0, 1)]);
         assert_eq!(gaps(&run), vec![(0, 5, Some(1)), (0, 6, None)]);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_flush_reads_again_what_nobody_committed() {
+        // The other instance committed partition 0 up to 1 only, and no
+        // record comes after the fenced flush: 1 and 2 are sought back now.
+        let run = play(
+            Script::stored(&[(0, 0), (1, 0)]),
+            &[
+                Step::Record(0, 0, 0),
+                Step::Record(0, 1, 1),
+                Step::Record(0, 2, 2),
+                Step::Record(1, 0, 3),
+                Step::FlushStart,
+                Step::Commit(0, 1),
+                Step::Commit(1, 1),
+                Step::FlushEnd(FENCED),
+                Step::Record(0, 1, 20),
+                Step::Record(0, 2, 21),
+            ],
+        )
+        .await;
+        assert_eq!(run.script.seeks, vec![(0, 1)], "partition 1 was committed whole: no seek");
+        assert_eq!(run.batch(), vec![(0, 1), (0, 2)]);
+        assert_eq!(run.script.loads, vec![vec![0], vec![1], vec![0, 1]]);
+    }
+
+    #[tokio::test]
+    async fn held_records_of_a_partition_read_again_come_again() {
+        let run = play(
+            Script::stored(&[(0, 0)]),
+            &[
+                Step::Record(0, 0, 0),
+                Step::FlushStart,
+                Step::Held(0, 1, 10),
+                Step::FlushEnd(FENCED),
+                Step::Record(0, 0, 20),
+                Step::Record(0, 1, 21),
+            ],
+        )
+        .await;
+        assert_eq!(run.script.seeks, vec![(0, 0)], "nothing committed: from the micro-batch's first offset");
+        assert_eq!(run.batch(), vec![(0, 0), (0, 1)], "the held record was dropped and came again");
     }
 }

@@ -10,7 +10,7 @@
 //! whatever the records' size). Records of a partition rebalanced away are
 //! dropped from both, to be re-read from the offset PostgreSQL holds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use shared_schema::cut::{Offset, Partition};
@@ -32,6 +32,18 @@ pub(super) struct Record {
     /// record to read (retention, compaction, transaction markers, aborted
     /// transactions): the record was accepted past that gap.
     pub(super) gap_from: Option<Offset>,
+}
+
+/// Per partition, the offsets `records` span: from the first (or the
+/// start of the gap before it) to just after the last.
+pub(super) fn spans(records: &[Record]) -> BTreeMap<Partition, (Offset, Offset)> {
+    let mut spans: BTreeMap<Partition, (Offset, Offset)> = BTreeMap::new();
+    for r in records {
+        let (first, end) = (r.gap_from.unwrap_or(r.offset), Offset(r.offset.0 + 1));
+        let span = spans.entry(r.partition).or_insert((first, end));
+        *span = (span.0.min(first), span.1.max(end));
+    }
+    spans
 }
 
 impl Record {

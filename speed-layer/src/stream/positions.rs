@@ -117,9 +117,17 @@ impl Positions {
         self.0.clear();
     }
 
-    #[cfg(test)]
+    /// The next offset accepted of `partition`, if known.
     pub(super) fn next(&self, partition: Partition) -> Option<Offset> {
         self.0.get(&partition).map(|p| p.next)
+    }
+
+    /// `partition` was just sought back to its position on purpose: the
+    /// next record past the position proves a gap.
+    pub(super) fn sought(&mut self, partition: Partition) {
+        if let Some(position) = self.0.get_mut(&partition) {
+            position.sought = true;
+        }
     }
 }
 
