@@ -5,7 +5,11 @@
 //! rebalance or after a fenced flush) has its stored offset loaded first.
 //! From then on a record is counted only at exactly the next offset, so the
 //! micro-batches of a partition are contiguous and nothing is counted twice:
-//! a lower offset is a replay of what is already counted.
+//! a lower offset is a replay of what is already counted, and the partition
+//! is sought ahead to its position once, so that a consumer started below it
+//! (a group member starting from the group's informational offsets or from
+//! the beginning, while PostgreSQL holds the batch's cut) does not read
+//! through everything already counted.
 //!
 //! A higher offset means one of two things. Either the broker started past
 //! what PostgreSQL holds (its group offsets are only informational), and the
@@ -35,6 +39,9 @@ pub(super) enum Verdict {
     Gap(Offset),
     /// Already counted (a replay after a seek or a rebalance): ignored.
     Behind,
+    /// Already counted, and the first such record since the last seek: the
+    /// partition is sought ahead to this offset, its position.
+    SeekAhead(Offset),
     /// Past the next offset: the partition must be read again from this offset.
     SeekBack(Offset),
     /// No known position: load the partition's stored offset, then ask again.
@@ -63,7 +70,11 @@ impl Positions {
             return Verdict::Unknown;
         };
         if offset < position.next {
-            return Verdict::Behind;
+            if position.sought {
+                return Verdict::Behind;
+            }
+            position.sought = true;
+            return Verdict::SeekAhead(position.next);
         }
         let verdict = if offset == position.next {
             Verdict::Accept
@@ -154,11 +165,13 @@ mod tests {
     }
 
     #[test]
-    fn lower_offset_is_behind_and_moves_nothing() {
+    fn lower_offset_seeks_ahead_once_and_moves_nothing() {
         let mut positions = loaded(P0, 7);
-        assert_eq!(positions.receive(P0, Offset(6)), Verdict::Behind);
-        assert_eq!(positions.receive(P0, Offset(0)), Verdict::Behind);
+        assert_eq!(positions.receive(P0, Offset(0)), Verdict::SeekAhead(Offset(7)));
+        assert_eq!(positions.receive(P0, Offset(1)), Verdict::Behind, "sought already");
         assert_eq!(positions.next(P0), Some(Offset(7)));
+        assert_eq!(positions.receive(P0, Offset(7)), Verdict::Accept);
+        assert_eq!(positions.receive(P0, Offset(6)), Verdict::SeekAhead(Offset(8)));
     }
 
     #[test]
