@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, ClientContext, Message, TopicPartitionList};
 use shared_schema::cut::{Offset, Partition};
@@ -138,23 +138,82 @@ pub enum SpeedError {
 #[derive(Default)]
 struct RebalanceLog(Mutex<BTreeSet<Partition>>);
 
-struct Context(Arc<RebalanceLog>);
+/// The consumer's context: records rebalances, and starts each assigned
+/// partition at the offset PostgreSQL holds for it.
+struct Context {
+    log: Arc<RebalanceLog>,
+    topic: String,
+    database_url: String,
+}
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let tpl = match rebalance {
-            Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => tpl,
-            Rebalance::Error(e) => {
-                tracing::warn!(error = %e, "rebalance error");
-                return;
+    /// Assigns partitions at the offsets PostgreSQL holds, not at the
+    /// group's committed offsets (only informational here) or the
+    /// beginning: a consumer that started behind read every record up to
+    /// the position to skip it, and on a broker whose fetch from far behind
+    /// is slow (tansu 0.6) it was revoked before its first fetch returned.
+    /// When PostgreSQL does not answer, the partitions start where the
+    /// group says and the positions put things right (see `positions`).
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr::{
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS,
+        };
+        let partitions: Vec<Partition> = tpl.elements().iter().map(|e| Partition(e.partition())).collect();
+        let outcome = match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                match load_blocking(&self.database_url, &partitions) {
+                    Ok(stored) => {
+                        for p in &partitions {
+                            let next = stored.get(p).copied().unwrap_or(Offset(0));
+                            let _ = tpl.set_partition_offset(&self.topic, p.0, rdkafka::Offset::Offset(next.0));
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot load the stored offsets at assignment"),
+                }
+                consumer.assign(tpl).map(|()| "assigned")
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => consumer.unassign().map(|()| "revoked"),
+            other => {
+                tracing::warn!(error = ?other, "rebalance error");
+                consumer.unassign().map(|()| "unassigned after an error")
             }
         };
-        let mut log = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
-        log.extend(tpl.elements().iter().map(|e| Partition(e.partition())));
-        tracing::info!(?rebalance, "partitions rebalanced");
+        match outcome {
+            Ok(what) => tracing::info!(?partitions, what, "partitions rebalanced"),
+            Err(e) => tracing::warn!(error = %e, ?partitions, "applying a rebalance failed"),
+        }
+        let mut log = self.log.0.lock().unwrap_or_else(|p| p.into_inner());
+        log.extend(partitions);
     }
+}
+
+/// `offsets::load` from a thread of its own (rebalance callbacks run inside
+/// the consumer's poll, on the async runtime, and must not nest one).
+fn load_blocking(database_url: &str, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, String> {
+    let (url, partitions) = (database_url.to_string(), partitions.to_vec());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&url)
+                .await
+                .map_err(|e| e.to_string())?;
+            let stored = offsets::load(&pool, &partitions).await.map_err(|e| e.to_string());
+            pool.close().await;
+            stored
+        })
+    })
+    .join()
+    .map_err(|_| "loading the stored offsets panicked".to_string())?
 }
 
 /// A copy of `m` (an absent payload is empty, and rejected as such).
@@ -220,7 +279,11 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     };
     let consumer: StreamConsumer<Context> =
         consumer_config(&config.brokers, &config.group_id, config.fetch_wait, instance_id)
-            .create_with_context(Context(Arc::clone(&log)))
+            .create_with_context(Context {
+                log: Arc::clone(&log),
+                topic: config.topic.clone(),
+                database_url: config.database_url.clone(),
+            })
             .map_err(kafka)?;
     match config.assignment {
         Assignment::Group => consumer.subscribe(&[&config.topic]).map_err(kafka)?,
