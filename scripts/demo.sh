@@ -58,7 +58,8 @@ step "batch layer: the first full run (views, baseline, similarity) over the lak
 "$BIN/batch-layer" run --full --lake-uri "$LAKE"
 
 step "start in the background: speed layer, lake ingest, batch every ${DEMO_BATCH_EVERY:-5m}, serving layer"
-start_bg speed-layer "$BIN/speed-layer" run --assignment all
+# The default mode: a static member of the consumer group.
+start_bg speed-layer "$BIN/speed-layer" run
 start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$LAKE" --flush-interval 10s
 start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$LAKE"
 start_bg serving-layer "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}"
