@@ -95,34 +95,30 @@ impl Intake {
         self.apply_rebalances(edge);
         loop {
             match self.positions.receive(partition, offset) {
-                Verdict::Accept => {
+                verdict @ (Verdict::Accept | Verdict::Gap(_)) => {
+                    let gap_from = match verdict {
+                        Verdict::Gap(from) => {
+                            tracing::warn!(%partition, from = from.0, to = offset.0, "offsets without records: skipping the gap");
+                            Some(from)
+                        }
+                        _ => None,
+                    };
                     metrics::counter!("speed_records_total").increment(1);
                     metrics::counter!("speed_bytes_total").increment(record.payload.len() as u64);
-                    self.batch.push(record, at);
-                    return Accepted::Buffered;
-                }
-                Verdict::Gap(from) => {
-                    tracing::warn!(%partition, from = from.0, to = offset.0, "offsets without records: skipping the gap");
-                    metrics::counter!("speed_records_total").increment(1);
-                    metrics::counter!("speed_bytes_total").increment(record.payload.len() as u64);
-                    self.batch.push(Record { gap_from: Some(from), ..record }, at);
-                    return Accepted::PastGap;
+                    self.batch.push(Record { gap_from, ..record }, at);
+                    return if gap_from.is_some() { Accepted::PastGap } else { Accepted::Buffered };
                 }
                 // Already counted (replay after a seek or rebalance).
                 Verdict::Behind => return Accepted::Behind,
                 Verdict::SeekAhead(next) => {
                     // Everything up to the position is counted: skip it.
-                    if !edge.seek(partition, next) {
-                        self.positions.seek_failed(partition);
-                    }
+                    self.seek_to_position(partition, next, edge);
                     return Accepted::SoughtAhead;
                 }
                 Verdict::SeekBack(expected) => {
                     // The broker started past what PostgreSQL holds, or the
                     // offsets between hold nothing: go back and see.
-                    if !edge.seek(partition, expected) {
-                        self.positions.seek_failed(partition);
-                    }
+                    self.seek_to_position(partition, expected, edge);
                     return Accepted::SoughtBack;
                 }
                 Verdict::Unknown => {
@@ -178,9 +174,7 @@ impl Intake {
         let mut sought = BTreeSet::new();
         for (p, (_, end)) in &discarded {
             if let Some(next) = self.positions.next(*p).filter(|next| next < end) {
-                if edge.seek(*p, next) {
-                    self.positions.sought(*p);
-                }
+                self.seek_to_position(*p, next, edge);
                 sought.insert(*p);
             }
         }
@@ -193,6 +187,14 @@ impl Intake {
             {
                 sought.insert(partition);
             }
+        }
+    }
+
+    /// Seeks `partition` to `position`, its position; once the seek is made
+    /// the positions know it (see [`Positions::sought`]).
+    fn seek_to_position(&mut self, partition: Partition, position: Offset, edge: &mut impl Edge) {
+        if edge.seek(partition, position) {
+            self.positions.sought(partition);
         }
     }
 

@@ -70,30 +70,17 @@ impl Positions {
             return Verdict::Unknown;
         };
         if offset < position.next {
-            if position.sought {
-                return Verdict::Behind;
-            }
-            position.sought = true;
-            return Verdict::SeekAhead(position.next);
+            return if position.sought { Verdict::Behind } else { Verdict::SeekAhead(position.next) };
         }
         let verdict = if offset == position.next {
             Verdict::Accept
         } else if position.sought {
             Verdict::Gap(position.next)
         } else {
-            position.sought = true;
             return Verdict::SeekBack(position.next);
         };
         *position = Position { next: Offset(offset.0 + 1), sought: false };
         verdict
-    }
-
-    /// The seek back to `partition`'s position failed: the next record past
-    /// it proves nothing and asks for another seek.
-    pub(super) fn seek_failed(&mut self, partition: Partition) {
-        if let Some(position) = self.0.get_mut(&partition) {
-            position.sought = false;
-        }
     }
 
     /// Sets the position of each of `partitions` to what PostgreSQL holds
@@ -133,8 +120,11 @@ impl Positions {
         self.0.get(&partition).map(|p| p.next)
     }
 
-    /// `partition` was just sought back to its position on purpose: the
-    /// next record past the position proves a gap.
+    /// `partition` was just sought to its position (after a
+    /// [`Verdict::SeekBack`] or [`Verdict::SeekAhead`], or on purpose): the
+    /// next record past the position proves a gap, and records below it are
+    /// replays that ask for no further seek. Until then, a seek is asked
+    /// for again (a failed seek proves nothing).
     pub(super) fn sought(&mut self, partition: Partition) {
         if let Some(position) = self.0.get_mut(&partition) {
             position.sought = true;
@@ -168,6 +158,7 @@ mod tests {
     fn lower_offset_seeks_ahead_once_and_moves_nothing() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(0)), Verdict::SeekAhead(Offset(7)));
+        positions.sought(P0);
         assert_eq!(positions.receive(P0, Offset(1)), Verdict::Behind, "sought already");
         assert_eq!(positions.next(P0), Some(Offset(7)));
         assert_eq!(positions.receive(P0, Offset(7)), Verdict::Accept);
@@ -178,6 +169,7 @@ mod tests {
     fn higher_offset_seeks_back_to_the_expected_one() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(8)), Verdict::SeekBack(Offset(7)));
+        positions.sought(P0);
         assert_eq!(positions.next(P0), Some(Offset(7)));
         // After the seek the expected record comes: no gap.
         assert_eq!(positions.receive(P0, Offset(7)), Verdict::Accept);
@@ -189,6 +181,7 @@ mod tests {
     fn still_past_the_position_after_the_seek_is_a_gap() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
+        positions.sought(P0);
         // Replays below the position change nothing.
         assert_eq!(positions.receive(P0, Offset(3)), Verdict::Behind);
         // The first record after the seek is offset 10: 7, 8 and 9 are gone.
@@ -203,8 +196,9 @@ mod tests {
     fn a_failed_seek_proves_nothing() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
-        positions.seek_failed(P0);
+        // The seek failed: not marked sought.
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)), "seeks again");
+        positions.sought(P0);
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::Gap(Offset(7)));
     }
 
@@ -212,6 +206,7 @@ mod tests {
     fn a_load_resets_a_pending_seek() {
         let mut positions = loaded(P0, 7);
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(7)));
+        positions.sought(P0);
         positions.load(&[P0], &BTreeMap::from([(P0, Offset(9))]));
         assert_eq!(positions.receive(P0, Offset(12)), Verdict::SeekBack(Offset(9)));
     }
