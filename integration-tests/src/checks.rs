@@ -204,3 +204,16 @@ fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         _ => a == b,
     }
 }
+
+/// Runs `sql` over lake table `table`, registered as `t`; panics when the
+/// lake has no such table.
+pub async fn lake_query(
+    lake: &batch_layer::lake::Lake,
+    table: &str,
+    sql: &str,
+) -> Vec<datafusion::arrow::array::RecordBatch> {
+    let t = lake.open(table).await.unwrap().unwrap_or_else(|| panic!("the lake has no table {table}"));
+    let ctx = datafusion::prelude::SessionContext::new();
+    batch_layer::lake::register(&ctx, "t", &t).await.unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}

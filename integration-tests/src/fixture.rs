@@ -180,6 +180,27 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A command running workspace binary `name` against `brokers` and
+/// `database_url`, its standard error into `log` and its output discarded,
+/// killed when dropped: add the arguments and spawn.
+pub fn command(name: &str, brokers: &str, database_url: &str, log: std::process::Stdio) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary(name));
+    command
+        .env("KAFKA_BROKERS", brokers)
+        .env("DATABASE_URL", database_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+}
+
+/// The last `lines` lines of the log at `path`, for a failure message.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect()
 }

@@ -17,14 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use batch_layer::lake::{self, EVENTS_TABLE, Lake, REJECTED_TABLE};
+use batch_layer::lake::{EVENTS_TABLE, Lake, REJECTED_TABLE};
 use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type};
-use datafusion::prelude::SessionContext;
-use integration_tests::checks::{DemandMap, assert_demand_eq, serving_demand, speed_consumed};
-use integration_tests::fixture::{FreshStream, Stack, binary};
+use integration_tests::checks::{DemandMap, assert_demand_eq, lake_query, serving_demand, speed_consumed};
+use integration_tests::fixture::{FreshStream, Stack, binary, log_tail};
 use integration_tests::generator::Demand;
 use integration_tests::shop::{Shop, ShopConfig};
 use rand::SeedableRng;
@@ -247,13 +246,6 @@ fn records_in(consumer: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
-async fn lake_query(lake: &Lake, table: &str, sql: &str) -> Vec<RecordBatch> {
-    let t = lake.open(table).await.unwrap().unwrap_or_else(|| panic!("the lake has no table {table}"));
-    let ctx = SessionContext::new();
-    lake::register(&ctx, "t", &t).await.unwrap();
-    ctx.sql(sql).await.unwrap().collect().await.unwrap()
-}
-
 /// Every row of `events_rejected`.
 async fn read_rejected(lake: &Lake) -> Vec<Stored> {
     let batches = lake_query(
@@ -301,12 +293,6 @@ async fn lake_event_ids(lake: &Lake) -> (BTreeSet<String>, usize) {
         rows += b.num_rows();
     }
     (ids, rows)
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Checks one stored copy of the bad records (the DLQ or `events_rejected`):
@@ -481,12 +467,15 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
             break;
         }
         if let Some(status) = speed.try_wait().unwrap() {
-            panic!("the speed layer exited ({status}) at {n} of {total} offsets; its log:\n{}", log_tail(&speed_log));
+            panic!(
+                "the speed layer exited ({status}) at {n} of {total} offsets; its log:\n{}",
+                log_tail(&speed_log, 20)
+            );
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "speed layer stuck at {n} of {total} offsets; its log:\n{}",
-            log_tail(&speed_log)
+            log_tail(&speed_log, 20)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -495,7 +484,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         .expect("the ingest caught up within 3 minutes")
         .unwrap()
         .status;
-    assert!(status.success(), "the ingest failed ({status}); its log:\n{}", log_tail(&ingest_log));
+    assert!(status.success(), "the ingest failed ({status}); its log:\n{}", log_tail(&ingest_log, 20));
     // The rejects are committed to the outbox with the offsets; wait until
     // they are shipped before stopping the speed layer.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -507,7 +496,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         assert!(
             tokio::time::Instant::now() < deadline,
             "{waiting} rejects still in the outbox; the speed layer's log:\n{}",
-            log_tail(&speed_log)
+            log_tail(&speed_log, 20)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

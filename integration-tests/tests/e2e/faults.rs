@@ -6,16 +6,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use batch_layer::ingest::{self, IngestConfig};
-use batch_layer::lake::{self, Lake, REJECTED_TABLE};
+use batch_layer::lake::{Lake, REJECTED_TABLE};
 use batch_layer::recompute::{self, PublishPause, RunConfig, RunError, RunOutcome};
 use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use datafusion::arrow::array::AsArray;
-use datafusion::prelude::SessionContext;
 use integration_tests::checks::{
-    DemandMap, assert_demand_eq, demand, merged, metric_sum, serving_demand, speed_consumed, wait_for_speed,
-    wait_for_speed_within,
+    DemandMap, assert_demand_eq, demand, lake_query, merged, metric_sum, serving_demand, speed_consumed,
+    wait_for_speed, wait_for_speed_within,
 };
-use integration_tests::fixture::{FreshStream, Stack, binary};
+use integration_tests::fixture::{FreshStream, Stack, command, log_tail};
 use integration_tests::generator::{self, Args, send_timed_records};
 use integration_tests::private_stack::PrivateStack;
 use speed_layer::stream::{self, SpeedConfig};
@@ -35,18 +34,10 @@ async fn views(pool: &PgPool, relation: &str) -> BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await.unwrap().into_iter().collect()
 }
 
-/// A lake table's rows as (kafka_offset, reason) for `events_rejected`.
+/// `events_rejected` as (kafka_offset, reason).
 async fn rejected(lake: &Lake) -> Vec<(i64, String)> {
-    let Some(t) = lake.open(REJECTED_TABLE).await.unwrap() else { return Vec::new() };
-    let ctx = SessionContext::new();
-    lake::register(&ctx, "r", &t).await.unwrap();
-    let batches = ctx
-        .sql("SELECT kafka_offset, CAST(reason AS VARCHAR) FROM r ORDER BY 1")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let batches =
+        lake_query(lake, REJECTED_TABLE, "SELECT kafka_offset, CAST(reason AS VARCHAR) FROM t ORDER BY 1").await;
     let mut out = Vec::new();
     for b in batches {
         let offsets = b.column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
@@ -251,26 +242,20 @@ async fn a_restart_after_kill_9_in_group_mode_resumes() {
     let spawn = || {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         // The documented command, group mode by default.
-        tokio::process::Command::new(binary("speed-layer"))
+        command("speed-layer", &stack.brokers, &url, log.into())
             .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
             .args(["--max-batch", "300", "--flush-interval", "50ms", "--ops-addr", &ops])
-            .env("KAFKA_BROKERS", &stack.brokers)
-            .env("DATABASE_URL", &url)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .unwrap()
-    };
-    let log_tail = || {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
     };
     let mut child = spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     while speed_consumed(&pool).await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the first instance made no progress:\n{}", log_tail());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first instance made no progress:\n{}",
+            log_tail(&log_path, 20)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -286,7 +271,7 @@ async fn a_restart_after_kill_9_in_group_mode_resumes() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the restarted group member made no progress in 60 s:\n{}",
-            log_tail()
+            log_tail(&log_path, 20)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -601,26 +586,16 @@ async fn a_flood_of_large_rejects_costs_bounded_memory() {
 
     let logs = tempfile::tempdir().unwrap();
     let log = |name: &str| std::process::Stdio::from(std::fs::File::create(logs.path().join(name)).unwrap());
-    let mut speed = tokio::process::Command::new(binary("speed-layer"))
+    let mut speed = command("speed-layer", &brokers, &url, log("speed.log"))
         .args(["run", "--assignment", "all", "--ops-addr", "127.0.0.1:0", "--max-batch-mib", "16"])
         // Without a byte bound, a long interval lets a micro-batch take the whole flood.
         .args(["--flush-interval", "20s"])
-        .env("KAFKA_BROKERS", &brokers)
-        .env("DATABASE_URL", &url)
-        .stdout(std::process::Stdio::null())
-        .stderr(log("speed.log"))
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let lake = tempfile::tempdir().unwrap();
-    let mut ingest = tokio::process::Command::new(binary("batch-layer"))
+    let mut ingest = command("batch-layer", &brokers, &url, log("ingest.log"))
         .args(["ingest", "--until-caught-up", "--flush-mib", "16", "--flush-interval", "20s"])
-        .env("KAFKA_BROKERS", &brokers)
         .env("LAKE_URI", lake.path())
-        .env("DATABASE_URL", &url)
-        .stdout(std::process::Stdio::null())
-        .stderr(log("ingest.log"))
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let (speed_pid, ingest_pid) = (speed.id().unwrap(), ingest.id().unwrap());
@@ -676,15 +651,10 @@ async fn competing_instances_are_fenced_and_totals_stay_exact() {
     let spawn = |i: usize| {
         let ops = std::net::SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
         let log = std::fs::File::create(logs.path().join(format!("speed-{i}.log"))).unwrap();
-        let child = tokio::process::Command::new(binary("speed-layer"))
+        let child = command("speed-layer", &stack.brokers, &url, log.into())
             .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
             .args(["--assignment", "all", "--max-batch", "200", "--flush-interval", "20ms", "--ops-addr"])
             .arg(ops.to_string())
-            .env("KAFKA_BROKERS", &stack.brokers)
-            .env("DATABASE_URL", &url)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         (child, ops)

@@ -121,11 +121,6 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
             .spawn()
             .unwrap()
     };
-    let log_tail = || {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut progress = Vec::new();
     let mut last = 0;
@@ -138,7 +133,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "a restarted instance made no progress; its log:\n{}",
-                log_tail()
+                integration_tests::fixture::log_tail(&log_path, 15)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
