@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn every_reject_reason_has_a_bad_kind() {
-        for reason in RejectReason::ALL {
+        for reason in RejectReason::PARSE {
             assert!(KINDS.iter().any(|k| k.reason == reason), "no bad record exercises {reason}");
         }
     }

@@ -12,8 +12,22 @@ use arrow::json::reader::{Decoder, ReaderBuilder};
 use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
 use serde::Serialize;
 
-use crate::event::{Event, Rejection};
+use crate::dedup::{Judging, Verdict};
+use crate::event::{Event, RejectReason, Rejection};
 use crate::schema::events_schema;
+
+fn duplicate(e: &Event<'_>, first_time: i64) -> Rejection {
+    let first = DateTime::from_timestamp_micros(first_time)
+        .map_or_else(|| first_time.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    Rejection::new(
+        RejectReason::DuplicateEvent,
+        Some("event_id"),
+        format!(
+            "event_id {:?} was already delivered in this partition (event_time {first}); that copy counts",
+            e.event_id
+        ),
+    )
+}
 
 /// One record as read from Kafka.
 #[derive(Debug, Clone, Copy)]
@@ -128,11 +142,39 @@ impl EventDecoder {
     /// Decodes `records`, judging each event time against its record's
     /// Kafka timestamp, not the reader's clock: the lake and the speed layer
     /// reject the same records, and a retried flush reaches the same verdict.
+    /// No record is judged a duplicate: see [`EventDecoder::decode_judged`].
     pub fn decode(&mut self, records: &[RawRecord<'_>]) -> Result<Decoded, DecodeError> {
+        self.decode_inner(records, None)
+    }
+
+    /// Decodes `records` like [`EventDecoder::decode`], and rejects each
+    /// valid event that `judging` finds a duplicate of an earlier one
+    /// ([`RejectReason::DuplicateEvent`]). Records of a partition must come
+    /// in offset order, following what `judging`'s history holds.
+    pub fn decode_judged(
+        &mut self,
+        records: &[RawRecord<'_>],
+        judging: &mut Judging<'_>,
+    ) -> Result<Decoded, DecodeError> {
+        self.decode_inner(records, Some(judging))
+    }
+
+    fn decode_inner(
+        &mut self,
+        records: &[RawRecord<'_>],
+        mut judging: Option<&mut Judging<'_>>,
+    ) -> Result<Decoded, DecodeError> {
         let mut events = Vec::with_capacity(records.len());
         let mut rejected = Vec::new();
         for (index, r) in records.iter().enumerate() {
-            match Event::parse(r.payload, r.timestamp.unwrap_or(DateTime::<Utc>::MAX_UTC)) {
+            let verdict = Event::parse(r.payload, r.timestamp.unwrap_or(DateTime::<Utc>::MAX_UTC)).and_then(|e| {
+                let Some(judging) = judging.as_deref_mut() else { return Ok(e) };
+                match judging.judge(r.partition, &e.event_id, e.event_time.timestamp_micros()) {
+                    Verdict::Duplicate { first_time } => Err(duplicate(&e, first_time)),
+                    Verdict::First | Verdict::BeyondWindow => Ok(e),
+                }
+            });
+            match verdict {
                 Ok(e) => events.push((e, r.partition, r.offset)),
                 Err(rejection) => {
                     rejected.push(RejectedRecord { index, partition: r.partition, offset: r.offset, rejection })
@@ -158,7 +200,6 @@ pub fn event_date(t: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::RejectReason;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
     use chrono::TimeZone;
@@ -280,5 +321,31 @@ mod tests {
                 prop_assert!(!offsets.values().contains(&r.offset));
             }
         }
+    }
+
+    #[test]
+    fn a_second_copy_is_rejected_as_a_duplicate_and_the_first_counts() {
+        let e = event("page_view", "u1", "2026-11-24T13:00:00Z", "");
+        let other = event("page_view", "u2", "2026-11-24T13:00:00Z", "");
+        let records: Vec<RawRecord<'_>> = [(0, &e), (0, &other), (0, &e), (1, &e)]
+            .iter()
+            .enumerate()
+            .map(|(i, (p, payload))| RawRecord {
+                partition: *p,
+                offset: i as i64,
+                timestamp: Some(now()),
+                payload: payload.as_bytes(),
+            })
+            .collect();
+        let history = crate::dedup::History::new(crate::dedup::DEFAULT_WINDOW_MICROS);
+        let mut judging = history.judging();
+        let out = EventDecoder::new().decode_judged(&records, &mut judging).unwrap();
+        assert_eq!(out.batch.num_rows(), 3, "the copy in partition 1 is another partition's event");
+        assert_eq!(out.rejected.len(), 1);
+        let r = &out.rejected[0];
+        assert_eq!((r.index, r.offset, r.rejection.reason), (2, 2, RejectReason::DuplicateEvent));
+        assert_eq!(judging.finish().added(), 3);
+        // Without judging, nothing is a duplicate.
+        assert_eq!(EventDecoder::new().decode(&records).unwrap().batch.num_rows(), 4);
     }
 }

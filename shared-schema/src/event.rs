@@ -122,10 +122,16 @@ pub enum RejectReason {
     /// A number out of range, or an identifier empty, too long or holding
     /// control characters.
     InvalidValue,
+    /// A valid event whose `event_id` an earlier record of the same
+    /// partition already carried, within the deduplication window: the
+    /// earlier copy counts (see [`crate::dedup`]). Never given by
+    /// [`Event::parse`]: it depends on the records before.
+    DuplicateEvent,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    /// Every reason [`Event::parse`] gives: a property of the record alone.
+    pub const PARSE: [RejectReason; 12] = [
         RejectReason::Oversized,
         RejectReason::NotUtf8,
         RejectReason::NotJson,
@@ -139,6 +145,17 @@ impl RejectReason {
         RejectReason::FutureEventTime,
         RejectReason::InvalidValue,
     ];
+
+    /// Every reason, [`RejectReason::DuplicateEvent`] included.
+    pub const ALL: [RejectReason; 13] = {
+        let mut all = [RejectReason::DuplicateEvent; 13];
+        let mut i = 0;
+        while i < Self::PARSE.len() {
+            all[i] = Self::PARSE[i];
+            i += 1;
+        }
+        all
+    };
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -154,6 +171,7 @@ impl RejectReason {
             RejectReason::InvalidTimestamp => "invalid_timestamp",
             RejectReason::FutureEventTime => "future_event_time",
             RejectReason::InvalidValue => "invalid_value",
+            RejectReason::DuplicateEvent => "duplicate_event_id",
         }
     }
 
@@ -178,7 +196,7 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: RejectReason, field: Option<&'static str>, detail: impl Into<String>) -> Self {
         Self { reason, field, detail: detail.into() }
     }
 

@@ -3,6 +3,7 @@
 //! * [`event`]: the click event and its validation (parse, don't validate);
 //! * [`schema`]: the Arrow schema of the lake's `events` table;
 //! * [`decode`]: raw Kafka records → one Arrow batch plus rejections;
+//! * [`dedup`]: the one rule by which both layers count an `event_id` once;
 //! * [`views`]: the view definitions every layer executes;
 //! * [`derived`]: the batch tables and PostgreSQL views built on the views;
 //! * [`cut`]: partitions, offsets, segments and the offset cut;
@@ -14,6 +15,7 @@
 
 pub mod cut;
 pub mod decode;
+pub mod dedup;
 pub mod defaults;
 pub mod derived;
 pub mod event;

@@ -170,7 +170,7 @@ fn every_corpus_record_decodes_as_its_manifest_says() {
     );
     let oversized = bad.iter().find(|r| r.reason == Some(RejectReason::Oversized)).expect("an oversized file");
     assert_eq!(oversized.bytes.len(), MAX_RECORD_BYTES + 1, "the committed oversized record is one byte over");
-    for reason in RejectReason::ALL {
+    for reason in RejectReason::PARSE {
         assert!(bad.iter().any(|r| r.reason == Some(reason)), "no corpus file is rejected as {reason}");
     }
 }
