@@ -45,6 +45,9 @@ pub enum DbError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deployment {
     pub segment_size: SegmentSize,
+    /// The duplicates window both layers judge by, in microseconds
+    /// (`ops.deployment.dedup_window`; see [`shared_schema::dedup`]).
+    pub dedup_window_micros: i64,
 }
 
 /// Opens a pool, retrying for up to `wait` while the server refuses.
@@ -89,12 +92,15 @@ pub async fn ensure_deployment(pool: &PgPool, requested: Option<i64>) -> Result<
         .bind(size)
         .execute(pool)
         .await?;
-    let stored: i64 = sqlx::query_scalar("SELECT segment_size FROM ops.deployment").fetch_one(pool).await?;
+    let (stored, dedup_window_micros): (i64, i64) =
+        sqlx::query_as("SELECT segment_size, (extract(epoch FROM dedup_window) * 1000000)::bigint FROM ops.deployment")
+            .fetch_one(pool)
+            .await?;
     if let Some(requested) = requested.filter(|r| *r != stored) {
         return Err(DbError::SegmentSizeMismatch { stored, requested });
     }
     let segment_size = SegmentSize::new(stored).ok_or(DbError::SegmentSizeMismatch { stored, requested: size })?;
-    Ok(Deployment { segment_size })
+    Ok(Deployment { segment_size, dedup_window_micros })
 }
 
 /// A stable fingerprint of every generated relation and grant (FNV-1a).
