@@ -43,6 +43,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use shared_schema::cut::{Offset, Partition};
+use shared_schema::dedup::History;
 use shared_schema::schema::PARTITION_COLUMNS;
 use shared_schema::{EventDecoder, RawRecord, RejectedRecord, events_schema, rejected_schema};
 use tokio_util::sync::CancellationToken;
@@ -206,6 +207,20 @@ struct Tables {
     /// Next offset per partition of each table.
     events_next: BTreeMap<Partition, Offset>,
     rejected_next: BTreeMap<Partition, Offset>,
+    /// What duplicates are judged against: the keys below the replay
+    /// position (see [`crate::dedup`]).
+    history: History,
+}
+
+/// The deployment's duplicates window (the default before any binary
+/// created the deployment row).
+async fn dedup_window(pool: &sqlx::PgPool) -> Result<i64, IngestError> {
+    let stored: Option<i64> =
+        sqlx::query_scalar("SELECT (extract(epoch FROM dedup_window) * 1000000)::bigint FROM ops.deployment")
+            .fetch_optional(pool)
+            .await
+            .map_err(platform::db::DbError::from)?;
+    Ok(stored.unwrap_or(shared_schema::dedup::DEFAULT_WINDOW_MICROS))
 }
 
 fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
@@ -253,11 +268,17 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     let rejected_next = committed_offsets(&rejected, &config.topic, partitions.iter().map(|p| Partition(*p)))
         .await
         .map_err(commit_err(REJECTED_TABLE))?;
-    let mut tables = Tables { events, rejected, events_next, rejected_next };
     let mut db = match &config.db {
         Some(d) => Some(Db::connect(d).await?),
         None => None,
     };
+    let window = match &db {
+        Some(d) => dedup_window(&d.pool).await?,
+        None => shared_schema::dedup::DEFAULT_WINDOW_MICROS,
+    };
+    let history = crate::dedup::ingest_history(&events, &config.topic, &events_next, window).await?;
+    tracing::debug!(keys = history.len(), window_s = window / 1_000_000, "duplicates history loaded from the lake");
+    let mut tables = Tables { events, rejected, events_next, rejected_next, history };
 
     let mut assignment = TopicPartitionList::new();
     let mut ends: BTreeMap<Partition, Offset> = BTreeMap::new();
@@ -452,7 +473,14 @@ async fn flush(
         .iter()
         .map(|b| RawRecord { partition: b.partition, offset: b.offset, timestamp: b.timestamp, payload: &b.payload })
         .collect();
-    let mut decoded = decoder.decode(&records)?;
+    // Duplicates are judged before forgotten users are dropped, as the
+    // speed layer does, so both see the same newest times.
+    let mut judging = tables.history.judging();
+    let mut decoded = decoder.decode_judged(&records, &mut judging)?;
+    let changes = judging.finish();
+    // A failed commit ends the run (the next one rebuilds the history from
+    // the lake), so what was judged is applied at once.
+    tables.history.apply(changes);
     if let Some(forgotten) = forgotten.filter(|f| !f.is_empty()) {
         let (kept, dropped_events) = forgotten.filter_events(decoded.batch)?;
         decoded.batch = kept;
@@ -495,7 +523,11 @@ async fn flush(
     // 2. Valid events, with the offsets they bring the table to.
     if decoded.batch.num_rows() > 0 {
         let offsets = advanced(&tables.events_next, next, &touched);
-        tables.events = append_events(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets)
+        let newest: BTreeMap<Partition, i64> = offsets
+            .keys()
+            .filter_map(|p| tables.history.partition(p.0).and_then(|h| h.newest).map(|n| (*p, n)))
+            .collect();
+        tables.events = append_judged(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets, &newest)
             .await
             .map_err(|source| IngestError::Commit { table: EVENTS_TABLE, source: Box::new(source) })?;
         tables.events_next.extend(offsets);
@@ -527,6 +559,22 @@ pub async fn append_events(
     offsets: &BTreeMap<Partition, Offset>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let props = CommitProperties::default().with_application_transactions(txns(topic, offsets));
+    table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
+}
+
+/// [`append_events`] for the ingest: the commit also records each
+/// partition's newest time, from which a restart rebuilds its duplicates
+/// history ([`crate::dedup`]).
+async fn append_judged(
+    table: DeltaTable,
+    events: RecordBatch,
+    topic: &str,
+    offsets: &BTreeMap<Partition, Offset>,
+    newest: &BTreeMap<Partition, i64>,
+) -> Result<DeltaTable, deltalake::DeltaTableError> {
+    let mut actions = txns(topic, offsets);
+    actions.extend(crate::dedup::newest_txns(topic, newest));
+    let props = CommitProperties::default().with_application_transactions(actions);
     table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
 }
 

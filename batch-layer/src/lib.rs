@@ -3,6 +3,7 @@
 //! * [`lake`]: where the Delta Lake is, its tables, committed offsets;
 //! * [`catalog`]: read-only snapshot of the shop's products into the lake;
 //! * [`ingest`]: Kafka → Delta table `events`, each offset exactly once;
+//! * [`dedup`]: the lake's side of duplicates: the ingest's history, the speed layer's seed;
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
 //! * [`scope`]: which lake events a query sees (cut, offset range, hours), as DataFusion expressions;
@@ -16,6 +17,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod dedup;
 pub mod engine;
 pub mod export;
 pub mod forget;

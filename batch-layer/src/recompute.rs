@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use shared_schema::ALL_VIEWS;
-use shared_schema::cut::OffsetCut;
+use shared_schema::cut::{OffsetCut, Partition};
 use shared_schema::derived::BATCH_TABLES;
 use shared_schema::views::PRODUCT_DEMAND_HOURLY;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -318,6 +318,8 @@ async fn locked_run(
         progress.set_message(format!("computing {}", table.name));
         computed.push(compute::table(&ctx, &plan, table, anchor).await?);
     }
+    progress.set_message("duplicates: newest times and the speed layer's seed");
+    let cut_history = dedup_history(pool, &ctx, &table, &plan, deployment.dedup_window_micros).await?;
     let compute_ms = compute_started.elapsed().as_millis() as u64;
 
     let report = gate::check(pool, run_id, &computed, config.max_shrink).await?;
@@ -341,6 +343,7 @@ async fn locked_run(
         newest_hour,
         anchor,
         definitions: &definitions,
+        history: &cut_history,
     };
     let rows = match publish::publish(&mut conn, &computed, &record).await {
         Ok(rows) => rows,
@@ -391,6 +394,27 @@ async fn locked_run(
         publish_ms,
         total_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// What the publish records for duplicates (see [`crate::dedup`]): the
+/// newest time per partition below the new cut, and the seed for the
+/// partitions the speed layer holds no position in yet.
+async fn dedup_history(
+    pool: &PgPool,
+    ctx: &datafusion::prelude::SessionContext,
+    table: &deltalake::DeltaTable,
+    plan: &plan::Plan,
+    window_micros: i64,
+) -> Result<crate::dedup::CutHistory, RunError> {
+    let stored: Vec<(i32, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT kafka_partition, newest_event_time FROM ops.cut WHERE newest_event_time IS NOT NULL")
+            .fetch_all(pool)
+            .await?;
+    let stored = stored.into_iter().map(|(p, t)| (Partition(p), t.timestamp_micros())).collect();
+    let positioned: Vec<i32> =
+        sqlx::query_scalar("SELECT kafka_partition FROM ops.speed_offsets").fetch_all(pool).await?;
+    let unpositioned: Vec<Partition> = plan.cut.iter().map(|(p, _)| p).filter(|p| !positioned.contains(&p.0)).collect();
+    Ok(crate::dedup::cut_history(ctx, table, &plan.previous, &plan.cut, &stored, &unpositioned, window_micros).await?)
 }
 
 /// What the last published run left: its lake version, the cut, the view

@@ -31,6 +31,8 @@ pub(crate) struct Record<'a> {
     pub(crate) anchor: chrono::DateTime<chrono::Utc>,
     /// The fingerprint of every view, recorded with it.
     pub(crate) definitions: &'a [(&'static str, String)],
+    /// The newest times below the cut and the speed layer's seed.
+    pub(crate) history: &'a crate::dedup::CutHistory,
 }
 
 fn staging_table(name: &str) -> String {
@@ -113,12 +115,33 @@ pub(crate) async fn publish(
         .execute(&mut *tx)
         .await?;
     for (p, o) in record.cut.iter() {
+        let newest = record.history.newest.get(&p).and_then(|t| chrono::DateTime::from_timestamp_micros(*t));
         sqlx::query(
-            "INSERT INTO ops.cut (kafka_partition, cut_offset, updated_at) VALUES ($1, $2, now())
-             ON CONFLICT (kafka_partition) DO UPDATE SET cut_offset = EXCLUDED.cut_offset, updated_at = now()",
+            "INSERT INTO ops.cut (kafka_partition, cut_offset, newest_event_time, updated_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (kafka_partition) DO UPDATE SET cut_offset = EXCLUDED.cut_offset,
+                 newest_event_time = GREATEST(ops.cut.newest_event_time, EXCLUDED.newest_event_time),
+                 updated_at = now()",
         )
         .bind(p.0)
         .bind(o.0)
+        .bind(newest)
+        .execute(&mut *tx)
+        .await?;
+    }
+    // The seed belongs to this cut: the previous one's goes.
+    sqlx::query("DELETE FROM ops.dedup_seed").execute(&mut *tx).await?;
+    for (p, keys) in &record.history.seed {
+        let (keys, times): (Vec<Vec<u8>>, Vec<chrono::DateTime<chrono::Utc>>) = keys
+            .iter()
+            .filter_map(|(k, t)| chrono::DateTime::from_timestamp_micros(*t).map(|t| (k.0.to_vec(), t)))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
+             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)",
+        )
+        .bind(p.0)
+        .bind(keys)
+        .bind(times)
         .execute(&mut *tx)
         .await?;
     }
