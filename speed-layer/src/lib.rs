@@ -4,6 +4,7 @@
 //! * [`stream`]: the consume → micro-batch → flush loop;
 //! * [`deltas`]: view deltas of a micro-batch, from the shared view definitions;
 //! * [`offsets`]: positions in PostgreSQL, advanced conditionally (fencing);
+//! * [`history`]: what duplicates are judged against, kept with the positions;
 //! * [`dlq`]: rejected records to `events.dlq` with their reason;
 //! * [`lag`]: per-partition lag and event age as metrics;
 //! * [`cli`]: the `speed-layer` command line.
@@ -12,6 +13,7 @@ pub mod alerts;
 pub mod cli;
 pub mod deltas;
 pub mod dlq;
+pub mod history;
 pub mod lag;
 pub mod offsets;
 pub mod stream;

@@ -38,6 +38,9 @@ pub struct Advance {
     /// The next offset after the flush.
     pub to: Offset,
     pub last_event_time: Option<DateTime<Utc>>,
+    /// The greatest event time of the valid records below `to`: the newest
+    /// time duplicates are judged by (see [`crate::history`]).
+    pub newest_event_time: Option<DateTime<Utc>>,
 }
 
 /// Moves each partition's offset from `from` to `to` inside `tx`; returns
@@ -48,11 +51,13 @@ pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Ve
         // Insert when absent (then `from` was derived from the cut), update
         // only from the expected offset otherwise.
         let done = sqlx::query(
-            "INSERT INTO ops.speed_offsets AS o (kafka_partition, next_offset, last_event_time, updated_at)
-             VALUES ($1, $2, $3, now())
+            "INSERT INTO ops.speed_offsets AS o
+                (kafka_partition, next_offset, last_event_time, newest_event_time, updated_at)
+             VALUES ($1, $2, $3, $5, now())
              ON CONFLICT (kafka_partition) DO UPDATE SET
                 next_offset = EXCLUDED.next_offset,
                 last_event_time = GREATEST(o.last_event_time, EXCLUDED.last_event_time),
+                newest_event_time = GREATEST(o.newest_event_time, EXCLUDED.newest_event_time),
                 updated_at = now()
              WHERE o.next_offset = $4",
         )
@@ -60,6 +65,7 @@ pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Ve
         .bind(a.to.0)
         .bind(a.last_event_time)
         .bind(a.from.0)
+        .bind(a.newest_event_time)
         .execute(&mut *conn)
         .await?
         .rows_affected();

@@ -343,7 +343,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
             max_bytes: config.max_batch_bytes,
         },
         intake: Intake::default(),
-        sink: Sink::new(&config, &pool, &dlq_wake, deployment.segment_size, forgotten, ready.clone(), notifier.clone()),
+        sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone()),
     };
     loop {
         state.intake.apply_rebalances(&mut state.edge);

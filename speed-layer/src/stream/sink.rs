@@ -79,6 +79,8 @@ pub(super) struct Sink<'a> {
     dlq_rate: crate::alerts::DlqRate,
     notifier: platform::notify::Notifier,
     gap_notices: platform::gaps::GapNotices,
+    /// What duplicates are judged against (see [`crate::history`]).
+    histories: crate::history::Histories,
 }
 
 impl<'a> Sink<'a> {
@@ -86,7 +88,7 @@ impl<'a> Sink<'a> {
         config: &'a SpeedConfig,
         pool: &'a PgPool,
         dlq_wake: &'a tokio::sync::Notify,
-        segment_size: SegmentSize,
+        deployment: platform::db::Deployment,
         forgotten: platform::forgotten::Forgotten,
         ready: platform::ops_http::Readiness,
         notifier: platform::notify::Notifier,
@@ -95,7 +97,7 @@ impl<'a> Sink<'a> {
             config,
             pool,
             dlq_wake,
-            segment_size,
+            segment_size: deployment.segment_size,
             decoder: EventDecoder::new(),
             ready,
             forgotten,
@@ -103,6 +105,7 @@ impl<'a> Sink<'a> {
             dlq_rate: crate::alerts::DlqRate::new(&config.alerts),
             notifier,
             gap_notices: platform::gaps::GapNotices::default(),
+            histories: crate::history::Histories::new(deployment.dedup_window_micros),
         }
     }
 
@@ -126,6 +129,7 @@ impl<'a> Sink<'a> {
                     // PostgreSQL).
                     tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
                     metrics::counter!("speed_fenced_flushes_total").increment(1);
+                    self.histories.forget_all();
                     return Flushed::Fenced;
                 }
                 Err(e) => {
@@ -158,7 +162,31 @@ impl<'a> Sink<'a> {
                 payload: &b.payload,
             })
             .collect();
-        let mut decoded = self.decoder.decode(&records)?;
+        let (mut advances, gaps) = match advances(buffer) {
+            Ok(spans) => spans,
+            Err(partitions) => {
+                // Never commit a micro-batch with a gap or a repeat: start over
+                // from what PostgreSQL holds.
+                tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
+                return Ok(Attempt::Fenced(partitions));
+            }
+        };
+        // Duplicates are judged against the history exact where each
+        // partition's micro-batch starts (loaded after a start, a rebalance
+        // or a fence), before forgotten users are dropped, as the ingest does.
+        let starts: Vec<(Partition, Offset)> = advances.values().map(|a| (a.partition, a.from)).collect();
+        if let Err(crate::history::Moved(p)) = self.histories.ensure(self.pool, &starts).await? {
+            tracing::warn!(partition = p.0, "the stored offset moved before the history was loaded; re-reading");
+            return Ok(Attempt::Fenced(vec![p]));
+        }
+        let mut judging = self.histories.history().judging();
+        let mut decoded = self.decoder.decode_judged(&records, &mut judging)?;
+        let changes = judging.finish();
+        let duplicates = decoded
+            .rejected
+            .iter()
+            .filter(|r| r.rejection.reason == shared_schema::RejectReason::DuplicateEvent)
+            .count();
         if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
             self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
             self.forgotten_at = Instant::now();
@@ -187,19 +215,14 @@ impl<'a> Sink<'a> {
             })
             .collect();
 
-        let (mut advances, gaps) = match advances(buffer) {
-            Ok(spans) => spans,
-            Err(partitions) => {
-                // Never commit a micro-batch with a gap or a repeat: start over
-                // from what PostgreSQL holds.
-                tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
-                return Ok(Attempt::Fenced(partitions));
-            }
-        };
         for (p, t) in last_event_times(&decoded.batch) {
             if let Some(a) = advances.get_mut(&p) {
                 a.last_event_time = a.last_event_time.max(Some(t));
             }
+        }
+        for a in advances.values_mut() {
+            a.newest_event_time =
+                self.histories.newest(a.partition, &changes).and_then(DateTime::<Utc>::from_timestamp_micros);
         }
         let deltas = deltas::compute(decoded.batch, self.segment_size).await?;
 
@@ -210,6 +233,8 @@ impl<'a> Sink<'a> {
             tx.rollback().await?;
             return Ok(Attempt::Fenced(fenced));
         }
+        let partitions: Vec<Partition> = advances.iter().map(|a| a.partition).collect();
+        self.histories.persist(&mut tx, &partitions, &changes).await?;
         // The gaps passed are recorded with the offsets that pass them.
         platform::gaps::record(&mut tx, platform::gaps::Layer::Speed, &self.config.topic, &gaps).await?;
         dlq::enqueue(&mut tx, &self.config.topic, &rejected).await?;
@@ -218,6 +243,11 @@ impl<'a> Sink<'a> {
             rows += write_delta(&mut tx, delta).await?;
         }
         tx.commit().await?;
+        let next: Vec<(Partition, Offset)> = advances.iter().map(|a| (a.partition, a.to)).collect();
+        self.histories.committed(changes, &next);
+        if duplicates > 0 {
+            metrics::counter!("speed_duplicate_records_total").increment(duplicates as u64);
+        }
         if !rejected.is_empty() {
             self.dlq_wake.notify_one();
         }
@@ -244,7 +274,7 @@ impl<'a> Sink<'a> {
             }
         }
         tracing::debug!(records = buffer.len(), rejected = rejected.len(), rows, ms = secs * 1000.0, "flushed");
-        Ok(Attempt::Committed(advances.iter().map(|a| (a.partition, a.to)).collect()))
+        Ok(Attempt::Committed(next))
     }
 }
 
@@ -274,7 +304,13 @@ fn advances(records: &[Record]) -> Result<(BTreeMap<Partition, Advance>, Vec<Gap
             None => {
                 advances.insert(
                     r.partition,
-                    Advance { partition: r.partition, from: start, to: next, last_event_time: None },
+                    Advance {
+                        partition: r.partition,
+                        from: start,
+                        to: next,
+                        last_event_time: None,
+                        newest_event_time: None,
+                    },
                 );
             }
         }
