@@ -676,3 +676,141 @@ async fn competing_instances_are_fenced_and_totals_stay_exact() {
     assert!(fenced > 0.0, "the two instances never overlapped: the fence was not exercised");
     assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving after competing instances");
 }
+
+/// What a duplicates test sent: records in order, and the truth (views per
+/// product, each `event_id` once, except copies beyond the window).
+#[derive(Default)]
+struct Sent {
+    records: Vec<(String, String)>,
+    truth: BTreeMap<String, i64>,
+    duplicates: usize,
+}
+
+impl Sent {
+    fn event(&mut self, id: &str, user: &str, product: &str, at: DateTime<Utc>) {
+        self.records.push((user.to_string(), page_view(id, user, product, at)));
+        *self.truth.entry(product.to_string()).or_default() += 1;
+    }
+
+    /// The record sent as `index` again, as a producer retry would.
+    fn again(&mut self, index: usize, counted: bool) {
+        let record = self.records[index].clone();
+        self.records.push(record);
+        if counted {
+            let product = self.records[index].1.split(r#""product_id":""#).nth(1).unwrap().split('"').next().unwrap();
+            *self.truth.entry(product.to_string()).or_default() += 1;
+        } else {
+            self.duplicates += 1;
+        }
+    }
+}
+
+/// Item 7: the same `event_id` delivered twice counts once in batch, speed
+/// and serving, including when the first copy is below the cut and the
+/// second above it. The window is 2 hours here. Phase 1 (copies within it,
+/// and an event 5 hours older than its partition's newest, beyond the
+/// window) is ingested and published while no speed layer runs, so the
+/// speed layer starts at the cut and knows the first copies below it only
+/// from the batch's seed (`ops.dedup_seed`; without it, every copy in phase
+/// 2 of a phase-1 event would count twice). Phase 3 comes after a restart
+/// of the speed layer, which then judges by what it stored itself
+/// (`speed.event_keys`). Serving equals the truth after each phase and does
+/// not move when the second batch lands; the lake holds each first copy
+/// once and every duplicate in `events_rejected`.
+#[tokio::test]
+async fn duplicates_count_once_in_batch_speed_and_serving() {
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("duplicates", 2, 10).await.unwrap();
+    sqlx::query("UPDATE ops.deployment SET dedup_window = interval '2 hours'").execute(&pool).await.unwrap();
+    let now = Utc::now().with_nanosecond(0).unwrap();
+    let at = |i: usize| now - TimeDelta::minutes(40) + TimeDelta::seconds(i as i64);
+    let mut sent = Sent::default();
+
+    // Phase 1: 48 events of 16 users, copies of six of them, and an event
+    // far behind the newest times, beyond the window.
+    for i in 0..48 {
+        sent.event(&format!("e-{i}"), &format!("u-{}", i % 16), &format!("p-{}", i % 5), at(i));
+    }
+    for i in [0, 3, 17, 30, 46, 47] {
+        sent.again(i, false);
+    }
+    sent.event("e-old", "u-old", "p-old", now - TimeDelta::hours(5));
+    let old = sent.records.len() - 1;
+    generator::send_records(&stack.brokers, &topic, &sent.records).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig {
+        db: Some(ingest::PlatformDb::new(url.clone())),
+        ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+    };
+    let first = ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+    assert_eq!(first.rejected, 6, "the ingest rejects the six copies");
+    let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    let seeded: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.dedup_seed").fetch_one(&pool).await.unwrap();
+    assert!(seeded > 0, "no speed layer holds a position: the publish leaves it the keys below the cut");
+
+    // Phase 2: copies of the first 12 events (below the cut, most of
+    // them), new events, copies of five of those, and the old event again
+    // (beyond the window: counted, as its first copy was).
+    let phase1 = sent.records.len();
+    for i in 0..12 {
+        sent.again(i, false);
+    }
+    for i in 48..68 {
+        sent.event(&format!("e-{i}"), &format!("u-{}", i % 16), &format!("p-{}", i % 5), at(i));
+    }
+    for k in [0, 4, 9, 14, 19] {
+        sent.again(phase1 + 12 + k, false);
+    }
+    sent.again(old, true);
+    generator::send_records(&stack.brokers, &topic, &sent.records[phase1..]).unwrap();
+    let shutdown = CancellationToken::new();
+    let config = SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url);
+    let speed = tokio::spawn(stream::run(config.clone(), shutdown.clone()));
+    wait_for_speed(&pool, sent.records.len() as i64).await;
+    assert_eq!(views(&pool, "serving.product_demand_hourly").await, sent.truth, "serving after phase 2");
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+
+    // Phase 3, after a restart: copies of phase-1 and phase-2 events, and new ones.
+    let phase2 = sent.records.len();
+    for i in [1, 5, 40, phase1 + 13, phase1 + 20] {
+        sent.again(i, false);
+    }
+    for i in 68..73 {
+        sent.event(&format!("e-{i}"), &format!("u-{}", i % 16), &format!("p-{}", i % 5), at(i));
+    }
+    sent.again(sent.records.len() - 1, false);
+    generator::send_records(&stack.brokers, &topic, &sent.records[phase2..]).unwrap();
+    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
+    let shutdown = CancellationToken::new();
+    let speed = tokio::spawn(stream::run(SpeedConfig { ops_addr: ops, ..config }, shutdown.clone()));
+    wait_for_speed(&pool, sent.records.len() as i64).await;
+    assert_eq!(views(&pool, "serving.product_demand_hourly").await, sent.truth, "serving after phase 3");
+    let page = integration_tests::serving::get(ops, "/metrics").await.unwrap().body;
+    let dups = metric_sum(&page, "speed_duplicate_records_total");
+    assert!(dups >= 6.0, "the speed layer counted {dups} duplicates, at least phase 3's 6");
+
+    // The batch lands: nothing moves, and the batch alone agrees.
+    let later = ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
+    assert_eq!(first.rejected + later.rejected, sent.duplicates as u64, "the ingest's verdicts");
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    assert_eq!(views(&pool, "serving.product_demand_hourly").await, sent.truth, "serving after the second batch");
+    let full = RunConfig { full: true, ..run.clone() };
+    assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { .. }));
+    assert_eq!(views(&pool, "serving.product_demand_hourly").await, sent.truth, "serving after a full run");
+
+    let batches = lake_query(&lake, "events", "SELECT count(*), count(DISTINCT event_id) FROM t").await;
+    let counts = |c: usize| batches[0].column(c).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
+    assert_eq!(
+        (counts(0), counts(1)),
+        (75, 74),
+        "73 events and the old one once each, the old one again (beyond the window)"
+    );
+    let reasons = rejected(&lake).await;
+    assert_eq!(reasons.len(), sent.duplicates);
+    assert!(reasons.iter().all(|(_, r)| r == "duplicate_event_id"), "{reasons:?}");
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+}
