@@ -15,6 +15,9 @@ LOCAL=${LOCAL_DIR:-$ROOT/.local}
 CACHE=${LAMBDA_CACHE:-$HOME/.cache/lambda-platform}
 TANSU=${TANSU:-$CACHE/tools/bin/tansu}
 TANSU_VERSION=0.6.0
+# The broker's storage: `sqlite` (a file under .local/tansu) or `postgres` (a
+# `tansu` database on the local PostgreSQL; see docs/BENCHMARKS.md, "Broker").
+BROKER_STORAGE=${BROKER_STORAGE:-sqlite}
 MOTO=$CACHE/tools/moto/bin/moto_server
 MOTO_PIP=$CACHE/tools/moto/bin/pip
 MOTO_VERSION=5.2.5
@@ -151,9 +154,29 @@ tansu_running() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+storage_url() {
+    case "$BROKER_STORAGE" in
+        sqlite) echo "sqlite://tansu.db" ;;
+        postgres) echo "$PG_URL/tansu" ;;
+        *) die "BROKER_STORAGE is $BROKER_STORAGE; use sqlite or postgres" ;;
+    esac
+}
+
+# tansu 0.6 does not create its PostgreSQL tables: ours, idempotent.
+tansu_database() {
+    [ "$BROKER_STORAGE" = postgres ] || return 0
+    pg_running || die "the postgres broker storage needs PostgreSQL running"
+    if [ -z "$(psql "$PG_URL/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname = 'tansu'")" ]; then
+        psql "$PG_URL/postgres" -qc "CREATE DATABASE tansu" >/dev/null
+    fi
+    psql "$PG_URL/tansu" -q -v ON_ERROR_STOP=1 -f "$ROOT/scripts/tansu-postgres.sql" >/dev/null \
+        || die "creating the broker's tables in database tansu failed"
+}
+
 start_tansu() {
     mkdir -p "$LOCAL/tansu" "$LOGS"
     if tansu_running; then return; fi
+    tansu_database
     if port_open "$KAFKA_PORT"; then
         die "port $KAFKA_PORT is taken by another process; stop it or set KAFKA_PORT"
     fi
@@ -164,7 +187,7 @@ start_tansu() {
         setsid "$TANSU" broker \
             --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
             --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-            --storage-engine "sqlite://tansu.db" \
+            --storage-engine "$(storage_url)" \
             >>"$LOGS/tansu.log" 2>&1 </dev/null &
         echo $! >tansu.pid
     )
@@ -251,7 +274,7 @@ status() {
         echo "PostgreSQL  stopped"
     fi
     if tansu_running; then
-        echo "Kafka       running   127.0.0.1:$KAFKA_PORT  (tansu $TANSU_VERSION, topics: events x4, events.dlq)"
+        echo "Kafka       running   127.0.0.1:$KAFKA_PORT  (tansu $TANSU_VERSION, $BROKER_STORAGE storage, topics: events x4, events.dlq)"
     else
         echo "Kafka       stopped"
     fi
