@@ -14,8 +14,10 @@
 //! partitions unassigned after these faults (the stream stopped at 1,002
 //! of 1,315 records), a broker defect, not one of the platform's; group
 //! mode is tested on its own (`faults::a_restart_after_kill_9_in_group_mode_resumes`,
-//! `speed_faults`). `forget-user` under traffic waits for the fix of its
-//! race with in-flight writes (issue 16).
+//! `speed_faults`). A consumer-group rebalance happens here beside it: two
+//! group members join one after the other and crash, their commits and the
+//! main instance's fenced against each other. `forget-user` under traffic
+//! waits for the fix of its race with in-flight writes (issue 16).
 //!
 //! `make test` runs a small size; `make chaos` a longer one (`CHAOS_ROUNDS`,
 //! `CHAOS_RATE`, `CHAOS_SECONDS`).
@@ -66,7 +68,11 @@ impl Proc {
         let bin = if self.name.starts_with("speed") { "speed-layer" } else { "batch-layer" };
         let child = Command::new(binary(bin))
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            // Group members say when their partitions change.
+            .env(
+                "RUST_LOG",
+                if self.name.starts_with("speed-group") { "warn,speed_layer::stream=info" } else { "warn" },
+            )
             .env("DATABASE_URL", &self.database_url)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -279,7 +285,35 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
                 stack.restart_broker(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
                 restarts.push("broker");
             }
-            _ => {}
+            _ => {
+                // A consumer-group rebalance mid-stream: a group member
+                // joins, a second joins and takes partitions from it, then
+                // both crash. They compete with the instance that takes
+                // every partition, so each commit of theirs or its own is
+                // fenced when another moved the offsets first; that
+                // instance keeps the stream going whatever tansu's
+                // coordinator does with the dead members (it never
+                // expires them).
+                let group_args: Vec<String> =
+                    speed_args.iter().map(|a| if *a == "all" { "group".to_string() } else { a.to_string() }).collect();
+                let mut first = Proc::new("speed-group-1", group_args.clone(), &url, &logs);
+                first.start();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
+                let mut second = Proc::new("speed-group-2", group_args, &url, &logs);
+                second.start();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
+                first.assert_alive();
+                second.assert_alive();
+                first.kill().await;
+                second.kill().await;
+                let rebalances = |p: &Proc| {
+                    std::fs::read_to_string(&p.log).unwrap_or_default().matches("partitions rebalanced").count()
+                };
+                let (a, b) = (rebalances(&first), rebalances(&second));
+                eprintln!("chaos: group members saw {a} and {b} rebalances");
+                assert!(a >= 2 && b >= 1, "no rebalance: the members saw {a} and {b}");
+                restarts.push("a consumer-group rebalance");
+            }
         }
         // A batch run that completes between the faults.
         complete_a_run(&run_args).await;
