@@ -43,18 +43,7 @@ pub async fn committed_newest(
     topic: &str,
     partitions: impl IntoIterator<Item = Partition>,
 ) -> Result<BTreeMap<Partition, i64>, DeltaTableError> {
-    let mut out = BTreeMap::new();
-    if table.version().is_none() {
-        return Ok(out);
-    }
-    let state = table.snapshot()?;
-    let log_store = table.log_store();
-    for p in partitions {
-        if let Some(v) = state.transaction_version(log_store.as_ref(), newest_app_id(topic, p)).await? {
-            out.insert(p, v);
-        }
-    }
-    Ok(out)
+    lake::txn_versions(table, partitions, |p| newest_app_id(topic, p)).await
 }
 
 /// One partition to read keys of: those of events at or after `floor`

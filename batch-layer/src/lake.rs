@@ -167,6 +167,17 @@ pub async fn committed_offsets(
     topic: &str,
     partitions: impl IntoIterator<Item = Partition>,
 ) -> Result<BTreeMap<Partition, Offset>, DeltaTableError> {
+    let versions = txn_versions(table, partitions, |p| ingest_app_id(topic, p)).await?;
+    Ok(versions.into_iter().map(|(p, v)| (p, Offset(v))).collect())
+}
+
+/// Per partition, the version of the `txn` action `app_id(partition)` in
+/// `table`'s snapshot; partitions without one are absent.
+pub async fn txn_versions(
+    table: &DeltaTable,
+    partitions: impl IntoIterator<Item = Partition>,
+    app_id: impl Fn(Partition) -> String,
+) -> Result<BTreeMap<Partition, i64>, DeltaTableError> {
     let mut out = BTreeMap::new();
     if table.version().is_none() {
         return Ok(out);
@@ -174,8 +185,8 @@ pub async fn committed_offsets(
     let state = table.snapshot()?;
     let log_store = table.log_store();
     for p in partitions {
-        if let Some(v) = state.transaction_version(log_store.as_ref(), ingest_app_id(topic, p)).await? {
-            out.insert(p, Offset(v));
+        if let Some(v) = state.transaction_version(log_store.as_ref(), app_id(p)).await? {
+            out.insert(p, v);
         }
     }
     Ok(out)
