@@ -212,17 +212,6 @@ struct Tables {
     history: History,
 }
 
-/// The deployment's duplicates window (the default before any binary
-/// created the deployment row).
-async fn dedup_window(pool: &sqlx::PgPool) -> Result<i64, IngestError> {
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT (extract(epoch FROM dedup_window) * 1000000)::bigint FROM ops.deployment")
-            .fetch_optional(pool)
-            .await
-            .map_err(platform::db::DbError::from)?;
-    Ok(stored.unwrap_or(shared_schema::dedup::DEFAULT_WINDOW_MICROS))
-}
-
 fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
     ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -272,10 +261,13 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         Some(d) => Some(Db::connect(d).await?),
         None => None,
     };
+    // The deployment's window; the default before any binary created the
+    // deployment row, or without a database.
     let window = match &db {
-        Some(d) => dedup_window(&d.pool).await?,
-        None => shared_schema::dedup::DEFAULT_WINDOW_MICROS,
-    };
+        Some(d) => platform::db::dedup_window_micros(&d.pool).await.map_err(platform::db::DbError::from)?,
+        None => None,
+    }
+    .unwrap_or(shared_schema::dedup::DEFAULT_WINDOW_MICROS);
     let history = crate::dedup::ingest_history(&events, &config.topic, &events_next, window).await?;
     tracing::debug!(keys = history.len(), window_s = window / 1_000_000, "duplicates history loaded from the lake");
     let mut tables = Tables { events, rejected, events_next, rejected_next, history };
@@ -558,8 +550,7 @@ pub async fn append_events(
     topic: &str,
     offsets: &BTreeMap<Partition, Offset>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
-    let props = CommitProperties::default().with_application_transactions(txns(topic, offsets));
-    table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
+    append_with(table, events, txns(topic, offsets)).await
 }
 
 /// [`append_events`] for the ingest: the commit also records each
@@ -574,6 +565,15 @@ async fn append_judged(
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let mut actions = txns(topic, offsets);
     actions.extend(crate::dedup::newest_txns(topic, newest));
+    append_with(table, events, actions).await
+}
+
+/// Appends `events` to the `events` table in one commit carrying `actions`.
+async fn append_with(
+    table: DeltaTable,
+    events: RecordBatch,
+    actions: Vec<Transaction>,
+) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let props = CommitProperties::default().with_application_transactions(actions);
     table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
 }

@@ -92,15 +92,21 @@ pub async fn ensure_deployment(pool: &PgPool, requested: Option<i64>) -> Result<
         .bind(size)
         .execute(pool)
         .await?;
-    let (stored, dedup_window_micros): (i64, i64) =
-        sqlx::query_as("SELECT segment_size, (extract(epoch FROM dedup_window) * 1000000)::bigint FROM ops.deployment")
-            .fetch_one(pool)
-            .await?;
+    let stored: i64 = sqlx::query_scalar("SELECT segment_size FROM ops.deployment").fetch_one(pool).await?;
+    let dedup_window_micros = dedup_window_micros(pool).await?.unwrap_or(shared_schema::dedup::DEFAULT_WINDOW_MICROS);
     if let Some(requested) = requested.filter(|r| *r != stored) {
         return Err(DbError::SegmentSizeMismatch { stored, requested });
     }
     let segment_size = SegmentSize::new(stored).ok_or(DbError::SegmentSizeMismatch { stored, requested: size })?;
     Ok(Deployment { segment_size, dedup_window_micros })
+}
+
+/// The deployment's duplicates window in microseconds; `None` before any
+/// binary created the deployment row.
+pub async fn dedup_window_micros(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT (extract(epoch FROM dedup_window) * 1000000)::bigint FROM ops.deployment")
+        .fetch_optional(pool)
+        .await
 }
 
 /// A stable fingerprint of every generated relation and grant (FNV-1a).
