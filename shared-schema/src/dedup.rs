@@ -51,6 +51,14 @@ impl EventKey {
     }
 }
 
+/// `keys` as the two columns PostgreSQL stores them in (`bytea` keys,
+/// `timestamptz` event times); a time out of range is left out.
+pub fn key_columns<'k>(
+    keys: impl IntoIterator<Item = (&'k EventKey, &'k i64)>,
+) -> (Vec<Vec<u8>>, Vec<chrono::DateTime<chrono::Utc>>) {
+    keys.into_iter().filter_map(|(k, t)| chrono::DateTime::from_timestamp_micros(*t).map(|t| (k.0.to_vec(), t))).unzip()
+}
+
 /// What a layer knows of one partition: its newest time and the keys of
 /// the valid records within the window below it (microseconds since the
 /// epoch, UTC).

@@ -113,8 +113,7 @@ impl Histories {
             // One row per key (a key of the seed may come again as a new
             // first copy once the seed's fell out of the window).
             let rows: HashMap<EventKey, i64> = seed.iter().chain(added).copied().collect();
-            let (keys, times): (Vec<Vec<u8>>, Vec<DateTime<Utc>>) =
-                rows.iter().filter_map(|(k, t)| DateTime::from_timestamp_micros(*t).map(|t| (k.0.to_vec(), t))).unzip();
+            let (keys, times) = shared_schema::dedup::key_columns(&rows);
             if !keys.is_empty() {
                 sqlx::query(
                     "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)

@@ -131,10 +131,7 @@ pub(crate) async fn publish(
     // The seed belongs to this cut: the previous one's goes.
     sqlx::query("DELETE FROM ops.dedup_seed").execute(&mut *tx).await?;
     for (p, keys) in &record.history.seed {
-        let (keys, times): (Vec<Vec<u8>>, Vec<chrono::DateTime<chrono::Utc>>) = keys
-            .iter()
-            .filter_map(|(k, t)| chrono::DateTime::from_timestamp_micros(*t).map(|t| (k.0.to_vec(), t)))
-            .unzip();
+        let (keys, times) = shared_schema::dedup::key_columns(keys.iter().map(|(k, t)| (k, t)));
         sqlx::query(
             "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
              SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)",
