@@ -296,12 +296,8 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
                 .flat_map(|t| t.partitions().iter().map(|p| Partition(p.id())))
                 .collect();
             let stored = offsets::load(&pool, &partitions).await.map_err(|e| SpeedError::Db(e.into()))?;
-            let mut tpl = TopicPartitionList::new();
-            for p in &partitions {
-                let next = stored.get(p).copied().unwrap_or(Offset(0));
-                tpl.add_partition_offset(&config.topic, p.0, rdkafka::Offset::Offset(next.0)).map_err(kafka)?;
-            }
-            consumer.assign(&tpl).map_err(kafka)?;
+            let starts = partitions.iter().map(|p| (*p, stored.get(p).copied().unwrap_or(Offset(0))));
+            consumer.assign(&partition_list(&config.topic, starts).map_err(kafka)?).map_err(kafka)?;
             tracing::info!(partitions = partitions.len(), "assigned every partition directly");
         }
     }
@@ -455,11 +451,13 @@ impl Edge for KafkaEdge<'_> {
     }
 
     fn seek(&mut self, partition: Partition, offset: Offset) -> bool {
-        let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl.add_partition_offset(self.topic, partition.0, rdkafka::Offset::Offset(offset.0)) {
-            tracing::warn!(error = %e, %partition, %offset, "cannot seek");
-            return false;
-        }
+        let tpl = match partition_list(self.topic, [(partition, offset)]) {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                tracing::warn!(error = %e, %partition, %offset, "cannot seek");
+                return false;
+            }
+        };
         match self.consumer.seek_partitions(tpl, Duration::from_secs(5)) {
             // Per-partition errors come back in the list.
             Ok(result) => match result.elements().first().map(|e| e.error()) {
@@ -481,10 +479,20 @@ impl KafkaEdge<'_> {
     /// Informational only (positions live in PostgreSQL): lets Kafka
     /// tooling show the group's lag.
     fn commit(&self, next: &[(Partition, Offset)]) {
-        let mut tpl = TopicPartitionList::new();
-        for (partition, offset) in next {
-            let _ = tpl.add_partition_offset(self.topic, partition.0, rdkafka::Offset::Offset(offset.0));
+        if let Ok(tpl) = partition_list(self.topic, next.iter().copied()) {
+            let _ = self.consumer.commit(&tpl, CommitMode::Async);
         }
-        let _ = self.consumer.commit(&tpl, CommitMode::Async);
     }
+}
+
+/// `offsets` of `topic`'s partitions as rdkafka's partition list.
+fn partition_list(
+    topic: &str,
+    offsets: impl IntoIterator<Item = (Partition, Offset)>,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in offsets {
+        tpl.add_partition_offset(topic, partition.0, rdkafka::Offset::Offset(offset.0))?;
+    }
+    Ok(tpl)
 }
