@@ -33,7 +33,7 @@ use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int64Type;
 use datafusion::prelude::SessionContext;
 use integration_tests::checks::{assert_demand_eq, serving_demand};
-use integration_tests::fixture::binary;
+use integration_tests::fixture::{binary, log_tail};
 use integration_tests::generator::{self, Args};
 use integration_tests::private_stack::PrivateStack;
 use rand::rngs::StdRng;
@@ -95,9 +95,7 @@ impl Proc {
         if let Some(c) = self.child.as_mut()
             && let Some(status) = c.try_wait().unwrap()
         {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            panic!("{} exited by itself with {status}; its log ends:\n{}", self.name, tail.join("\n"));
+            panic!("{} exited by itself with {status}; its log ends:\n{}", self.name, log_tail(&self.log, 15));
         }
     }
 }

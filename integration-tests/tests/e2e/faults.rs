@@ -682,6 +682,8 @@ async fn competing_instances_are_fenced_and_totals_stay_exact() {
 #[derive(Default)]
 struct Sent {
     records: Vec<(String, String)>,
+    /// Each record's product.
+    products: Vec<String>,
     truth: BTreeMap<String, i64>,
     duplicates: usize,
 }
@@ -689,16 +691,17 @@ struct Sent {
 impl Sent {
     fn event(&mut self, id: &str, user: &str, product: &str, at: DateTime<Utc>) {
         self.records.push((user.to_string(), page_view(id, user, product, at)));
+        self.products.push(product.to_string());
         *self.truth.entry(product.to_string()).or_default() += 1;
     }
 
     /// The record sent as `index` again, as a producer retry would.
     fn again(&mut self, index: usize, counted: bool) {
-        let record = self.records[index].clone();
+        let (record, product) = (self.records[index].clone(), self.products[index].clone());
         self.records.push(record);
+        self.products.push(product.clone());
         if counted {
-            let product = self.records[index].1.split(r#""product_id":""#).nth(1).unwrap().split('"').next().unwrap();
-            *self.truth.entry(product.to_string()).or_default() += 1;
+            *self.truth.entry(product).or_default() += 1;
         } else {
             self.duplicates += 1;
         }
