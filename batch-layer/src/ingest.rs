@@ -212,7 +212,24 @@ struct Tables {
     history: History,
 }
 
-fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
+/// The ingest consumer's context: the end of a partition, which the ingest
+/// asks to be told of, is news, not an error (librdkafka's default context
+/// logs it as one).
+struct IngestContext;
+
+impl rdkafka::ClientContext for IngestContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(%reason, "end of partition");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for IngestContext {}
+
+fn consumer(config: &IngestConfig) -> Result<StreamConsumer<IngestContext>, IngestError> {
     ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", "lambda-batch-ingest")
@@ -225,7 +242,7 @@ fn consumer(config: &IngestConfig) -> Result<StreamConsumer, IngestError> {
         .set("enable.partition.eof", "true")
         // Only committed records of transactional producers reach the lake.
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(IngestContext)
         .map_err(|source| IngestError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) })
 }
 
