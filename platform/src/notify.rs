@@ -109,13 +109,28 @@ struct Queue {
     /// Notifications queued or being handled.
     pending: Mutex<usize>,
     idle: Notify,
+    /// Set when the last [`Notifier`] is dropped: the task stops once the
+    /// queue is empty (and lets go of its database pool).
+    closed: std::sync::atomic::AtomicBool,
 }
 
-/// Cheap to clone; every clone feeds the same background task.
+/// Cheap to clone; every clone feeds the same background task, which ends
+/// when the last clone is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct Notifier {
     queue: Arc<Queue>,
     capacity: usize,
+    _alive: Arc<Alive>,
+}
+
+/// Tells the task, when the last handle goes, that nothing more can come.
+struct Alive(Arc<Queue>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Notifier {
@@ -133,10 +148,12 @@ impl Notifier {
             wake: Notify::new(),
             pending: Mutex::new(0),
             idle: Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let capacity = config.capacity.max(1);
         tokio::spawn(deliver(Arc::clone(&queue), config, pool));
-        Self { queue, capacity }
+        let alive = Arc::new(Alive(Arc::clone(&queue)));
+        Self { queue, capacity, _alive: alive }
     }
 
     /// Queues `n` and returns at once; never blocks, never fails.
@@ -196,15 +213,15 @@ async fn deliver(queue: Arc<Queue>, config: NotifyConfig, pool: Option<PgPool>) 
     loop {
         let next = queue.items.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
         let Some(n) = next else {
+            // Every handle is gone and the queue is empty: nothing can arrive.
+            if queue.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             queue.wake.notified().await;
             continue;
         };
         handle(&n, &config, pool.as_ref(), client.as_ref()).await;
         done(&queue);
-        // The senders may all be gone: stop once nothing can arrive.
-        if Arc::strong_count(&queue) == 1 && queue.items.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-            return;
-        }
     }
 }
 
@@ -307,5 +324,25 @@ mod tests {
         assert_eq!(queued.last().map(String::as_str), Some("n49"), "the newest is kept");
         notifier.flush(Duration::from_secs(20)).await;
         assert_eq!(*notifier.queue.pending.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_task_ends_with_the_last_handle_even_if_it_never_sent() {
+        // A run that notified nothing must not leave its task (and the
+        // database pool it holds) behind.
+        let notifier = Notifier::spawn(NotifyConfig::new(None, "test"), None);
+        let other = notifier.clone();
+        let queue = Arc::downgrade(&notifier.queue);
+        drop(notifier);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(queue.upgrade().is_some(), "a handle is left: the task keeps running");
+        drop(other);
+        for _ in 0..100 {
+            if queue.upgrade().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the task still holds the queue after every handle was dropped");
     }
 }
