@@ -288,6 +288,28 @@ impl ViewDef {
         self.upsert_sql(&format!("batch.{}", self.name), &cols, &keys, source)
     }
 
+    /// For a view whose measures all merge by `max` (no segments), the
+    /// statement that deletes the speed rows the batch rows dominate: every
+    /// measure absent or at most the batch's. Such a row adds nothing to the
+    /// serving merge (the greatest of the two is the batch's), so deleting
+    /// it never changes what readers see; it is what "below the cut" means
+    /// for a view without offsets. `None` for segmented views (their speed
+    /// rows are pruned by segment).
+    pub fn speed_prune_sql(&self) -> Option<String> {
+        if !self.mergeable_by_upsert() {
+            return None;
+        }
+        let keys: Vec<String> = self.key_names().map(|k| format!("b.{k} = s.{k}")).collect();
+        let dominated: Vec<String> =
+            self.measure_names().map(|m| format!("(s.{m} IS NULL OR s.{m} <= b.{m})")).collect();
+        Some(format!(
+            "DELETE FROM speed.{name} s USING batch.{name} b\nWHERE {keys}\n  AND {dominated}",
+            name = self.name,
+            keys = keys.join(" AND "),
+            dominated = dominated.join("\n  AND ")
+        ))
+    }
+
     /// Whether an incremental batch run may fold new rows into the view
     /// (every measure idempotent) instead of recomputing whole hours.
     pub fn mergeable_by_upsert(&self) -> bool {
@@ -469,6 +491,8 @@ mod tests {
         assert!(!v.speed_sql(1000).contains("segment"));
         insta::assert_snapshot!("user_product_state_upsert", v.speed_upsert_sql("delta"));
         insta::assert_snapshot!("user_product_state_serving", v.serving_view_sql());
+        insta::assert_snapshot!("user_product_state_speed_prune", v.speed_prune_sql().unwrap());
+        assert_eq!(PRODUCT_DEMAND_HOURLY.speed_prune_sql(), None, "segmented views are pruned by segment");
     }
 
     #[test]

@@ -154,6 +154,12 @@ pub(crate) async fn publish(
         .execute(&mut *tx)
         .await?;
     }
+    // The speed rows of the other views that the new batch rows dominate
+    // add nothing to the merge: the speed tables keep only what the batch
+    // does not hold yet (a forgotten user's and everyone's stale state go).
+    for sql in ALL_VIEWS.iter().filter_map(|v| v.speed_prune_sql()) {
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(rows)
 }
