@@ -16,8 +16,13 @@
 //! skips what its txn offsets cover). Data files of an interrupted commit
 //! are unreferenced and removed by vacuum.
 //!
-//! Forgotten users (`forget-user`) are read from PostgreSQL before every
-//! flush; their events and rejected records are dropped, not written.
+//! Forgotten users (`forget-user`) are dropped, not written. Each flush
+//! holds the lake fence shared (see [`platform::forgotten`]) from checking
+//! the forgotten set's version to its last Delta commit: `forget-user` takes
+//! it exclusively while it records a request and rewrites the lake, so a
+//! flush either commits before the request (and the rewrite removes the
+//! user) or runs after it with the new set, on tables reopened after the
+//! rewrite.
 //!
 //! Offsets that hold no record (removed by retention before the ingest read
 //! them, compacted away, transaction markers, aborted transactions: the
@@ -172,7 +177,7 @@ struct Db {
 
 impl Db {
     async fn connect(config: &PlatformDb) -> Result<Self, IngestError> {
-        let pool = platform::db::connect(&config.database_url, 2, Duration::from_secs(30)).await?;
+        let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(30)).await?;
         platform::db::MIGRATOR.run(&pool).await.map_err(platform::db::DbError::from)?;
         let users = platform::forgotten::Forgotten::load(&pool, config.key.as_ref()).await?;
         let notifier = platform::notify::Notifier::spawn(
@@ -182,9 +187,29 @@ impl Db {
         Ok(Self { pool, key: config.key.clone(), users, notifier, notices: platform::gaps::GapNotices::default() })
     }
 
-    async fn refresh(&mut self) -> Result<(), IngestError> {
-        self.users = platform::forgotten::Forgotten::load(&self.pool, self.key.as_ref()).await?;
-        Ok(())
+    /// Takes the lake fence shared for one flush; reloads the forgotten
+    /// users and reopens `tables` when users were forgotten since the last
+    /// flush (the forget rewrote the tables and pruned their log). Release
+    /// with [`LakeFence::release`] after the flush's commits.
+    async fn fence(&mut self, config: &IngestConfig, tables: &mut Tables) -> Result<LakeFence, IngestError> {
+        let db = |e: sqlx::Error| IngestError::Db(platform::db::DbError::from(e));
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        // Dropped without a release (a failed flush), the connection closes,
+        // and with it the lock.
+        conn.close_on_drop();
+        sqlx::query("SELECT pg_advisory_lock_shared($1)")
+            .bind(platform::forgotten::LAKE_FENCE)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let version = platform::forgotten::current_version(&mut conn).await.map_err(db)?;
+        let fence = LakeFence(conn);
+        if version != self.users.version() {
+            self.users = platform::forgotten::Forgotten::load(&self.pool, self.key.as_ref()).await?;
+            tables.reopen(config).await?;
+            tracing::info!(forgotten = self.users.len(), "users were forgotten; reloaded them and the lake tables");
+        }
+        Ok(fence)
     }
 
     /// Records `gaps` (before the lake commit that passes them) and
@@ -201,6 +226,20 @@ impl Db {
     }
 }
 
+/// The lake fence held shared on its own connection.
+struct LakeFence(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+impl LakeFence {
+    async fn release(mut self) -> Result<(), IngestError> {
+        sqlx::query("SELECT pg_advisory_unlock_shared($1)")
+            .bind(platform::forgotten::LAKE_FENCE)
+            .execute(&mut *self.0)
+            .await
+            .map_err(|e| IngestError::Db(platform::db::DbError::from(e)))?;
+        Ok(())
+    }
+}
+
 struct Tables {
     events: DeltaTable,
     rejected: DeltaTable,
@@ -210,6 +249,20 @@ struct Tables {
     /// What duplicates are judged against: the keys below the replay
     /// position (see [`crate::dedup`]).
     history: History,
+}
+
+impl Tables {
+    /// Reopens both tables at their newest version (after a forget rewrote
+    /// them and removed the log entries this snapshot would read next).
+    async fn reopen(&mut self, config: &IngestConfig) -> Result<(), IngestError> {
+        if let Some(t) = config.lake.open(EVENTS_TABLE).await? {
+            self.events = t;
+        }
+        if let Some(t) = config.lake.open(REJECTED_TABLE).await? {
+            self.rejected = t;
+        }
+        Ok(())
+    }
 }
 
 /// The ingest consumer's context: the end of a partition, which the ingest
@@ -268,12 +321,12 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         .await?;
     let commit_err =
         |table| move |source: deltalake::DeltaTableError| IngestError::Commit { table, source: Box::new(source) };
-    let events_next = committed_offsets(&events, &config.topic, partitions.iter().map(|p| Partition(*p)))
-        .await
-        .map_err(commit_err(EVENTS_TABLE))?;
-    let rejected_next = committed_offsets(&rejected, &config.topic, partitions.iter().map(|p| Partition(*p)))
-        .await
-        .map_err(commit_err(REJECTED_TABLE))?;
+    // Collected first: an iterator with a closure held across the await
+    // would keep the future from being `Send` (a spawned ingest).
+    let typed: Vec<Partition> = partitions.iter().copied().map(Partition).collect();
+    let events_next =
+        committed_offsets(&events, &config.topic, typed.clone()).await.map_err(commit_err(EVENTS_TABLE))?;
+    let rejected_next = committed_offsets(&rejected, &config.topic, typed).await.map_err(commit_err(REJECTED_TABLE))?;
     let mut db = match &config.db {
         Some(d) => Some(Db::connect(d).await?),
         None => None,
@@ -343,10 +396,14 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             buffered_bytes = 0;
             let passed = std::mem::take(&mut gaps);
             let gap_records: u64 = passed.iter().map(platform::gaps::Gap::len).sum();
-            if let Some(d) = db.as_mut() {
-                d.refresh().await?;
-                d.record_gaps(&config.topic, &passed).await?;
-            }
+            let fence = match db.as_mut() {
+                Some(d) => {
+                    let fence = d.fence(&config, &mut tables).await?;
+                    d.record_gaps(&config.topic, &passed).await?;
+                    Some(fence)
+                }
+                None => None,
+            };
             if gap_records > 0 {
                 metrics::counter!("batch_ingest_gap_records_total").increment(gap_records);
                 tracing::warn!(gaps = ?passed, "stepped over offsets that hold no record");
@@ -359,6 +416,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             summary.events += flushed.events;
             summary.rejected += flushed.rejected;
             summary.commits += flushed.commits;
+            if let Some(fence) = fence {
+                fence.release().await?;
+            }
             bar.inc(flushed.records);
             first_at = None;
         }

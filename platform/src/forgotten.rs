@@ -11,6 +11,18 @@
 //! Fail closed: a process that finds forgotten users but has no key, or a
 //! different key than the one that hashed them, refuses to run rather than
 //! let those users back in.
+//!
+//! No write resurrects a user. The set has a version
+//! (`ops.forgotten_set`), bumped by [`record_forgotten`] in the transaction
+//! that adds the hashes, under the exclusive [`FORGET_FENCE`]. Every
+//! PostgreSQL writer checks, inside its own commit, that the set has not
+//! changed since it filtered ([`Forgotten::still_current`], which takes the
+//! fence shared): a write that filtered with the old set either commits
+//! before the request (and the request's deletes remove it) or sees the new
+//! version and filters again. The lake ingest, whose commits are Delta
+//! commits, holds [`LAKE_FENCE`] shared around each flush, and
+//! `forget-user` holds it exclusively from recording the request until the
+//! lake is rewritten.
 
 use std::collections::HashSet;
 
@@ -98,26 +110,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The forgotten users as a writer sees them: hashes and the key to test
-/// ids against them.
+/// Advisory lock every PostgreSQL writer takes shared inside its commit and
+/// `forget-user` exclusively while it adds users to the set.
+pub const FORGET_FENCE: i64 = 0x6c61_6d62_6461_4647;
+
+/// Advisory lock the lake ingest holds shared around each flush, and
+/// `forget-user` exclusively while it rewrites the lake.
+pub const LAKE_FENCE: i64 = 0x6c61_6d62_6461_4c46;
+
+/// The forgotten users as a writer sees them: hashes, the key to test ids
+/// against them, and the set's version when they were read.
 #[derive(Debug, Clone, Default)]
 pub struct Forgotten {
     key: Option<ForgetKey>,
     hashes: HashSet<String>,
+    version: i64,
 }
 
 impl Forgotten {
     /// Loads every forgotten hash. Errors when there are some but `key` is
     /// missing or is not the key that made them.
-    pub async fn load(pool: &PgPool, key: Option<&ForgetKey>) -> Result<Self, ForgetError> {
+    pub async fn load<'c, E>(conn: E, key: Option<&ForgetKey>) -> Result<Self, ForgetError>
+    where
+        E: sqlx::Acquire<'c, Database = sqlx::Postgres>,
+    {
+        let mut conn = conn.acquire().await?;
+        // The version first: a request landing between the two reads makes
+        // the hashes newer than the version, never older (the next check
+        // reloads once more).
+        let version = current_version(&mut conn).await?;
         let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT user_hash, key_id FROM ops.forgotten_users").fetch_all(pool).await?;
-        Self::from_rows(rows, key)
+            sqlx::query_as("SELECT user_hash, key_id FROM ops.forgotten_users").fetch_all(&mut *conn).await?;
+        let mut set = Self::from_rows(rows, key)?;
+        set.version = version;
+        Ok(set)
     }
 
     fn from_rows(rows: Vec<(String, String)>, key: Option<&ForgetKey>) -> Result<Self, ForgetError> {
         if rows.is_empty() {
-            return Ok(Self { key: key.cloned(), hashes: HashSet::new() });
+            return Ok(Self { key: key.cloned(), hashes: HashSet::new(), version: 0 });
         }
         let Some(key) = key else {
             return Err(ForgetError::KeyMissing(rows.len()));
@@ -126,7 +157,22 @@ impl Forgotten {
         if let Some((_, other)) = rows.iter().find(|(_, k)| *k != id) {
             return Err(ForgetError::KeyMismatch(rows.len(), other.clone()));
         }
-        Ok(Self { key: Some(key.clone()), hashes: rows.into_iter().map(|(h, _)| h).collect() })
+        Ok(Self { key: Some(key.clone()), hashes: rows.into_iter().map(|(h, _)| h).collect(), version: 0 })
+    }
+
+    /// The set's version when it was read.
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// Inside a writer's transaction, just before it commits: takes the
+    /// forget fence shared for the rest of the transaction (a request being
+    /// recorded finishes first; the next waits for this commit) and says
+    /// whether the set is still the one this writer filtered with. When it
+    /// is not, the writer must roll back, reload and filter again.
+    pub async fn still_current(&self, tx: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(FORGET_FENCE).execute(&mut *tx).await?;
+        Ok(current_version(tx).await? == self.version)
     }
 
     pub fn len(&self) -> usize {
@@ -170,6 +216,100 @@ impl Forgotten {
     /// Kafka key (the user id by contract) and any user id in its bytes.
     pub fn rejected_is_forgotten(&self, key: Option<&[u8]>, payload: &[u8]) -> bool {
         !self.is_empty() && rejected_user_ids(key, payload).iter().any(|u| self.contains(u))
+    }
+}
+
+/// The set's version now.
+pub async fn current_version(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT version FROM ops.forgotten_set").fetch_one(conn).await
+}
+
+/// Adds `hashes` (made with `key`) to the set in one transaction under the
+/// exclusive forget fence, bumping its version: from the commit on, every
+/// writer's check fails until it reloads. Returns the new version and, per
+/// hash, how many times it has been requested.
+pub async fn record_forgotten(
+    pool: &PgPool,
+    key: &ForgetKey,
+    hashes: &[String],
+) -> Result<(i64, Vec<(String, i32)>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(FORGET_FENCE).execute(&mut *tx).await?;
+    let version: i64 = sqlx::query_scalar("UPDATE ops.forgotten_set SET version = version + 1 RETURNING version")
+        .fetch_one(&mut *tx)
+        .await?;
+    let requests: Vec<(String, i32)> = sqlx::query_as(
+        "INSERT INTO ops.forgotten_users (user_hash, key_id, set_version)
+         SELECT h, $2, $3 FROM unnest($1::text[]) AS h
+         ON CONFLICT (user_hash) DO UPDATE SET requests = ops.forgotten_users.requests + 1,
+             last_requested_at = now(), completed_at = NULL, verified = NULL
+         RETURNING user_hash, requests",
+    )
+    .bind(hashes)
+    .bind(key.id())
+    .bind(version)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((version, requests))
+}
+
+/// Finds which of a set of user ids a record's bytes mention, in one pass
+/// however many ids there are: a mention is the id as a JSON string (a
+/// quoted run of bytes equal to it), which also catches bytes that no
+/// longer parse.
+#[derive(Debug, Clone)]
+pub struct Mentions {
+    plain: HashSet<Vec<u8>>,
+    /// Ids with a quote or a backslash, whose JSON form is escaped: looked
+    /// for one by one.
+    escaped: Vec<(String, Vec<u8>)>,
+}
+
+impl Mentions {
+    pub fn new<'a>(ids: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut plain = HashSet::new();
+        let mut escaped = Vec::new();
+        for id in ids {
+            if id.contains(['"', '\\']) {
+                escaped.push((id.to_string(), serde_json::to_string(id).unwrap_or_default().into_bytes()));
+            } else {
+                plain.insert(id.as_bytes().to_vec());
+            }
+        }
+        Self { plain, escaped }
+    }
+
+    /// The ids `key` is or `payload` quotes (each once).
+    pub fn in_record(&self, key: Option<&[u8]>, payload: &[u8]) -> Vec<String> {
+        let mut found: Vec<String> = Vec::new();
+        let mut add = |id: &[u8]| {
+            if let Ok(id) = std::str::from_utf8(id)
+                && !found.iter().any(|f| f == id)
+            {
+                found.push(id.to_string());
+            }
+        };
+        if let Some(k) = key
+            && self.plain.contains(k)
+        {
+            add(k);
+        }
+        // The bytes between every quote and the next one: each quoted run,
+        // however the quotes pair up.
+        let quotes: Vec<usize> = payload.iter().enumerate().filter(|(_, b)| **b == b'"').map(|(i, _)| i).collect();
+        for pair in quotes.windows(2) {
+            let run = &payload[pair[0] + 1..pair[1]];
+            if self.plain.contains(run) {
+                add(run);
+            }
+        }
+        for (id, quoted) in &self.escaped {
+            if key == Some(id.as_bytes()) || payload.windows(quoted.len()).any(|w| w == quoted.as_slice()) {
+                add(id.as_bytes());
+            }
+        }
+        found
     }
 }
 
@@ -269,5 +409,16 @@ mod tests {
         let f = Forgotten::from_rows(vec![(k.hash("u-8"), k.id())], Some(&k)).unwrap();
         assert!(f.rejected_is_forgotten(None, br#"{"user_id": "u-8""#));
         assert!(!f.rejected_is_forgotten(Some(b"u-9"), b"{}"));
+    }
+
+    #[test]
+    fn mentions_find_every_quoted_id_in_one_pass() {
+        let m = Mentions::new(["u-1", "u-2", "u\"odd", "u-10"]);
+        assert_eq!(m.in_record(Some(b"u-2"), br#"{"user_id":"u-1","session_id":"s-u-1"}"#), ["u-2", "u-1"]);
+        // Truncated bytes, a stray quote before the id, and a prefix that is not the id.
+        assert_eq!(m.in_record(None, br#"x"a","u-10","u-1"#), ["u-10"]);
+        assert_eq!(m.in_record(None, br#"{"note":"u-1x", "u-1"}"#), ["u-1"]);
+        assert_eq!(m.in_record(None, br#"{"user_id":"u\"odd"}"#), ["u\"odd"]);
+        assert!(m.in_record(Some(b"u-3"), b"u-1 u-2").is_empty(), "unquoted text is no mention");
     }
 }

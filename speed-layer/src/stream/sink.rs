@@ -9,7 +9,11 @@
 //! so, and so does a micro-batch whose offsets are not contiguous: the
 //! caller re-reads from what PostgreSQL holds. Events and rejected records
 //! of forgotten users (`batch-layer forget-user`) are dropped at decode; the
-//! set is re-read from PostgreSQL every few seconds.
+//! set is re-read from PostgreSQL every few seconds, and the flush
+//! transaction checks that it has not changed since (see
+//! [`platform::forgotten`]): when it has, the flush rolls back, reloads it
+//! and filters again, so a flush never writes back a user forgotten while
+//! it was being prepared.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -47,6 +51,8 @@ pub(super) enum Flushed {
 enum Attempt {
     Committed(Vec<(Partition, Offset)>),
     Fenced(Vec<Partition>),
+    /// Users were forgotten since the set was read: nothing committed.
+    StaleForgotten,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +129,14 @@ impl<'a> Sink<'a> {
                     self.ready.set(true);
                     return Flushed::Committed(next);
                 }
+                Ok(Attempt::StaleForgotten) => {
+                    tracing::debug!("users were forgotten while this micro-batch was prepared; filtering it again");
+                    metrics::counter!("speed_forgotten_refilters_total").increment(1);
+                    if let Err(e) = self.reload_forgotten().await {
+                        tracing::error!(error = %e, "reloading the forgotten users failed; retrying");
+                        backoff.sleep().await;
+                    }
+                }
                 Ok(Attempt::Fenced(partitions)) => {
                     // Another instance moved these partitions: drop the whole
                     // micro-batch (the caller re-reads every partition from
@@ -148,6 +162,12 @@ impl<'a> Sink<'a> {
                 }
             }
         }
+    }
+
+    async fn reload_forgotten(&mut self) -> Result<(), platform::forgotten::ForgetError> {
+        self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
+        self.forgotten_at = Instant::now();
+        Ok(())
     }
 
     /// One attempt.
@@ -188,8 +208,7 @@ impl<'a> Sink<'a> {
             .filter(|r| r.rejection.reason == shared_schema::RejectReason::DuplicateEvent)
             .count();
         if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
-            self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
-            self.forgotten_at = Instant::now();
+            self.reload_forgotten().await?;
         }
         if !self.forgotten.is_empty() {
             let (kept, events) = self.forgotten.filter_events(decoded.batch)?;
@@ -227,6 +246,11 @@ impl<'a> Sink<'a> {
         let deltas = deltas::compute(decoded.batch, self.segment_size).await?;
 
         let mut tx = self.pool.begin().await?;
+        // First, so the fence is held until the commit.
+        if !self.forgotten.still_current(&mut tx).await? {
+            tx.rollback().await?;
+            return Ok(Attempt::StaleForgotten);
+        }
         let advances: Vec<Advance> = advances.into_values().collect();
         let fenced = offsets::advance(&mut tx, &advances).await?;
         if !fenced.is_empty() {
