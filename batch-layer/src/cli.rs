@@ -75,13 +75,23 @@ pub enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// Forget a user (GDPR right to erasure): delete their rows from the lake
-    /// (Delta delete, then vacuum) and from every table with a user column,
-    /// record only a keyed hash of the id, and keep them out of later ingests,
-    /// speed flushes and recomputes. Safe to re-run.
+    /// Forget users (GDPR right to erasure): delete their rows from the lake
+    /// (Delta delete, then vacuum), from registered training exports and from
+    /// every table with a user column, record only a keyed hash of each id,
+    /// keep them out of every later write, verify, and report when Kafka's
+    /// copies age out. Safe to re-run.
     ForgetUser {
-        /// The user id as the shop sends it.
-        user_id: String,
+        /// File with the user ids as the shop sends them, one per line; `-`
+        /// reads standard input. (Never ids on the command line: they would
+        /// stay in shell history and process lists.)
+        #[arg(long, value_name = "PATH")]
+        ids_file: Option<std::path::PathBuf>,
+        /// Refused: see --ids-file.
+        #[arg(hide = true)]
+        user_id: Option<String>,
+        /// Topics whose retention says when Kafka's copies age out.
+        #[arg(long, value_delimiter = ',', default_value = "events,events.dlq", env = "FORGET_TOPICS")]
+        topics: Vec<String>,
         /// Platform database.
         #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
@@ -93,8 +103,14 @@ pub enum Command {
         orphan_grace: Duration,
     },
     /// Write the recommender's training data (per user and product, the
-    /// interactions before --as-of) as Parquet, with a manifest, into an empty folder.
+    /// interactions before --as-of, forgotten users left out) as Parquet,
+    /// with a manifest, into an empty folder, registered in ops.training_exports.
     ExportTraining {
+        /// Platform database (the export is registered there; forgotten users are read from it).
+        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+        database_url: String,
+        #[command(flatten)]
+        forget: ForgetKeyArgs,
         /// Output folder (created if missing; must be empty).
         #[arg(long)]
         out: std::path::PathBuf,
@@ -278,20 +294,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::ForgetUser { user_id, database_url, forget, orphan_grace } => {
+        Command::ForgetUser { ids_file, user_id, topics, database_url, forget, orphan_grace } => {
+            if user_id.is_some() {
+                anyhow::bail!(
+                    "user ids are not taken on the command line (they would stay in shell history and process lists): put them in a file, one per line, and pass --ids-file FILE (or --ids-file - to read standard input)"
+                );
+            }
+            let Some(ids_file) = ids_file else {
+                anyhow::bail!(
+                    "give the users to forget with --ids-file FILE (one id per line; - reads standard input)"
+                );
+            };
+            let ids = crate::forget::read_ids(&ids_file)
+                .map_err(|e| anyhow::anyhow!("reading the ids from {}: {e}", ids_file.display()))?;
             let config = crate::forget::ForgetConfig {
                 database_url,
                 lake: Lake::parse(&cli.lake_uri)?,
                 key: forget.required()?,
                 orphan_grace,
+                kafka: Some(crate::forget::TopicsConfig { brokers: cli.brokers.clone(), topics }),
             };
-            let report = crate::forget::forget_user(&config, &user_id).await?;
+            let report = crate::forget::forget_users(&config, &ids).await?;
             println!("{}", report.summary());
             Ok(())
         }
-        Command::ExportTraining { out, as_of } => {
+        Command::ExportTraining { out, as_of, database_url, forget } => {
             let as_of = as_of.unwrap_or_else(chrono::Utc::now);
-            let m = crate::export::run(&Lake::parse(&cli.lake_uri)?, &out, as_of).await?;
+            let pool = platform::db::connect(&database_url, 2, Duration::from_secs(30)).await?;
+            platform::db::prepare(&pool, None).await?;
+            let key = forget.optional()?;
+            let m = crate::export::run(&Lake::parse(&cli.lake_uri)?, &out, as_of, &pool, key.as_ref()).await?;
             println!(
                 "exported {} interactions of {} users with {} products before {} (lake version {}) to {}; see {}",
                 m.rows,

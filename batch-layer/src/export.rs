@@ -8,6 +8,13 @@
 //! no leakage. A `manifest.json` beside the data says what is in it: the
 //! cut-off, the lake version (so the export can be reproduced), the row
 //! counts and every column's meaning.
+//!
+//! Every export is registered in `ops.training_exports` (where, as of when,
+//! the lake version, the forgotten set's version it excluded) and leaves out
+//! forgotten users. It holds the lake fence shared from reading the
+//! forgotten set to its registration, so a `forget-user` either sees it
+//! registered (and rewrites it, [`scrub`]) or runs first (and the export
+//! leaves the users out).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +29,12 @@ use datafusion::prelude::SessionContext;
 use serde::Serialize;
 use shared_schema::views::USER_PRODUCT_INTERACTIONS;
 
+use std::collections::HashSet;
+
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use platform::forgotten::{ForgetKey, Forgotten, LAKE_FENCE};
+use sqlx::PgPool;
+
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
 use crate::scope;
 
@@ -33,7 +46,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
-    Lake(#[from] LakeError),
+    Lake(Box<LakeError>),
     #[error("the lake has no `events` table yet at {0}; run `batch-layer ingest` first")]
     EmptyLake(String),
     #[error("computing the interactions: {0}")]
@@ -46,6 +59,18 @@ pub enum ExportError {
     Parquet(#[from] datafusion::parquet::errors::ParquetError),
     #[error("{0} exists and is not empty; choose an empty or new folder")]
     NotEmpty(PathBuf),
+    #[error("registering the export in ops.training_exports: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
+    #[error("reading the manifest {path}: {source}")]
+    Manifest { path: PathBuf, source: serde_json::Error },
+}
+
+impl From<LakeError> for ExportError {
+    fn from(e: LakeError) -> Self {
+        Self::Lake(Box::new(e))
+    }
 }
 
 /// What the manifest records.
@@ -62,6 +87,15 @@ pub struct Manifest {
     pub products: u64,
     pub file: String,
     pub columns: Vec<ManifestColumn>,
+    /// Its row in `ops.training_exports`.
+    #[serde(default)]
+    pub export_id: Option<i64>,
+    /// The forgotten set's version whose users it leaves out.
+    #[serde(default)]
+    pub forgotten_version: i64,
+    /// When `forget-user` last removed users' rows from it.
+    #[serde(default)]
+    pub rewritten_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -70,16 +104,56 @@ pub struct ManifestColumn {
     pub definition: String,
 }
 
-/// Writes the export into `out` (created if missing; must be empty).
-pub async fn run(lake: &Lake, out: &Path, as_of: DateTime<Utc>) -> Result<Manifest, ExportError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Io { path, source }
-    };
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + use<> {
+    let path = path.to_path_buf();
+    move |source| ExportError::Io { path, source }
+}
+
+/// Writes the export into `out` (created if missing; must be empty),
+/// without the users forgotten in `pool` (hashed with `key`), and registers
+/// it there.
+pub async fn run(
+    lake: &Lake,
+    out: &Path,
+    as_of: DateTime<Utc>,
+    pool: &PgPool,
+    key: Option<&ForgetKey>,
+) -> Result<Manifest, ExportError> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     if std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
         return Err(ExportError::NotEmpty(out.to_path_buf()));
     }
+    let location = out.canonicalize().map_err(io(out))?;
+    let mut fence = pool.acquire().await?;
+    // Dropped on an error, the connection closes and releases the fence.
+    fence.close_on_drop();
+    sqlx::query("SELECT pg_advisory_lock_shared($1)").bind(LAKE_FENCE).execute(&mut *fence).await?;
+    let forgotten = Forgotten::load(pool, key).await?;
+    let mut manifest = write(lake, out, as_of, &forgotten).await?;
+    let export_id: i64 = sqlx::query_scalar(
+        "INSERT INTO ops.training_exports (location, as_of, delta_version, forgotten_version, rows)
+         VALUES ($1, $2, $3, $4, $5) RETURNING export_id",
+    )
+    .bind(location.display().to_string())
+    .bind(as_of)
+    .bind(manifest.delta_version)
+    .bind(forgotten.version())
+    .bind(manifest.rows as i64)
+    .fetch_one(pool)
+    .await?;
+    sqlx::query("SELECT pg_advisory_unlock_shared($1)").bind(LAKE_FENCE).execute(&mut *fence).await?;
+    manifest.export_id = Some(export_id);
+    write_manifest(out, &manifest)?;
+    Ok(manifest)
+}
+
+fn write_manifest(out: &Path, manifest: &Manifest) -> Result<(), ExportError> {
+    let path = out.join(MANIFEST_FILE);
+    let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+    std::fs::write(&path, json).map_err(io(&path))
+}
+
+async fn write(lake: &Lake, out: &Path, as_of: DateTime<Utc>, forgotten: &Forgotten) -> Result<Manifest, ExportError> {
     let table = lake.open(EVENTS_TABLE).await?.ok_or_else(|| ExportError::EmptyLake(lake.root().to_string()))?;
     let delta_version = table.version().unwrap_or_default() as i64;
     let ctx = SessionContext::new();
@@ -89,8 +163,11 @@ pub async fn run(lake: &Lake, out: &Path, as_of: DateTime<Utc>) -> Result<Manife
     let view = &USER_PRODUCT_INTERACTIONS;
     let keys: Vec<_> = view.key_names().collect();
     let sql = format!("{}\nORDER BY {}", view.batch_sql(), keys.join(", "));
-    let batches: Vec<RecordBatch> =
-        ctx.sql(&sql).await?.collect().await?.iter().map(plain_strings).collect::<Result<_, _>>()?;
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let (kept, _) = forgotten.filter_events(plain_strings(&b)?)?;
+        batches.push(kept);
+    }
     let schema = match batches.first() {
         Some(b) => b.schema(),
         None => plain_schema(ctx.sql(&sql).await?.schema().as_arrow()),
@@ -131,11 +208,138 @@ pub async fn run(lake: &Lake, out: &Path, as_of: DateTime<Utc>) -> Result<Manife
         products: products.len() as u64,
         file: DATA_FILE.into(),
         columns,
+        export_id: None,
+        forgotten_version: forgotten.version(),
+        rewritten_at: None,
     };
-    let path = out.join(MANIFEST_FILE);
-    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-    std::fs::write(&path, json).map_err(io(&path))?;
+    write_manifest(out, &manifest)?;
     Ok(manifest)
+}
+
+/// What [`scrub`] found among the registered exports.
+#[derive(Debug, Clone, Default)]
+pub struct Scrubbed {
+    /// Each export written before the request: its folder and how many of
+    /// its rows were the users' (rewritten without them when more than 0).
+    pub checked: Vec<(String, u64)>,
+    /// Registered exports whose data file is gone.
+    pub missing: Vec<String>,
+}
+
+/// Rewrites, without `ids`' rows, every registered export written before
+/// the forgotten set reached `version` (the caller holds the lake fence
+/// exclusively); they are marked as of `version` afterwards.
+pub async fn scrub(pool: &PgPool, ids: &[String], version: i64) -> Result<Scrubbed, ExportError> {
+    let exports: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT export_id, location FROM ops.training_exports WHERE forgotten_version < $1 ORDER BY export_id",
+    )
+    .bind(version)
+    .fetch_all(pool)
+    .await?;
+    let users: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut scrubbed = Scrubbed::default();
+    for (export_id, location) in exports {
+        let dir = PathBuf::from(&location);
+        let data = dir.join(DATA_FILE);
+        if !data.exists() {
+            scrubbed.missing.push(location);
+            continue;
+        }
+        let (kept, removed) = read_without(&data, &users)?;
+        let rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
+        if removed > 0 {
+            rewrite(&dir, &kept, version)?;
+        }
+        sqlx::query(
+            "UPDATE ops.training_exports SET forgotten_version = $2, rows = $3,
+                 rewritten_at = CASE WHEN $4 THEN now() ELSE rewritten_at END
+             WHERE export_id = $1",
+        )
+        .bind(export_id)
+        .bind(version)
+        .bind(rows as i64)
+        .bind(removed > 0)
+        .execute(pool)
+        .await?;
+        if removed > 0 {
+            tracing::info!(export_id, location, removed, "export rewritten without forgotten users");
+        }
+        scrubbed.checked.push((location, removed));
+    }
+    Ok(scrubbed)
+}
+
+/// Per registered export that still exists, how many rows of `ids` it holds.
+pub async fn holding(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, u64)>, ExportError> {
+    let locations: Vec<String> =
+        sqlx::query_scalar("SELECT location FROM ops.training_exports ORDER BY export_id").fetch_all(pool).await?;
+    let users: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for location in locations {
+        let data = PathBuf::from(&location).join(DATA_FILE);
+        if data.exists() {
+            let (_, held) = read_without(&data, &users)?;
+            out.push((location, held));
+        }
+    }
+    Ok(out)
+}
+
+/// The batches of a data file without the rows of `users`, and how many
+/// rows that left out.
+fn read_without(path: &Path, users: &HashSet<&str>) -> Result<(Vec<RecordBatch>, u64), ExportError> {
+    use arrow::array::{AsArray, BooleanArray};
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let mut kept = Vec::new();
+    let mut removed = 0u64;
+    for b in reader {
+        let b = b?;
+        let ids = arrow::compute::cast(
+            b.column_by_name("user_id").ok_or_else(|| ExportError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other("no user_id column"),
+            })?,
+            &DataType::Utf8,
+        )?;
+        let ids = ids.as_string::<i32>();
+        let keep: BooleanArray = ids.iter().map(|u| Some(!u.is_some_and(|u| users.contains(u)))).collect();
+        removed += keep.false_count() as u64;
+        kept.push(arrow::compute::filter_record_batch(&b, &keep)?);
+    }
+    Ok((kept, removed))
+}
+
+/// Replaces an export's data file with `batches` (written aside, then
+/// renamed over it) and updates its manifest.
+fn rewrite(dir: &Path, batches: &[RecordBatch], version: i64) -> Result<(), ExportError> {
+    let data = dir.join(DATA_FILE);
+    let aside = dir.join(format!("{DATA_FILE}.rewrite"));
+    let Some(schema) = batches.first().map(RecordBatch::schema) else {
+        return Ok(());
+    };
+    let file = std::fs::File::create(&aside).map_err(io(&aside))?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
+    let (mut users, mut products, mut rows) = (HashSet::new(), HashSet::new(), 0u64);
+    for b in batches {
+        writer.write(b)?;
+        rows += b.num_rows() as u64;
+        collect_distinct(b, "user_id", &mut users);
+        collect_distinct(b, "product_id", &mut products);
+    }
+    writer.close()?;
+    std::fs::rename(&aside, &data).map_err(io(&data))?;
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read(&path).map_err(io(&path))?;
+    let mut manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|source| ExportError::Manifest { path: path.clone(), source })?;
+    manifest.rows = rows;
+    manifest.users = users.len() as u64;
+    manifest.products = products.len() as u64;
+    manifest.forgotten_version = version;
+    manifest.rewritten_at = Some(Utc::now());
+    write_manifest(dir, &manifest)
 }
 
 /// Strings as plain `Utf8` (DataFusion computes `Utf8View`), which every

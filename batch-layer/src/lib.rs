@@ -8,7 +8,8 @@
 //! * [`quality`]: the gate a batch must pass before it is published;
 //! * [`scope`]: which lake events a query sees (cut, offset range, hours), as DataFusion expressions;
 //! * [`schedule`]: `run` every period, aligned to the clock;
-//! * [`forget`]: `forget-user`, the GDPR erasure of one user everywhere;
+//! * [`forget`]: `forget-user`, the GDPR erasure of users everywhere;
+//! * [`topics`]: a topic's configuration as the broker reports it (retention);
 //! * [`export`]: the recommender's training data as Parquet, as of a time;
 //! * [`engine`]: where a run's SQL executes, in process or `ballista://…`;
 //! * [`lake_files`]: a pinned snapshot as Parquet files, as a Ballista plan carries it;
@@ -29,3 +30,4 @@ pub mod recompute;
 pub mod schedule;
 pub mod scope;
 pub mod stores;
+pub mod topics;
