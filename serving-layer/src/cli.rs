@@ -53,6 +53,11 @@ pub enum Command {
         /// Version label of the model that produced the file.
         #[arg(long)]
         model_version: String,
+        /// Secret (at least 16 characters) that `batch-layer forget-user`
+        /// hashed forgotten user ids with: their rows are left out. Needed
+        /// once any user is forgotten.
+        #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
+        forget_key: Option<String>,
     },
 }
 
@@ -81,16 +86,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopped");
             Ok(())
         }
-        Command::ImportRecommendations { file, model_version } => {
+        Command::ImportRecommendations { file, model_version, forget_key } => {
+            let key = platform::forgotten::ForgetKey::optional(forget_key.as_deref())?;
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
             platform::db::prepare(&pool, None).await?;
-            let summary = crate::models::import(&pool, &file, &model_version).await?;
+            let summary = crate::models::import(&pool, &file, &model_version, key.as_ref()).await?;
             tracing::info!(
                 file = %file.display(),
                 model_version,
                 rows = summary.rows,
                 users = summary.users,
+                dropped_rows = summary.dropped_rows,
+                dropped_users = summary.dropped_users,
                 "imported model recommendations"
+            );
+            println!(
+                "imported {} recommendations for {} users as model {model_version}; left out {} rows of {} forgotten users",
+                summary.rows, summary.users, summary.dropped_rows, summary.dropped_users
             );
             Ok(())
         }

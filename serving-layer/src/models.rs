@@ -47,13 +47,53 @@ pub enum ImportError {
     Duplicate { path: PathBuf, what: &'static str, detail: String },
     #[error("writing the recommendations to PostgreSQL failed: {0}")]
     Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Forgotten(#[from] platform::forgotten::ForgetError),
 }
 
 /// What an import did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportSummary {
+    /// Rows and users imported.
     pub rows: usize,
     pub users: usize,
+    /// Rows and users of the file left out because the users are forgotten.
+    pub dropped_rows: usize,
+    pub dropped_users: usize,
+}
+
+impl Rows {
+    /// Drops the rows of forgotten users; returns (rows, users) dropped.
+    fn drop_forgotten(&mut self, forgotten: &platform::forgotten::Forgotten) -> (usize, usize) {
+        if forgotten.is_empty() {
+            return (0, 0);
+        }
+        let mut verdicts: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
+        let keep: Vec<bool> = self
+            .user_id
+            .iter()
+            .map(|u| !*verdicts.entry(u.as_str()).or_insert_with(|| forgotten.contains(u)))
+            .collect();
+        let users = verdicts.values().filter(|f| **f).count();
+        let rows = keep.iter().filter(|k| !**k).count();
+        if rows == 0 {
+            return (0, 0);
+        }
+        fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
+            let mut i = 0;
+            v.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        retain(&mut self.user_id, &keep);
+        retain(&mut self.product_id, &keep);
+        retain(&mut self.score, &keep);
+        if !self.rank.is_empty() {
+            retain(&mut self.rank, &keep);
+        }
+        (rows, users)
+    }
 }
 
 /// The file's rows, column by column.
@@ -166,20 +206,35 @@ fn truncate(s: &str) -> String {
 }
 
 /// Imports `path` as model `version`, replacing the previous model's rows
-/// atomically.
-pub async fn import(pool: &PgPool, path: &Path, version: &str) -> Result<ImportSummary, ImportError> {
+/// atomically, without the users forgotten in `pool` (hashed with `key`):
+/// a model trained before a `forget-user` cannot bring them back. The
+/// forgotten set is read inside the import's transaction, under the forget
+/// fence (see [`platform::forgotten`]), so a request either lands before it
+/// (and is applied here) or after its commit (and deletes what it wrote).
+pub async fn import(
+    pool: &PgPool,
+    path: &Path,
+    version: &str,
+    key: Option<&platform::forgotten::ForgetKey>,
+) -> Result<ImportSummary, ImportError> {
     if version.is_empty() || version.len() > MAX_VERSION_BYTES || version.chars().any(char::is_control) {
         return Err(ImportError::Version);
     }
     let owned = path.to_owned();
-    let rows = tokio::task::spawn_blocking(move || read(&owned))
+    let mut rows = tokio::task::spawn_blocking(move || read(&owned))
         .await
         .map_err(|e| ImportError::Open { path: path.to_owned(), source: std::io::Error::other(e) })??;
-    let n = rows.user_id.len();
 
     let mut tx = pool.begin().await?;
     // One import at a time; readers (ACCESS SHARE) are not blocked.
     sqlx::query("LOCK TABLE serving.model_recommendations IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(platform::forgotten::FORGET_FENCE)
+        .execute(&mut *tx)
+        .await?;
+    let forgotten = platform::forgotten::Forgotten::load(&mut *tx, key).await?;
+    let (dropped_rows, dropped_users) = rows.drop_forgotten(&forgotten);
+    let n = rows.user_id.len();
     sqlx::query(
         "CREATE TEMPORARY TABLE model_import (user_id text, product_id text, score float8, rank bigint) ON COMMIT DROP",
     )
@@ -237,7 +292,7 @@ pub async fn import(pool: &PgPool, path: &Path, version: &str) -> Result<ImportS
     // use generic plans, which are re-planned with them (an empty table's
     // plan would scan instead of using the key).
     sqlx::query("ANALYZE serving.model_recommendations").execute(pool).await?;
-    Ok(ImportSummary { rows: n, users: users as usize })
+    Ok(ImportSummary { rows: n, users: users as usize, dropped_rows, dropped_users })
 }
 
 #[cfg(test)]
