@@ -21,6 +21,10 @@ BROKER_STORAGE=${BROKER_STORAGE:-sqlite}
 MOTO=$CACHE/tools/moto/bin/moto_server
 MOTO_PIP=$CACHE/tools/moto/bin/pip
 MOTO_VERSION=5.2.5
+# How long the broker keeps records of `events` and `events.dlq` (ms): the
+# bound `forget-user` reports for Kafka's copies of a forgotten user's
+# records (docs/PRIVACY.md). Default 7 days.
+TOPIC_RETENTION_MS=${TOPIC_RETENTION_MS:-604800000}
 PG_PORT=${PG_PORT:-5433}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 PG_URL="postgres://postgres@127.0.0.1:$PG_PORT"
@@ -213,7 +217,9 @@ create_topic() {
     if printf '%s' "$list" | grep -q "\"name\":\"$name\""; then
         return 0
     fi
-    "$TANSU" topic create "$name" --partitions "$partitions" --broker "tcp://127.0.0.1:$KAFKA_PORT" >>"$LOGS/tansu.log" 2>&1 \
+    [[ "$TOPIC_RETENTION_MS" =~ ^[0-9]+$ ]] || die "TOPIC_RETENTION_MS must be a number of milliseconds, e.g. 604800000 (7 days)"
+    "$TANSU" topic create "$name" --partitions "$partitions" --broker "tcp://127.0.0.1:$KAFKA_PORT" \
+        --config cleanup.policy=delete --config "retention.ms=$TOPIC_RETENTION_MS" >>"$LOGS/tansu.log" 2>&1 \
         || die "creating topic $name failed; see $LOGS/tansu.log"
 }
 
