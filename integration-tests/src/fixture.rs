@@ -71,15 +71,30 @@ impl Stack {
     /// storage) removes the metadata of *every* topic of the cluster, which
     /// would pull the topics out from under tests running in parallel.
     pub async fn fresh_topic(&self, test: &str, partitions: i32) -> anyhow::Result<String> {
+        self.fresh_topic_with(test, partitions, &[]).await
+    }
+
+    /// [`Stack::fresh_topic`] with topic configs, e.g. `("retention.ms", "60000")`.
+    pub async fn fresh_topic_with(
+        &self,
+        test: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let name = format!("test.{}.{}.{}", sanitize(test), std::process::id(), nanos % 1_000_000_000);
-        self.create_topic(&name, partitions).await?;
+        self.create_topic_with(&name, partitions, configs).await?;
         Ok(name)
     }
 
     /// Creates topic `name` with `partitions` partitions and waits until the
     /// broker reports it (a topic an earlier attempt created is fine).
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        self.create_topic_with(name, partitions, &[]).await
+    }
+
+    /// [`Stack::create_topic`] with topic configs.
+    pub async fn create_topic_with(&self, name: &str, partitions: i32, configs: &[(&str, &str)]) -> anyhow::Result<()> {
         let name = name.to_string();
         let admin = self.admin()?;
         let opts = AdminOptions::new()
@@ -89,7 +104,11 @@ impl Stack {
         // topic that an earlier attempt did create.
         let mut last_error = None;
         for _ in 0..3 {
-            match admin.create_topics(&[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &opts).await {
+            let mut new = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+            for (k, v) in configs {
+                new = new.set(k, v);
+            }
+            match admin.create_topics(&[new], &opts).await {
                 Ok(results) => match results.into_iter().next() {
                     Some(Ok(_)) | None => break,
                     Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break,

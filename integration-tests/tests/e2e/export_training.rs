@@ -43,6 +43,7 @@ fn read_parquet(path: &std::path::Path) -> Vec<RecordBatch> {
 async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("export", 2).await.unwrap();
+    let (url, _pool) = stack.fresh_database("export_training").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_dir = dir.path().join("lake");
     let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();
@@ -67,6 +68,7 @@ async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     let out = dir.path().join("export");
     let status = Command::new(binary("batch-layer"))
         .args(["--lake-uri", lake_dir.to_str().unwrap(), "export-training", "--out", out.to_str().unwrap()])
+        .env("DATABASE_URL", &url)
         .args(["--as-of", &as_of.to_rfc3339()])
         .status()
         .unwrap();
@@ -120,6 +122,7 @@ async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     // A second export into the same folder is refused, not mixed in.
     let again = Command::new(binary("batch-layer"))
         .args(["--lake-uri", lake_dir.to_str().unwrap(), "export-training", "--out", out.to_str().unwrap()])
+        .env("DATABASE_URL", &url)
         .output()
         .unwrap();
     assert!(!again.status.success());

@@ -3,6 +3,7 @@
 //! full recompute; later events of the user never appear anywhere, while
 //! everyone else's keep flowing.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use datafusion::parquet::file::statistics::Statistics;
 use integration_tests::checks::speed_consumed;
 use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args};
-use platform::forgotten::ForgetKey;
+use platform::forgotten::{ForgetKey, Mentions};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use speed_layer::stream::{self, SpeedConfig};
@@ -30,8 +31,13 @@ const KEY: &str = "test-forget-key-0123456789";
 /// equal to it or quoting it, bytes quoting it or equal to it), Parquet
 /// column statistics, and Delta log JSON quoting it.
 fn traces(dir: &Path, user: &str) -> Vec<String> {
-    let quoted = format!("\"{user}\"");
-    let single = format!("'{user}'");
+    traces_of(dir, &[user.to_string()])
+}
+
+/// [`traces`] of any of `users`, in one pass over the files.
+fn traces_of(dir: &Path, users: &[String]) -> Vec<String> {
+    let ids: HashSet<&[u8]> = users.iter().map(|u| u.as_bytes()).collect();
+    let mentions = Mentions::new(users.iter().map(String::as_str));
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     let mut parquet_files = 0;
@@ -50,8 +56,7 @@ fn traces(dir: &Path, user: &str) -> Vec<String> {
                 for rg in builder.metadata().row_groups() {
                     for c in rg.columns() {
                         if let Some(Statistics::ByteArray(s)) = c.statistics() {
-                            let hit =
-                                [s.min_opt(), s.max_opt()].into_iter().flatten().any(|v| v.data() == user.as_bytes());
+                            let hit = [s.min_opt(), s.max_opt()].into_iter().flatten().any(|v| ids.contains(v.data()));
                             if hit {
                                 found.push(format!("{name}: statistics of {}", c.column_path()));
                             }
@@ -61,15 +66,17 @@ fn traces(dir: &Path, user: &str) -> Vec<String> {
                 for batch in builder.build().unwrap() {
                     let batch = batch.unwrap();
                     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-                        let hit = value_mentions(column.as_ref(), user, &quoted);
-                        if hit {
+                        if value_mentions(column.as_ref(), &ids, &mentions) {
                             found.push(format!("{name}: column {}", field.name()));
                         }
                     }
                 }
             } else if name.ends_with(".json") || name.contains("_delta_log") {
-                let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
-                if text.contains(&quoted) || text.contains(&single) || text.contains(&format!("\\\"{user}\\\"")) {
+                let bytes = std::fs::read(&path).unwrap();
+                // Log JSON quotes strings with `"` (and escapes them inside
+                // predicates as `\"`); SQL text quotes with `'`.
+                let text = String::from_utf8_lossy(&bytes).replace("\\\"", "\"").replace('\'', "\"");
+                if !mentions.in_record(None, text.as_bytes()).is_empty() {
                     found.push(format!("{name}: log text"));
                 }
             }
@@ -79,36 +86,38 @@ fn traces(dir: &Path, user: &str) -> Vec<String> {
     found
 }
 
-/// Whether any value of `column` (nested columns included) is `user` or
-/// quotes it.
-fn value_mentions(column: &dyn Array, user: &str, quoted: &str) -> bool {
+/// Whether any value of `column` (nested columns included) is one of the
+/// ids or quotes one.
+fn value_mentions(column: &dyn Array, ids: &HashSet<&[u8]>, mentions: &Mentions) -> bool {
+    let hit = |v: &[u8]| ids.contains(v) || !mentions.in_record(None, v).is_empty();
     match column.data_type() {
-        DataType::Utf8 => column.as_string::<i32>().iter().flatten().any(|v| v == user || v.contains(quoted)),
-        DataType::LargeUtf8 => column.as_string::<i64>().iter().flatten().any(|v| v == user || v.contains(quoted)),
-        DataType::Utf8View => column.as_string_view().iter().flatten().any(|v| v == user || v.contains(quoted)),
-        DataType::Binary => column.as_binary::<i32>().iter().flatten().any(|v| bytes_mention(v, user, quoted)),
-        DataType::LargeBinary => column.as_binary::<i64>().iter().flatten().any(|v| bytes_mention(v, user, quoted)),
-        DataType::Struct(_) => column.as_struct().columns().iter().any(|c| value_mentions(c.as_ref(), user, quoted)),
-        DataType::List(_) => value_mentions(column.as_list::<i32>().values().as_ref(), user, quoted),
+        DataType::Utf8 => column.as_string::<i32>().iter().flatten().any(|v| hit(v.as_bytes())),
+        DataType::LargeUtf8 => column.as_string::<i64>().iter().flatten().any(|v| hit(v.as_bytes())),
+        DataType::Utf8View => column.as_string_view().iter().flatten().any(|v| hit(v.as_bytes())),
+        DataType::Binary => column.as_binary::<i32>().iter().flatten().any(hit),
+        DataType::LargeBinary => column.as_binary::<i64>().iter().flatten().any(hit),
+        DataType::Struct(_) => column.as_struct().columns().iter().any(|c| value_mentions(c.as_ref(), ids, mentions)),
+        DataType::List(_) => value_mentions(column.as_list::<i32>().values().as_ref(), ids, mentions),
         DataType::Map(_, _) => {
             let m = column.as_map();
-            value_mentions(m.keys().as_ref(), user, quoted) || value_mentions(m.values().as_ref(), user, quoted)
+            value_mentions(m.keys().as_ref(), ids, mentions) || value_mentions(m.values().as_ref(), ids, mentions)
         }
         DataType::Dictionary(_, _) => {
             let d = column.as_any_dictionary();
-            value_mentions(d.values().as_ref(), user, quoted)
+            value_mentions(d.values().as_ref(), ids, mentions)
         }
         _ => false,
     }
 }
 
-fn bytes_mention(v: &[u8], user: &str, quoted: &str) -> bool {
-    v == user.as_bytes() || v.windows(quoted.len()).any(|w| w == quoted.as_bytes())
-}
-
 /// Per relation with a `user_id` column (tables and views, every schema),
 /// the rows of `user`; plus any `ops` row whose text holds the id.
 async fn table_traces(pool: &PgPool, user: &str) -> Vec<(String, i64)> {
+    table_traces_of(pool, &[user.to_string()]).await
+}
+
+/// [`table_traces`] of any of `users`.
+async fn table_traces_of(pool: &PgPool, users: &[String]) -> Vec<(String, i64)> {
     let relations: Vec<(String, String)> = sqlx::query_as(
         "SELECT table_schema::text, table_name::text FROM information_schema.columns
          WHERE column_name = 'user_id' AND table_schema NOT IN ('pg_catalog', 'information_schema')
@@ -127,8 +136,8 @@ async fn table_traces(pool: &PgPool, user: &str) -> Vec<(String, i64)> {
     let mut out = Vec::new();
     for (schema, table) in relations {
         let n: i64 =
-            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.{table} WHERE user_id = $1")))
-                .bind(user)
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.{table} WHERE user_id = ANY($1)")))
+                .bind(users)
                 .fetch_one(pool)
                 .await
                 .unwrap();
@@ -136,9 +145,9 @@ async fn table_traces(pool: &PgPool, user: &str) -> Vec<(String, i64)> {
     }
     for table in ops {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM ops.{table} t WHERE position($1 in t::text) > 0"
+            "SELECT count(*) FROM ops.{table} t WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) u WHERE position(u in t::text) > 0)"
         )))
-        .bind(user)
+        .bind(users)
         .fetch_one(pool)
         .await
         .unwrap();
@@ -161,6 +170,20 @@ fn event(user: &str, n: u32) -> String {
         "schema_version": 1,
     })
     .to_string()
+}
+
+/// A model output file: (user, product) rows with descending scores.
+fn write_model(path: &Path, rows: &[(&str, &str)]) {
+    use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+    let users: ArrayRef = std::sync::Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()));
+    let products: ArrayRef = std::sync::Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
+    let scores: ArrayRef =
+        std::sync::Arc::new(Float64Array::from((0..rows.len()).map(|i| 1.0 - i as f64 / 10.0).collect::<Vec<_>>()));
+    let batch = RecordBatch::try_from_iter([("user_id", users), ("product_id", products), ("score", scores)]).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &str) {
@@ -242,6 +265,9 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     .unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    // The publish pruned the speed state the batch holds; a new event puts
+    // some back.
+    send(&producer, &topic, Some(&victim), &event(&victim, 4)).await;
     wait_for_speed(&stack, &topic, &pool).await;
 
     // The checks find the user before the forget (they are not vacuous).
@@ -256,14 +282,57 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     let others_before = lake_count(&lake, &format!("<> '{victim}'")).await;
     assert!(lake_before > 0);
 
+    // A training export written before the request holds the user.
+    let exports = tempfile::tempdir().unwrap();
+    let before_dir = exports.path().join("before");
+    let m = batch_layer::export::run(&lake, &before_dir, chrono::Utc::now(), &pool, Some(&key)).await.unwrap();
+    assert!(m.export_id.is_some());
+    assert!(!traces(&before_dir, &victim).is_empty(), "the export holds the user before the forget");
+
     let config = ForgetConfig {
         database_url: url.clone(),
         lake: lake.clone(),
         key: key.clone(),
         orphan_grace: Duration::from_secs(600),
+        kafka: None,
     };
     let report = forget_user(&config, &victim).await.unwrap();
-    assert!(!report.repeated);
+    assert!(!report.repeated());
+    let location = before_dir.canonicalize().unwrap().display().to_string();
+    assert!(
+        report.exports.iter().any(|(l, n)| *l == location && *n > 0),
+        "the earlier export is listed and rewritten: {report:?}"
+    );
+    assert_eq!(traces(&before_dir, &victim), Vec::<String>::new(), "the export after the forget");
+    let rewritten: (i64, bool) = sqlx::query_as(
+        "SELECT forgotten_version, rewritten_at IS NOT NULL FROM ops.training_exports WHERE location = $1",
+    )
+    .bind(&location)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rewritten, (report.set_version, true));
+    let manifest: batch_layer::export::Manifest =
+        serde_json::from_slice(&std::fs::read(before_dir.join(batch_layer::export::MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(manifest.rows, m.rows - report.exports[0].1, "the manifest counts what is left");
+    assert!(manifest.rewritten_at.is_some());
+    // An export written after it leaves the user out, and says as of which version.
+    let after_dir = exports.path().join("after");
+    let after = batch_layer::export::run(&lake, &after_dir, chrono::Utc::now(), &pool, Some(&key)).await.unwrap();
+    assert_eq!(after.forgotten_version, report.set_version);
+    assert_eq!(traces(&after_dir, &victim), Vec::<String>::new(), "an export after the forget");
+
+    // Re-importing a model trained before the request cannot bring the user back.
+    let model = exports.path().join("model.parquet");
+    write_model(&model, &[(&victim, "p-1"), (&victim, "p-2"), (control, "p-3")]);
+    let e = serving_layer::models::import(&pool, &model, "m2", None).await.unwrap_err().to_string();
+    assert!(e.contains("no FORGET_KEY"), "an import without the key must refuse: {e}");
+    let imported = serving_layer::models::import(&pool, &model, "m2", Some(&key)).await.unwrap();
+    assert_eq!(
+        (imported.rows, imported.users, imported.dropped_rows, imported.dropped_users),
+        (1, 1, 2, 1),
+        "the forgotten user's rows are dropped and counted"
+    );
     assert_eq!(report.lake_rows.get("events"), Some(&(lake_before as u64)), "{report:?}");
     assert!(report.lake_rows.get("events_rejected").is_some_and(|n| *n >= 2), "{report:?}");
     assert!(report.table_rows.get("serving.model_recommendations") == Some(&1), "{report:?}");
@@ -271,12 +340,15 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
 
     assert_eq!(traces(dir.path(), &victim), Vec::<String>::new(), "lake files after the forget");
     assert_eq!(table_traces(&pool, &victim).await, Vec::<(String, i64)>::new(), "tables after the forget");
-    let audit: (String, i32, bool) =
-        sqlx::query_as("SELECT user_hash, requests, completed_at IS NOT NULL FROM ops.forgotten_users")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(audit, (key.hash(&victim), 1, true));
+    let audit: (String, i32, bool, bool) = sqlx::query_as(
+        "SELECT user_hash, requests, completed_at IS NOT NULL,
+                verified IS NOT NULL AND NOT EXISTS (SELECT 1 FROM jsonb_each_text(verified) WHERE value <> '0')
+         FROM ops.forgotten_users",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audit, (key.hash(&victim), 1, true, true), "completed after a clean verification scan");
     assert_eq!(lake_count(&lake, &format!("= '{victim}'")).await, 0);
     assert_eq!(
         lake_count(&lake, &format!("<> '{victim}'")).await,
@@ -314,7 +386,7 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
 
     // A re-run is harmless and counted.
     let again = forget_user(&config, &victim).await.unwrap();
-    assert!(again.repeated);
+    assert!(again.repeated());
     assert_eq!(again.lake_rows.values().sum::<u64>() + again.table_rows.values().sum::<u64>(), 0, "{again:?}");
     let requests: i32 = sqlx::query_scalar("SELECT requests FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
     assert_eq!(requests, 2);
@@ -332,5 +404,312 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     assert!(e.contains("no FORGET_KEY"), "{e}");
 
     speed_shutdown.cancel();
+    speed.await.unwrap().unwrap();
+}
+
+/// `make up` creates `events` and `events.dlq` with a retention, read back
+/// here through the Kafka admin API; `forget-user` reports from it when
+/// Kafka's copies of the user's records are gone, and records it in the
+/// audit row.
+#[tokio::test]
+async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
+    let stack = Stack::from_env();
+    let expected = std::env::var("TOPIC_RETENTION_MS").unwrap_or_else(|_| "604800000".into());
+    for topic in ["events", "events.dlq"] {
+        let configs = batch_layer::topics::describe(&stack.brokers, topic).await.unwrap();
+        assert_eq!(
+            configs.get("retention.ms"),
+            Some(&expected),
+            "`make up` creates {topic} with retention.ms (a topic created before it has none: `make down clean up`)"
+        );
+    }
+    let (url, pool) = stack.fresh_database("forget_retention").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ForgetConfig {
+        database_url: url.clone(),
+        lake: Lake::parse(dir.path().to_str().unwrap()).unwrap(),
+        key: ForgetKey::new(KEY).unwrap(),
+        orphan_grace: Duration::from_secs(600),
+        kafka: Some(batch_layer::forget::TopicsConfig {
+            brokers: stack.brokers.clone(),
+            topics: vec!["events".into(), "events.dlq".into()],
+        }),
+    };
+    let retention = chrono::Duration::milliseconds(expected.parse().unwrap());
+    let before = chrono::Utc::now();
+    let report = batch_layer::forget::forget_users(&config, &["u-retention".to_string()]).await.unwrap();
+    let gone_by = report.topic_copies_gone_by.clone().unwrap();
+    assert!(gone_by >= before + retention && gone_by <= chrono::Utc::now() + retention, "{gone_by}");
+    assert!(report.summary().contains("Kafka's copies age out by"), "{}", report.summary());
+    let recorded: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT topic_copies_gone_by FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
+    assert!((recorded - gone_by).num_milliseconds().abs() <= 1, "audit row {recorded} vs report {gone_by}");
+
+    // A topic without a retention keeps records for ever: said, not hidden.
+    let forever = stack.fresh_topic("forget_no_retention", 1).await.unwrap();
+    let config = ForgetConfig {
+        kafka: Some(batch_layer::forget::TopicsConfig { brokers: stack.brokers.clone(), topics: vec![forever] }),
+        ..config
+    };
+    let report = batch_layer::forget::forget_users(&config, &["u-retention-2".to_string()]).await.unwrap();
+    let why = report.topic_copies_gone_by.unwrap_err();
+    assert!(why.contains("retention"), "{why}");
+}
+
+/// Records of `topic` whose key is one of `keys` and whose Kafka timestamp
+/// is at or after `since`.
+fn records_since(brokers: &str, topic: &str, keys: &HashSet<&str>, since: chrono::DateTime<chrono::Utc>) -> usize {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}.count"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p as i32, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let (mut ended, mut found) = (HashSet::new(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while ended.len() < partitions {
+        assert!(std::time::Instant::now() < deadline, "reading {topic} back took too long");
+        match consumer.poll(Duration::from_secs(1)) {
+            Some(Ok(m)) => {
+                let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+                let at = m.timestamp().to_millis().and_then(chrono::DateTime::from_timestamp_millis);
+                if key.is_some_and(|k| keys.contains(k)) && at.is_some_and(|t| t >= since) {
+                    found += 1;
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    found
+}
+
+/// Users are forgotten one after another, and a hundred in one request,
+/// while traffic flows at a high rate with their events in it, the ingest
+/// and the speed layer (in its consumer-group mode) write, and batch runs
+/// keep trying: no sleep anywhere. Afterwards no lake file, export or table
+/// holds any of them, every request is marked completed, and everyone
+/// else's events kept flowing.
+#[tokio::test]
+async fn users_forgotten_under_traffic_never_come_back() {
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("forget_race", 4, 1000).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let key = ForgetKey::new(KEY).unwrap();
+
+    // 150 users, malformed records of 50 `u-bad-*` users, 400 a second
+    // (what the local broker takes beside two consumers on two cores; the
+    // race is about how often the writers commit: the ingest every 300 ms,
+    // the speed layer every 100 ms).
+    let args = Args {
+        users: 150,
+        backfill_hours: 0,
+        spikes: Some(0),
+        rate: 400.0,
+        duration: Duration::from_secs(45),
+        bad_fraction: 0.05,
+        ..Args::for_tests(&stack.brokers, &topic, 29)
+    };
+    // The generator is not `Send`: it runs on a thread of its own.
+    let traffic = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(generator::run(args))
+    });
+    let stop = CancellationToken::new();
+    let ingest = tokio::spawn(ingest::run(
+        IngestConfig {
+            flush_interval: Duration::from_millis(300),
+            flush_records: 2_000,
+            until_caught_up: false,
+            db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
+            ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+        },
+        stop.clone(),
+    ));
+    let speed = tokio::spawn(stream::run(
+        SpeedConfig {
+            forget_key: Some(key.clone()),
+            assignment: speed_layer::stream::Assignment::Group,
+            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
+        },
+        stop.clone(),
+    ));
+    let runs = {
+        let (run, stop) = (RunConfig::new(url.clone(), lake.clone(), topic.clone()), stop.clone());
+        tokio::spawn(async move {
+            let mut published = 0;
+            while !stop.is_cancelled() {
+                if let Ok(RunOutcome::Published { .. }) = recompute::run(&run).await {
+                    published += 1;
+                }
+                // A scheduler's pace, not a busy loop (each run opens its
+                // own connections).
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            published
+        })
+    };
+    // Until both layers hold a good part of the traffic.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let lake_rows = match lake.open("events").await.unwrap() {
+            Some(_) => lake_count(&lake, "IS NOT NULL").await,
+            None => 0,
+        };
+        let consumed = speed_consumed(&pool).await;
+        if lake_rows > 2_000 && consumed > 2_000 {
+            break;
+        }
+        let sent = stack.topic_size(&topic).unwrap_or(-1);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the layers never got going: {sent} records sent, {lake_rows} in the lake, {consumed} read by the speed layer"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let others_before = lake_count(&lake, "NOT LIKE 'u-0000%'").await;
+
+    let (top,): (String,) = sqlx::query_as(
+        "SELECT user_id FROM speed.user_product_state GROUP BY user_id ORDER BY count(*) DESC, user_id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let hundred: Vec<String> = (0..150).map(|u| format!("u-{u:06}")).filter(|u| *u != top).take(100).collect();
+    let config = ForgetConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        key: key.clone(),
+        orphan_grace: Duration::from_secs(600),
+        kafka: None,
+    };
+    let since = chrono::Utc::now();
+    let started = std::time::Instant::now();
+    let first = forget_user(&config, &top).await.unwrap();
+    let bad = forget_user(&config, "u-bad-7").await.unwrap();
+    let many = batch_layer::forget::forget_users(&config, &hundred).await.unwrap();
+    eprintln!("three requests, 102 users, forgotten under traffic in {:?}", started.elapsed());
+    assert_eq!(many.users.len(), 100);
+    assert!(first.set_version < bad.set_version && bad.set_version < many.set_version);
+
+    tokio::task::spawn_blocking(move || traffic.join()).await.unwrap().unwrap().unwrap();
+    let total = stack.topic_size(&topic).unwrap();
+    integration_tests::checks::wait_for_speed(&pool, total).await;
+    stop.cancel();
+    ingest.await.unwrap().unwrap();
+    speed.await.unwrap().unwrap();
+    let published = runs.await.unwrap();
+    // What is left: the ingest to the end of the topic, and a last run.
+    ingest::run(
+        IngestConfig {
+            db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
+            ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let last = recompute::run(&RunConfig::new(url.clone(), lake.clone(), topic.clone())).await.unwrap();
+    assert!(matches!(last, RunOutcome::Published { .. } | RunOutcome::Unchanged { .. }), "{last:?}");
+
+    let mut victims = vec![top.clone(), "u-bad-7".to_string()];
+    victims.extend(hundred.iter().cloned());
+    // Not vacuous: their events kept coming after the first request.
+    let keys: HashSet<&str> = victims.iter().map(String::as_str).collect();
+    let after = records_since(&stack.brokers, &topic, &keys, since);
+    assert!(after > 500, "only {after} records of the forgotten users arrived after the first request");
+    assert!(published > 0, "batch runs published while the test ran");
+
+    assert_eq!(traces_of(dir.path(), &victims), Vec::<String>::new(), "lake files");
+    assert_eq!(table_traces_of(&pool, &victims).await, Vec::<(String, i64)>::new(), "tables");
+    let (requests, completed): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(completed_at) FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
+    assert_eq!((requests, completed), (102, 102), "every request completed after its verification scan");
+    assert!(
+        lake_count(&lake, "NOT LIKE 'u-0000%'").await > others_before,
+        "everyone else's events kept reaching the lake"
+    );
+}
+
+/// After a publish, the speed rows of `user_product_state` the batch holds
+/// are gone, and readers see exactly what they saw before.
+#[tokio::test]
+async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see() {
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("speed_prune", 2, 10).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    generator::run(Args { users: 50, ..Args::for_tests(&stack.brokers, &topic, 41) }).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let speed =
+        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
+    wait_for_speed(&stack, &topic, &pool).await;
+    let served = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT count(*), md5(string_agg(t::text, ',' ORDER BY user_id, product_id)) FROM serving.user_product_state t",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let speed_rows = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM speed.user_product_state").fetch_one(&pool).await.unwrap()
+    };
+    let before = served(pool.clone()).await;
+    assert!(speed_rows(pool.clone()).await > 100);
+
+    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    assert_eq!(served(pool.clone()).await, before, "the prune changes nothing readers see");
+    let left = speed_rows(pool.clone()).await;
+    let dominated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM speed.user_product_state s JOIN batch.user_product_state b USING (user_id, product_id)
+         WHERE (s.last_viewed_at IS NULL OR s.last_viewed_at <= b.last_viewed_at)
+           AND (s.last_carted_at IS NULL OR s.last_carted_at <= b.last_carted_at)
+           AND (s.last_removed_at IS NULL OR s.last_removed_at <= b.last_removed_at)
+           AND (s.last_purchased_at IS NULL OR s.last_purchased_at <= b.last_purchased_at)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dominated, 0, "no speed row the batch holds is left");
+    // The cut stops at a segment boundary: what is left comes from above it.
+    let above_cut: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(s.next_offset - c.cut_offset), 0)::bigint
+         FROM ops.speed_offsets s JOIN ops.cut c USING (kafka_partition)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(left <= above_cut && above_cut < 20, "{left} speed rows left, {above_cut} offsets above the cut");
+
+    // New events live in the speed layer until the next publish.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    for n in 0..6 {
+        send(&producer, &topic, Some("u-new"), &event("u-new", n)).await;
+    }
+    wait_for_speed(&stack, &topic, &pool).await;
+    let new: i64 = sqlx::query_scalar("SELECT count(*) FROM speed.user_product_state WHERE user_id = 'u-new'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(new, 5, "the new user's five products");
+    let (rows, _) = served(pool.clone()).await;
+    assert_eq!(rows, before.0 + 5);
+    shutdown.cancel();
     speed.await.unwrap().unwrap();
 }

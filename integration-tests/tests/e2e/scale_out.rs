@@ -224,7 +224,7 @@ async fn a_lake_on_s3_serves_ingest_both_engines_export_and_forget() {
 
     let out = tempfile::tempdir().unwrap();
     let export_dir = out.path().join("export");
-    batch_layer(&["export-training", "--out", export_dir.to_str().unwrap()], &env);
+    batch_layer(&["export-training", "--out", export_dir.to_str().unwrap()], &with(db(&local_url)));
     let manifest: batch_layer::export::Manifest =
         serde_json::from_slice(&std::fs::read(export_dir.join(batch_layer::export::MANIFEST_FILE)).unwrap()).unwrap();
     let interactions: i64 =
@@ -235,7 +235,9 @@ async fn a_lake_on_s3_serves_ingest_both_engines_export_and_forget() {
     let (files, users) = users_in_bucket(&s3).await;
     assert!(files > 0);
     let user = users.iter().next().expect("some user in the lake").clone();
-    batch_layer(&["forget-user", &user, "--orphan-grace", "0s"], &with(db(&local_url)));
+    let ids = out.path().join("forget.txt");
+    std::fs::write(&ids, format!("{user}\n")).unwrap();
+    batch_layer(&["forget-user", "--ids-file", ids.to_str().unwrap(), "--orphan-grace", "0s"], &with(db(&local_url)));
     let (_, left) = users_in_bucket(&s3).await;
     assert!(!left.contains(&user), "user {user} is still in a Parquet file of the bucket");
     assert_eq!(left.len(), users.len() - 1, "only that user is gone");

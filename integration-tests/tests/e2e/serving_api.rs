@@ -249,7 +249,7 @@ async fn imported_model_outputs_are_served_first_and_replaced_atomically() {
     let mut v1 = vec![("u-1", "p-5", 0.9, Some(1)), ("u-1", "p-20", 0.8, Some(2)), ("u-1", "p-6", 0.7, Some(3))];
     v1.push(("u-9", "p-7", 0.5, Some(1)));
     let file = model_file(dir.path(), "v1.parquet", &v1);
-    let summary = serving_layer::models::import(&pool, &file, "v1").await.unwrap();
+    let summary = serving_layer::models::import(&pool, &file, "v1", None).await.unwrap();
     assert_eq!((summary.rows, summary.users), (4, 2));
     let v = recommend(addr, "u-1", 4).await;
     assert_eq!(v["source"], "model");
@@ -280,7 +280,7 @@ async fn imported_model_outputs_are_served_first_and_replaced_atomically() {
             }
         }
     });
-    let summary = serving_layer::models::import(&pool, &file2, "v2").await.unwrap();
+    let summary = serving_layer::models::import(&pool, &file2, "v2", None).await.unwrap();
     assert_eq!((summary.rows, summary.users), (60_002, 20_001));
     let seen = poll.await.unwrap();
     for v in &seen {
@@ -325,7 +325,7 @@ async fn import_errors_are_one_line_and_keep_the_current_model() {
     let (url, pool) = prepared("serving_import_errors").await;
     let dir = tempfile::tempdir().unwrap();
     let good = model_file(dir.path(), "good.parquet", &[("u-1", "p-5", 0.9, Some(1))]);
-    serving_layer::models::import(&pool, &good, "v1").await.unwrap();
+    serving_layer::models::import(&pool, &good, "v1", None).await.unwrap();
 
     let not_parquet = dir.path().join("model.csv");
     std::fs::write(&not_parquet, "user_id,product_id,score\nu-1,p-1,1\n").unwrap();
