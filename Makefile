@@ -95,7 +95,7 @@ quality: build ## spike precision/recall and recommendation hit-rate on a genera
 bench-quality: ## the same, written into docs/BENCHMARKS.md
 	@scripts/bench-quality.sh
 
-.PHONY: bench bench-batch bench-speed bench-broker
+.PHONY: bench bench-batch bench-speed bench-broker bench-forget
 
 bench: bench-batch bench-speed bench-serving bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
 
@@ -104,6 +104,9 @@ bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs increme
 
 bench-speed: ## speed layer: throughput vs a bare consumer, freshness at 10k events/s
 	@scripts/bench-speed.sh $(ARGS)
+
+bench-forget: ## forget-user for 1, 100 and 1,000 users on the 20M-event benchmark lake
+	@scripts/bench-forget.sh $(ARGS)
 
 bench-broker: build ## the broker under parallel idempotent producers (SOAK_ARGS="--duration 10m --producers 4")
 	@$(BIN)/soak_broker $(SOAK_ARGS)

@@ -217,3 +217,56 @@ pub async fn lake_query(
     batch_layer::lake::register(&ctx, "t", &t).await.unwrap();
     ctx.sql(sql).await.unwrap().collect().await.unwrap()
 }
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    /// Kafka timestamp.
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+/// Every record of `topic`, from each partition's start to its end (two
+/// minutes at most).
+pub fn topic_records(brokers: &str, topic: &str) -> Vec<TopicRecord> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}.read-back"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap_or_else(|e| panic!("a consumer for {topic}: {e}"));
+    let metadata = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p as i32, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let (mut ended, mut records) = (BTreeSet::new(), Vec::new());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while ended.len() < partitions {
+        assert!(std::time::Instant::now() < deadline, "reading {topic} back took over two minutes");
+        match consumer.poll(std::time::Duration::from_secs(1)) {
+            Some(Ok(m)) => {
+                ended.remove(&m.partition());
+                records.push(TopicRecord {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    timestamp: m.timestamp().to_millis().and_then(DateTime::from_timestamp_millis),
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    records
+}

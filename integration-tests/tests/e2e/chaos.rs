@@ -16,8 +16,15 @@
 //! mode is tested on its own (`faults::a_restart_after_kill_9_in_group_mode_resumes`,
 //! `speed_faults`). A consumer-group rebalance happens here beside it: two
 //! group members join one after the other and crash, their commits and the
-//! main instance's fenced against each other. `forget-user` under traffic
-//! waits for the fix of its race with in-flight writes (issue 16).
+//! main instance's fenced against each other. From round 2 on, a
+//! `forget-user` request runs under the traffic, right after the ingest and
+//! the scheduler were killed and restarted: it erases a sender of malformed
+//! records (whose records live in `events_rejected`, the DLQ outbox and the
+//! DLQ) while every writer works, and must leave no trace of them while the
+//! exact counts of everyone else hold. (Forgetting a user of valid events
+//! legitimately lowers the demand totals when a later run recomputes their
+//! hours, which this test's monotone checker forbids; that race is tested
+//! with exact scans in `forget_user::users_forgotten_under_traffic_never_come_back`.)
 //!
 //! `make test` runs a small size; `make chaos` a longer one (`CHAOS_ROUNDS`,
 //! `CHAOS_RATE`, `CHAOS_SECONDS`).
@@ -42,6 +49,8 @@ use sqlx::PgPool;
 use tokio::process::{Child, Command};
 
 const TOPIC: &str = "events";
+/// Every process gets it, as a deployment's would.
+const FORGET_KEY: &str = "chaos-forget-key-0123456789";
 const DLQ: &str = "events.dlq";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -74,6 +83,7 @@ impl Proc {
                 if self.name.starts_with("speed-group") { "warn,speed_layer::stream=info" } else { "warn" },
             )
             .env("DATABASE_URL", &self.database_url)
+            .env("FORGET_KEY", FORGET_KEY)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -132,7 +142,7 @@ fn checker(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<(i
 async fn complete_a_run(args: &[String]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let out = Command::new(binary("batch-layer")).args(args).output().await.unwrap();
+        let out = Command::new(binary("batch-layer")).args(args).env("FORGET_KEY", FORGET_KEY).output().await.unwrap();
         if out.status.success() {
             return;
         }
@@ -232,6 +242,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     let readings = checker(url.clone(), Arc::clone(&stop));
 
     let (mut kills, mut batch_runs, mut restarts) = ([0usize; 4], 0usize, Vec::new());
+    let mut forgotten: Vec<String> = Vec::new();
     let round_time = Duration::from_secs(seconds) / (rounds as u32 + 1);
     for round in 0..rounds {
         tokio::time::sleep(round_time.mul_f64(rng.random_range(0.3..0.7))).await;
@@ -264,6 +275,29 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         schedule.kill().await;
         kills[3] += 1;
         schedule.start();
+        if round >= 1 {
+            // A sender of malformed records, forgotten while everything
+            // writes (the ingest and the scheduler just restarted).
+            let user = format!("u-bad-{}", 3 * round);
+            let ids = dir.path().join(format!("forget-{round}.txt"));
+            std::fs::write(&ids, format!("{user}\n")).unwrap();
+            let mut forget = common(&["forget-user", "--ids-file", ids.to_str().unwrap(), "--database-url", &url]);
+            forget.extend(["--topics".to_string(), format!("{TOPIC},{DLQ}")]);
+            let out = Command::new(binary("batch-layer"))
+                .args(&forget)
+                .env("FORGET_KEY", FORGET_KEY)
+                .env("RUST_LOG", "warn")
+                .output()
+                .await
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && said.contains("verified"),
+                "forget-user under traffic: {said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            forgotten.push(user);
+        }
         match round {
             0 => {
                 // PostgreSQL restarts while a batch run computes: the run
@@ -352,6 +386,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     let caught_up = Command::new(binary("batch-layer"))
         .args(common(&["ingest", "--topic", TOPIC, "--until-caught-up"]))
         .env("DATABASE_URL", &url)
+        .env("FORGET_KEY", FORGET_KEY)
         .output()
         .await
         .unwrap();
@@ -362,12 +397,30 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     let readings = readings.await.expect("serving totals never went backwards");
     speed.kill().await;
 
-    // The lake: every offset exactly once, good and rejected records together.
+    // The forgotten senders' records, as the topic holds them.
+    let mentions = platform::forgotten::Mentions::new(forgotten.iter().map(String::as_str));
+    let records = integration_tests::checks::topic_records(&brokers, TOPIC);
+    assert_eq!(records.len() as i64, total, "the topic holds what was sent");
+    let erased = records.iter().filter(|r| !mentions.in_record(r.key.as_deref(), &r.payload).is_empty()).count() as i64;
+    assert!(forgotten.is_empty() || erased > 0, "the forgotten senders sent nothing: the forgets were vacuous");
+
+    // The lake: every offset exactly once, good and rejected records
+    // together, but for the forgotten senders' records, of which no trace
+    // is left anywhere.
     let (events, distinct_events) = lake_offsets(&lake, EVENTS_TABLE).await;
     let (rejected, distinct_rejected) = lake_offsets(&lake, REJECTED_TABLE).await;
     assert_eq!((events, rejected), (distinct_events, distinct_rejected), "an offset landed twice in the lake");
-    assert_eq!(events + rejected, total, "the lake misses offsets");
+    assert_eq!(events + rejected, total - erased, "the lake misses offsets, or holds a forgotten sender's");
     assert_eq!(events, truth.events_sent as i64);
+    let outbox: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        sqlx::query_as("SELECT kafka_key, payload FROM ops.dlq_outbox").fetch_all(&pool).await.unwrap();
+    assert!(
+        outbox.iter().all(|(k, p)| mentions.in_record(k.as_deref(), p).is_empty()),
+        "a forgotten sender in the outbox"
+    );
+    let (requests, completed): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(completed_at) FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
+    assert_eq!((requests, completed), (forgotten.len() as i64, forgotten.len() as i64));
 
     // Serving: exactly what was sent, and no reading ever above it.
     let expected = truth.demand_map();
@@ -379,13 +432,14 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
 
     eprintln!(
         "chaos: {rounds} rounds; killed speed layer {}x, ingest {}x, batch run {}x ({batch_runs} runs), schedule {}x; \
-         restarted {}; {} events and {} malformed records sent; {} checker readings, \
-         all monotone",
+         restarted {}; forgot {} senders ({erased} records) under traffic; {} events and {} malformed records \
+         sent; {} checker readings, all monotone",
         kills[0],
         kills[1],
         kills[2],
         kills[3],
         restarts.join(" and "),
+        forgotten.len(),
         truth.events_sent,
         truth.bad_sent,
         readings.len()

@@ -456,45 +456,25 @@ async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
     assert!(why.contains("retention"), "{why}");
 }
 
+/// Records in `topic` (high minus low watermarks).
+fn topic_size(brokers: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    (0..4)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).map_or(0, |(low, high)| high - low))
+        .sum()
+}
+
 /// Records of `topic` whose key is one of `keys` and whose Kafka timestamp
 /// is at or after `since`.
 fn records_since(brokers: &str, topic: &str, keys: &HashSet<&str>, since: chrono::DateTime<chrono::Utc>) -> usize {
-    use rdkafka::Message;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}.count"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let partitions = metadata.topics()[0].partitions().len();
-    let mut assignment = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment.add_partition_offset(topic, p as i32, rdkafka::Offset::Beginning).unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
-    let (mut ended, mut found) = (HashSet::new(), 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while ended.len() < partitions {
-        assert!(std::time::Instant::now() < deadline, "reading {topic} back took too long");
-        match consumer.poll(Duration::from_secs(1)) {
-            Some(Ok(m)) => {
-                let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-                let at = m.timestamp().to_millis().and_then(chrono::DateTime::from_timestamp_millis);
-                if key.is_some_and(|k| keys.contains(k)) && at.is_some_and(|t| t >= since) {
-                    found += 1;
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                ended.insert(p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    found
+    integration_tests::checks::topic_records(brokers, topic)
+        .iter()
+        .filter(|r| {
+            let key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
+            key.is_some_and(|k| keys.contains(k)) && r.timestamp.is_some_and(|t| t >= since)
+        })
+        .count()
 }
 
 /// Users are forgotten one after another, and a hundred in one request,
@@ -505,8 +485,15 @@ fn records_since(brokers: &str, topic: &str, keys: &HashSet<&str>, since: chrono
 /// else's events kept flowing.
 #[tokio::test]
 async fn users_forgotten_under_traffic_never_come_back() {
-    let stack = Stack::from_env();
-    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("forget_race", 4, 1000).await.unwrap();
+    // A broker and a database of its own: the traffic does not load the
+    // stack the other tests share (tansu's sqlite engine is the weak spot).
+    let stack = integration_tests::private_stack::PrivateStack::start().await.expect("private stack");
+    let (topic, dlq) = ("events".to_string(), "events.dlq".to_string());
+    stack.create_topic(&topic, 4).await.unwrap();
+    stack.create_topic(&dlq, 1).await.unwrap();
+    let (url, pool) = stack.create_database("lambda").await.unwrap();
+    platform::db::prepare(&pool, Some(1000)).await.unwrap();
+    let brokers = stack.brokers();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let key = ForgetKey::new(KEY).unwrap();
@@ -522,7 +509,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
         rate: 400.0,
         duration: Duration::from_secs(45),
         bad_fraction: 0.05,
-        ..Args::for_tests(&stack.brokers, &topic, 29)
+        ..Args::for_tests(&brokers, &topic, 29)
     };
     // The generator is not `Send`: it runs on a thread of its own.
     let traffic = std::thread::spawn(move || {
@@ -535,7 +522,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
             flush_records: 2_000,
             until_caught_up: false,
             db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
-            ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+            ..IngestConfig::catch_up(&brokers, &topic, &lake)
         },
         stop.clone(),
     ));
@@ -543,7 +530,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
         SpeedConfig {
             forget_key: Some(key.clone()),
             assignment: speed_layer::stream::Assignment::Group,
-            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
+            ..SpeedConfig::single_instance(&brokers, &topic, &dlq, &url)
         },
         stop.clone(),
     ));
@@ -573,7 +560,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
         if lake_rows > 2_000 && consumed > 2_000 {
             break;
         }
-        let sent = stack.topic_size(&topic).unwrap_or(-1);
+        let sent = topic_size(&brokers, &topic);
         assert!(
             tokio::time::Instant::now() < deadline,
             "the layers never got going: {sent} records sent, {lake_rows} in the lake, {consumed} read by the speed layer"
@@ -606,7 +593,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
     assert!(first.set_version < bad.set_version && bad.set_version < many.set_version);
 
     tokio::task::spawn_blocking(move || traffic.join()).await.unwrap().unwrap().unwrap();
-    let total = stack.topic_size(&topic).unwrap();
+    let total = topic_size(&brokers, &topic);
     integration_tests::checks::wait_for_speed(&pool, total).await;
     stop.cancel();
     ingest.await.unwrap().unwrap();
@@ -616,7 +603,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
     ingest::run(
         IngestConfig {
             db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
-            ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+            ..IngestConfig::catch_up(&brokers, &topic, &lake)
         },
         CancellationToken::new(),
     )
@@ -629,7 +616,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
     victims.extend(hundred.iter().cloned());
     // Not vacuous: their events kept coming after the first request.
     let keys: HashSet<&str> = victims.iter().map(String::as_str).collect();
-    let after = records_since(&stack.brokers, &topic, &keys, since);
+    let after = records_since(&brokers, &topic, &keys, since);
     assert!(after > 500, "only {after} records of the forgotten users arrived after the first request");
     assert!(published > 0, "batch runs published while the test ran");
 

@@ -94,6 +94,11 @@ struct Args {
     /// Topic name the lake's `txn` actions record.
     #[arg(long, default_value = "events")]
     topic: String,
+    /// Instead of the engine comparison and the runs: time `forget-user`
+    /// for each of these numbers of users (one request each, ids spread
+    /// over the shop's users) on a fresh copy of the lake, e.g. 1,100,1000.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    forget: Vec<usize>,
 }
 
 /// First hour of the generated history: fixed, so a cached lake is the
@@ -141,6 +146,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shape.bytes as f64 / 1e9,
         base.display()
     );
+
+    if !args.forget.is_empty() {
+        return forget_users(&args, &base, &bench_dir, &shape).await;
+    }
 
     // The cut a full run over this snapshot takes, and the query it runs.
     let next = lake::committed_offsets(&table, &args.topic, (0..args.partitions).map(Partition)).await?;
@@ -518,6 +527,50 @@ struct Runs {
     incremental: Duration,
     incremental_breakdown: String,
     hours: usize,
+}
+
+/// `--forget`: one `forget-user` request per size, each on a fresh copy of
+/// the lake (hard links: the request rewrites files, never the originals).
+async fn forget_users(args: &Args, base: &Path, bench_dir: &Path, shape: &LakeShape) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let key = platform::forgotten::ForgetKey::new("bench-forget-key-0123456789")?;
+    let mut rows = Vec::new();
+    for &n in &args.forget {
+        ensure!(n > 0 && n <= args.users, "--forget sizes must be from 1 to --users ({})", args.users);
+        let work = bench_dir.join("forget-work");
+        link_copy(base, &work.join(EVENTS_TABLE), &work)
+            .with_context(|| format!("copying the lake to {}", work.display()))?;
+        let (url, _pool) = stack.fresh_database("bench_forget").await?;
+        let config = batch_layer::forget::ForgetConfig {
+            database_url: url,
+            lake: Lake::parse(work.to_str().context("cache path is not UTF-8")?)?,
+            key: key.clone(),
+            orphan_grace: Duration::from_secs(600),
+            kafka: None,
+        };
+        // Spread over the shop's users, so the request touches as many files as such a request would.
+        let ids: Vec<String> = (0..n).map(|i| format!("u-{:06}", i * args.users / n)).collect();
+        println!("forget-user with {n} users ...");
+        let started = Instant::now();
+        let report = batch_layer::forget::forget_users(&config, &ids).await?;
+        let took = started.elapsed();
+        let deleted = report.lake_rows.get(EVENTS_TABLE).copied().unwrap_or_default();
+        println!("  {:.1} s: {}", took.as_secs_f64(), report.summary());
+        rows.push(format!(
+            "| {n} | {:.1} s | {} | {} of {} | {} |",
+            took.as_secs_f64(),
+            group(deleted),
+            report.files_removed,
+            shape.files.len(),
+            report.log_files_removed
+        ));
+    }
+    println!("\n| users in the request | forget-user | lake rows deleted | data files rewritten | log files removed |");
+    println!("| --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
 }
 
 async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expected: &Totals) -> anyhow::Result<Runs> {
