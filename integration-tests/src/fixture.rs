@@ -199,6 +199,25 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Runs workspace binary `name` with `args` and `envs`, pointed at a broker
+/// and a database where nothing listens (a command-line mistake must be
+/// reported before any connection), and asserts that it fails with exactly
+/// one line: `error: {expected}`, no backtrace.
+pub fn assert_one_line_error(name: &str, args: &[&str], envs: &[(&str, &str)], expected: &str) {
+    let out = std::process::Command::new(binary(name))
+        .args(args)
+        .env("KAFKA_BROKERS", "127.0.0.1:9")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:9/none")
+        .env("RUST_BACKTRACE", "1")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{name} {args:?} was accepted");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines, [format!("error: {expected}")], "{name} {args:?}");
+}
+
 /// A command running workspace binary `name` against `brokers` and
 /// `database_url`, its standard error into `log` and its output discarded,
 /// killed when dropped: add the arguments and spawn.

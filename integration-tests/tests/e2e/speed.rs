@@ -218,18 +218,7 @@ fn command_line_mistakes_get_one_line_naming_the_fix() {
         (&["--dlq-rate-threshold", "1.5"], "--dlq-rate-threshold must be between 0 and 1, got 1.5"),
     ];
     for (args, expected) in cases {
-        let out = std::process::Command::new(binary("speed-layer"))
-            .arg("run")
-            .args(args)
-            // Nothing listens there: a mistake must be reported before any connection.
-            .env("KAFKA_BROKERS", "127.0.0.1:9")
-            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:9/none")
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} was accepted");
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(lines, [format!("error: {expected}")], "{args:?}");
+        let args: Vec<&str> = ["run"].into_iter().chain(args.iter().copied()).collect();
+        integration_tests::fixture::assert_one_line_error("speed-layer", &args, &[], expected);
     }
 }
