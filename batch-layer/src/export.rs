@@ -16,6 +16,7 @@
 //! registered (and rewrites it, [`scrub`]) or runs first (and the export
 //! leaves the users out).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,16 +24,13 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
 use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::prelude::SessionContext;
+use platform::forgotten::{ForgetKey, Forgotten, LakeFence};
 use serde::Serialize;
 use shared_schema::views::USER_PRODUCT_INTERACTIONS;
-
-use std::collections::HashSet;
-
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use platform::forgotten::{ForgetKey, Forgotten, LAKE_FENCE};
 use sqlx::PgPool;
 
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
@@ -124,10 +122,7 @@ pub async fn run(
         return Err(ExportError::NotEmpty(out.to_path_buf()));
     }
     let location = out.canonicalize().map_err(io(out))?;
-    let mut fence = pool.acquire().await?;
-    // Dropped on an error, the connection closes and releases the fence.
-    fence.close_on_drop();
-    sqlx::query("SELECT pg_advisory_lock_shared($1)").bind(LAKE_FENCE).execute(&mut *fence).await?;
+    let fence = LakeFence::shared(pool).await?;
     let forgotten = Forgotten::load(pool, key).await?;
     let mut manifest = write(lake, out, as_of, &forgotten).await?;
     let export_id: i64 = sqlx::query_scalar(
@@ -141,7 +136,7 @@ pub async fn run(
     .bind(manifest.rows as i64)
     .fetch_one(pool)
     .await?;
-    sqlx::query("SELECT pg_advisory_unlock_shared($1)").bind(LAKE_FENCE).execute(&mut *fence).await?;
+    fence.release().await?;
     manifest.export_id = Some(export_id);
     write_manifest(out, &manifest)?;
     Ok(manifest)

@@ -53,6 +53,8 @@ use shared_schema::schema::PARTITION_COLUMNS;
 use shared_schema::{EventDecoder, RawRecord, RejectedRecord, events_schema, rejected_schema};
 use tokio_util::sync::CancellationToken;
 
+use platform::forgotten::LakeFence;
+
 use crate::lake::{EVENTS_TABLE, Lake, LakeError, REJECTED_TABLE, committed_offsets, ingest_app_id};
 
 /// What `ingest` needs.
@@ -193,17 +195,8 @@ impl Db {
     /// with [`LakeFence::release`] after the flush's commits.
     async fn fence(&mut self, config: &IngestConfig, tables: &mut Tables) -> Result<LakeFence, IngestError> {
         let db = |e: sqlx::Error| IngestError::Db(platform::db::DbError::from(e));
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        // Dropped without a release (a failed flush), the connection closes,
-        // and with it the lock.
-        conn.close_on_drop();
-        sqlx::query("SELECT pg_advisory_lock_shared($1)")
-            .bind(platform::forgotten::LAKE_FENCE)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-        let version = platform::forgotten::current_version(&mut conn).await.map_err(db)?;
-        let fence = LakeFence(conn);
+        let mut fence = LakeFence::shared(&self.pool).await.map_err(db)?;
+        let version = platform::forgotten::current_version(fence.conn()).await.map_err(db)?;
         if version != self.users.version() {
             self.users = platform::forgotten::Forgotten::load(&self.pool, self.key.as_ref()).await?;
             tables.reopen(config).await?;
@@ -222,20 +215,6 @@ impl Db {
         if let Some(n) = self.notices.notice(platform::gaps::Layer::Batch, topic, gaps, Instant::now()) {
             self.notifier.send(n);
         }
-        Ok(())
-    }
-}
-
-/// The lake fence held shared on its own connection.
-struct LakeFence(sqlx::pool::PoolConnection<sqlx::Postgres>);
-
-impl LakeFence {
-    async fn release(mut self) -> Result<(), IngestError> {
-        sqlx::query("SELECT pg_advisory_unlock_shared($1)")
-            .bind(platform::forgotten::LAKE_FENCE)
-            .execute(&mut *self.0)
-            .await
-            .map_err(|e| IngestError::Db(platform::db::DbError::from(e)))?;
         Ok(())
     }
 }
@@ -417,7 +396,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             summary.rejected += flushed.rejected;
             summary.commits += flushed.commits;
             if let Some(fence) = fence {
-                fence.release().await?;
+                fence.release().await.map_err(|e| IngestError::Db(platform::db::DbError::from(e)))?;
             }
             bar.inc(flushed.records);
             first_at = None;

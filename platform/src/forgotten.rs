@@ -219,6 +219,32 @@ impl Forgotten {
     }
 }
 
+/// [`LAKE_FENCE`] held shared on a connection of its own: by the lake
+/// ingest around a flush, by an export until it is registered. Dropped
+/// without [`LakeFence::release`] (a failed flush), the connection closes,
+/// and with it the lock.
+pub struct LakeFence(sqlx::pool::PoolConnection<sqlx::Postgres>);
+
+impl LakeFence {
+    /// Waits while `forget-user` holds the fence exclusively, then holds it.
+    pub async fn shared(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        conn.close_on_drop();
+        sqlx::query("SELECT pg_advisory_lock_shared($1)").bind(LAKE_FENCE).execute(&mut *conn).await?;
+        Ok(Self(conn))
+    }
+
+    /// The fence's connection, for reads made while it is held.
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.0
+    }
+
+    pub async fn release(mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT pg_advisory_unlock_shared($1)").bind(LAKE_FENCE).execute(&mut *self.0).await?;
+        Ok(())
+    }
+}
+
 /// The set's version now.
 pub async fn current_version(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM ops.forgotten_set").fetch_one(conn).await
