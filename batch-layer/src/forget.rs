@@ -182,16 +182,15 @@ impl ForgetReport {
     }
 }
 
-/// Reads user ids, one per line (surrounding blanks trimmed, empty lines
-/// skipped, repeats dropped), from `path`, or standard input for `-`.
+/// Reads user ids, one per line, from `path`, or standard input for `-`
+/// ([`forget_users`] trims them and drops empty lines and repeats).
 pub fn read_ids(path: &std::path::Path) -> std::io::Result<Vec<String>> {
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
     } else {
         std::fs::read_to_string(path)?
     };
-    let mut seen = HashSet::new();
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && seen.insert(*l)).map(str::to_owned).collect())
+    Ok(text.lines().map(str::to_owned).collect())
 }
 
 /// Forgets `ids` everywhere (see the module docs).
