@@ -1,8 +1,12 @@
-//! The one fixture every integration test shares: it talks to the stack
-//! that `make up` started (or `make test` starts) and gives each test its
-//! own database and topics, so tests run in parallel without seeing each
-//! other. Leftovers of an earlier run of the same test are dropped first.
+//! The one fixture every integration test shares: it talks to the
+//! PostgreSQL server that `make up` started (or `make test` starts) and
+//! gives each test its own database, topics and, at first use, a Kafka
+//! broker of its own ([`OwnBroker`]; `TEST_KAFKA_BROKERS` names a broker
+//! every test shares instead, e.g. an Apache Kafka cluster), so tests run
+//! in parallel without seeing each other. Leftovers of an earlier run of
+//! the same test are dropped first.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,6 +17,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
+use crate::broker::OwnBroker;
+
 /// [`Stack::fresh_stream`]'s topics and database.
 pub struct FreshStream {
     pub topic: String,
@@ -21,21 +27,68 @@ pub struct FreshStream {
     pub pool: PgPool,
 }
 
-/// Where the local stack listens (env overrides as for the binaries).
+/// Where a test's stack listens: the local PostgreSQL server
+/// (`DATABASE_URL`'s server) and the test's Kafka broker.
 #[derive(Debug, Clone)]
 pub struct Stack {
-    pub brokers: String,
     /// Server URL without a database name.
     pub postgres: String,
+    brokers: Brokers,
+}
+
+#[derive(Debug, Clone)]
+enum Brokers {
+    /// `TEST_KAFKA_BROKERS`: one broker (or cluster) every test shares.
+    Shared(String),
+    /// A broker of this test's own, started at first use (clones share it).
+    Own(Arc<OnceLock<Result<(OwnBroker, String), String>>>),
 }
 
 impl Stack {
     pub fn from_env() -> Self {
         let db = std::env::var("DATABASE_URL").unwrap_or_else(|_| shared_schema::defaults::DATABASE_URL.into());
         let server = db.rsplit_once('/').map_or(db.clone(), |(s, _)| s.to_string());
-        Self {
-            brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| shared_schema::defaults::KAFKA_BROKERS.into()),
-            postgres: server,
+        let brokers = match std::env::var("TEST_KAFKA_BROKERS") {
+            Ok(shared) if !shared.is_empty() => Brokers::Shared(shared),
+            _ => Brokers::Own(Arc::default()),
+        };
+        Self { postgres: server, brokers }
+    }
+
+    /// The stack `make up` started, broker included (`KAFKA_BROKERS`), for
+    /// the benchmarks and soak tools that measure that broker.
+    pub fn local() -> Self {
+        let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| shared_schema::defaults::KAFKA_BROKERS.into());
+        Self::from_env().with_brokers(&brokers)
+    }
+
+    /// This stack on the broker (or cluster) at `brokers`.
+    pub fn with_brokers(self, brokers: &str) -> Self {
+        Self { brokers: Brokers::Shared(brokers.to_string()), ..self }
+    }
+
+    /// Kafka bootstrap servers for this test; the first call starts the
+    /// test's own broker (unless `TEST_KAFKA_BROKERS` names a shared one).
+    ///
+    /// # Panics
+    /// When the broker cannot be started (tansu missing, or it does not answer).
+    pub fn brokers(&self) -> &str {
+        match &self.brokers {
+            Brokers::Shared(brokers) => brokers,
+            Brokers::Own(cell) => {
+                let started = cell.get_or_init(|| {
+                    OwnBroker::launch()
+                        .map(|b| {
+                            let brokers = b.brokers();
+                            (b, brokers)
+                        })
+                        .map_err(|e| format!("{e:#}"))
+                });
+                match started {
+                    Ok((_, brokers)) => brokers,
+                    Err(e) => panic!("starting the test's broker: {e}"),
+                }
+            }
         }
     }
 
@@ -59,9 +112,9 @@ impl Stack {
 
     fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
         ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+            .set("bootstrap.servers", self.brokers())
             .create()
-            .with_context(|| format!("Kafka admin client for {}", self.brokers))
+            .with_context(|| format!("Kafka admin client for {}", self.brokers()))
     }
 
     /// A new topic for `test` with `partitions` partitions, under a name
@@ -143,7 +196,7 @@ impl Stack {
     }
 
     fn metadata_consumer(&self) -> anyhow::Result<BaseConsumer> {
-        Ok(ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?)
+        Ok(ClientConfig::new().set("bootstrap.servers", self.brokers()).create()?)
     }
 
     pub fn topics(&self) -> anyhow::Result<Vec<String>> {

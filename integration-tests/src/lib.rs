@@ -4,6 +4,7 @@
 //! Ballista cluster and S3 server. The programs built on it (`generate`,
 //! `quality`, the benchmarks) are in the `tools` crate.
 
+pub mod broker;
 pub mod checks;
 pub mod cluster;
 pub mod fixture;

@@ -8,9 +8,8 @@
 //! tansu in `$LAMBDA_CACHE/tools/bin` (`scripts/stack.sh tools` installs
 //! both). As root, PostgreSQL runs as the `postgres` user.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -22,6 +21,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
+use crate::broker::OwnBroker;
 use crate::fixture::free_port;
 
 /// A private PostgreSQL and tansu broker; see the module docs.
@@ -30,11 +30,7 @@ pub struct PrivateStack {
     dir: PathBuf,
     pg_bin: PathBuf,
     pg_port: u16,
-    kafka_port: u16,
-    tansu_bin: PathBuf,
-    tansu: Option<Child>,
-    /// How often the broker applies retention (tansu's default: 10 minutes).
-    maintenance: Option<Duration>,
+    broker: OwnBroker,
 }
 
 impl PrivateStack {
@@ -48,11 +44,6 @@ impl PrivateStack {
     /// records removed before a layer reads them.
     pub async fn start_with_maintenance(maintenance: Option<Duration>) -> anyhow::Result<Self> {
         let pg_bin = pg_bin()?;
-        let cache = std::env::var_os("LAMBDA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/lambda-platform")
-        });
-        let tansu_bin = cache.join("tools/bin/tansu");
-        anyhow::ensure!(tansu_bin.exists(), "{} is missing: run `scripts/stack.sh tools`", tansu_bin.display());
 
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
@@ -62,9 +53,8 @@ impl PrivateStack {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(dir.join("pg/run")).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::create_dir_all(dir.join("tansu"))?;
-        let mut stack =
-            Self { dir, pg_bin, pg_port: free_port()?, kafka_port: free_port()?, tansu_bin, tansu: None, maintenance };
+        let broker = OwnBroker::in_dir(&dir.join("tansu"), maintenance)?;
+        let mut stack = Self { dir, pg_bin, pg_port: free_port()?, broker };
         if is_root() {
             run(Command::new("chown").arg("-R").arg("postgres:").arg(stack.dir.join("pg")))?;
             // PostgreSQL must traverse the directory (it is 0755 by umask, normally).
@@ -81,13 +71,13 @@ impl PrivateStack {
         ]))
         .context("initdb")?;
         stack.start_postgres().await?;
-        stack.start_broker().await?;
+        stack.broker.start().await?;
         Ok(stack)
     }
 
     /// Kafka bootstrap servers of the private broker.
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.kafka_port)
+        self.broker.brokers()
     }
 
     /// URL of database `db` on the private server.
@@ -161,9 +151,9 @@ impl PrivateStack {
     /// completes, starts it again on the same port and storage: topics,
     /// records and group offsets survive.
     pub async fn restart_broker(&mut self, down_until: impl Future<Output = ()>) -> anyhow::Result<()> {
-        self.stop_broker();
+        self.broker.kill();
         down_until.await;
-        self.start_broker().await
+        self.broker.start().await
     }
 
     /// `program` as the `postgres` user when root (the server refuses root).
@@ -211,64 +201,11 @@ impl PrivateStack {
         ]))
         .context("stopping PostgreSQL")
     }
-
-    async fn start_broker(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log"))?;
-        let url = format!("tcp://127.0.0.1:{}", self.kafka_port);
-        let child = Command::new(&self.tansu_bin)
-            .current_dir(self.dir.join("tansu"))
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", &self.storage_url()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.tansu_bin.display()))?;
-        self.tansu = Some(child);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.kafka_port));
-        for _ in 0..300 {
-            if let Some(status) = self.tansu.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("tansu exited with {status}; see {}", self.dir.join("tansu.log").display());
-            }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() && self.metadata_answers().await {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("tansu does not answer on {addr}; see {}", self.dir.join("tansu.log").display())
-    }
-
-    fn storage_url(&self) -> String {
-        match self.maintenance {
-            Some(every) => format!("sqlite://tansu.db?maintenance_interval={}ms", every.as_millis()),
-            None => "sqlite://tansu.db".to_string(),
-        }
-    }
-
-    async fn metadata_answers(&self) -> bool {
-        let brokers = self.brokers();
-        tokio::task::spawn_blocking(move || {
-            let consumer: Result<BaseConsumer, _> = ClientConfig::new().set("bootstrap.servers", &brokers).create();
-            consumer.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok())
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    /// SIGKILL: a crash. (tansu 0.6.0 on SIGTERM stops its storage before
-    /// its listeners and can leave the idempotent-producer state such that the
-    /// restarted broker's storage panics on the next produce.)
-    fn stop_broker(&mut self) {
-        if let Some(mut child) = self.tansu.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 impl Drop for PrivateStack {
     fn drop(&mut self) {
-        self.stop_broker();
+        self.broker.kill();
         let _ = self.stop_postgres();
         if std::thread::panicking() {
             eprintln!("private stack kept for inspection: {}", self.dir.display());

@@ -192,7 +192,7 @@ struct Stored {
 /// Every record of the DLQ topic (one partition), from the beginning.
 fn read_dlq(stack: &Stack, dlq: &str, source_topic: &str, expected: usize) -> Vec<Stored> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", stack.brokers())
         .set("group.id", format!("{dlq}.check"))
         .set("enable.auto.commit", "false")
         .create()
@@ -402,7 +402,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
 
     // Send in order, idempotently, and note where each bad record landed.
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", stack.brokers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("message.timeout.ms", "120000")
@@ -424,7 +424,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         }
     }
     let total = to_send.len() as i64;
-    let watermarks: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let watermarks: BaseConsumer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
     assert_eq!(records_in(&watermarks, &topic, PARTITIONS), total, "the broker holds exactly what was sent");
     let bad_count = bad_sent.len();
     let good_count = expected_ids.len();
@@ -441,7 +441,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
     let mut speed = tokio::process::Command::new(binary("speed-layer"))
         .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
         .args(["--max-batch", "500", "--flush-interval", "100ms", "--ops-addr", "127.0.0.1:0", "--assignment", "all"])
-        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("KAFKA_BROKERS", stack.brokers())
         .env("DATABASE_URL", &url)
         .stdout(Stdio::null())
         .stderr(log(&speed_log))
@@ -450,7 +450,7 @@ async fn corpus_records_reach_the_dlq_and_the_lake_with_their_reason_and_valid_e
         .unwrap();
     let ingest = tokio::process::Command::new(binary("batch-layer"))
         .args(["ingest", "--topic", &topic, "--until-caught-up", "--flush-records", "1000", "--flush-interval", "1s"])
-        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("KAFKA_BROKERS", stack.brokers())
         .env("LAKE_URI", &lake_path)
         .env("DATABASE_URL", &url)
         .stdout(Stdio::null())

@@ -16,14 +16,14 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
-    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
+    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(stack.brokers(), topic, seed) }
 }
 
 fn config(stack: &Stack, topic: &str, lake: &Lake) -> IngestConfig {
     IngestConfig {
         flush_interval: Duration::from_secs(2),
         flush_records: 2_000,
-        ..IngestConfig::catch_up(&stack.brokers, topic, lake)
+        ..IngestConfig::catch_up(stack.brokers(), topic, lake)
     }
 }
 
@@ -113,7 +113,7 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     let spawn = |until_caught_up: bool| {
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.args(["ingest", "--topic", &topic, "--flush-records", "400", "--flush-interval", "1s"])
-            .env("KAFKA_BROKERS", &stack.brokers)
+            .env("KAFKA_BROKERS", stack.brokers())
             .env("LAKE_URI", &lake_path)
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())

@@ -16,7 +16,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64) -> Args {
 }
 
 fn late_args(stack: &Stack, topic: &str, seed: u64, late_fraction: f64) -> Args {
-    Args { products: 40, categories: 4, users: 300, late_fraction, ..Args::for_tests(&stack.brokers, topic, seed) }
+    Args { products: 40, categories: 4, users: 300, late_fraction, ..Args::for_tests(stack.brokers(), topic, seed) }
 }
 
 async fn batch_demand(pool: &PgPool) -> DemandMap {
@@ -32,7 +32,7 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     platform::db::prepare(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
+    let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
     // Full runs: the row-count check compares whole tables.
     let config = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
 
@@ -118,7 +118,7 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     platform::db::prepare(&pool, Some(50)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
+    let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
     // Every run recomputes the windowed tables too, so they can be compared.
     let incremental = RunConfig {
         model_refresh: std::time::Duration::ZERO,
@@ -195,7 +195,7 @@ async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
 
     // A run takes the snapshot itself, and an unreachable shop database does
     // not stop it from publishing.
-    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
+    let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
     ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
     let config = RunConfig {
         sales_database_url: Some("postgres://postgres@127.0.0.1:1/nowhere".into()),

@@ -39,7 +39,7 @@ async fn setup(name: &str) -> Setup {
 impl Setup {
     /// Ingests everything sent so far and publishes a full batch run.
     async fn ingest_and_run(&self) {
-        let config = IngestConfig::catch_up(&self.stack.brokers, &self.topic, &self.lake);
+        let config = IngestConfig::catch_up(self.stack.brokers(), &self.topic, &self.lake);
         ingest::run(config, CancellationToken::new()).await.unwrap();
         let outcome = recompute::run(&self.run).await.unwrap();
         assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
@@ -82,11 +82,11 @@ async fn category_demand_and_popularity_equal_independent_computations() {
         backfill_hours: 30,
         no_catalog: false,
         sales_database_url: sales_url.clone(),
-        ..Args::for_tests(&s.stack.brokers, &s.topic, 91)
+        ..Args::for_tests(s.stack.brokers(), &s.topic, 91)
     };
     let truth = generator::run(args).await.unwrap();
     let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
-    let config = IngestConfig::catch_up(&s.stack.brokers, &s.topic, &s.lake);
+    let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
     ingest::run(config, CancellationToken::new()).await.unwrap();
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
 
@@ -180,7 +180,7 @@ async fn item_similarity_scores_shared_users_of_recent_activity() {
     for i in 0..35 {
         records.push(event("u4", &format!("q{i:02}"), "page_view", t0 + TimeDelta::minutes(i)));
     }
-    generator::send_records(&s.stack.brokers, &s.topic, &records).unwrap();
+    generator::send_records(s.stack.brokers(), &s.topic, &records).unwrap();
     s.ingest_and_run().await;
 
     let sim = similarity(&s.pool).await;
@@ -220,7 +220,7 @@ async fn injected_demand_spikes_are_detected() {
         products: 40,
         spikes: Some(3),
         rate: 0.5,
-        ..Args::for_tests(&s.stack.brokers, &s.topic, 95)
+        ..Args::for_tests(s.stack.brokers(), &s.topic, 95)
     };
     let truth = generator::run(args).await.unwrap();
     s.ingest_and_run().await;
@@ -265,7 +265,7 @@ async fn injected_demand_spikes_are_detected() {
 #[tokio::test]
 async fn freshness_reports_each_layer() {
     let s = setup("derived_freshness").await;
-    generator::run(Args::for_tests(&s.stack.brokers, &s.topic, 97)).await.unwrap();
+    generator::run(Args::for_tests(s.stack.brokers(), &s.topic, 97)).await.unwrap();
     s.ingest_and_run().await;
     let rows: Vec<FreshnessRow> =
         sqlx::query_as("SELECT layer, last_event_time, last_offset, last_update FROM serving.freshness ORDER BY layer")

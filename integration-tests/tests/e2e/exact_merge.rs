@@ -22,7 +22,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32) -> Args {
         backfill_hours: hours,
         bad_fraction: 0.02,
         late_fraction: 0.05,
-        ..Args::for_tests(&stack.brokers, topic, seed)
+        ..Args::for_tests(stack.brokers(), topic, seed)
     }
 }
 
@@ -41,12 +41,12 @@ async fn batch_landing_changes_no_serving_number() {
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("exact_merge", 4, 100).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
+    let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
     let run_config = RunConfig::new(url.clone(), lake.clone(), topic.clone());
 
     let shutdown = CancellationToken::new();
     let speed =
-        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
+        tokio::spawn(stream::run(SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url), shutdown.clone()));
 
     let mut truths: Vec<Truth> = Vec::new();
     let mut total = 0i64;

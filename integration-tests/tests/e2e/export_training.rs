@@ -49,7 +49,7 @@ async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();
 
     let truth =
-        generator::run(Args { backfill_hours: 6, ..Args::for_tests(&stack.brokers, &topic, 101) }).await.unwrap();
+        generator::run(Args { backfill_hours: 6, ..Args::for_tests(stack.brokers(), &topic, 101) }).await.unwrap();
     let hours: Vec<DateTime<Utc>> = truth.demand_map().keys().map(|(h, _)| *h).collect();
     let as_of = hours[hours.len() / 2];
     // Hand-made edges: one second before the cut-off counts, the cut-off
@@ -62,8 +62,8 @@ async fn export_holds_exactly_the_interactions_before_the_cutoff() {
         event("x-1", "p-y", "page_view", as_of + TimeDelta::minutes(1)),
         event("x-2", "p-x", "add_to_cart", before - TimeDelta::hours(2)),
     ];
-    generator::send_records(&stack.brokers, &topic, &records).unwrap();
-    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    generator::send_records(stack.brokers(), &topic, &records).unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
 
     let out = dir.path().join("export");
     let status = Command::new(binary("batch-layer"))

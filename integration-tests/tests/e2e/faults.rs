@@ -78,11 +78,11 @@ async fn the_future_is_judged_by_the_record_timestamp_in_both_layers() {
         ),
         ("u-3".to_string(), page_view("e-plain", "u-3", "p-plain", now - TimeDelta::minutes(10)), ms(now)),
     ];
-    send_timed_records(&stack.brokers, &topic, &records).unwrap();
+    send_timed_records(stack.brokers(), &topic, &records).unwrap();
 
     let shutdown = CancellationToken::new();
     let speed =
-        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
+        tokio::spawn(stream::run(SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url), shutdown.clone()));
     wait_for_speed(&pool, 3).await;
     let expected = BTreeMap::from([("p-ahead".to_string(), 1), ("p-plain".to_string(), 1)]);
     assert_eq!(views(&pool, "serving.product_demand_hourly").await, expected, "the speed layer's verdicts");
@@ -90,7 +90,7 @@ async fn the_future_is_judged_by_the_record_timestamp_in_both_layers() {
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let summary =
-        ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+        ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
     assert_eq!((summary.records, summary.events, summary.rejected), (3, 2, 1), "the ingest's verdicts");
     assert_eq!(rejected(&lake).await, vec![(1, "future_event_time".to_string())]);
 
@@ -197,11 +197,12 @@ async fn late_events_in_twenty_thousand_hours_are_recomputed_exactly() {
                 (user.clone(), page_view(&format!("e-{i}"), &user, &product, *at), None)
             })
             .collect();
-        send_timed_records(&stack.brokers, &topic, &rows).unwrap();
+        send_timed_records(stack.brokers(), &topic, &rows).unwrap();
     };
     // Recent traffic, published by a full run.
     send((0..200).map(|i| (i, now - TimeDelta::minutes(i))).collect());
-    let ingest_config = IngestConfig { flush_records: 50_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
+    let ingest_config =
+        IngestConfig { flush_records: 50_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
     let full = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
     assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { .. }));
@@ -234,7 +235,7 @@ async fn a_restart_after_kill_9_in_group_mode_resumes() {
     let stack = Stack::from_env();
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("group_kill", 4, 100).await.unwrap();
     let truth =
-        generator::run(Args { backfill_hours: 8, ..Args::for_tests(&stack.brokers, &topic, 81) }).await.unwrap();
+        generator::run(Args { backfill_hours: 8, ..Args::for_tests(stack.brokers(), &topic, 81) }).await.unwrap();
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let ops = format!("127.0.0.1:{}", integration_tests::fixture::free_port().unwrap());
     let logs = tempfile::tempdir().unwrap();
@@ -242,7 +243,7 @@ async fn a_restart_after_kill_9_in_group_mode_resumes() {
     let spawn = || {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         // The documented command, group mode by default.
-        command("speed-layer", &stack.brokers, &url, log.into())
+        command("speed-layer", stack.brokers(), &url, log.into())
             .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
             .args(["--max-batch", "300", "--flush-interval", "50ms", "--ops-addr", &ops])
             .spawn()
@@ -467,7 +468,7 @@ async fn rejects_of_any_size_wait_for_a_missing_dlq_without_stopping_the_stream(
     let stack = Stack::from_env();
     let FreshStream { topic, url, pool, .. } = stack.fresh_stream("dlq_missing", 1, 100).await.unwrap();
     let dlq = format!("{topic}.dlq-later");
-    let producer = large_producer(&stack.brokers);
+    let producer = large_producer(stack.brokers());
     let at = Utc::now() - TimeDelta::minutes(20);
     let mut big = page_view("e-big", "u-big", "p-big", at).into_bytes();
     big.truncate(big.len() - 1);
@@ -495,7 +496,7 @@ async fn rejects_of_any_size_wait_for_a_missing_dlq_without_stopping_the_stream(
 
     let shutdown = CancellationToken::new();
     let speed =
-        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
+        tokio::spawn(stream::run(SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url), shutdown.clone()));
     wait_for_speed(&pool, records.len() as i64).await;
     let expected = BTreeMap::from([("p-0".to_string(), 50), ("p-1".to_string(), 50), ("p-2".to_string(), 50)]);
     assert_eq!(views(&pool, "serving.product_demand_hourly").await, expected, "good records, counted exactly");
@@ -511,7 +512,7 @@ async fn rejects_of_any_size_wait_for_a_missing_dlq_without_stopping_the_stream(
 
     // The DLQ topic appears: the rejects arrive, and leave the outbox.
     stack.create_topic(&dlq, 1).await.unwrap();
-    let arrived = read_topic(&stack.brokers, &dlq, 2);
+    let arrived = read_topic(stack.brokers(), &dlq, 2);
     let by_key: BTreeMap<Vec<u8>, (usize, BTreeMap<String, String>)> =
         arrived.into_iter().map(|(k, len, h)| (k, (len, h))).collect();
     let (len, headers) = &by_key[b"reject-big".as_slice()];
@@ -645,13 +646,13 @@ async fn competing_instances_are_fenced_and_totals_stay_exact() {
     let stack = Stack::from_env();
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("fence_under_load", 4, 100).await.unwrap();
     let truth =
-        generator::run(Args { backfill_hours: 6, ..Args::for_tests(&stack.brokers, &topic, 91) }).await.unwrap();
+        generator::run(Args { backfill_hours: 6, ..Args::for_tests(stack.brokers(), &topic, 91) }).await.unwrap();
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let logs = tempfile::tempdir().unwrap();
     let spawn = |i: usize| {
         let ops = std::net::SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
         let log = std::fs::File::create(logs.path().join(format!("speed-{i}.log"))).unwrap();
-        let child = command("speed-layer", &stack.brokers, &url, log.into())
+        let child = command("speed-layer", stack.brokers(), &url, log.into())
             .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
             .args(["--assignment", "all", "--max-batch", "200", "--flush-interval", "20ms", "--ops-addr"])
             .arg(ops.to_string())
@@ -739,12 +740,12 @@ async fn duplicates_count_once_in_batch_speed_and_serving() {
     }
     sent.event("e-old", "u-old", "p-old", now - TimeDelta::hours(5));
     let old = sent.records.len() - 1;
-    generator::send_records(&stack.brokers, &topic, &sent.records).unwrap();
+    generator::send_records(stack.brokers(), &topic, &sent.records).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig {
         db: Some(ingest::PlatformDb::new(url.clone())),
-        ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+        ..IngestConfig::catch_up(stack.brokers(), &topic, &lake)
     };
     let first = ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
     assert_eq!(first.rejected, 6, "the ingest rejects the six copies");
@@ -767,9 +768,9 @@ async fn duplicates_count_once_in_batch_speed_and_serving() {
         sent.again(phase1 + 12 + k, false);
     }
     sent.again(old, true);
-    generator::send_records(&stack.brokers, &topic, &sent.records[phase1..]).unwrap();
+    generator::send_records(stack.brokers(), &topic, &sent.records[phase1..]).unwrap();
     let shutdown = CancellationToken::new();
-    let config = SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url);
+    let config = SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url);
     let speed = tokio::spawn(stream::run(config.clone(), shutdown.clone()));
     wait_for_speed(&pool, sent.records.len() as i64).await;
     assert_eq!(views(&pool, "serving.product_demand_hourly").await, sent.truth, "serving after phase 2");
@@ -785,7 +786,7 @@ async fn duplicates_count_once_in_batch_speed_and_serving() {
         sent.event(&format!("e-{i}"), &format!("u-{}", i % 16), &format!("p-{}", i % 5), at(i));
     }
     sent.again(sent.records.len() - 1, false);
-    generator::send_records(&stack.brokers, &topic, &sent.records[phase2..]).unwrap();
+    generator::send_records(stack.brokers(), &topic, &sent.records[phase2..]).unwrap();
     let ops = std::net::SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(SpeedConfig { ops_addr: ops, ..config }, shutdown.clone()));

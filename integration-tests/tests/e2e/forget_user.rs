@@ -224,19 +224,19 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     let ingest_config = IngestConfig {
         flush_records: 2_000,
         db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
-        ..IngestConfig::catch_up(&stack.brokers, &topic, &lake)
+        ..IngestConfig::catch_up(stack.brokers(), &topic, &lake)
     };
     let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
     let full = RunConfig { full: true, ..run.clone() };
 
-    generator::run(Args { users: 50, bad_fraction: 0.02, ..Args::for_tests(&stack.brokers, &topic, 17) })
+    generator::run(Args { users: 50, bad_fraction: 0.02, ..Args::for_tests(stack.brokers(), &topic, 17) })
         .await
         .unwrap();
     let speed_shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
         SpeedConfig {
             forget_key: Some(key.clone()),
-            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
+            ..SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url)
         },
         speed_shutdown.clone(),
     ));
@@ -249,7 +249,7 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     .await
     .unwrap();
     let control = "u-control-forget";
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
     let bad_type = event(&victim, 1).replace("add_to_cart", "teleport");
     send(&producer, &topic, Some(&victim), &bad_type).await;
     let truncated = event(&victim, 2);
@@ -413,10 +413,11 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
 /// audit row.
 #[tokio::test]
 async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
-    let stack = Stack::from_env();
+    // The broker `make up` started, whose topics are the subject.
+    let stack = Stack::local();
     let expected = std::env::var("TOPIC_RETENTION_MS").unwrap_or_else(|_| "604800000".into());
     for topic in ["events", "events.dlq"] {
-        let configs = batch_layer::topics::describe(&stack.brokers, topic).await.unwrap();
+        let configs = batch_layer::topics::describe(stack.brokers(), topic).await.unwrap();
         assert_eq!(
             configs.get("retention.ms"),
             Some(&expected),
@@ -431,7 +432,7 @@ async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
         key: ForgetKey::new(KEY).unwrap(),
         orphan_grace: Duration::from_secs(600),
         kafka: Some(batch_layer::forget::TopicsConfig {
-            brokers: stack.brokers.clone(),
+            brokers: stack.brokers().to_string(),
             topics: vec!["events".into(), "events.dlq".into()],
         }),
     };
@@ -448,7 +449,7 @@ async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
     // A topic without a retention keeps records for ever: said, not hidden.
     let forever = stack.fresh_topic("forget_no_retention", 1).await.unwrap();
     let config = ForgetConfig {
-        kafka: Some(batch_layer::forget::TopicsConfig { brokers: stack.brokers.clone(), topics: vec![forever] }),
+        kafka: Some(batch_layer::forget::TopicsConfig { brokers: stack.brokers().to_string(), topics: vec![forever] }),
         ..config
     };
     let report = batch_layer::forget::forget_users(&config, &["u-retention-2".to_string()]).await.unwrap();
@@ -639,10 +640,10 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("speed_prune", 2, 10).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    generator::run(Args { users: 50, ..Args::for_tests(&stack.brokers, &topic, 41) }).await.unwrap();
+    generator::run(Args { users: 50, ..Args::for_tests(stack.brokers(), &topic, 41) }).await.unwrap();
     let shutdown = CancellationToken::new();
     let speed =
-        tokio::spawn(stream::run(SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url), shutdown.clone()));
+        tokio::spawn(stream::run(SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url), shutdown.clone()));
     wait_for_speed(&stack, &topic, &pool).await;
     let served = |pool: PgPool| async move {
         sqlx::query_as::<_, (i64, String)>(
@@ -658,7 +659,7 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     let before = served(pool.clone()).await;
     assert!(speed_rows(pool.clone()).await > 100);
 
-    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
     let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
     assert_eq!(served(pool.clone()).await, before, "the prune changes nothing readers see");
@@ -685,7 +686,7 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     assert!(left <= above_cut && above_cut < 20, "{left} speed rows left, {above_cut} offsets above the cut");
 
     // New events live in the speed layer until the next publish.
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
     for n in 0..6 {
         send(&producer, &topic, Some("u-new"), &event("u-new", n)).await;
     }

@@ -325,7 +325,7 @@ async fn generated_traffic_round_trips_through_kafka() {
         rate: 0.5,
         bad_fraction: 0.2,
         truth: dir.path().join("truth.json"),
-        ..Args::for_tests(&stack.brokers, &topic, 7)
+        ..Args::for_tests(stack.brokers(), &topic, 7)
     };
     let truth = generator::run(args).await.unwrap();
     // Traffic follows the time of day (fewer events at night).
@@ -339,7 +339,7 @@ async fn generated_traffic_round_trips_through_kafka() {
     assert_eq!(products, 40);
 
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", stack.brokers())
         .set("group.id", format!("{topic}.check"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")

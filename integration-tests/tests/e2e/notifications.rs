@@ -89,9 +89,9 @@ async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded(
     assert!(failed["summary"].as_str().unwrap().contains("published nothing"), "{failed}");
     assert_eq!(recorded(&pool).await, [("batch_run_failed".to_string(), true)]);
 
-    let args = Args { no_catalog: false, sales_database_url: sales_url, ..Args::for_tests(&stack.brokers, &topic, 5) };
+    let args = Args { no_catalog: false, sales_database_url: sales_url, ..Args::for_tests(stack.brokers(), &topic, 5) };
     generator::run(args.clone()).await.unwrap();
-    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
     assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Published { .. }));
     assert_eq!(hook.kinds(), ["batch_run_failed"], "a good run notifies nothing");
 
@@ -127,7 +127,8 @@ async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded(
 async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     let stack = Stack::from_env();
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("notify_speed", 2, 100).await.unwrap();
-    let truth = generator::run(Args { bad_fraction: 0.2, ..Args::for_tests(&stack.brokers, &topic, 6) }).await.unwrap();
+    let truth =
+        generator::run(Args { bad_fraction: 0.2, ..Args::for_tests(stack.brokers(), &topic, 6) }).await.unwrap();
     let total = (truth.events_sent + truth.bad_sent) as i64;
     let (webhook, hook) = receiver(1).await;
     let shutdown = CancellationToken::new();
@@ -142,7 +143,7 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
                 check_every: Duration::from_millis(100),
                 ..Alerts::default()
             },
-            ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url)
+            ..SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url)
         },
         shutdown.clone(),
     ));

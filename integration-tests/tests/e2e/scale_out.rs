@@ -30,7 +30,7 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, sales_url: &str) -> Arg
         users: 300,
         no_catalog: false,
         sales_database_url: sales_url.to_string(),
-        ..Args::for_tests(&stack.brokers, topic, seed)
+        ..Args::for_tests(stack.brokers(), topic, seed)
     }
 }
 
@@ -66,7 +66,7 @@ async fn ballista_runs_publish_what_in_process_runs_publish_and_the_merge_stays_
     platform::db::prepare(&ballista, Some(100)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(&stack.brokers, &topic, &lake) };
+    let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
     let in_process = RunConfig {
         sales_database_url: Some(sales_url.clone()),
         ..RunConfig::new(local_url, lake.clone(), topic.clone())
@@ -79,7 +79,7 @@ async fn ballista_runs_publish_what_in_process_runs_publish_and_the_merge_stays_
     // The speed layer feeds the database the cluster's batches land in.
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
-        SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &ballista_url),
+        SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &ballista_url),
         shutdown.clone(),
     ));
 
@@ -201,7 +201,7 @@ async fn a_lake_on_s3_serves_ingest_both_engines_export_and_forget() {
 
     env.extend([
         ("LAKE_URI", s3.uri("shop")),
-        ("KAFKA_BROKERS", stack.brokers.clone()),
+        ("KAFKA_BROKERS", stack.brokers().to_string()),
         ("EVENTS_TOPIC", topic.clone()),
         ("SALES_DATABASE_URL", sales_url.clone()),
         ("FORGET_KEY", "a-test-key-of-sixteen-or-more".into()),

@@ -41,7 +41,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("schema_v2", 2, 10).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
     for n in 0..40 {
         let version = if n % 2 == 0 { 1 } else { 2 };
         let payload = event(version, n);
@@ -55,7 +55,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
 
     let shutdown = CancellationToken::new();
     let speed = tokio::spawn(stream::run(
-        SpeedConfig { max_batch: 1_000, ..SpeedConfig::single_instance(&stack.brokers, &topic, &dlq, &url) },
+        SpeedConfig { max_batch: 1_000, ..SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url) },
         shutdown.clone(),
     ));
     integration_tests::checks::wait_for_speed(&pool, 40).await;
@@ -70,7 +70,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     assert_eq!(speed_units, 80, "serving from the speed layer counts both versions");
 
     let summary =
-        ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+        ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
     assert_eq!((summary.events, summary.rejected), (40, 0));
     let table = lake.open("events").await.unwrap().unwrap();
     let ctx = datafusion::prelude::SessionContext::new();
@@ -123,11 +123,11 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     platform::db::prepare(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
-    let ingest_config = IngestConfig::catch_up(&stack.brokers, &topic, &lake);
+    let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
     let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
     // Later traffic touches only the newest hours, so an ordinary incremental
     // run would leave the older ones without the new measure.
-    let args = |seed, hours| Args { backfill_hours: hours, ..Args::for_tests(&stack.brokers, &topic, seed) };
+    let args = |seed, hours| Args { backfill_hours: hours, ..Args::for_tests(stack.brokers(), &topic, seed) };
 
     let first = generator::run(args(31, 8)).await.unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
@@ -186,7 +186,7 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
 
     // Recorded: the run after that is an ordinary one again.
     let third = generator::run(args(33, 1)).await.unwrap();
-    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await.unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
     let outcome = recompute::run(&run).await.unwrap();
     let RunOutcome::Published { hours: Some(_), ref backfilled, .. } = outcome else { panic!("{outcome:?}") };
     assert!(backfilled.is_empty(), "{backfilled:?}");

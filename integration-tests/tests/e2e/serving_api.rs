@@ -420,7 +420,7 @@ async fn personal_recommendations_follow_a_click() {
     let _speed = tokio::process::Command::new(binary("speed-layer"))
         .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
         .args(["--assignment", "all", "--flush-interval", "100ms", "--ops-addr", "127.0.0.1:0"])
-        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("KAFKA_BROKERS", stack.brokers())
         .env("DATABASE_URL", &url)
         .stdout(Stdio::null())
         .stderr(log)
@@ -428,7 +428,7 @@ async fn personal_recommendations_follow_a_click() {
         .spawn()
         .unwrap();
     let (addr, stop) = serve(&url).await;
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &stack.brokers).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
     let click = |user: &str, product: &str, kind: &str, at: DateTime<Utc>| {
         json!({"event_id": uuid::Uuid::new_v4().to_string(), "event_type": kind,
                "event_time": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

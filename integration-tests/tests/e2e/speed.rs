@@ -20,13 +20,13 @@ use speed_layer::stream::{self, SpeedConfig};
 use tokio_util::sync::CancellationToken;
 
 fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, bad: f64) -> Args {
-    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(&stack.brokers, topic, seed) }
+    Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(stack.brokers(), topic, seed) }
 }
 
 fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
     SpeedConfig {
         flush_interval: Duration::from_millis(200),
-        ..SpeedConfig::single_instance(&stack.brokers, topic, dlq, url)
+        ..SpeedConfig::single_instance(stack.brokers(), topic, dlq, url)
     }
 }
 
@@ -34,7 +34,7 @@ fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
 /// every one carries its source position.
 async fn dlq_reasons(stack: &Stack, dlq: &str, expected: u64) -> BTreeMap<String, u64> {
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", stack.brokers())
         .set("group.id", format!("{dlq}.check"))
         .set("auto.offset.reset", "earliest")
         .create()
@@ -113,7 +113,7 @@ async fn kill_during_flush_loses_and_duplicates_nothing() {
                 "--assignment",
                 "all",
             ])
-            .env("KAFKA_BROKERS", &stack.brokers)
+            .env("KAFKA_BROKERS", stack.brokers())
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())
             .stderr(log)
@@ -170,7 +170,7 @@ async fn sigterm_flushes_what_is_buffered_and_exits_cleanly() {
         .args(["run", "--topic", &topic, "--dlq-topic", &dlq, "--group-id", &format!("{topic}.speed")])
         .args(["--assignment", "all", "--flush-interval", "1h", "--max-batch", "10000000"])
         .args(["--ops-addr", &format!("127.0.0.1:{port}")])
-        .env("KAFKA_BROKERS", &stack.brokers)
+        .env("KAFKA_BROKERS", stack.brokers())
         .env("DATABASE_URL", &url)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())

@@ -532,7 +532,7 @@ struct Runs {
 /// `--forget`: one `forget-user` request per size, each on a fresh copy of
 /// the lake (hard links: the request rewrites files, never the originals).
 async fn forget_users(args: &Args, base: &Path, bench_dir: &Path, shape: &LakeShape) -> anyhow::Result<()> {
-    let stack = Stack::from_env();
+    let stack = Stack::local();
     let key = platform::forgotten::ForgetKey::new("bench-forget-key-0123456789")?;
     let mut rows = Vec::new();
     for &n in &args.forget {
@@ -574,7 +574,7 @@ async fn forget_users(args: &Args, base: &Path, bench_dir: &Path, shape: &LakeSh
 }
 
 async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expected: &Totals) -> anyhow::Result<Runs> {
-    let stack = Stack::from_env();
+    let stack = Stack::local();
     let (url, pool) = stack.fresh_database("bench_batch").await?;
     let config = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), args.topic.clone()) };
 

@@ -107,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.reps > 0 && args.rate > 0.0 && !args.marker_every.is_zero(),
         "--reps, --rate and --marker-every must be positive"
     );
-    let stack = Stack::from_env();
+    let stack = Stack::local();
     let cache = match &args.cache {
         Some(c) => c.clone(),
         None => PathBuf::from(std::env::var("HOME").context("HOME is not set; give --cache")?)
@@ -217,7 +217,7 @@ async fn preloaded_topic(args: &Args, stack: &Stack, cache: &std::path::Path) ->
         spikes: None,
         quiet: false,
         truth: cache.join("bench").join(format!("{key}-truth.json")),
-        ..generator::Args::for_tests(&stack.brokers, &topic, args.seed)
+        ..generator::Args::for_tests(stack.brokers(), &topic, args.seed)
     })
     .await?;
     let records = stack.topic_size(&topic)?;
@@ -280,7 +280,7 @@ async fn bare_consumer(
     fetch_wait: Duration,
 ) -> anyhow::Result<(Duration, u64)> {
     let started = Instant::now();
-    let consumer = consumer(&stack.brokers, &format!("{topic}.bare"), fetch_wait)?;
+    let consumer = consumer(stack.brokers(), &format!("{topic}.bare"), fetch_wait)?;
     read_from_beginning(&consumer, topic, stack.partitions(topic)? as i32)?;
     let (mut n, mut bytes) = (0i64, 0u64);
     while n < records {
@@ -298,7 +298,7 @@ fn speed_config(args: &Args, stack: &Stack, topic: &str, dlq: &str, database_url
         flush_interval: args.flush_interval,
         max_batch: args.max_batch,
         fetch_wait: args.fetch_wait,
-        ..SpeedConfig::single_instance(&stack.brokers, topic, dlq, database_url)
+        ..SpeedConfig::single_instance(stack.brokers(), topic, dlq, database_url)
     }
 }
 
@@ -441,7 +441,7 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
 
     let producer: Arc<ThreadedProducer<MarkerAcks>> = Arc::new(
         ClientConfig::new()
-            .set("bootstrap.servers", &stack.brokers)
+            .set("bootstrap.servers", stack.brokers())
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "200000")
@@ -453,7 +453,7 @@ async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Fres
     // client at all.
     let sent_at: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let delivery = {
-        let bare = consumer(&stack.brokers, &format!("{topic}.bare"), args.fetch_wait)?;
+        let bare = consumer(stack.brokers(), &format!("{topic}.bare"), args.fetch_wait)?;
         read_from_beginning(&bare, &topic, args.partitions)?;
         let (sent_at, stop) = (Arc::clone(&sent_at), shutdown.clone());
         tokio::spawn(async move {

@@ -81,7 +81,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let stack = Stack::from_env();
+    let stack = Stack::local();
     let name = format!("quality_{}", args.seed);
     let topic = stack.fresh_topic(&name, 4).await?;
     let (url, pool) = stack.fresh_database(&name).await?;
@@ -97,10 +97,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         users: args.users,
         rate: args.rate,
         quiet: true,
-        ..GeneratorArgs::for_tests(&stack.brokers, &topic, args.seed)
+        ..GeneratorArgs::for_tests(stack.brokers(), &topic, args.seed)
     };
     let truth = generator::run(generated).await?;
-    ingest::run(IngestConfig::catch_up(&stack.brokers, &topic, &lake), CancellationToken::new()).await?;
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await?;
     let config = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), topic) };
     recompute::run(&config).await?;
 

@@ -226,10 +226,10 @@ fn line(label: &str, w: &mut Window) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut stack = Stack::from_env();
-    if let Some(b) = &args.brokers {
-        stack.brokers = b.clone();
-    }
+    let stack = match &args.brokers {
+        Some(b) => Stack::from_env().with_brokers(b),
+        None => Stack::local(),
+    };
     let topic = stack.fresh_topic("soak_broker", args.partitions).await.context("creating the soak topic")?;
     println!(
         "soak: {} idempotent producers, {:.0} records/s of {} bytes in all, into {topic} ({} partitions) on {}, for {}",
@@ -237,7 +237,7 @@ async fn main() -> anyhow::Result<()> {
         args.rate,
         args.payload_bytes,
         args.partitions,
-        stack.brokers,
+        stack.brokers(),
         humantime::format_duration(args.duration)
     );
     let shared = Arc::new(Shared {
@@ -254,14 +254,14 @@ async fn main() -> anyhow::Result<()> {
     let stop_reading = Arc::new(AtomicBool::new(false));
     let reader = {
         let (brokers, topic, shared, stop) =
-            (stack.brokers.clone(), topic.clone(), Arc::clone(&shared), Arc::clone(&stop_reading));
+            (stack.brokers().to_string(), topic.clone(), Arc::clone(&shared), Arc::clone(&stop_reading));
         let partitions = args.partitions;
         std::thread::spawn(move || consume(&brokers, &topic, partitions, &shared, &stop))
     };
     let producers: Vec<_> = (0..args.producers)
         .map(|id| {
             let (brokers, topic, shared, stop) =
-                (stack.brokers.clone(), topic.clone(), Arc::clone(&shared), Arc::clone(&stop_producing));
+                (stack.brokers().to_string(), topic.clone(), Arc::clone(&shared), Arc::clone(&stop_producing));
             let (rate, bytes) = (args.rate / f64::from(args.producers), args.payload_bytes);
             std::thread::spawn(move || produce(id, &brokers, &topic, rate, bytes, &shared, &stop))
         })
@@ -288,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut total = shared.total.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
     // Does the broker still take a produce?
-    let probe = producer(&stack.brokers, &shared)?;
+    let probe = producer(stack.brokers(), &shared)?;
     let before = shared.acked.load(Ordering::Relaxed);
     let sent = shared.base.elapsed().as_nanos() as u64;
     let _ = probe.send(BaseRecord::with_opaque_to(&topic, Box::new(sent)).key("probe").payload("probe"));
