@@ -16,13 +16,16 @@ export LAKE_URI ?= $(CURDIR)/.local/lake
 STACK := scripts/stack.sh
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: help up down status logs psql clean build generate demo demo-stop test lint fmt
+.PHONY: help up up-replica down status logs psql clean build generate demo demo-stop test lint fmt
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 up: ## start PostgreSQL and the Kafka broker on loopback (idempotent)
 	@$(STACK) up
+
+up-replica: ## also a streaming replica of PostgreSQL (hot standby) on 127.0.0.1:5434, for serve
+	@$(STACK) up-replica
 
 down: ## stop them
 	@$(STACK) down

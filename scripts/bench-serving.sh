@@ -21,6 +21,7 @@ USERS=${USERS:-100000}
 PRODUCTS=${PRODUCTS:-5000}
 DURATION=${DURATION:-30s}
 ADDR=${BENCH_ADDR:-127.0.0.1:18080}
+OPS_ADDR=${BENCH_OPS_ADDR:-127.0.0.1:18081}
 # Paced run: CONNECTIONS connections, each waiting PACE_MS between requests.
 PACED_CONNECTIONS=${PACED_CONNECTIONS:-24}
 PACE_MS=${PACE_MS:-10}
@@ -63,16 +64,19 @@ SQL
 
 say "starting serving-layer serve on $ADDR"
 LOG=$(mktemp)
-RUST_LOG=warn "$BIN" --database-url "$URL" serve --addr "$ADDR" >"$LOG" 2>&1 &
+KEY=$("$BIN" --database-url "$URL" keys create --scope recommendations --name bench 2>/dev/null)
+# A rate limit per key far above what one machine serves: the benchmark
+# measures the server, not the limiter's refusals.
+RUST_LOG=warn "$BIN" --database-url "$URL" serve --addr "$ADDR" --ops-addr "$OPS_ADDR" --rate-limit 1000000 >"$LOG" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -f "$LOG" "$LUA"' EXIT
 for _ in $(seq 1 300); do
-    curl -fs "http://$ADDR/readyz" >/dev/null 2>&1 && break
+    curl -fs "http://$OPS_ADDR/readyz" >/dev/null 2>&1 && break
     kill -0 "$server" 2>/dev/null || { cat "$LOG" >&2; die "serving-layer serve stopped"; }
     sleep 0.1
 done
-curl -fs "http://$ADDR/readyz" >/dev/null || die "serving-layer serve is not ready: $(cat "$LOG")"
-sample=$(curl -fs "http://$ADDR/api/recommendations/u-42?k=10")
+curl -fs "http://$OPS_ADDR/readyz" >/dev/null || die "serving-layer serve is not ready: $(cat "$LOG")"
+sample=$(curl -fs -H "Authorization: Bearer $KEY" "http://$ADDR/api/recommendations/u-42?k=10")
 echo "$sample" | grep -q '"source":"personalized"' || die "u-42 is not personalised: $sample"
 
 LUA=$(mktemp --suffix .lua)
@@ -81,7 +85,8 @@ cat >"$LUA" <<LUA
 math.randomseed(os.time())
 local pace = tonumber(os.getenv("PACE_MS") or "0")
 request = function()
-  return wrk.format("GET", "/api/recommendations/u-" .. math.random(1, $USERS) .. "?k=10")
+  return wrk.format("GET", "/api/recommendations/u-" .. math.random(1, $USERS) .. "?k=10",
+    { ["Authorization"] = "Bearer $KEY" })
 end
 if pace > 0 then
   delay = function() return pace end
@@ -104,7 +109,7 @@ echo "$paced"
 say "saturating run: $MAX_CONNECTIONS connections, $DURATION"
 max=$(run_wrk "$MAX_CONNECTIONS" 0 "$DURATION")
 echo "$max"
-metrics=$(curl -fs "http://$ADDR/metrics")
+metrics=$(curl -fs "http://$OPS_ADDR/metrics")
 fallbacks=$(echo "$metrics" | awk '/^serving_fallbacks_total/ { s += $2 } END { print s + 0 }')
 personal=$(echo "$metrics" | awk '/^serving_recommendations_total\{source="personalized"\}/ { print $2 }')
 [ -z "$(echo "$paced$max" | errors)" ] || die "wrk saw errors: $(echo "$paced$max" | errors)"

@@ -62,7 +62,7 @@ step "start in the background: speed layer, lake ingest, batch every ${DEMO_BATC
 start_bg speed-layer "$BIN/speed-layer" run
 start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$LAKE" --flush-interval 10s
 start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$LAKE"
-start_bg serving-layer "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}"
+start_bg serving-layer "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}" --ops-addr "${SERVING_OPS_ADDR:-127.0.0.1:9102}"
 echo "logs: $LOGS/{speed-layer,ingest,batch-schedule,serving-layer}.log"
 
 # Wait until the speed layer has stopped moving (three equal readings):
@@ -80,8 +80,11 @@ for _ in $(seq 1 300); do
 done
 echo
 alive serving-layer
-for _ in $(seq 1 60); do curl -sf "http://${SERVING_ADDR:-127.0.0.1:8080}/readyz" >/dev/null && break; sleep 1; done
-curl -sf "http://${SERVING_ADDR:-127.0.0.1:8080}/readyz" >/dev/null || { echo "serving layer not ready; see $LOGS/serving-layer.log" >&2; exit 1; }
+for _ in $(seq 1 60); do curl -sf "http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/readyz" >/dev/null && break; sleep 1; done
+curl -sf "http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/readyz" >/dev/null || { echo "serving layer not ready; see $LOGS/serving-layer.log" >&2; exit 1; }
+# Keys for the serving edge, made by the schema owner and shown once.
+RECOMMEND_KEY=$("$BIN/serving-layer" keys create --scope recommendations --name demo-recommender 2>/dev/null)
+DASHBOARD_KEY=$("$BIN/serving-layer" keys create --scope dashboard --name demo-analyst 2>/dev/null)
 
 step "live traffic (${DEMO_LIVE:-2h}, ${DEMO_LIVE_RATE:-20} events/s) with a demand spike starting now"
 start_bg generator "$BIN/generate" --backfill-hours 0 --duration "${DEMO_LIVE:-2h}" --rate "${DEMO_LIVE_RATE:-20}" \
@@ -117,10 +120,13 @@ about 1 s here, docs/BENCHMARKS.md); the ingest appends to the Delta lake
 and a batch run every ${DEMO_BATCH_EVERY:-5m} republishes batch.* with its
 offset cut; serving.* merges both exactly.
 
-  Dashboard          http://$ADDR/
-  Recommendations    curl -s http://$ADDR/api/recommendations/$user?k=5
+  Dashboard          http://localhost:${ADDR##*:}/#key=$DASHBOARD_KEY
+                     (the link signs the page in; or paste the key into its form)
+  Recommendations    curl -s -H 'Authorization: Bearer $RECOMMEND_KEY' \\
+                       http://$ADDR/api/recommendations/$user?k=5
+  API keys           $BIN/serving-layer keys list | keys create --scope dashboard --name NAME | keys revoke ID
   As a BI tool sees  psql postgres://dashboard_reader@127.0.0.1:5433/lambda -c 'TABLE serving.demand_spikes'
-  Metrics            curl -s http://$ADDR/metrics | grep ^serving_
+  Metrics            curl -s http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/metrics | grep ^serving_
                      curl -s 127.0.0.1:9101/metrics | grep ^speed_
   Batch runs         psql "\$DATABASE_URL" -c 'TABLE ops.batch_runs'
   Training data      $BIN/batch-layer export-training --out .local/training

@@ -4,6 +4,7 @@
 #
 #   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk, moto)
 #   scripts/stack.sh up        start both (idempotent), topics, migrations
+#   scripts/stack.sh up-replica a streaming replica of PostgreSQL (hot standby) on $REPLICA_PORT
 #   scripts/stack.sh down      stop both
 #   scripts/stack.sh status    what runs where
 #   scripts/stack.sh logs      follow the logs
@@ -26,6 +27,7 @@ MOTO_VERSION=5.2.5
 # records (docs/PRIVACY.md). Default 7 days.
 TOPIC_RETENTION_MS=${TOPIC_RETENTION_MS:-604800000}
 PG_PORT=${PG_PORT:-5433}
+REPLICA_PORT=${REPLICA_PORT:-5434}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 PG_URL="postgres://postgres@127.0.0.1:$PG_PORT"
 LOGS=$LOCAL/logs
@@ -129,6 +131,54 @@ CONF
     say "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$LOGS/postgres.log" -w -t 60 start >/dev/null \
         || die "PostgreSQL did not start; see $LOGS/postgres.log"
+}
+
+# The replica's data sits beside the primary's (same traversal rules).
+replica_dir() { echo "$(dirname "$(readlink -m "$LOCAL/pg")")/pg-replica"; }
+
+replica_running() {
+    local dir
+    dir=$(replica_dir)
+    [ -e "$dir/data/postmaster.pid" ] && as_postgres "$(pg_bin)/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
+}
+
+# A hot standby streaming from the local primary: pg_basebackup writes the
+# copy and its primary_conninfo (-R), then it replays the primary's WAL.
+start_replica() {
+    pg_running || die "the replica copies the running primary: run \`make up\` first"
+    local bin dir
+    bin=$(pg_bin)
+    dir=$(replica_dir)
+    mkdir -p "$LOGS" "$dir"
+    if [ "$(id -u)" = 0 ]; then
+        chown postgres: "$dir"
+        touch "$LOGS/replica.log" && chown postgres: "$LOGS/replica.log"
+    fi
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        say "copying the primary into a streaming replica in $dir/data"
+        as_postgres mkdir -p "$dir/run"
+        as_postgres "$bin/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U postgres -D "$dir/data" -R -X stream -c fast \
+            >"$LOGS/basebackup.log" 2>&1 || die "pg_basebackup failed; see $LOGS/basebackup.log"
+        # Later lines win over the primary's copied settings.
+        as_postgres tee -a "$dir/data/postgresql.conf" >/dev/null <<CONF
+# lambda-platform local replica
+port = $REPLICA_PORT
+unix_socket_directories = '$dir/run'
+hot_standby = on
+hot_standby_feedback = on
+CONF
+    fi
+    if replica_running; then return; fi
+    say "starting the replica on 127.0.0.1:$REPLICA_PORT"
+    as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$LOGS/replica.log" -w -t 60 start >/dev/null \
+        || die "the replica did not start; see $LOGS/replica.log"
+}
+
+stop_replica() {
+    if replica_running; then
+        say "stopping the replica"
+        as_postgres "$(pg_bin)/pg_ctl" -D "$(replica_dir)/data" -m fast -w stop >/dev/null || true
+    fi
 }
 
 wait_postgres() {
@@ -277,6 +327,7 @@ stop_postgres() {
 
 down() {
     stop_tansu
+    stop_replica
     stop_postgres
 }
 
@@ -291,6 +342,9 @@ status() {
     else
         echo "Kafka       stopped"
     fi
+    if replica_running; then
+        echo "replica     running   postgres://postgres@127.0.0.1:$REPLICA_PORT/lambda   (hot standby of the above)"
+    fi
     echo "lake        ${LAKE_URI:-$LOCAL/lake}"
     echo "logs        $LOGS/"
 }
@@ -298,10 +352,11 @@ status() {
 case "${1:-}" in
     tools) install_tools ;;
     up) up ;;
+    up-replica) start_replica; status ;;
     down) down ;;
     status) status ;;
     logs) mkdir -p "$LOGS"; touch "$LOGS/postgres.log" "$LOGS/tansu.log"; tail -n 50 -F "$LOGS"/*.log ;;
     restart-postgres) stop_postgres; start_postgres; wait_postgres ;;
     restart-broker) stop_tansu; start_tansu; wait_tansu ;;
-    *) echo "usage: $0 tools|up|down|status|logs|restart-postgres|restart-broker" >&2; exit 2 ;;
+    *) echo "usage: $0 tools|up|up-replica|down|status|logs|restart-postgres|restart-broker" >&2; exit 2 ;;
 esac

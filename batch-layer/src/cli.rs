@@ -44,14 +44,12 @@ pub enum Command {
         #[arg(long)]
         until_caught_up: bool,
         /// Platform database (the ingest reads the forgotten users from it).
-        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
-        /// Webhook told of offset gaps (records removed by retention before
-        /// they were read); recorded in ops.notifications either way.
-        #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
-        notify_webhook_url: Option<String>,
+        #[command(flatten)]
+        notify: platform::notify::WebhookArgs,
     },
     /// Recompute the views from the lake and publish them with their offset cut,
     /// atomically: incremental by default (only the hours new events touched),
@@ -93,7 +91,7 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', default_value = "events,events.dlq", env = "FORGET_TOPICS")]
         topics: Vec<String>,
         /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
@@ -107,7 +105,7 @@ pub enum Command {
     /// with a manifest, into an empty folder, registered in ops.training_exports.
     ExportTraining {
         /// Platform database (the export is registered there; forgotten users are read from it).
-        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         #[command(flatten)]
         forget: ForgetKeyArgs,
@@ -154,7 +152,7 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Platform database.
-    #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
     database_url: String,
     /// Topic whose offsets the lake records.
     #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
@@ -169,10 +167,8 @@ pub struct RunArgs {
     model_refresh: Duration,
     #[command(flatten)]
     catalog: CatalogArgs,
-    /// Webhook told of failed runs, failed quality checks and catalog schema
-    /// changes (a JSON POST); they are recorded in ops.notifications either way.
-    #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
-    notify_webhook_url: Option<String>,
+    #[command(flatten)]
+    notify: platform::notify::WebhookArgs,
     /// Where the SQL runs: `local` (in this process) or `ballista://HOST:PORT`
     /// (a Ballista scheduler: `batch-cluster scheduler`; `make cluster-up` starts one
     /// on 127.0.0.1:50050).
@@ -190,8 +186,7 @@ impl RunArgs {
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
-            notify_webhook: platform::notify::parse_webhook(self.notify_webhook_url.as_deref())
-                .map_err(anyhow::Error::msg)?,
+            notify_webhook: self.notify.webhook()?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             engine: crate::engine::Engine::parse(&self.engine)?,
             ..RunConfig::new(self.database_url, Lake::parse(lake_uri)?, self.topic)
@@ -209,7 +204,7 @@ fn parse_cron(s: &str) -> Result<Box<croner::Cron>, String> {
 #[derive(Debug, clap::Args)]
 pub struct CatalogArgs {
     /// The shop's database (its `products` table is snapshotted read-only into the lake).
-    #[arg(long, env = "SALES_DATABASE_URL", default_value = shared_schema::defaults::SALES_DATABASE_URL)]
+    #[arg(long, env = "SALES_DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::SALES_DATABASE_URL)]
     sales_database_url: String,
     /// Do not snapshot the catalog.
     #[arg(long)]
@@ -234,7 +229,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             until_caught_up,
             database_url,
             forget,
-            notify_webhook_url,
+            notify,
         } => {
             if flush_records == 0 {
                 anyhow::bail!("--flush-records must be at least 1");
@@ -242,12 +237,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if flush_mib == 0 || flush_mib > 16 * 1024 {
                 anyhow::bail!("--flush-mib must be from 1 to 16384, e.g. 64");
             }
-            let db = ingest::PlatformDb {
-                database_url,
-                key: forget.optional()?,
-                notify_webhook: platform::notify::parse_webhook(notify_webhook_url.as_deref())
-                    .map_err(anyhow::Error::msg)?,
-            };
+            let db = ingest::PlatformDb { database_url, key: forget.optional()?, notify_webhook: notify.webhook()? };
             let config = IngestConfig {
                 brokers: cli.brokers,
                 topic,
@@ -321,7 +311,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportTraining { out, as_of, database_url, forget } => {
             let as_of = as_of.unwrap_or_else(chrono::Utc::now);
             let pool = platform::db::connect(&database_url, 2, Duration::from_secs(30)).await?;
-            platform::db::prepare(&pool, None).await?;
+            platform::db::check(&pool).await?;
             let key = forget.optional()?;
             let m = crate::export::run(&Lake::parse(&cli.lake_uri)?, &out, as_of, &pool, key.as_ref()).await?;
             println!(

@@ -206,7 +206,7 @@ pub async fn forget_users(config: &ForgetConfig, ids: &[String]) -> Result<Forge
         return Err(ForgetUserError::TooMany(ids.len()));
     }
     let pool = platform::db::connect(&config.database_url, 3, Duration::from_secs(30)).await?;
-    platform::db::prepare(&pool, None).await?;
+    platform::db::check(&pool).await?;
     // Refuses a key other than the one earlier requests were hashed with.
     Forgotten::load(&pool, Some(&config.key)).await?;
     // The topics' retention first: a broker that is away must not hold the

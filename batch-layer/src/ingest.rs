@@ -88,7 +88,7 @@ pub const DEFAULT_FLUSH_BYTES: usize = 64 << 20;
 pub struct PlatformDb {
     pub database_url: String,
     pub key: Option<platform::forgotten::ForgetKey>,
-    pub notify_webhook: Option<url::Url>,
+    pub notify_webhook: Option<platform::notify::Webhook>,
 }
 
 impl PlatformDb {
@@ -180,7 +180,7 @@ struct Db {
 impl Db {
     async fn connect(config: &PlatformDb) -> Result<Self, IngestError> {
         let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(30)).await?;
-        platform::db::MIGRATOR.run(&pool).await.map_err(platform::db::DbError::from)?;
+        platform::db::check(&pool).await?;
         let users = platform::forgotten::Forgotten::load(&pool, config.key.as_ref()).await?;
         let notifier = platform::notify::Notifier::spawn(
             platform::notify::NotifyConfig::new(config.notify_webhook.clone(), "batch-ingest"),
@@ -281,6 +281,12 @@ fn consumer(config: &IngestConfig) -> Result<StreamConsumer<IngestContext>, Inge
 /// Runs the ingest until caught up (with `until_caught_up`) or `shutdown`.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<IngestSummary, IngestError> {
     let kafka = |source: KafkaError| IngestError::Kafka { brokers: config.brokers.clone(), source: Box::new(source) };
+    // The schema check first: a database that is not migrated is reported
+    // before anything else is touched.
+    let mut db = match &config.db {
+        Some(d) => Some(Db::connect(d).await?),
+        None => None,
+    };
     let consumer = consumer(&config)?;
     let metadata = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30)).map_err(kafka)?;
     let partitions: Vec<i32> = metadata
@@ -306,10 +312,7 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     let events_next =
         committed_offsets(&events, &config.topic, typed.clone()).await.map_err(commit_err(EVENTS_TABLE))?;
     let rejected_next = committed_offsets(&rejected, &config.topic, typed).await.map_err(commit_err(REJECTED_TABLE))?;
-    let mut db = match &config.db {
-        Some(d) => Some(Db::connect(d).await?),
-        None => None,
-    };
+
     // The deployment's window; the default before any binary created the
     // deployment row, or without a database.
     let window = match &db {

@@ -66,7 +66,7 @@ pub struct RunConfig {
     /// Where failed runs, failed quality checks and catalog schema changes
     /// are POSTed (`NOTIFY_WEBHOOK_URL`); they are recorded in
     /// `ops.notifications` either way.
-    pub notify_webhook: Option<url::Url>,
+    pub notify_webhook: Option<platform::notify::Webhook>,
     /// Where the SQL runs: in this process, or on a Ballista cluster.
     pub engine: Engine,
     /// Tests only: pause before publishing (see [`PublishPause`]).
@@ -201,7 +201,7 @@ async fn run_with(
 ) -> Result<RunOutcome, RunError> {
     let started = Instant::now();
     let pool = pool.clone();
-    let deployment = platform::db::prepare(&pool, None).await?;
+    let deployment = platform::db::check(&pool).await?;
     let mut lock_conn = pool.acquire().await?;
     let locked: bool =
         sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RUN_LOCK).fetch_one(&mut *lock_conn).await?;

@@ -191,7 +191,7 @@ impl Stack {
         let topic = self.fresh_topic(test, partitions).await?;
         let dlq = self.fresh_topic(&format!("{test}_dlq"), 1).await?;
         let (url, pool) = self.fresh_database(test).await?;
-        platform::db::prepare(&pool, Some(segment_size)).await?;
+        platform::db::migrate(&pool, Some(segment_size)).await?;
         Ok(FreshStream { topic, dlq, url, pool })
     }
 

@@ -8,7 +8,7 @@
 //! tansu in `$LAMBDA_CACHE/tools/bin` (`scripts/stack.sh tools` installs
 //! both). As root, PostgreSQL runs as the `postgres` user.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,6 +31,8 @@ pub struct PrivateStack {
     pg_bin: PathBuf,
     pg_port: u16,
     broker: OwnBroker,
+    /// The hot standby's port, once [`PrivateStack::start_replica`] ran.
+    replica_port: Option<u16>,
 }
 
 impl PrivateStack {
@@ -54,7 +56,7 @@ impl PrivateStack {
         ));
         std::fs::create_dir_all(dir.join("pg/run")).with_context(|| format!("creating {}", dir.display()))?;
         let broker = OwnBroker::in_dir(&dir.join("tansu"), maintenance)?;
-        let mut stack = Self { dir, pg_bin, pg_port: free_port()?, broker };
+        let mut stack = Self { dir, pg_bin, pg_port: free_port()?, broker, replica_port: None };
         if is_root() {
             run(Command::new("chown").arg("-R").arg("postgres:").arg(stack.dir.join("pg")))?;
             // PostgreSQL must traverse the directory (it is 0755 by umask, normally).
@@ -170,18 +172,19 @@ impl PrivateStack {
     }
 
     async fn start_postgres(&self) -> anyhow::Result<()> {
-        let options =
-            format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.pg_port, self.dir.join("pg/run").display());
+        self.pg_ctl_start(&self.dir.join("pg/data"), self.pg_port, &self.dir.join("pg/postgres.log")).await
+    }
+
+    /// Starts the server whose data is in `data` on `port`; returns once it
+    /// accepts connections.
+    async fn pg_ctl_start(&self, data: &Path, port: u16, log: &Path) -> anyhow::Result<()> {
+        let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", self.dir.join("pg/run").display());
         let mut cmd = self.as_postgres(self.pg_bin.join("pg_ctl"));
-        cmd.arg("-D")
-            .arg(self.dir.join("pg/data"))
-            .arg("-l")
-            .arg(self.dir.join("pg/postgres.log"))
-            .args(["-w", "-t", "60", "-o", &options, "start"]);
+        cmd.arg("-D").arg(data).arg("-l").arg(log).args(["-w", "-t", "60", "-o", &options, "start"]);
         tokio::task::spawn_blocking(move || run(&mut cmd))
             .await?
-            .with_context(|| format!("starting PostgreSQL; see {}", self.dir.join("pg/postgres.log").display()))?;
-        let url = self.database_url("postgres");
+            .with_context(|| format!("starting PostgreSQL; see {}", log.display()))?;
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         for _ in 0..200 {
             if let Ok(pool) = PgPool::connect(&url).await {
                 pool.close().await;
@@ -189,23 +192,47 @@ impl PrivateStack {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("PostgreSQL does not answer on port {}", self.pg_port)
+        bail!("PostgreSQL does not answer on port {port}")
+    }
+
+    /// A hot standby of the private server on a port of its own, streaming
+    /// its WAL: copied with `pg_basebackup -R` (which writes the
+    /// standby's `primary_conninfo`), as a deployment would make one.
+    pub async fn start_replica(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.join("pg/replica");
+        let mut copy = self.as_postgres(self.pg_bin.join("pg_basebackup"));
+        copy.args(["-h", "127.0.0.1", "-p", &self.pg_port.to_string(), "-U", "postgres", "-D"])
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast"]);
+        tokio::task::spawn_blocking(move || run(&mut copy)).await?.context("pg_basebackup")?;
+        let port = free_port()?;
+        self.pg_ctl_start(&data, port, &self.dir.join("pg/replica.log")).await?;
+        self.replica_port = Some(port);
+        Ok(())
+    }
+
+    /// URL of database `db` on the hot standby, as `role`.
+    pub fn replica_url(&self, role: &str, db: &str) -> Option<String> {
+        self.replica_port.map(|port| format!("postgres://{role}@127.0.0.1:{port}/{db}"))
     }
 
     fn stop_postgres(&self) -> anyhow::Result<()> {
-        run(self.as_postgres(self.pg_bin.join("pg_ctl")).arg("-D").arg(self.dir.join("pg/data")).args([
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ]))
-        .context("stopping PostgreSQL")
+        self.pg_ctl_stop(&self.dir.join("pg/data"))
+    }
+
+    /// Stops the server of `data` at once (connections drop mid-transaction).
+    fn pg_ctl_stop(&self, data: &Path) -> anyhow::Result<()> {
+        run(self.as_postgres(self.pg_bin.join("pg_ctl")).arg("-D").arg(data).args(["-m", "immediate", "-w", "stop"]))
+            .context("stopping PostgreSQL")
     }
 }
 
 impl Drop for PrivateStack {
     fn drop(&mut self) {
         self.broker.kill();
+        if self.replica_port.is_some() {
+            let _ = self.pg_ctl_stop(&self.dir.join("pg/replica"));
+        }
         let _ = self.stop_postgres();
         if std::thread::panicking() {
             eprintln!("private stack kept for inspection: {}", self.dir.display());

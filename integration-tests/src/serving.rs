@@ -6,6 +6,7 @@
 //! computed from. Everything derived (category demand, popularity, spikes)
 //! is then computed by the real views.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -250,21 +251,82 @@ pub struct Answer {
     pub status: u16,
     pub content_type: Option<String>,
     pub body: String,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Answer {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
-/// `GET path` over HTTP/1.1 with `Connection: close`. `path` goes on the
+/// API keys the tests' requests carry, per server: `(recommendations,
+/// dashboard)`. [`get`] sends the one the path's scope needs.
+static KEYS: std::sync::Mutex<BTreeMap<SocketAddr, (String, String)>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Creates a key of each scope (as `serving-layer keys create` does) in the
+/// database `pool` reaches, for the server at `addr`: [`get`] uses them.
+pub async fn sign_requests(addr: SocketAddr, pool: &PgPool) -> anyhow::Result<()> {
+    use serving_layer::auth::{Scope, create_key};
+    let recommendations = create_key(pool, "tests", Scope::Recommendations).await?.key;
+    let dashboard = create_key(pool, "tests", Scope::Dashboard).await?.key;
+    use_keys(addr, recommendations, dashboard);
+    Ok(())
+}
+
+/// Makes [`get`] send these keys to the server at `addr`.
+pub fn use_keys(addr: SocketAddr, recommendations: String, dashboard: String) {
+    KEYS.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, (recommendations, dashboard));
+}
+
+/// The key [`sign_requests`] made for `addr` and `path`'s scope, if any.
+pub fn key_for(addr: SocketAddr, path: &str) -> Option<String> {
+    let keys = KEYS.lock().unwrap_or_else(|p| p.into_inner());
+    let (recommendations, dashboard) = keys.get(&addr)?;
+    if path.starts_with("/api/recommendations/") {
+        Some(recommendations.clone())
+    } else if path.starts_with("/api/") {
+        Some(dashboard.clone())
+    } else {
+        None
+    }
+}
+
+/// `GET path` over HTTP/1.1 with `Connection: close`, with the key
+/// [`sign_requests`] registered for `addr` (if any). `path` goes on the
 /// wire as given (it may hold bytes a URL library would refuse to send).
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
+    let headers: Vec<(String, String)> =
+        key_for(addr, path).map(|k| ("Authorization".to_string(), format!("Bearer {k}"))).into_iter().collect();
+    request(addr, "GET", path, &headers, "").await
+}
+
+/// One HTTP/1.1 request with `headers` and `body`, `Connection: close`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &str,
+) -> anyhow::Result<Answer> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .context("connect timed out")??;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await.context("read timed out")??;
@@ -274,6 +336,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
     let status_line = lines.next().unwrap_or_default();
     let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).context("status line")?;
     let mut content_type = None;
+    let mut headers = Vec::new();
     for line in lines {
         let (name, value) = line.split_once(':').unwrap_or((line, ""));
         if name.eq_ignore_ascii_case("transfer-encoding") && value.trim().eq_ignore_ascii_case("chunked") {
@@ -282,31 +345,69 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Answer> {
         if name.eq_ignore_ascii_case("content-type") {
             content_type = Some(value.trim().to_owned());
         }
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
     }
-    Ok(Answer { status, content_type, body: body.to_owned() })
+    Ok(Answer { status, content_type, body: body.to_owned(), headers })
 }
 
-/// Starts the `serving-layer serve` binary on a free port against
-/// `database_url` and waits until it is ready; it is killed when dropped.
-pub async fn serve_binary(database_url: &str) -> (SocketAddr, tokio::process::Child) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], crate::fixture::free_port().expect("a free port")));
+/// A `serving-layer serve` process: killed when dropped.
+pub struct ServedBinary {
+    pub addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub child: tokio::process::Child,
+}
+
+/// Starts the `serving-layer serve` binary on free ports against
+/// `database_url`, with keys of both scopes for [`get`], and waits until it
+/// is ready.
+pub async fn serve_binary(database_url: &str) -> ServedBinary {
+    let port = || SocketAddr::from(([127, 0, 0, 1], crate::fixture::free_port().expect("a free port")));
+    let (addr, ops_addr) = (port(), port());
     let child = tokio::process::Command::new(crate::fixture::binary("serving-layer"))
-        .args(["serve", "--addr", &addr.to_string()])
+        .args(["serve", "--addr", &addr.to_string(), "--ops-addr", &ops_addr.to_string()])
         .env("DATABASE_URL", database_url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("starting serving-layer serve");
-    wait_ready(addr).await;
-    (addr, child)
+    let pool = PgPool::connect(database_url).await.expect("connecting to create keys");
+    sign_requests(addr, &pool).await.expect("creating keys");
+    pool.close().await;
+    wait_ready(ops_addr).await;
+    ServedBinary { addr, ops_addr, child }
 }
 
-/// Waits until the server at `addr` answers `/readyz` with 200 (30 s at most).
+/// Waits until the ops endpoint at `addr` answers `/readyz` with 200 (30 s at most).
 pub async fn wait_ready(addr: SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !get(addr, "/readyz").await.is_ok_and(|a| a.status == 200) {
         assert!(tokio::time::Instant::now() < deadline, "the server at {addr} did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Writes a model output file (`serving-layer import-recommendations`'s
+/// input) to `path`: (user, product, score, rank) rows; the `rank` column
+/// only when every row has one.
+pub fn write_model_file(path: &std::path::Path, rows: &[(&str, &str, f64, Option<i64>)]) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+    use datafusion::parquet::arrow::ArrowWriter;
+    let mut columns: Vec<(&str, ArrayRef)> = vec![
+        ("user_id", Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0)))),
+        ("product_id", Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1)))),
+        ("score", Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2)))),
+    ];
+    let ranks: Option<Vec<i64>> = rows.iter().map(|r| r.3).collect();
+    if let Some(ranks) = ranks {
+        columns.push(("rank", Arc::new(Int64Array::from(ranks))));
+    }
+    let batch = RecordBatch::try_from_iter(columns)?;
+    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
 }

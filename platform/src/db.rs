@@ -5,10 +5,16 @@
 //! it at start, the same way everywhere:
 //!
 //! 1. connect, retrying while the server is not up yet ([`connect`]);
-//! 2. apply the workspace's SQL migrations (sqlx takes an advisory lock, so
-//!    several binaries starting at once is safe);
-//! 3. fix the deployment's segment size on first start ([`Deployment`]);
-//! 4. (re)create the `serving.*` views from the view definitions when a
+//! 2. check, under the service's own role, that the schema is the one the
+//!    binary was built for ([`check`]): services never run DDL.
+//!
+//! The schema owner's step, before any service starts (`serving-layer
+//! migrate`, which `make up` runs), is [`migrate`]:
+//!
+//! 1. apply the workspace's SQL migrations (sqlx takes an advisory lock, so
+//!    several runs at once are safe);
+//! 2. fix the deployment's segment size on first start ([`Deployment`]);
+//! 3. (re)create the `serving.*` views from the view definitions when a
 //!    definition changed, with their grants ([`sync_serving_views`]).
 
 use std::time::Duration;
@@ -37,9 +43,14 @@ pub enum DbError {
         "the deployment's segment size is {stored}, but {requested} was requested; it is fixed when the schema is created"
     )]
     SegmentSizeMismatch { stored: i64, requested: i64 },
+    #[error("{0}: run `{MIGRATE_COMMAND}` as the schema owner first (`make up` does it locally)")]
+    Pending(String),
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
 }
+
+/// The one command that changes the schema.
+pub const MIGRATE_COMMAND: &str = "serving-layer migrate";
 
 /// Settings fixed for the deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,13 +85,60 @@ pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<
     }
 }
 
-/// Everything a binary does to the schema at start: migrations, the
-/// deployment row and the generated serving views. Idempotent.
-pub async fn prepare(pool: &PgPool, segment_size: Option<i64>) -> Result<Deployment, DbError> {
+/// The schema owner's step: migrations, the deployment row and the
+/// generated serving views. Idempotent.
+pub async fn migrate(pool: &PgPool, segment_size: Option<i64>) -> Result<Deployment, DbError> {
     MIGRATOR.run(pool).await?;
     let deployment = ensure_deployment(pool, segment_size).await?;
     sync_serving_views(pool, ALL_VIEWS).await?;
     Ok(deployment)
+}
+
+/// `serving.schema_state()`: what the owner's bookkeeping says.
+#[derive(sqlx::FromRow)]
+struct SchemaState {
+    applied: Vec<i64>,
+    views_fingerprint: Option<String>,
+    segment_size: Option<i64>,
+    dedup_window_micros: Option<i64>,
+}
+
+/// What every service does at start instead of DDL: checks that each
+/// migration this binary embeds is applied, that the generated serving views
+/// are this binary's, and that the deployment row exists; returns the
+/// deployment's settings. Reads through `serving.schema_state()`, which
+/// every platform role may call.
+pub async fn check(pool: &PgPool) -> Result<Deployment, DbError> {
+    let state = sqlx::query_as::<_, SchemaState>(
+        "SELECT applied, views_fingerprint, segment_size, dedup_window_micros FROM serving.schema_state()",
+    )
+    .fetch_one(pool)
+    .await;
+    let SchemaState { applied, views_fingerprint: views, segment_size, dedup_window_micros } = match state {
+        Ok(state) => state,
+        // No such function or schema: a database that predates it.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42883" | "3F000" | "42P01")) => {
+            return Err(DbError::Pending("the database has not been migrated".into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pending: Vec<i64> = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect();
+    if let Some(first) = pending.first() {
+        return Err(DbError::Pending(format!("{} migration(s) pending, from version {first}", pending.len())));
+    }
+    if views.as_deref() != Some(fingerprint(&serving_relations(ALL_VIEWS)).as_str()) {
+        return Err(DbError::Pending("the serving views are not this release's".into()));
+    }
+    let (Some(stored), Some(dedup_window_micros)) = (segment_size, dedup_window_micros) else {
+        return Err(DbError::Pending("the deployment's settings are not recorded".into()));
+    };
+    let segment_size = SegmentSize::new(stored).ok_or(DbError::SegmentSizeMismatch { stored, requested: stored })?;
+    Ok(Deployment { segment_size, dedup_window_micros })
 }
 
 /// Stores the segment size on first start and returns what is stored. A
@@ -174,18 +232,40 @@ pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), 
     Ok(())
 }
 
-/// The URL without its password, for messages and logs.
+/// The URL without its secrets, for messages and logs: the password of
+/// the user part and the value of every query parameter whose name holds
+/// `password`, `secret` or `token` (`?password=…`, `sslpassword=…`).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                None => base.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => base.to_string(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _))
+                    if ["password", "secret", "token"].iter().any(|s| name.to_ascii_lowercase().contains(s)) =>
+                {
+                    format!("{name}=***")
+                }
+                _ => param.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -197,6 +277,11 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h:5433/db"), "postgres://u:***@h:5433/db");
         assert_eq!(redact("postgres://postgres@127.0.0.1:5433/lambda"), "postgres://postgres@127.0.0.1:5433/lambda");
         assert_eq!(redact("not a url"), "not a url");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=s3cr3t&sslpassword=x&application_name=a"),
+            "postgres://u@h/db?sslmode=require&password=***&sslpassword=***&application_name=a"
+        );
+        assert_eq!(redact("postgres://u:p@h/db?Token=t"), "postgres://u:***@h/db?Token=***");
     }
 
     #[test]

@@ -5,12 +5,19 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// sqlx's URL parser, silenced but for errors.
+const QUIET_URL_PARSER: &str = "sqlx_postgres::options::parse=error";
+
 /// Structured logs through `tracing`: human-readable on a terminal, JSON
 /// lines otherwise (services, CI). `RUST_LOG` filters; default `info`.
+/// Whatever the filter, sqlx's parser of connection URLs stays quiet: it
+/// logs a parameter it does not know with its value (a password, say).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx::postgres::notice=warn,buoyant_kernel=off,delta_kernel=off,deltalake_core=warn")
-    });
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| {
+            EnvFilter::new("info,sqlx::postgres::notice=warn,buoyant_kernel=off,delta_kernel=off,deltalake_core=warn")
+        })
+        .add_directive(QUIET_URL_PARSER.parse().unwrap_or_else(|_| unreachable!()));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests) is harmless; ignore the error it returns.
     let _ = if std::io::stderr().is_terminal() {

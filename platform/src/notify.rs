@@ -13,14 +13,98 @@
 //! `{"id": 17, "kind": "batch_run_failed", "severity": "critical",
 //!   "summary": "...", "details": {...}, "source": "batch-layer",
 //!   "created_at": "2026-11-26T10:00:00Z"}`.
+//!
+//! With `NOTIFY_WEBHOOK_SECRET` set, each POST is signed: header
+//! `X-Lambda-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
+//! ([`sign`]; a receiver checks it with [`verify`] or the same few lines in
+//! any language, and refuses old timestamps against replays). Redirects are
+//! never followed (a redirect could carry the signed body elsewhere), and
+//! the webhook URL, which often holds a token in its path, is never logged:
+//! only its scheme and host ([`Webhook::for_logs`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
+use sha2::Sha256;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+
+/// The header carrying a POST's signature.
+pub const SIGNATURE_HEADER: &str = "X-Lambda-Signature";
+
+/// Shortest accepted `NOTIFY_WEBHOOK_SECRET`.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Where notifications are POSTed, and the secret that signs them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Webhook {
+    url: url::Url,
+    secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook").field("url", &self.for_logs()).field("signed", &self.secret.is_some()).finish()
+    }
+}
+
+impl Webhook {
+    /// An unsigned webhook (tests; see [`parse_webhook`] for the checks).
+    pub fn unsigned(url: url::Url) -> Self {
+        Self { url, secret: None }
+    }
+
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    /// Scheme, host and port only: tokens in the path or query stay out of
+    /// logs and messages.
+    pub fn for_logs(&self) -> String {
+        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{}{port}/…", self.url.scheme(), self.url.host_str().unwrap_or(""))
+    }
+}
+
+/// `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    format!("t={timestamp},v1={}", crate::forgotten::hex(&mac(secret, timestamp, body).finalize().into_bytes()))
+}
+
+fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// A receiver's check of [`SIGNATURE_HEADER`]: the signature matches the
+/// body (compared in constant time) and its timestamp is within
+/// `tolerance_seconds` of `now`.
+pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64, tolerance_seconds: i64) -> bool {
+    let mut timestamp = None;
+    let mut signature = None;
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", v)) => signature = unhex(v),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(sig)) = (timestamp, signature) else { return false };
+    (now - t).abs() <= tolerance_seconds && mac(secret, t, body).verify_slice(&sig).is_ok()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
 
 /// How urgent a notification is (the `severity` of `ops.notifications`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +148,7 @@ impl Notification {
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
     /// The webhook (`NOTIFY_WEBHOOK_URL`); `None`: only record.
-    pub webhook: Option<url::Url>,
+    pub webhook: Option<Webhook>,
     /// Which process sends (`batch-layer`, `speed-layer`).
     pub source: &'static str,
     /// Notifications waiting at most; beyond, the oldest is dropped.
@@ -77,7 +161,7 @@ pub struct NotifyConfig {
 }
 
 impl NotifyConfig {
-    pub fn new(webhook: Option<url::Url>, source: &'static str) -> Self {
+    pub fn new(webhook: Option<Webhook>, source: &'static str) -> Self {
         Self {
             webhook,
             source,
@@ -89,17 +173,48 @@ impl NotifyConfig {
     }
 }
 
-/// Parses `NOTIFY_WEBHOOK_URL` (empty: none).
-pub fn parse_webhook(url: Option<&str>) -> Result<Option<url::Url>, String> {
+/// Parses `NOTIFY_WEBHOOK_URL` (empty: none) and `NOTIFY_WEBHOOK_SECRET`
+/// (empty: unsigned). Messages never repeat the URL or the secret.
+pub fn parse_webhook(url: Option<&str>, secret: Option<&str>) -> Result<Option<Webhook>, String> {
+    let secret = secret.filter(|s| !s.is_empty());
+    if let Some(s) = secret
+        && s.chars().count() < MIN_SECRET_LEN
+    {
+        return Err(format!(
+            "NOTIFY_WEBHOOK_SECRET is too short ({} characters): use at least {MIN_SECRET_LEN}, e.g. `openssl rand -hex 32`",
+            s.chars().count()
+        ));
+    }
     match url.map(str::trim).filter(|u| !u.is_empty()) {
+        None if secret.is_some() => Err("NOTIFY_WEBHOOK_SECRET is set but NOTIFY_WEBHOOK_URL is not".into()),
         None => Ok(None),
         Some(u) => {
-            let parsed = url::Url::parse(u).map_err(|e| format!("NOTIFY_WEBHOOK_URL {u:?} is not a URL: {e}"))?;
+            let parsed = url::Url::parse(u).map_err(|e| format!("NOTIFY_WEBHOOK_URL is not a URL: {e}"))?;
             if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(format!("NOTIFY_WEBHOOK_URL {u:?} must be http:// or https://"));
+                return Err(format!("NOTIFY_WEBHOOK_URL must be http:// or https://, not {}://", parsed.scheme()));
             }
-            Ok(Some(parsed))
+            Ok(Some(Webhook { url: parsed, secret: secret.map(|s| s.as_bytes().to_vec()) }))
         }
+    }
+}
+
+/// The webhook flags every notifying command takes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WebhookArgs {
+    /// Webhook told of what operators must hear about (a JSON POST); it is
+    /// recorded in ops.notifications either way.
+    #[arg(long, env = "NOTIFY_WEBHOOK_URL", hide_env_values = true)]
+    pub notify_webhook_url: Option<String>,
+    /// Secret (at least 16 characters) signing each POST: header
+    /// X-Lambda-Signature, HMAC-SHA256 over the timestamp and the body.
+    #[arg(long, env = "NOTIFY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub notify_webhook_secret: Option<String>,
+}
+
+impl WebhookArgs {
+    pub fn webhook(&self) -> anyhow::Result<Option<Webhook>> {
+        parse_webhook(self.notify_webhook_url.as_deref(), self.notify_webhook_secret.as_deref())
+            .map_err(anyhow::Error::msg)
     }
 }
 
@@ -203,7 +318,13 @@ fn done(queue: &Queue) {
 }
 
 async fn deliver(queue: Arc<Queue>, config: NotifyConfig, pool: Option<PgPool>) {
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(10)).build() {
+    // Redirects are not followed: a redirect could carry the (signed) body
+    // to a host the operator never configured.
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(error = %e, "cannot build the webhook client; notifications are only recorded");
@@ -244,7 +365,7 @@ async fn handle(n: &Notification, config: &NotifyConfig, pool: Option<&PgPool>, 
             Err(e) => tracing::warn!(error = %e, kind = %n.kind, "cannot record the notification in ops.notifications"),
         }
     }
-    let (Some(url), Some(client)) = (&config.webhook, client) else { return };
+    let (Some(webhook), Some(client)) = (&config.webhook, client) else { return };
     let body = json!({
         "id": id,
         "kind": n.kind,
@@ -257,12 +378,14 @@ async fn handle(n: &Notification, config: &NotifyConfig, pool: Option<&PgPool>, 
     .to_string();
     let mut backoff = crate::backoff::Backoff::new(config.backoff, config.max_backoff);
     for attempt in 1..=config.attempts.max(1) {
-        let sent = client
-            .post(url.clone())
+        let mut request = client
+            .post(webhook.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
+            .body(body.clone());
+        if let Some(secret) = &webhook.secret {
+            request = request.header(SIGNATURE_HEADER, sign(secret, chrono::Utc::now().timestamp(), body.as_bytes()));
+        }
+        let sent = request.send().await;
         let failure = match sent {
             Ok(r) if r.status().is_success() => {
                 metrics::counter!("notify_delivered_total").increment(1);
@@ -276,11 +399,13 @@ async fn handle(n: &Notification, config: &NotifyConfig, pool: Option<&PgPool>, 
                 }
                 return;
             }
+            Ok(r) if r.status().is_redirection() => format!("HTTP {} (redirects are not followed)", r.status()),
             Ok(r) => format!("HTTP {}", r.status()),
-            Err(e) => e.to_string(),
+            // Without the URL: its path often holds the webhook's token.
+            Err(e) => e.without_url().to_string(),
         };
         if attempt == 1 {
-            tracing::warn!(kind = %n.kind, error = %failure, "webhook POST failed; retrying with backoff");
+            tracing::warn!(kind = %n.kind, webhook = %webhook.for_logs(), error = %failure, "webhook POST failed; retrying with backoff");
         }
         if attempt < config.attempts {
             backoff.sleep().await;
@@ -297,11 +422,39 @@ mod tests {
 
     #[test]
     fn webhook_urls_are_checked() {
-        assert_eq!(parse_webhook(None).unwrap(), None);
-        assert_eq!(parse_webhook(Some(" ")).unwrap(), None);
-        assert!(parse_webhook(Some("http://127.0.0.1:9/hook")).unwrap().is_some());
-        assert!(parse_webhook(Some("ftp://x/")).is_err());
-        assert!(parse_webhook(Some("not a url")).is_err());
+        assert_eq!(parse_webhook(None, None).unwrap(), None);
+        assert_eq!(parse_webhook(Some(" "), Some("")).unwrap(), None);
+        assert!(parse_webhook(Some("http://127.0.0.1:9/hook"), None).unwrap().is_some());
+        assert!(parse_webhook(Some("ftp://x/"), None).is_err());
+        assert!(parse_webhook(Some("not a url"), None).is_err());
+        assert!(parse_webhook(Some("http://x/"), Some("short")).unwrap_err().contains("too short"));
+        assert!(parse_webhook(None, Some("a-long-enough-secret")).is_err());
+    }
+
+    #[test]
+    fn messages_and_logs_never_show_the_webhook_token() {
+        let err = parse_webhook(Some("gopher://hooks.example.com/T0/B0/s3cr3t-token"), None).unwrap_err();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let hook =
+            parse_webhook(Some("https://hooks.example.com:8443/T0/B0/s3cr3t-token?k=v"), Some("x".repeat(16).as_str()))
+                .unwrap()
+                .unwrap();
+        assert_eq!(hook.for_logs(), "https://hooks.example.com:8443/…");
+        let debug = format!("{hook:?}");
+        assert!(!debug.contains("s3cr3t") && !debug.contains("xxxx"), "{debug}");
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_same_secret_body_and_a_recent_time() {
+        let secret = b"0123456789abcdef";
+        let header = sign(secret, 1_000, b"{\"a\":1}");
+        assert!(header.starts_with("t=1000,v1=") && header.len() == "t=1000,v1=".len() + 64, "{header}");
+        assert!(verify(secret, &header, b"{\"a\":1}", 1_010, 300));
+        assert!(!verify(secret, &header, b"{\"a\":2}", 1_010, 300), "another body");
+        assert!(!verify(b"another-secret-16", &header, b"{\"a\":1}", 1_010, 300), "another secret");
+        assert!(!verify(secret, &header, b"{\"a\":1}", 2_000, 300), "too old: a replay");
+        assert!(!verify(secret, "t=1000,v1=zz", b"{\"a\":1}", 1_000, 300));
+        assert!(!verify(secret, "", b"", 0, 300));
     }
 
     #[tokio::test]
@@ -311,7 +464,7 @@ mod tests {
         let config = NotifyConfig {
             capacity: 2,
             attempts: 1,
-            ..NotifyConfig::new(Some(url::Url::parse("http://127.0.0.1:9/").unwrap()), "test")
+            ..NotifyConfig::new(Some(Webhook::unsigned(url::Url::parse("http://127.0.0.1:9/").unwrap())), "test")
         };
         let notifier = Notifier::spawn(config, None);
         let started = std::time::Instant::now();

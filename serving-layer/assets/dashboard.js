@@ -9,12 +9,39 @@ const COLORS = ["#0969da", "#cf222e", "#1f883d", "#8250df", "#bf8700", "#1b7c83"
 
 const $ = (id) => document.getElementById(id);
 
+// Signing in: a dashboard key, posted once, buys an HttpOnly session
+// cookie; the key itself is never stored by the page. A link may carry the
+// key in its fragment (`/#key=…`), which browsers never send to a server.
+async function signIn(key) {
+  const response = await fetch("/session", {
+    method: "POST",
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    body: `key=${encodeURIComponent(key)}`,
+    credentials: "same-origin",
+  });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error || `sign-in failed (${response.status})`);
+  }
+}
+
+function showSignIn(message) {
+  $("signin").hidden = false;
+  $("signin-message").textContent = message || "";
+  document.body.dataset.signedIn = "false";
+}
+
 async function getJson(path) {
-  const response = await fetch(path, { cache: "no-store" });
+  const response = await fetch(path, { cache: "no-store", credentials: "same-origin" });
   const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    showSignIn("Sign in with a dashboard key.");
+    throw new Error("not signed in");
+  }
   if (!response.ok) {
     throw new Error(`${path}: ${body.error || response.status}`);
   }
+  document.body.dataset.signedIn = "true";
   return body;
 }
 
@@ -193,5 +220,30 @@ function schedule() {
 
 $("measure").addEventListener("change", schedule);
 $("range").addEventListener("change", schedule);
-schedule();
-setInterval(schedule, REFRESH_MS);
+$("signin").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("signin-key");
+  try {
+    await signIn(input.value);
+    input.value = "";
+    $("signin").hidden = true;
+    schedule();
+  } catch (e) {
+    showSignIn(e.message);
+  }
+});
+
+async function boot() {
+  const fromLink = location.hash.match(/^#key=(.+)$/);
+  if (fromLink) {
+    history.replaceState(null, "", location.pathname + location.search);
+    try {
+      await signIn(decodeURIComponent(fromLink[1]));
+    } catch (e) {
+      showSignIn(e.message);
+    }
+  }
+  schedule();
+  setInterval(schedule, REFRESH_MS);
+}
+boot();

@@ -13,7 +13,7 @@ use crate::server::{self, ServeConfig};
 #[command(name = "serving-layer", version, about)]
 pub struct Cli {
     /// Platform database.
-    #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL, global = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL, global = true)]
     pub database_url: String,
 
     #[command(subcommand)]
@@ -23,7 +23,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the SQL migrations, fix the segment size and (re)create the
-    /// generated serving views, then exit. Every binary also does this at start.
+    /// generated serving views, then exit: the one schema change, run as the
+    /// schema owner before the services start (they only check the version).
     Migrate {
         /// Offsets per segment; only takes effect when the schema is created.
         #[arg(long, env = "SEGMENT_SIZE")]
@@ -44,6 +45,34 @@ pub enum Command {
         /// PostgreSQL connections for recommendations.
         #[arg(long, env = "SERVING_MAX_CONNECTIONS", default_value_t = 16)]
         max_connections: u32,
+        /// Database the recommendations read, as role `recommender_reader`
+        /// (a hot standby will do) [default: DATABASE_URL].
+        #[arg(long, env = "RECOMMENDER_DATABASE_URL", hide_env_values = true)]
+        recommender_database_url: Option<String>,
+        /// Database the dashboard reads, as role `dashboard_reader` (a hot
+        /// standby will do) [default: DATABASE_URL].
+        #[arg(long, env = "DASHBOARD_DATABASE_URL", hide_env_values = true)]
+        dashboard_database_url: Option<String>,
+        /// Where /metrics, /healthz and /readyz listen (keep it off the public edge).
+        #[arg(long, env = "SERVING_OPS_ADDR", default_value = "127.0.0.1:9102")]
+        ops_addr: SocketAddr,
+        /// Requests per second per API key (also the burst); more get 429.
+        #[arg(long, env = "SERVING_RATE_LIMIT", default_value_t = 50.0)]
+        rate_limit: f64,
+        /// Secret (at least 16 characters) signing dashboard session cookies;
+        /// set the same on every instance behind one load balancer
+        /// [default: random per process].
+        #[arg(long, env = "SERVING_SESSION_SECRET", hide_env_values = true)]
+        session_secret: Option<String>,
+        /// Origins whose web pages may call the API (CORS), comma-separated,
+        /// e.g. https://shop.example.com [default: none].
+        #[arg(long, env = "SERVING_CORS_ORIGINS", value_delimiter = ',')]
+        cors_origins: Vec<String>,
+    },
+    /// API keys for the serving edge (run as the schema owner).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Replace the imported model recommendations with a Parquet file's
     /// (columns user_id, product_id, score and optionally rank), atomically.
@@ -61,16 +90,56 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (the only time it is shown; only its hash is stored).
+    Create {
+        /// What the key may read: `recommendations` or `dashboard`.
+        #[arg(long)]
+        scope: String,
+        /// Who or what holds it, for `keys list`.
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke a key by id: refused by every `serve` within 10 s.
+    Revoke {
+        /// The key's id (`keys list`; the number in `lk_<id>_…`).
+        key_id: i64,
+    },
+    /// List the keys (ids, names, scopes, never the secrets).
+    List,
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { segment_size } => {
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
-            let deployment = platform::db::prepare(&pool, segment_size).await?;
+            let deployment = platform::db::migrate(&pool, segment_size).await?;
             tracing::info!(segment_size = deployment.segment_size.get(), "schema is up to date");
             Ok(())
         }
-        Command::Serve { addr, budget, popular_refresh, max_connections } => {
+        Command::Serve {
+            addr,
+            budget,
+            popular_refresh,
+            max_connections,
+            recommender_database_url,
+            dashboard_database_url,
+            ops_addr,
+            rate_limit,
+            session_secret,
+            cors_origins,
+        } => {
+            if !(rate_limit.is_finite() && rate_limit > 0.0) {
+                anyhow::bail!("--rate-limit must be a positive number of requests per second, e.g. 50");
+            }
+            if session_secret.as_ref().is_some_and(|s| s.chars().count() < 16) {
+                anyhow::bail!("SERVING_SESSION_SECRET must be at least 16 characters, e.g. `openssl rand -hex 32`");
+            }
+            if let Some(bad) = cors_origins.iter().find(|o| !(o.starts_with("https://") || o.starts_with("http://"))) {
+                anyhow::bail!("--cors-origins takes origins such as https://shop.example.com, not {bad:?}");
+            }
             if budget.is_zero() {
                 anyhow::bail!("--budget must be positive, e.g. 100ms");
             }
@@ -81,15 +150,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--max-connections must be at least 1");
             }
             let shutdown = platform::shutdown::on_signals();
-            let config = ServeConfig { addr, database_url: cli.database_url, budget, popular_refresh, max_connections };
+            let config = ServeConfig {
+                addr,
+                recommender_url: recommender_database_url.unwrap_or_else(|| cli.database_url.clone()),
+                dashboard_url: dashboard_database_url.unwrap_or(cli.database_url),
+                budget,
+                popular_refresh,
+                max_connections,
+                ops_addr,
+                rate_limit,
+                session_secret,
+                cors_origins,
+            };
             server::run(config, shutdown).await?;
             tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Keys { command } => {
+            let pool = platform::db::connect(&cli.database_url, 1, Duration::from_secs(30)).await?;
+            platform::db::check(&pool).await?;
+            match command {
+                KeysCommand::Create { scope, name } => {
+                    let scope = crate::auth::Scope::parse(&scope).ok_or_else(|| {
+                        anyhow::anyhow!("--scope must be recommendations or dashboard, got {scope:?}")
+                    })?;
+                    let key = crate::auth::create_key(&pool, &name, scope).await?;
+                    eprintln!("key {} ({}) for {name}; shown once, keep it secret:", key.key_id, scope.as_str());
+                    println!("{}", key.key);
+                }
+                KeysCommand::Revoke { key_id } => {
+                    if !crate::auth::revoke_key(&pool, key_id).await? {
+                        anyhow::bail!("no active key {key_id}: see `serving-layer keys list`");
+                    }
+                    println!("revoked key {key_id}");
+                }
+                KeysCommand::List => {
+                    for k in crate::auth::list_keys(&pool).await? {
+                        let state =
+                            k.revoked_at.map_or("active".to_string(), |at| format!("revoked {}", at.to_rfc3339()));
+                        println!("{}\t{}\t{}\t{}\t{state}", k.key_id, k.scope, k.name, k.created_at.to_rfc3339());
+                    }
+                }
+            }
             Ok(())
         }
         Command::ImportRecommendations { file, model_version, forget_key } => {
             let key = platform::forgotten::ForgetKey::optional(forget_key.as_deref())?;
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
-            platform::db::prepare(&pool, None).await?;
+            platform::db::check(&pool).await?;
             let summary = crate::models::import(&pool, &file, &model_version, key.as_ref()).await?;
             tracing::info!(
                 file = %file.display(),

@@ -12,6 +12,7 @@
 //! definitions (`platform::db`); this crate only reads them, and writes
 //! nothing but `serving.model_recommendations`.
 
+pub mod auth;
 pub mod cli;
 pub mod dashboard;
 pub mod ids;

@@ -23,8 +23,9 @@ use serde_json::value::RawValue;
 /// limit keeps one hostile record from costing real memory or time.
 pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
-/// Longest identifier (`event_id`, `user_id`, `session_id`, `product_id`).
-pub const MAX_ID_BYTES: usize = 128;
+/// Longest identifier (`event_id`, `user_id`, `session_id`, `product_id`):
+/// the one rule of [`crate::ids`].
+pub const MAX_ID_BYTES: usize = crate::ids::MAX_ID_BYTES;
 
 /// How far in the future an `event_time` may lie (clock skew allowance).
 pub const MAX_FUTURE_SKEW: TimeDelta = TimeDelta::minutes(5);
@@ -359,17 +360,13 @@ fn string_field<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Co
 
 fn id_field<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<Cow<'a, str>, Rejection> {
     let s = string_field(raw, field)?;
-    let bad = |detail: &str| Rejection::field(RejectReason::InvalidValue, field, detail);
-    if s.is_empty() {
-        return Err(bad("empty identifier"));
-    }
-    if s.len() > MAX_ID_BYTES {
-        return Err(bad(&format!("identifier of {} bytes, limit {MAX_ID_BYTES}", s.len())));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(bad("identifier holds control characters"));
-    }
-    Ok(s)
+    let detail = match crate::ids::check(&s) {
+        Ok(()) => return Ok(s),
+        Err(crate::ids::InvalidId::Empty) => "empty identifier".to_string(),
+        Err(crate::ids::InvalidId::TooLong(n)) => format!("identifier of {n} bytes, limit {MAX_ID_BYTES}"),
+        Err(crate::ids::InvalidId::Control) => "identifier holds control characters".to_string(),
+    };
+    Err(Rejection::field(RejectReason::InvalidValue, field, detail))
 }
 
 fn time_field(raw: Option<&RawValue>, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {

@@ -19,6 +19,7 @@ pub mod dedup;
 pub mod defaults;
 pub mod derived;
 pub mod event;
+pub mod ids;
 pub mod schema;
 pub mod views;
 

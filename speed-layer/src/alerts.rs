@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct Alerts {
     /// `NOTIFY_WEBHOOK_URL`; notifications are recorded in `ops.notifications` either way.
-    pub notify_webhook: Option<url::Url>,
+    pub notify_webhook: Option<platform::notify::Webhook>,
     /// A partition with records waiting whose offset has not moved for this long is stalled.
     pub stall_after: Duration,
     /// Records waiting in all partitions together above which the layer is lagging.

@@ -32,7 +32,7 @@ pub enum Command {
         #[arg(long, env = "SPEED_GROUP_ID", default_value = "lambda-speed")]
         group_id: String,
         /// Platform database.
-        #[arg(long, env = "DATABASE_URL", default_value = shared_schema::defaults::DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
         /// Flush a micro-batch at the latest this long after its first record (e.g. 200ms).
         #[arg(long, env = "SPEED_FLUSH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
@@ -66,10 +66,8 @@ pub enum Command {
         /// hashed forgotten user ids with; needed once any user is forgotten.
         #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
         forget_key: Option<String>,
-        /// Webhook told of a stalled or lagging speed layer and a high DLQ
-        /// rate (a JSON POST); recorded in ops.notifications either way.
-        #[arg(long, env = "NOTIFY_WEBHOOK_URL")]
-        notify_webhook_url: Option<String>,
+        #[command(flatten)]
+        notify: platform::notify::WebhookArgs,
         /// A partition with records waiting whose offset has not moved this long is stalled.
         #[arg(long, env = "SPEED_STALL_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
         stall_after: Duration,
@@ -100,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             assignment,
             instance_id,
             forget_key,
-            notify_webhook_url,
+            notify,
             stall_after,
             lag_threshold,
             dlq_rate_threshold,
@@ -109,8 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--dlq-rate-threshold must be between 0 and 1, got {dlq_rate_threshold}");
             }
             let alerts = crate::alerts::Alerts {
-                notify_webhook: platform::notify::parse_webhook(notify_webhook_url.as_deref())
-                    .map_err(anyhow::Error::msg)?,
+                notify_webhook: notify.webhook()?,
                 stall_after,
                 lag_threshold,
                 dlq_rate_threshold,

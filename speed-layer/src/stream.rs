@@ -270,7 +270,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     tracing::info!(%ops_addr, "serving /metrics, /healthz, /readyz");
 
     let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(60)).await?;
-    let deployment = platform::db::prepare(&pool, None).await?;
+    let deployment = platform::db::check(&pool).await?;
     let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
     let log = Arc::new(RebalanceLog::default());
     let instance_id = match config.assignment {

@@ -105,7 +105,8 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let lake_path = dir.path().join("lake");
     // The ingest reads the forgotten users from its own database.
-    let (url, _pool) = stack.fresh_database("ingest_kill").await.unwrap();
+    let (url, pool) = stack.fresh_database("ingest_kill").await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let truth = generator::run(generator_args(&stack, &topic, 3, 6, 4.0, 0.02)).await.unwrap();
     let sent = (truth.events_sent + truth.bad_sent) as i64;
     assert_eq!(stack.topic_size(&topic).unwrap(), sent, "the broker holds exactly what was sent");

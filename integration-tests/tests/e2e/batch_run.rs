@@ -29,7 +29,7 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     let topic = stack.fresh_topic("batch_run", 2).await.unwrap();
     // Segment size 1: the cut is the lake's end, so the batch holds everything.
     let (url, pool) = stack.fresh_database("batch_run").await.unwrap();
-    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    platform::db::migrate(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
@@ -115,7 +115,7 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("incremental", 2).await.unwrap();
     let (url, pool) = stack.fresh_database("incremental").await.unwrap();
-    platform::db::prepare(&pool, Some(50)).await.unwrap();
+    platform::db::migrate(&pool, Some(50)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
@@ -162,7 +162,7 @@ async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
     let topic = stack.fresh_topic("catalog", 1).await.unwrap();
     let (sales_url, sales) = stack.fresh_database("catalog_sales").await.unwrap();
     let (url, pool) = stack.fresh_database("catalog").await.unwrap();
-    platform::db::prepare(&pool, Some(10)).await.unwrap();
+    platform::db::migrate(&pool, Some(10)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let mut args = generator_args(&stack, &topic, 81);

@@ -183,7 +183,7 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
     stack.create_topic(TOPIC, 4).await.unwrap();
     stack.create_topic(DLQ, 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(200)).await.unwrap();
+    platform::db::migrate(&pool, Some(200)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_dir = dir.path().join("lake");
     let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();

@@ -13,13 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 async fn serve(test: &str) -> (SocketAddr, CancellationToken, DashboardData) {
     let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
     let stop = CancellationToken::new();
     let config = ServeConfig::any_port(url);
-    let addr = server::start(config, stop.clone()).await.unwrap().addr;
-    wait_ready(addr).await;
-    (addr, stop, data)
+    let running = server::start(config, stop.clone()).await.unwrap();
+    integration_tests::serving::sign_requests(running.addr, &pool).await.unwrap();
+    wait_ready(running.ops_addr).await;
+    (running.addr, stop, data)
 }
 
 async fn json_at(addr: SocketAddr, path: &str) -> Value {

@@ -2,7 +2,10 @@
 //! `chromium`, which `scripts/stack.sh tools` installs) loads `/` from a
 //! running `serving-layer serve` and the rendered DOM must hold the demand
 //! chart with one line per category, the spikes and top-products tables
-//! with their rows, and a freshness badge per layer.
+//! with their rows, and a freshness badge per layer. Without a key the
+//! page shows only its sign-in form; a dashboard key (in the link's
+//! fragment here) signs it in, and from then on its requests carry nothing
+//! but the session cookie the server set.
 //!
 //! Without Chromium the test fails and says how to install it: a dashboard
 //! test that silently passes would prove nothing.
@@ -83,13 +86,26 @@ fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     let browser = chromium();
     let (url, pool) = Stack::from_env().fresh_database("dashboard_chromium").await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
 
-    let (addr, _server) = serve_binary(&url).await;
+    let served = serve_binary(&url).await;
+    // `localhost`: a secure context for the browser, so it keeps the
+    // session cookie (Secure) over plain HTTP here.
+    let page = format!("http://localhost:{}/", served.addr.port());
+    let key = integration_tests::serving::key_for(served.addr, "/api/spikes").expect("a dashboard key");
 
-    let dom = dump_dom(&format!("http://{addr}/"), 5000).await;
+    let signed_out = dump_dom(&page, 3000).await;
     println!("rendered with {}", browser.display());
+    let form = tags_with(&signed_out, "signin");
+    assert_eq!(form.len(), 1, "no sign-in form:\n{signed_out}");
+    assert_eq!(attr(form[0], "hidden"), None, "the sign-in form is hidden without a key:\n{signed_out}");
+    assert!(signed_out.contains("data-signed-in=\"false\""), "{signed_out}");
+    assert!(tags_with(&signed_out, "popular-row").is_empty(), "data shown without a key");
+
+    let dom = dump_dom(&format!("{page}#key={key}"), 5000).await;
+    assert!(dom.contains("data-signed-in=\"true\""), "the page did not sign in:\n{dom}");
+    assert_eq!(attr(tags_with(&dom, "signin")[0], "hidden"), Some(""), "{dom}");
     assert!(dom.contains("data-loaded=\"true\""), "the script did not finish a refresh:\n{dom}");
     assert_eq!(tags_with(&dom, "error").first().and_then(|t| attr(t, "hidden")), Some(""), "an error shows:\n{dom}");
 
@@ -126,7 +142,7 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     }
 
     // It refreshes itself: three loads in 35 s (at 0, 15 and 30 s).
-    let later = dump_dom(&format!("http://{addr}/"), 35_000).await;
+    let later = dump_dom(&format!("{page}#key={key}"), 35_000).await;
     let body = later.find("<body").map(|at| &later[at..at + later[at..].find('>').unwrap()]).unwrap();
     assert_eq!(attr(body, "data-refreshes"), Some("3"), "{body}");
 }

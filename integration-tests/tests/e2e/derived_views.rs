@@ -29,7 +29,7 @@ async fn setup(name: &str) -> Setup {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic(name, 2).await.unwrap();
     let (url, pool) = stack.fresh_database(name).await.unwrap();
-    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    platform::db::migrate(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let run = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), topic.clone()) };

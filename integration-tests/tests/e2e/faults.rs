@@ -118,7 +118,7 @@ async fn a_run_that_lost_its_lock_cannot_publish() {
     stack.create_topic("events", 2).await.unwrap();
     stack.create_topic("events.dlq", 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    platform::db::migrate(&pool, Some(100)).await.unwrap();
     let brokers = stack.brokers();
     let args = |seed| Args { backfill_hours: 3, ..Args::for_tests(&brokers, "events", seed) };
     let first = generator::run(args(71)).await.unwrap();
@@ -337,7 +337,7 @@ async fn offset_gaps_never_stall_either_layer() {
     stack.create_topic_with("events", PARTITIONS, &retention).await.unwrap();
     stack.create_topic("events.dlq", 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(10)).await.unwrap();
+    platform::db::migrate(&pool, Some(10)).await.unwrap();
     let brokers = stack.brokers();
     let plain: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let now_ms = || Utc::now().timestamp_millis();
@@ -559,7 +559,7 @@ async fn a_flood_of_large_rejects_costs_bounded_memory() {
     stack.create_topic("events", 2).await.unwrap();
     stack.create_topic("events.dlq", 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    platform::db::migrate(&pool, Some(100)).await.unwrap();
     let brokers = stack.brokers();
     let producer = large_producer(&brokers);
     let at = Utc::now() - TimeDelta::minutes(20);

@@ -174,16 +174,8 @@ fn event(user: &str, n: u32) -> String {
 
 /// A model output file: (user, product) rows with descending scores.
 fn write_model(path: &Path, rows: &[(&str, &str)]) {
-    use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
-    let users: ArrayRef = std::sync::Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()));
-    let products: ArrayRef = std::sync::Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
-    let scores: ArrayRef =
-        std::sync::Arc::new(Float64Array::from((0..rows.len()).map(|i| 1.0 - i as f64 / 10.0).collect::<Vec<_>>()));
-    let batch = RecordBatch::try_from_iter([("user_id", users), ("product_id", products), ("score", scores)]).unwrap();
-    let file = std::fs::File::create(path).unwrap();
-    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    let rows: Vec<_> = rows.iter().enumerate().map(|(i, (u, p))| (*u, *p, 1.0 - i as f64 / 10.0, None)).collect();
+    integration_tests::serving::write_model_file(path, &rows).unwrap();
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &str) {
@@ -425,6 +417,7 @@ async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
         );
     }
     let (url, pool) = stack.fresh_database("forget_retention").await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = ForgetConfig {
         database_url: url.clone(),
@@ -493,7 +486,7 @@ async fn users_forgotten_under_traffic_never_come_back() {
     stack.create_topic(&topic, 4).await.unwrap();
     stack.create_topic(&dlq, 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(1000)).await.unwrap();
+    platform::db::migrate(&pool, Some(1000)).await.unwrap();
     let brokers = stack.brokers();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();

@@ -54,11 +54,11 @@ fn expected(cols: Vec<(&'static str, shared_schema::views::SqlType)>) -> Vec<(St
 #[tokio::test]
 async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
     let (_, pool) = Stack::from_env().fresh_database("migrations").await.unwrap();
-    let d1 = platform::db::prepare(&pool, Some(500)).await.unwrap();
-    let d2 = platform::db::prepare(&pool, None).await.unwrap();
+    let d1 = platform::db::migrate(&pool, Some(500)).await.unwrap();
+    let d2 = platform::db::migrate(&pool, None).await.unwrap();
     assert_eq!(d1, d2, "a second prepare changes nothing");
     assert_eq!(d1.segment_size.get(), 500);
-    let err = platform::db::prepare(&pool, Some(1000)).await.unwrap_err();
+    let err = platform::db::migrate(&pool, Some(1000)).await.unwrap_err();
     assert!(err.to_string().contains("segment size is 500"), "{err}");
 
     for v in ALL_VIEWS {
@@ -83,7 +83,7 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
 #[tokio::test]
 async fn reader_roles_read_exactly_their_serving_relations() {
     let (_, pool) = Stack::from_env().fresh_database("reader_roles").await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     for reader in [Reader::Dashboard, Reader::Recommender] {
         for r in serving_relations(ALL_VIEWS) {
             let mut tx = pool.begin().await.unwrap();
@@ -105,7 +105,7 @@ async fn reader_roles_read_exactly_their_serving_relations() {
 #[tokio::test]
 async fn dashboard_reader_sees_aggregates_only_and_writes_nothing() {
     let (_, pool) = Stack::from_env().fresh_database("roles").await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE dashboard_reader").execute(&mut *tx).await.unwrap();
     sqlx::query("SELECT count(*) FROM serving.product_demand_hourly").execute(&mut *tx).await.unwrap();
@@ -136,7 +136,7 @@ async fn dashboard_reader_sees_aggregates_only_and_writes_nothing() {
 #[tokio::test]
 async fn serving_view_merges_batch_and_speed_exactly_at_the_cut() {
     let (_, pool) = Stack::from_env().fresh_database("merge").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    platform::db::migrate(&pool, Some(100)).await.unwrap();
     let hour = "2026-11-24 13:00:00+00";
     sqlx::query("INSERT INTO batch.product_demand_hourly VALUES ($1::timestamptz, 'p-1', 10, 1, 0, 1, 2, 500)")
         .bind(hour)

@@ -2,15 +2,17 @@
 //! recorded in `ops.notifications`, marked delivered once the POST
 //! succeeded: a failed batch run, a failed quality check, a catalog schema
 //! change, a lagging speed layer and a high DLQ rate. The receiver refuses
-//! its first requests, so delivery must retry.
+//! its first requests, so delivery must retry, and checks each POST's
+//! signature itself (HMAC-SHA256 over the timestamp and the body, computed
+//! here, not by the platform's code). A redirect is never followed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
@@ -23,10 +25,15 @@ use speed_layer::stream::{self, SpeedConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// The secret both sides know.
+const SECRET: &str = "a-webhook-secret-for-tests";
+
 #[derive(Clone, Default)]
 struct Receiver {
     bodies: Arc<Mutex<Vec<Value>>>,
     refuse: Arc<AtomicUsize>,
+    /// POSTs whose signature was missing or wrong.
+    unsigned: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -39,23 +46,48 @@ impl Receiver {
     }
 }
 
-async fn hook(State(r): State<Receiver>, Json(body): Json<Value>) -> StatusCode {
+/// What a receiver does with `X-Lambda-Signature: t=…,v1=…`: recompute
+/// HMAC-SHA256(secret, "t.body") and compare; refuse timestamps older than
+/// five minutes.
+fn signed(headers: &HeaderMap, body: &[u8]) -> bool {
+    use hmac::{Hmac, KeyInit, Mac};
+    let Some(header) = headers.get("x-lambda-signature").and_then(|v| v.to_str().ok()) else { return false };
+    let fields: std::collections::HashMap<&str, &str> = header.split(',').filter_map(|p| p.split_once('=')).collect();
+    let (Some(t), Some(v1)) = (fields.get("t"), fields.get("v1")) else { return false };
+    let fresh = t.parse::<i64>().is_ok_and(|t| (chrono::Utc::now().timestamp() - t).abs() <= 300);
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    fresh && expected == *v1
+}
+
+async fn hook(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if !signed(&headers, &body) {
+        r.unsigned.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
     // Refuse the first requests: the sender must retry.
     if r.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
         return StatusCode::SERVICE_UNAVAILABLE;
     }
-    r.bodies.lock().unwrap().push(body);
+    r.bodies.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
     StatusCode::NO_CONTENT
 }
 
-/// A webhook on a free port that refuses its first `refuse` requests.
-async fn receiver(refuse: usize) -> (url::Url, Receiver) {
+/// A signed webhook on a free port that refuses its first `refuse`
+/// requests; `/moved` answers with a redirect to it.
+async fn receiver(refuse: usize) -> (platform::notify::Webhook, Receiver) {
     let r = Receiver { refuse: Arc::new(AtomicUsize::new(refuse)), ..Receiver::default() };
-    let app = axum::Router::new().route("/hook", post(hook)).with_state(r.clone());
+    let app = axum::Router::new()
+        .route("/hook", post(hook))
+        .route("/moved", post(|| async { (StatusCode::TEMPORARY_REDIRECT, [("location", "/hook")]) }))
+        .with_state(r.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url::Url::parse(&format!("http://{addr}/hook")).unwrap(), r)
+    let url = format!("http://{addr}/hook");
+    (platform::notify::parse_webhook(Some(&url), Some(SECRET)).unwrap().unwrap(), r)
 }
 
 /// kind → delivered, for every recorded notification.
@@ -69,7 +101,7 @@ async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded(
     let topic = stack.fresh_topic("notify_batch", 2).await.unwrap();
     let (url, pool) = stack.fresh_database("notify_batch").await.unwrap();
     let (sales_url, sales) = stack.fresh_database("notify_batch_sales").await.unwrap();
-    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    platform::db::migrate(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let (webhook, hook) = receiver(2).await;
@@ -184,4 +216,21 @@ async fn a_lagging_speed_layer_and_a_high_dlq_rate_are_posted_and_recorded() {
     let rows = recorded(&pool).await;
     assert_eq!(rows.len(), kinds.len(), "{rows:?} vs {kinds:?}");
     assert!(rows.iter().all(|(_, delivered)| *delivered), "{rows:?}");
+    assert_eq!(hook.unsigned.load(Ordering::SeqCst), 0, "every POST carries a valid signature");
+}
+
+/// A webhook that answers with a redirect is not followed: the signed body
+/// never reaches the redirect's target, and the notification stays
+/// undelivered (for `ops.notifications` readers and a retry by hand).
+#[tokio::test]
+async fn a_redirecting_webhook_is_not_followed() {
+    use platform::notify::{Notification, Notifier, NotifyConfig, Severity};
+    let (webhook, hook) = receiver(0).await;
+    let moved = webhook.url().join("/moved").unwrap();
+    let webhook = platform::notify::parse_webhook(Some(moved.as_str()), Some(SECRET)).unwrap().unwrap();
+    let notifier = Notifier::spawn(NotifyConfig { attempts: 2, ..NotifyConfig::new(Some(webhook), "test") }, None);
+    notifier.send(Notification::new("redirect_probe", Severity::Info, "probe", serde_json::json!({})));
+    notifier.flush(Duration::from_secs(30)).await;
+    assert!(hook.kinds().is_empty(), "the redirect was followed: {:?}", hook.kinds());
+    assert_eq!(hook.unsigned.load(Ordering::SeqCst), 0);
 }

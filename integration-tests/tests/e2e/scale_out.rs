@@ -62,8 +62,8 @@ async fn ballista_runs_publish_what_in_process_runs_publish_and_the_merge_stays_
     let (sales_url, _sales) = stack.fresh_database("scale_out_sales").await.unwrap();
     let (local_url, local) = stack.fresh_database("scale_out_local").await.unwrap();
     let (ballista_url, ballista) = stack.fresh_database("scale_out_ballista").await.unwrap();
-    platform::db::prepare(&local, Some(100)).await.unwrap();
-    platform::db::prepare(&ballista, Some(100)).await.unwrap();
+    platform::db::migrate(&local, Some(100)).await.unwrap();
+    platform::db::migrate(&ballista, Some(100)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
@@ -195,8 +195,8 @@ async fn a_lake_on_s3_serves_ingest_both_engines_export_and_forget() {
     let (local_url, local) = stack.fresh_database("s3_lake_local").await.unwrap();
     let (ballista_url, ballista) = stack.fresh_database("s3_lake_ballista").await.unwrap();
     // Segment size 1: the cut is the lake's end, so the batch holds everything.
-    platform::db::prepare(&local, Some(1)).await.unwrap();
-    platform::db::prepare(&ballista, Some(1)).await.unwrap();
+    platform::db::migrate(&local, Some(1)).await.unwrap();
+    platform::db::migrate(&ballista, Some(1)).await.unwrap();
     let truth = generator::run(generator_args(&stack, &topic, 80, &sales_url)).await.unwrap();
 
     env.extend([

@@ -120,7 +120,7 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("schema_measure", 2).await.unwrap();
     let (url, pool) = stack.fresh_database("schema_measure").await.unwrap();
-    platform::db::prepare(&pool, Some(1)).await.unwrap();
+    platform::db::migrate(&pool, Some(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
@@ -151,8 +151,9 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
         .await
         .unwrap();
 
-    // The deploy: the migration adds the column; the binaries carry the
-    // definition with `units` (and re-create the serving views at start).
+    // The deploy: the migration adds the column, and `serving-layer migrate`
+    // re-creates the serving views; the binaries carry the definition with
+    // `units`.
     sqlx::raw_sql(
         "ALTER TABLE batch.product_demand_hourly ADD COLUMN units bigint;
          ALTER TABLE speed.product_demand_hourly ADD COLUMN units bigint;",
@@ -160,6 +161,7 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     .execute(&pool)
     .await
     .unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     let missing: i64 = sqlx::query_scalar("SELECT count(*) FROM batch.product_demand_hourly WHERE units IS NULL")
         .fetch_one(&pool)
         .await

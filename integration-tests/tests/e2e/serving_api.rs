@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// A fresh database with the schema, the stand-ins and the catalog below.
 async fn prepared(test: &str) -> (String, PgPool) {
     let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     seed(&pool).await;
     (url, pool)
 }
@@ -70,7 +70,9 @@ async fn serve(url: &str) -> (SocketAddr, CancellationToken) {
 async fn serve_with(url: &str, budget: Duration) -> (SocketAddr, CancellationToken) {
     let token = CancellationToken::new();
     let running = server::start(config(url, budget), token.clone()).await.unwrap();
-    wait_ready(running.addr).await;
+    let pool = PgPool::connect(url).await.unwrap();
+    serving::sign_requests(running.addr, &pool).await.unwrap();
+    wait_ready(running.ops_addr).await;
     (running.addr, token)
 }
 
@@ -99,6 +101,26 @@ fn assert_products(v: &Value, expected: &[(&str, f64)]) {
     for ((p, s), (_, e)) in got.iter().zip(expected) {
         assert!((s - e).abs() < 1e-9, "score of {p}: {s}, expected {e}");
     }
+}
+
+/// One identifier rule (issue 15): a user id the event contract accepts
+/// (Unicode, a space) is served personally, its path percent-encoded.
+#[tokio::test]
+async fn users_with_any_id_the_contract_accepts_are_served() {
+    let (url, pool) = prepared("serving_unicode_ids").await;
+    // The id of the contract's corpus (corpus/good/unicode_ids.json) and one with a space.
+    let ids = [("u-Zoë-東京-🛒", "u-Zo%C3%AB-%E6%9D%B1%E4%BA%AC-%F0%9F%9B%92"), ("u 1042", "u%201042")];
+    for (id, _) in ids {
+        record(&pool, id, "p-10", Did::Viewed, Utc::now() - TimeDelta::minutes(5)).await.unwrap();
+    }
+    let (addr, stop) = serve(&url).await;
+    for (id, encoded) in ids {
+        let v = recommend(addr, encoded, 3).await;
+        assert_eq!(v["source"], "personalized", "{id}: {v}");
+        assert_eq!(v["user_id"], id);
+        assert_products(&v, &[("p-11", 0.9), ("p-12", 0.5), ("p-3", 0.4)]);
+    }
+    stop.cancel();
 }
 
 #[tokio::test]
@@ -189,14 +211,13 @@ async fn bad_input_gets_400_with_a_one_line_json_error() {
         ("/api/recommendations/u-1?k=1&k=2".into(), "k"),
         (format!("/api/recommendations/{long}"), "user_id is 129 bytes long; at most 128 are allowed"),
         (format!("/api/recommendations/{}", "u".repeat(10_000)), "user_id is 10000 bytes long"),
-        ("/api/recommendations/u%201".into(), "user_id may contain only"),
-        ("/api/recommendations/u%2F1".into(), "user_id may contain only"),
-        ("/api/recommendations/u'%3B%20DROP%20TABLE%20x".into(), "user_id may contain only"),
+        ("/api/recommendations/u%0A1".into(), "user_id holds control characters"),
+        ("/api/recommendations/u%001".into(), "user_id holds control characters"),
         ("/api/recommendations/%FF%FE".into(), "user_id"),
-        ("/api/recommendations/%C3%BC".into(), "user_id may contain only"),
         ("/api/demand/hourly?from=yesterday".into(), "from must be an RFC 3339 time"),
         ("/api/demand/hourly?product_id=p-1&category=Books".into(), "not both"),
-        ("/api/demand/hourly?product_id=p%201".into(), "product_id may contain only"),
+        ("/api/demand/hourly?product_id=p%091".into(), "product_id holds control characters"),
+        ("/api/demand/hourly?category=Books%0D".into(), "category holds control characters"),
         ("/api/demand/hourly?from=2026-11-24T00:00:00Z&to=2026-11-23T00:00:00Z".into(), "from must be before to"),
         ("/api/demand/hourly?from=2025-01-01T00:00:00Z&to=2026-01-01T00:00:00Z".into(), "at most 744 hours"),
         ("/api/popular?limit=0".into(), "limit must be an integer from 1 to 1000"),
@@ -210,9 +231,13 @@ async fn bad_input_gets_400_with_a_one_line_json_error() {
             a.json()["error"].as_str().unwrap_or_else(|| panic!("{path}: no error field: {}", a.body)).to_owned();
         assert!(error.contains(message), "{path}: {error:?} does not say {message:?}");
     }
-    // The longest valid id is fine (an unknown user: popular list).
+    // The longest valid id is fine (an unknown user: popular list), and so
+    // is anything else the event contract accepts: spaces, slashes, quotes.
     let longest = "u".repeat(128);
     assert_eq!(recommend(addr, &longest, 1).await["source"], "popular");
+    for odd in ["u%201", "u%2F1", "u'%3B%20DROP%20TABLE%20x"] {
+        assert_eq!(recommend(addr, odd, 1).await["source"], "popular", "{odd}");
+    }
     let a = get(addr, "/api/nope").await.unwrap();
     assert_eq!(a.status, 404);
     assert_eq!(a.json(), json!({"error": "no such resource: /api/nope"}));
@@ -221,21 +246,8 @@ async fn bad_input_gets_400_with_a_one_line_json_error() {
 
 /// A Parquet file of model outputs; `rank` only when given.
 fn model_file(dir: &std::path::Path, name: &str, rows: &[(&str, &str, f64, Option<i64>)]) -> std::path::PathBuf {
-    use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
-    use datafusion::parquet::arrow::ArrowWriter;
-    let mut columns: Vec<(&str, ArrayRef)> = vec![
-        ("user_id", std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0)))),
-        ("product_id", std::sync::Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1)))),
-        ("score", std::sync::Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2)))),
-    ];
-    if rows.iter().all(|r| r.3.is_some()) {
-        columns.push(("rank", std::sync::Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3.unwrap())))));
-    }
-    let batch = RecordBatch::try_from_iter(columns).unwrap();
     let path = dir.join(name);
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    serving::write_model_file(&path, rows).unwrap();
     path
 }
 
@@ -343,14 +355,14 @@ async fn import_errors_are_one_line_and_keep_the_current_model() {
         w.close().unwrap();
         path
     };
-    let bad_id = model_file(dir.path(), "bad_id.parquet", &[("u-1", "p-1", 1.0, None), ("u 2", "p-1", 1.0, None)]);
+    let bad_id = model_file(dir.path(), "bad_id.parquet", &[("u-1", "p-1", 1.0, None), ("u\n2", "p-1", 1.0, None)]);
     let dup = model_file(dir.path(), "dup.parquet", &[("u-1", "p-1", 1.0, None), ("u-1", "p-1", 0.5, None)]);
     let missing = dir.path().join("missing.parquet");
     let cases: Vec<(&std::path::Path, String)> = vec![
         (&missing, format!("cannot open {}", missing.display())),
         (&not_parquet, format!("{} is not a readable Parquet file", not_parquet.display())),
         (&no_score, format!("{} has no column \"product_id\"", no_score.display())),
-        (&bad_id, format!("{}: row 2: user_id \"u 2\" may contain only", bad_id.display())),
+        (&bad_id, format!("{}: row 2: user_id \"u\\n2\" holds control characters", bad_id.display())),
         (&dup, "a user has the same product_id twice".into()),
     ];
     for (file, expected) in cases {
@@ -376,14 +388,15 @@ fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn the_binary_serves_metrics_health_and_stops_gracefully_on_sigterm() {
     let (url, _pool) = prepared("serving_binary").await;
-    let (addr, mut child) = serving::serve_binary(&url).await;
-    assert_eq!(get(addr, "/healthz").await.unwrap().status, 200);
+    let serving::ServedBinary { addr, ops_addr, mut child } = serving::serve_binary(&url).await;
+    assert_eq!(get(ops_addr, "/healthz").await.unwrap().status, 200);
+    assert_eq!(get(addr, "/healthz").await.unwrap().status, 404, "ops routes are on the ops address only");
     for _ in 0..3 {
         recommend(addr, "u-1", 3).await;
     }
     recommend(addr, "u-404", 3).await;
-    assert_eq!(get(addr, "/api/recommendations/u%201").await.unwrap().status, 400);
-    let page = get(addr, "/metrics").await.unwrap().body;
+    assert_eq!(get(addr, "/api/recommendations/u%0A1").await.unwrap().status, 400);
+    let page = get(ops_addr, "/metrics").await.unwrap().body;
     let route = r#"route="/api/recommendations/{user_id}""#;
     assert_eq!(metric(&page, &format!(r#"serving_requests_total{{{route},status="200"}}"#)), Some(4.0), "{page}");
     assert_eq!(metric(&page, &format!(r#"serving_requests_total{{{route},status="400"}}"#)), Some(1.0), "{page}");
@@ -490,11 +503,13 @@ async fn personal_recommendations_follow_a_click() {
 /// test machine does not turn a warm answer into a timeout fallback.
 #[tokio::test]
 async fn the_first_request_after_a_start_is_answered_in_full() {
-    let (url, _pool) = prepared("serving_first_request").await;
+    let (url, pool) = prepared("serving_first_request").await;
     for round in 0..3 {
         let addr = SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
+        let ops = SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
+        serving::sign_requests(addr, &pool).await.unwrap();
         let mut child = tokio::process::Command::new(binary("serving-layer"))
-            .args(["serve", "--addr", &addr.to_string(), "--budget", "1s"])
+            .args(["serve", "--addr", &addr.to_string(), "--ops-addr", &ops.to_string(), "--budget", "1s"])
             .env("DATABASE_URL", &url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -506,11 +521,99 @@ async fn the_first_request_after_a_start_is_answered_in_full() {
             assert!(Instant::now() < deadline, "round {round}: the port never opened");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let (ready, first) = tokio::join!(get(addr, "/readyz"), get(addr, "/api/recommendations/u-1?k=3"));
+        let (ready, first) = tokio::join!(get(ops, "/readyz"), get(addr, "/api/recommendations/u-1?k=3"));
         let (ready, first) = (ready.unwrap(), first.unwrap());
         assert_eq!(ready.status, 200, "round {round}: /readyz as the port opened: {}", ready.body);
         assert_eq!(first.status, 200, "round {round}: the first recommendation: {}", first.body);
         assert_eq!(first.json()["source"], "personalized", "round {round}: {}", first.body);
         child.kill().await.unwrap();
     }
+}
+
+/// The serving edge (issue 15): no key 401, a key of the other scope 403,
+/// a revoked or made-up key 401, past the key's rate 429; the dashboard's
+/// session cookie is HttpOnly, Secure and SameSite=Strict and works alone;
+/// CORS is closed unless an origin is configured.
+#[tokio::test]
+async fn the_edge_wants_a_key_of_the_right_scope_within_its_rate() {
+    use serving_layer::auth::{Scope, create_key, revoke_key};
+    let (url, pool) = prepared("serving_edge").await;
+    let stop = CancellationToken::new();
+    let config = ServeConfig {
+        rate_limit: 5.0,
+        cors_origins: vec!["https://shop.example.com".into()],
+        ..config(&url, Duration::from_secs(2))
+    };
+    let running = server::start(config, stop.clone()).await.unwrap();
+    let addr = running.addr;
+    wait_ready(running.ops_addr).await;
+    let recommender = create_key(&pool, "recommender", Scope::Recommendations).await.unwrap().key;
+    let dashboard = create_key(&pool, "analyst", Scope::Dashboard).await.unwrap().key;
+    let revoked = create_key(&pool, "gone", Scope::Recommendations).await.unwrap();
+    assert!(revoke_key(&pool, revoked.key_id).await.unwrap());
+    let bearer = |k: &str| vec![("Authorization".to_string(), format!("Bearer {k}"))];
+    let call = |path: &'static str, headers: Vec<(String, String)>| async move {
+        serving::request(addr, "GET", path, &headers, "").await.unwrap()
+    };
+
+    let none = call("/api/recommendations/u-1", vec![]).await;
+    assert_eq!((none.status, none.header("www-authenticate")), (401, Some("Bearer")), "{}", none.body);
+    let made_up = format!("lk_{}_{}", revoked.key_id + 100, "0".repeat(64));
+    for key in [made_up.as_str(), revoked.key.as_str(), "not-a-key"] {
+        assert_eq!(call("/api/recommendations/u-1", bearer(key)).await.status, 401, "{key}");
+    }
+    let wrong = call("/api/popular", bearer(&recommender)).await;
+    assert_eq!(wrong.status, 403, "{}", wrong.body);
+    assert!(wrong.json()["error"].as_str().unwrap().contains("needs dashboard"), "{}", wrong.body);
+    assert_eq!(call("/api/recommendations/u-1", bearer(&dashboard)).await.status, 403);
+    assert_eq!(call("/api/recommendations/u-1", bearer(&recommender)).await.status, 200);
+    assert_eq!(call("/api/popular", bearer(&dashboard)).await.status, 200);
+    // Ops routes are not on the public address.
+    assert_eq!(call("/metrics", bearer(&dashboard)).await.status, 404);
+
+    // A burst past 5 per second: refused with 429 and Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        let a = call("/api/recommendations/u-1", bearer(&recommender)).await;
+        if a.status == 429 {
+            assert_eq!(a.header("retry-after"), Some("1"));
+        }
+        statuses.push(a.status);
+    }
+    assert!(statuses.contains(&429) && statuses.contains(&200), "{statuses:?}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(call("/api/recommendations/u-1", bearer(&recommender)).await.status, 200, "the bucket refills");
+
+    // The dashboard's session: a dashboard key buys the cookie, alone it reads.
+    let form = vec![("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string())];
+    let refused = serving::request(addr, "POST", "/session", &form, &format!("key={recommender}")).await.unwrap();
+    assert_eq!(refused.status, 403, "a recommendations key signs no one in");
+    let signed = serving::request(addr, "POST", "/session", &form, &format!("key={dashboard}")).await.unwrap();
+    assert_eq!(signed.status, 204, "{}", signed.body);
+    let cookie = signed.header("set-cookie").expect("a session cookie").to_string();
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.split("; ").any(|a| a == attribute), "{attribute} missing: {cookie}");
+    }
+    let session = vec![("Cookie".to_string(), cookie.split(';').next().unwrap().to_string())];
+    assert_eq!(call("/api/freshness", session.clone()).await.status, 200);
+    assert_eq!(call("/api/recommendations/u-1", session.clone()).await.status, 403, "the session is the dashboard's");
+    let forged = vec![("Cookie".to_string(), "lambda_session=1.99999999999.00".to_string())];
+    assert_eq!(call("/api/freshness", forged).await.status, 401);
+    let out = serving::request(addr, "DELETE", "/session", &session, "").await.unwrap();
+    assert!(out.header("set-cookie").is_some_and(|c| c.contains("Max-Age=0")), "{:?}", out.headers);
+
+    // CORS: only the configured origin, preflight included.
+    let origin = |o: &str| vec![("Origin".to_string(), o.to_string())];
+    let mut headers = bearer(&dashboard);
+    headers.extend(origin("https://shop.example.com"));
+    let allowed = call("/api/popular", headers).await;
+    assert_eq!(allowed.header("access-control-allow-origin"), Some("https://shop.example.com"));
+    let mut headers = bearer(&dashboard);
+    headers.extend(origin("https://evil.example"));
+    assert_eq!(call("/api/popular", headers).await.header("access-control-allow-origin"), None);
+    let preflight =
+        serving::request(addr, "OPTIONS", "/api/popular", &origin("https://shop.example.com"), "").await.unwrap();
+    assert_eq!(preflight.status, 204);
+    assert_eq!(preflight.header("access-control-allow-headers"), Some("authorization"));
+    stop.cancel();
 }

@@ -27,17 +27,24 @@ fn ids(v: &Value) -> Vec<&str> {
 async fn recommendations_fall_back_to_the_cached_popular_list_while_postgres_is_down() {
     let mut stack = PrivateStack::start().await.expect("private stack");
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     serving::insert_popular(&pool, &["p-1", "p-2", "p-3"]).await.unwrap();
     serving::insert_similarity(&pool, &[("p-10", "p-11", 0.9), ("p-10", "p-12", 0.5)]).await.unwrap();
     record(&pool, "u-1", "p-10", Did::Viewed, Utc::now() - TimeDelta::minutes(5)).await.unwrap();
     pool.close().await;
 
     let stop = CancellationToken::new();
-    let config = ServeConfig::any_port(url);
-    let addr = server::start(config, stop.clone()).await.unwrap().addr;
-    wait_ready(addr).await;
+    let config = ServeConfig::any_port(url.clone());
+    let running = server::start(config, stop.clone()).await.unwrap();
+    let (addr, ops) = (running.addr, running.ops_addr);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    serving::sign_requests(addr, &pool).await.unwrap();
+    pool.close().await;
+    wait_ready(ops).await;
     let v = recommend(addr, "u-1").await;
+    // Both keys checked once before the outage: they stay valid while
+    // PostgreSQL is away.
+    assert_eq!(get(addr, "/api/popular").await.unwrap().status, 200);
     assert_eq!((v["source"].as_str(), ids(&v)), (Some("personalized"), vec!["p-11", "p-12"]));
 
     stack
@@ -59,8 +66,8 @@ async fn recommendations_fall_back_to_the_cached_popular_list_while_postgres_is_
             }
             assert!(answers >= 2, "only {answers} answers while PostgreSQL was down");
             // Still ready: the fallback answers.
-            assert_eq!(get(addr, "/readyz").await.unwrap().status, 200);
-            let page = get(addr, "/metrics").await.unwrap().body;
+            assert_eq!(get(ops, "/readyz").await.unwrap().status, 200);
+            let page = get(ops, "/metrics").await.unwrap().body;
             assert!(page.contains("serving_fallbacks_total{reason=\"database_error\"}"), "{page}");
             // The dashboard API says the database is unavailable, as JSON.
             let a = get(addr, "/api/popular").await.unwrap();

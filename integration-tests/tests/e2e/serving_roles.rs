@@ -71,7 +71,7 @@ async fn refused(pool: &PgPool, sql: &str) {
 
 async fn prepared(test: &str) -> String {
     let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::prepare(&pool, None).await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
     url
 }
 
@@ -127,21 +127,11 @@ async fn recommender_reader_reads_what_recommendations_need_and_writes_nothing()
 
 #[tokio::test]
 async fn serving_writer_imports_model_outputs_and_writes_nothing_else() {
-    use datafusion::arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
-    use datafusion::parquet::arrow::ArrowWriter;
-
     let url = prepared("serving_roles_writer").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.parquet");
-    let batch = RecordBatch::try_from_iter([
-        ("user_id", std::sync::Arc::new(StringArray::from(vec!["u-1", "u-1"])) as ArrayRef),
-        ("product_id", std::sync::Arc::new(StringArray::from(vec!["p-1", "p-2"])) as ArrayRef),
-        ("score", std::sync::Arc::new(Float64Array::from(vec![0.9, 0.8])) as ArrayRef),
-    ])
-    .unwrap();
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    integration_tests::serving::write_model_file(&path, &[("u-1", "p-1", 0.9, None), ("u-1", "p-2", 0.8, None)])
+        .unwrap();
 
     let writer = as_role(&url, "serving_writer").await;
     let summary = serving_layer::models::import(&writer, &path, "v1", None).await.unwrap();

@@ -46,7 +46,7 @@ async fn stack_with_traffic(seed: u64) -> (PrivateStack, String, PgPool, Truth) 
     stack.create_topic(TOPIC, 4).await.unwrap();
     stack.create_topic(DLQ, 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    platform::db::migrate(&pool, Some(100)).await.unwrap();
     let truth = generator::run(generator_args(&stack.brokers(), seed, 6, 3.0, 0.01)).await.unwrap();
     (stack, url, pool, truth)
 }
@@ -230,7 +230,7 @@ async fn two_instances_split_the_partitions_exactly() {
     stack.create_topic(TOPIC, 4).await.unwrap();
     stack.create_topic(DLQ, 1).await.unwrap();
     let (url, pool) = stack.create_database("lambda").await.unwrap();
-    platform::db::prepare(&pool, Some(100)).await.unwrap();
+    platform::db::migrate(&pool, Some(100)).await.unwrap();
 
     let bin = binary("speed-layer");
     let logs = std::env::temp_dir().join(format!("speed-faults-two-{}", std::process::id()));

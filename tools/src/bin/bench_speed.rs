@@ -322,7 +322,7 @@ async fn speed_layer_catch_up(
     let (url, pool) = stack.fresh_database(&format!("bench_speed_throughput_{rep}")).await?;
     // The schema the layer would create at start, made first so the progress
     // poll below has its table; the layer's own start finds it in place.
-    platform::db::prepare(&pool, None).await?;
+    platform::db::migrate(&pool, None).await?;
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let _stop = shutdown.clone().drop_guard();
@@ -426,7 +426,7 @@ struct Marker {
 async fn freshness(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<Freshness> {
     let topic = stack.fresh_topic("bench_speed_freshness", args.partitions).await?;
     let (url, pool) = stack.fresh_database("bench_speed_freshness").await?;
-    platform::db::prepare(&pool, None).await?;
+    platform::db::migrate(&pool, None).await?;
     println!(
         "freshness: {:.0} events/s into {topic} for {} (+{} warm-up), a marker every {}",
         args.rate,

@@ -85,7 +85,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let name = format!("quality_{}", args.seed);
     let topic = stack.fresh_topic(&name, 4).await?;
     let (url, pool) = stack.fresh_database(&name).await?;
-    platform::db::prepare(&pool, Some(1)).await?;
+    platform::db::migrate(&pool, Some(1)).await?;
     let dir = tempfile::tempdir()?;
     let lake = Lake::parse(dir.path().to_str().unwrap_or("."))?;
 
@@ -174,7 +174,7 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
 
     // What the recommender would have read at the cut-off.
     let (url, pool) = stack.fresh_database(&format!("{name}_recs")).await?;
-    platform::db::prepare(&pool, Some(1)).await?;
+    platform::db::migrate(&pool, Some(1)).await?;
     let similarity_window = ITEM_SIMILARITY.window().context("item similarity reads events")?;
     let views = [
         (USER_PRODUCT_STATE.name, USER_PRODUCT_STATE.batch_sql(), scope::before(cutoff)),
@@ -228,7 +228,10 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
         popular_refresh: Duration::from_secs(60),
         ..ServeConfig::any_port(url)
     };
-    let addr = server::start(config, stop.clone()).await?.addr;
+    let running = server::start(config, stop.clone()).await?;
+    let addr = running.addr;
+    integration_tests::serving::sign_requests(addr, &pool).await?;
+    integration_tests::serving::wait_ready(running.ops_addr).await;
     let ids = |v: &serde_json::Value| -> Vec<String> {
         v["products"]
             .as_array()
