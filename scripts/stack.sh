@@ -5,6 +5,7 @@
 #   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk, moto)
 #   scripts/stack.sh up        start both (idempotent), topics, migrations
 #   scripts/stack.sh up-replica a streaming replica of PostgreSQL (hot standby) on $REPLICA_PORT
+#   scripts/stack.sh down-replica   stop it (its copy stays; `make clean` deletes it)
 #   scripts/stack.sh down      stop both
 #   scripts/stack.sh status    what runs where
 #   scripts/stack.sh logs      follow the logs
@@ -353,10 +354,11 @@ case "${1:-}" in
     tools) install_tools ;;
     up) up ;;
     up-replica) start_replica; status ;;
+    down-replica) stop_replica ;;
     down) down ;;
     status) status ;;
     logs) mkdir -p "$LOGS"; touch "$LOGS/postgres.log" "$LOGS/tansu.log"; tail -n 50 -F "$LOGS"/*.log ;;
     restart-postgres) stop_postgres; start_postgres; wait_postgres ;;
     restart-broker) stop_tansu; start_tansu; wait_tansu ;;
-    *) echo "usage: $0 tools|up|up-replica|down|status|logs|restart-postgres|restart-broker" >&2; exit 2 ;;
+    *) echo "usage: $0 tools|up|up-replica|down-replica|down|status|logs|restart-postgres|restart-broker" >&2; exit 2 ;;
 esac

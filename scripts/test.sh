@@ -55,6 +55,21 @@ if [ -f "$broker_db" ] && [ "$(stat -c %s "$broker_db")" -gt 1000000000 ]; then
     echo "warning: the local broker holds $(du -h "$broker_db" | cut -f1); if tests time out, \`make clean\` resets it" >&2
 fi
 
+step "make up-replica: a hot standby streams from the local server"
+$STACK up-replica >/dev/null
+replica="postgres://postgres@127.0.0.1:${REPLICA_PORT:-5434}/lambda"
+psql "$DATABASE_URL" -qc "CREATE TABLE IF NOT EXISTS public.replica_probe (at timestamptz); INSERT INTO public.replica_probe VALUES (now())"
+probe=$(psql "$DATABASE_URL" -qtAc "SELECT max(at) FROM public.replica_probe")
+for _ in $(seq 1 100); do
+    [ "$(psql "$replica" -qtAc "SELECT pg_is_in_recovery() AND max(at) = '$probe' FROM public.replica_probe" 2>/dev/null)" = t ] && break
+    sleep 0.2
+done
+[ "$(psql "$replica" -qtAc "SELECT pg_is_in_recovery() AND max(at) = '$probe' FROM public.replica_probe" 2>/dev/null)" = t ] \
+    || { echo "error: the replica on ${REPLICA_PORT:-5434} did not replay the primary's write; see .local/logs/replica.log" >&2; exit 1; }
+psql "$DATABASE_URL" -qc "DROP TABLE public.replica_probe"
+$STACK down-replica >/dev/null
+echo "replica: in recovery, replayed the primary's write"
+
 step "tests (nextest)"
 # The target directory is shared between clones (see the Makefile), so a
 # test binary may have been built in another clone: snapshots are this one's.
