@@ -50,6 +50,10 @@ pub enum Command {
         forget: ForgetKeyArgs,
         #[command(flatten)]
         notify: platform::notify::WebhookArgs,
+        /// Where /metrics, /healthz and /readyz listen while the ingest runs
+        /// (not with --until-caught-up).
+        #[arg(long, env = "INGEST_OPS_ADDR", default_value = "127.0.0.1:9103")]
+        ops_addr: std::net::SocketAddr,
     },
     /// Recompute the views from the lake and publish them with their offset cut,
     /// atomically: incremental by default (only the hours new events touched),
@@ -72,6 +76,9 @@ pub enum Command {
         cron: Option<Box<croner::Cron>>,
         #[command(flatten)]
         run: RunArgs,
+        /// Where /metrics, /healthz and /readyz listen.
+        #[arg(long, env = "SCHEDULE_OPS_ADDR", default_value = "127.0.0.1:9104")]
+        ops_addr: std::net::SocketAddr,
     },
     /// Forget users (GDPR right to erasure): delete their rows from the lake
     /// (Delta delete, then vacuum), from registered training exports and from
@@ -230,6 +237,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             database_url,
             forget,
             notify,
+            ops_addr,
         } => {
             if flush_records == 0 {
                 anyhow::bail!("--flush-records must be at least 1");
@@ -248,6 +256,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 until_caught_up,
                 show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 db: Some(db),
+                ready: None,
+            };
+            // A long-running ingest is watched like the speed layer; a
+            // catch-up is a one-off.
+            let config = if until_caught_up {
+                config
+            } else {
+                let ready = platform::ops_http::Readiness::default();
+                let (addr, _) =
+                    platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
+                        anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or INGEST_OPS_ADDR)")
+                    })?;
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+                IngestConfig { ready: Some(ready), ..config }
             };
             let s = ingest::run(config, shutdown).await?;
             println!(
@@ -326,7 +348,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Schedule { every, cron, run } => {
+        Command::Schedule { every, cron, run, ops_addr } => {
             if every < Duration::from_secs(1) {
                 anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
             }
@@ -335,7 +357,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(cron) => crate::schedule::Timing::Cron(cron),
                 None => crate::schedule::Timing::Every(every),
             };
-            crate::schedule::run(config, timing, shutdown).await;
+            let ready = platform::ops_http::Readiness::default();
+            let (addr, _) =
+                platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or SCHEDULE_OPS_ADDR)")
+                })?;
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            crate::schedule::run(config, timing, ready, shutdown).await;
             Ok(())
         }
     }

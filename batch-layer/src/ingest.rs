@@ -33,7 +33,7 @@
 //! reaching the high watermark, which a trailing marker never lets it reach.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -77,6 +77,10 @@ pub struct IngestConfig {
     /// are recorded and notifications kept (`None`: none of that; tools and
     /// tests without one).
     pub db: Option<PlatformDb>,
+    /// A long-running ingest's `/readyz` (ready once it consumes) and lag
+    /// metrics (`batch_ingest_partition_lag_records`, every 15 s); `None`
+    /// for a one-off catch-up.
+    pub ready: Option<platform::ops_http::Readiness>,
 }
 
 /// [`IngestConfig::flush_bytes`] unless configured: 64 MiB.
@@ -112,6 +116,7 @@ impl IngestConfig {
             until_caught_up: true,
             show_progress: false,
             db: None,
+            ready: None,
         }
     }
 }
@@ -352,6 +357,15 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
         "ingest started"
     );
 
+    // What the lake holds per partition, for the lag watcher.
+    let committed: Arc<Mutex<BTreeMap<i32, i64>>> =
+        Arc::new(Mutex::new(tables.events_next.iter().map(|(p, o)| (p.0, o.0)).collect()));
+    let _lag = config.ready.as_ref().map(|ready| {
+        ready.set(true);
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_lag(config.brokers.clone(), config.topic.clone(), Arc::clone(&committed), stop.clone()));
+        stop.drop_guard()
+    });
     let bar = progress(config.show_progress && config.until_caught_up, backlog);
     let mut next: BTreeMap<Partition, Offset> = partitions
         .iter()
@@ -398,6 +412,10 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             summary.events += flushed.events;
             summary.rejected += flushed.rejected;
             summary.commits += flushed.commits;
+            committed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(tables.events_next.iter().map(|(p, o)| (p.0, o.0)));
             if let Some(fence) = fence {
                 fence.release().await.map_err(|e| IngestError::Db(platform::db::DbError::from(e)))?;
             }
@@ -511,6 +529,23 @@ fn txns(topic: &str, offsets: &BTreeMap<Partition, Offset>) -> Vec<Transaction> 
     offsets.iter().map(|(p, o)| Transaction::new(ingest_app_id(topic, *p), o.0)).collect()
 }
 
+/// Sets `batch_ingest_partition_lag_records{partition}` (the broker's end
+/// minus what the lake holds) every 15 s until `stop`.
+async fn watch_lag(brokers: String, topic: String, committed: Arc<Mutex<BTreeMap<i32, i64>>>, stop: CancellationToken) {
+    let Some(client) = platform::kafka::metadata_client(&brokers, "ingest lag metrics") else { return };
+    loop {
+        for (p, end) in platform::kafka::topic_ends(&client, &topic).await {
+            let held = committed.lock().unwrap_or_else(|e| e.into_inner()).get(&p).copied().unwrap_or(0);
+            metrics::gauge!("batch_ingest_partition_lag_records", "partition" => p.to_string())
+                .set((end - held).max(0) as f64);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}
+
 async fn flush(
     config: &IngestConfig,
     tables: &mut Tables,
@@ -520,6 +555,7 @@ async fn flush(
     forgotten: Option<&platform::forgotten::Forgotten>,
 ) -> Result<Flushed, IngestError> {
     let started = Instant::now();
+    metrics::counter!("batch_ingest_bytes_total").increment(buffer.iter().map(|b| b.payload.len() as u64).sum());
     let records: Vec<RawRecord<'_>> = buffer
         .iter()
         .map(|b| RawRecord { partition: b.partition, offset: b.offset, timestamp: b.timestamp, payload: &b.payload })
@@ -586,6 +622,7 @@ async fn flush(
         out.commits += 1;
     }
     metrics::counter!("batch_ingest_records_total").increment(out.records);
+    metrics::counter!("batch_ingest_commits_total").increment(out.commits);
     metrics::counter!("batch_ingest_rejected_total").increment(decoded.rejected.len() as u64);
     metrics::histogram!("batch_ingest_flush_seconds").record(started.elapsed().as_secs_f64());
     tracing::info!(

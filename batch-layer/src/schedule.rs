@@ -53,9 +53,16 @@ impl std::fmt::Display for Timing {
     }
 }
 
-/// Runs until `shutdown`.
-pub async fn run(config: RunConfig, timing: Timing, shutdown: CancellationToken) {
+/// Runs until `shutdown`. `ready` (its `/readyz`) is set once the last
+/// published state is known and after every run that did not fail, and
+/// cleared by a failed run; the metrics are the batch layer's:
+/// `batch_runs_total{outcome}`, `batch_run_seconds{phase}`,
+/// `batch_rows_published{table}`, `batch_cut_offset{partition}` and
+/// `batch_last_success_timestamp_seconds`.
+pub async fn run(config: RunConfig, timing: Timing, ready: platform::ops_http::Readiness, shutdown: CancellationToken) {
     tracing::info!(schedule = %timing, "batch schedule started");
+    record_last_published(&config.database_url).await;
+    ready.set(true);
     loop {
         let start = timing.next(Utc::now());
         tracing::info!(next_run = %start.to_rfc3339(), "waiting for the next batch run");
@@ -65,7 +72,10 @@ pub async fn run(config: RunConfig, timing: Timing, shutdown: CancellationToken)
             _ = tokio::time::sleep(wait) => {}
         }
         let began = std::time::Instant::now();
-        match recompute::run(&config).await {
+        let outcome = recompute::run(&config).await;
+        record(&outcome);
+        ready.set(!matches!(outcome, Err(_) | Ok(RunOutcome::Rejected { .. })));
+        match outcome {
             Ok(RunOutcome::Published { run_id, delta_version, rows, .. }) => {
                 tracing::info!(
                     run_id,
@@ -89,6 +99,57 @@ pub async fn run(config: RunConfig, timing: Timing, shutdown: CancellationToken)
         }
     }
     tracing::info!("batch schedule stopped");
+}
+
+/// The metrics of one run's outcome.
+fn record(outcome: &Result<RunOutcome, recompute::RunError>) {
+    let label = match outcome {
+        Ok(RunOutcome::Published { .. }) => "published",
+        Ok(RunOutcome::Unchanged { .. }) => "unchanged",
+        Ok(RunOutcome::Rejected { .. }) => "rejected",
+        Ok(RunOutcome::Busy) => "busy",
+        Err(_) => "failed",
+    };
+    metrics::counter!("batch_runs_total", "outcome" => label).increment(1);
+    let now = Utc::now().timestamp_millis() as f64 / 1000.0;
+    match outcome {
+        Ok(RunOutcome::Published { cut, rows, compute_ms, publish_ms, total_ms, .. }) => {
+            for (phase, ms) in [("compute", compute_ms), ("publish", publish_ms), ("total", total_ms)] {
+                metrics::histogram!("batch_run_seconds", "phase" => phase).record(*ms as f64 / 1000.0);
+            }
+            for (table, n) in rows {
+                metrics::gauge!("batch_rows_published", "table" => table.clone()).set(*n as f64);
+            }
+            for (p, o) in cut.iter() {
+                metrics::gauge!("batch_cut_offset", "partition" => p.0.to_string()).set(o.0 as f64);
+            }
+            metrics::gauge!("batch_last_success_timestamp_seconds").set(now);
+        }
+        Ok(RunOutcome::Unchanged { .. }) => metrics::gauge!("batch_last_success_timestamp_seconds").set(now),
+        _ => {}
+    }
+}
+
+/// At start, the last successful run's time and the published cut, so a
+/// restarted scheduler does not report "never" until its first run.
+async fn record_last_published(database_url: &str) {
+    let Ok(pool) = platform::db::connect(database_url, 1, std::time::Duration::from_secs(30)).await else { return };
+    let last: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(finished_at))::float8 FROM ops.batch_runs WHERE status IN ('published', 'unchanged')",
+    )
+    .fetch_one(&pool)
+    .await
+    .ok()
+    .flatten();
+    if let Some(at) = last {
+        metrics::gauge!("batch_last_success_timestamp_seconds").set(at);
+    }
+    let cut: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut").fetch_all(&pool).await.unwrap_or_default();
+    for (p, o) in cut {
+        metrics::gauge!("batch_cut_offset", "partition" => p.to_string()).set(o as f64);
+    }
+    pool.close().await;
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@
 //! * [`backoff`]: the one capped exponential backoff with jitter;
 //! * [`logging`]: `tracing` set-up (JSON when not on a terminal) and the
 //!   one-line error report of a failed command;
-//! * [`db`]: connecting to PostgreSQL, migrations, the deployment's segment
-//!   size and the generated `serving.*` views;
+//! * [`db`]: connecting to PostgreSQL, checking the schema at start, and the
+//!   owner's migrations, segment size and generated `serving.*` views;
 //! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
 //!   every writer applies;
+//! * [`kafka`]: broker metadata (partition ends, for lag);
 //! * [`gaps`]: offsets without records that both layers step over, recorded
 //!   and notified;
 //! * [`notify`]: operator notifications, recorded and POSTed to a webhook
@@ -24,6 +25,7 @@ pub mod backoff;
 pub mod db;
 pub mod forgotten;
 pub mod gaps;
+pub mod kafka;
 pub mod logging;
 pub mod notify;
 pub mod ops_http;

@@ -114,6 +114,7 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     let spawn = |until_caught_up: bool| {
         let mut cmd = tokio::process::Command::new(&bin);
         cmd.args(["ingest", "--topic", &topic, "--flush-records", "400", "--flush-interval", "1s"])
+            .args(["--ops-addr", "127.0.0.1:0"])
             .env("KAFKA_BROKERS", stack.brokers())
             .env("LAKE_URI", &lake_path)
             .env("DATABASE_URL", &url)

@@ -214,12 +214,17 @@ async fn pipeline_survives_kills_and_restarts_exactly() {
         "all",
     ];
     let mut speed = Proc::new("speed", speed_args.map(String::from).to_vec(), &url, &logs);
-    let mut ingest = Proc::new("ingest", common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s"]), &url, &logs);
+    let mut ingest = Proc::new(
+        "ingest",
+        common(&["ingest", "--topic", TOPIC, "--flush-interval", "2s", "--ops-addr", "127.0.0.1:0"]),
+        &url,
+        &logs,
+    );
     // The quality gate stays on (the default --max-shrink).
     let run_args = common(&["run", "--topic", TOPIC, "--database-url", &url, "--no-catalog"]);
     let mut schedule_args = run_args.clone();
     schedule_args[4] = "schedule".to_string();
-    schedule_args.extend(["--every", "7s"].map(String::from));
+    schedule_args.extend(["--every", "7s", "--ops-addr", "127.0.0.1:0"].map(String::from));
     let mut schedule = Proc::new("schedule", schedule_args, &url, &logs);
     speed.start();
     ingest.start();

@@ -142,28 +142,72 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
     }
     assert_demand_eq(&serving_demand(&owner).await, &truth.demand_map(), "serving.product_demand_hourly");
 
-    // Schedule: new events reach the lake, a run on its clock publishes
-    // them, then SIGTERM.
-    generator::run(Args { backfill_hours: 1, ..Args::for_tests(&target.brokers, &topic, 62) }).await.unwrap();
-    run_ok("batch-layer", &["ingest", "--topic", &topic, "--until-caught-up"], &ingest).await;
+    // The long-running ingest and the schedule, as services: new events
+    // reach the lake (the ingest's /metrics count them, its lag falls to
+    // 0), a run on the schedule's clock publishes them (its /metrics say
+    // so), then SIGTERM stops both cleanly.
+    let port = || std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let (ingest_ops, schedule_ops) = (port(), port());
+    let ingest_log = logs.path().join("ingest.log");
+    let mut ingest_child = command(
+        "batch-layer",
+        &["ingest", "--topic", &topic, "--flush-interval", "1s", "--ops-addr", &ingest_ops.to_string()],
+        &ingest,
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&ingest_log).unwrap())
+    .spawn()
+    .unwrap();
+    wait_ready(ingest_ops).await;
+    let more =
+        generator::run(Args { backfill_hours: 1, ..Args::for_tests(&target.brokers, &topic, 62) }).await.unwrap();
+    let expected = (more.events_sent + more.bad_sent) as f64;
+    let metric = |addr, name: &'static str| async move {
+        integration_tests::checks::metric_sum(&get(addr, "/metrics").await.map(|a| a.body).unwrap_or_default(), name)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while metric(ingest_ops, "batch_ingest_records_total").await < expected
+        || metric(ingest_ops, "batch_ingest_partition_lag_records").await > 0.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the ingest did not catch up:\n{}", log_tail(&ingest_log, 20));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(metric(ingest_ops, "batch_ingest_commits_total").await >= 1.0);
+    assert!(metric(ingest_ops, "batch_ingest_bytes_total").await > 0.0);
+
     let finished = "SELECT count(*) FROM ops.batch_runs WHERE status = 'published'";
     let runs_before = count(&owner, finished).await;
     let schedule_log = logs.path().join("schedule.log");
-    let mut schedule =
-        command("batch-layer", &["schedule", "--every", "2s", "--no-catalog", "--topic", &topic], &batch)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&schedule_log).unwrap())
-            .spawn()
-            .unwrap();
+    let mut schedule = command(
+        "batch-layer",
+        &["schedule", "--every", "2s", "--no-catalog", "--topic", &topic, "--ops-addr", &schedule_ops.to_string()],
+        &batch,
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&schedule_log).unwrap())
+    .spawn()
+    .unwrap();
+    wait_ready(schedule_ops).await;
+    assert!(metric(schedule_ops, "batch_last_success_timestamp_seconds").await > 0.0, "the last run, read at start");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while count(&owner, finished).await <= runs_before {
         assert!(tokio::time::Instant::now() < deadline, "no scheduled run:\n{}", log_tail(&schedule_log, 20));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pid = schedule.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = tokio::time::timeout(Duration::from_secs(60), schedule.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "schedule exited with {status}:\n{}", log_tail(&schedule_log, 20));
+    let page = get(schedule_ops, "/metrics").await.unwrap().body;
+    assert!(page.contains("batch_runs_total{outcome=\"published\"} 1"), "{page}");
+    assert!(page.contains("batch_run_seconds_count{phase=\"publish\"} 1"), "{page}");
+    assert!(integration_tests::checks::metric_sum(&page, "batch_rows_published") > 0.0, "{page}");
+    let cut: f64 =
+        sqlx::query_scalar::<_, i64>("SELECT sum(cut_offset)::bigint FROM ops.cut").fetch_one(&owner).await.unwrap()
+            as f64;
+    assert_eq!(integration_tests::checks::metric_sum(&page, "batch_cut_offset"), cut, "{page}");
+    for (child, log) in [(&mut schedule, &schedule_log), (&mut ingest_child, &ingest_log)] {
+        let pid = child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "exited with {status}:\n{}", log_tail(log, 20));
+    }
 
     // Serve: each pool as its reader role; DATABASE_URL is not set at all.
     let serving = env_file("lambda-serving", &target);
