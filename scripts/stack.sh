@@ -2,7 +2,7 @@
 # The local stack, without Docker: PostgreSQL (Debian's server, run as the
 # `postgres` user) and the tansu Kafka broker, on loopback, state under .local/.
 #
-#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk, moto)
+#   scripts/stack.sh tools     install what is missing (PostgreSQL, tansu, chromium, wrk, moto, promtool)
 #   scripts/stack.sh up        start both (idempotent), topics, migrations
 #   scripts/stack.sh up-replica a streaming replica of PostgreSQL (hot standby) on $REPLICA_PORT
 #   scripts/stack.sh down-replica   stop it (its copy stays; `make clean` deletes it)
@@ -60,6 +60,13 @@ install_tools() {
         command -v apt-get >/dev/null || die "no chromium/wrk and no apt-get; install both"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium wrk >/dev/null
+    fi
+    # promtool checks the Prometheus alert rules under deploy/ in the tests.
+    if ! command -v promtool >/dev/null; then
+        say "installing promtool (Debian package prometheus)"
+        command -v apt-get >/dev/null || die "promtool is missing and there is no apt-get; install Prometheus 2.x"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
     fi
     command -v psql >/dev/null || die "psql not found; install postgresql-client"
     if [ ! -x "$TANSU" ] || ! "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
