@@ -54,6 +54,8 @@ pub enum Command {
         /// (not with --until-caught-up).
         #[arg(long, env = "INGEST_OPS_ADDR", default_value = "127.0.0.1:9103")]
         ops_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        heartbeat: platform::heartbeat::HeartbeatArgs,
     },
     /// Recompute the views from the lake and publish them with their offset cut,
     /// atomically: incremental by default (only the hours new events touched),
@@ -79,6 +81,8 @@ pub enum Command {
         /// Where /metrics, /healthz and /readyz listen.
         #[arg(long, env = "SCHEDULE_OPS_ADDR", default_value = "127.0.0.1:9104")]
         ops_addr: std::net::SocketAddr,
+        #[command(flatten)]
+        heartbeat: platform::heartbeat::HeartbeatArgs,
     },
     /// Forget users (GDPR right to erasure): delete their rows from the lake
     /// (Delta delete, then vacuum), from registered training exports and from
@@ -238,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             forget,
             notify,
             ops_addr,
+            heartbeat,
         } => {
             if flush_records == 0 {
                 anyhow::bail!("--flush-records must be at least 1");
@@ -245,6 +250,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if flush_mib == 0 || flush_mib > 16 * 1024 {
                 anyhow::bail!("--flush-mib must be from 1 to 16384, e.g. 64");
             }
+            let heartbeat_every = heartbeat.every()?;
+            let heartbeat_url = database_url.clone();
             let db = ingest::PlatformDb { database_url, key: forget.optional()?, notify_webhook: notify.webhook()? };
             let config = IngestConfig {
                 brokers: cli.brokers,
@@ -258,10 +265,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 db: Some(db),
                 ready: None,
             };
-            // A long-running ingest is watched like the speed layer; a
-            // catch-up is a one-off.
-            let config = if until_caught_up {
-                config
+            // A long-running ingest is watched like the speed layer (and
+            // beats for the watchdog); a catch-up is a one-off.
+            let (config, heartbeat) = if until_caught_up {
+                (config, None)
             } else {
                 let ready = platform::ops_http::Readiness::default();
                 let (addr, _) =
@@ -269,9 +276,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or INGEST_OPS_ADDR)")
                     })?;
                 tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-                IngestConfig { ready: Some(ready), ..config }
+                let pool = platform::db::connect(&heartbeat_url, 1, Duration::from_secs(30)).await?;
+                let beats = platform::heartbeat::spawn(
+                    pool,
+                    "batch-ingest",
+                    platform::heartbeat::host(),
+                    heartbeat_every,
+                    shutdown.clone(),
+                );
+                (IngestConfig { ready: Some(ready), ..config }, Some(beats))
             };
-            let s = ingest::run(config, shutdown).await?;
+            let s = ingest::run(config, shutdown.clone()).await;
+            if let Some(beats) = heartbeat {
+                // A clean stop is marked as such; a failure leaves the
+                // heartbeat to go stale, so the watchdog tells someone.
+                if s.is_ok() {
+                    shutdown.cancel();
+                    let _ = beats.await;
+                } else {
+                    beats.abort();
+                }
+            }
+            let s = s?;
             println!(
                 "ingest: {} records read, {} events and {} rejected records committed in {} Delta commits; next offsets {:?}",
                 s.records, s.events, s.rejected, s.commits, s.offsets
@@ -348,7 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Schedule { every, cron, run, ops_addr } => {
+        Command::Schedule { every, cron, run, ops_addr, heartbeat } => {
             if every < Duration::from_secs(1) {
                 anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
             }
@@ -363,7 +389,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or SCHEDULE_OPS_ADDR)")
                 })?;
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-            crate::schedule::run(config, timing, ready, shutdown).await;
+            let pool = platform::db::connect(&config.database_url, 1, Duration::from_secs(30)).await?;
+            let beats = platform::heartbeat::spawn(
+                pool,
+                "batch-schedule",
+                platform::heartbeat::host(),
+                heartbeat.every()?,
+                shutdown.clone(),
+            );
+            crate::schedule::run(config, timing, ready, shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = beats.await;
             Ok(())
         }
     }

@@ -69,6 +69,29 @@ pub enum Command {
         #[arg(long, env = "SERVING_CORS_ORIGINS", value_delimiter = ',')]
         cors_origins: Vec<String>,
     },
+    /// Dead-man alerts that do not depend on the dead process: notify when a
+    /// process's heartbeat goes silent (and returns), when the batch views
+    /// are stale, when the speed layer lags, when PostgreSQL cannot be
+    /// reached. Runs as role ops_watchdog, until SIGTERM.
+    Watchdog {
+        #[command(flatten)]
+        notify: platform::notify::WebhookArgs,
+        /// How often to check.
+        #[arg(long, env = "WATCHDOG_CHECK_EVERY", default_value = "15s", value_parser = humantime::parse_duration)]
+        check_every: Duration,
+        /// A heartbeat older than this is a silent process (they beat every 15 s by default).
+        #[arg(long, env = "WATCHDOG_SILENT_AFTER", default_value = "1m", value_parser = humantime::parse_duration)]
+        silent_after: Duration,
+        /// No successful batch run for this long is stale views.
+        #[arg(long, env = "WATCHDOG_BATCH_STALE_AFTER", default_value = "75m", value_parser = humantime::parse_duration)]
+        batch_stale_after: Duration,
+        /// Records the speed layer may be behind before it is lagging.
+        #[arg(long, env = "WATCHDOG_SPEED_LAG_BOUND", default_value_t = 1_000_000)]
+        speed_lag_bound: i64,
+        /// Where its own /metrics, /healthz and /readyz listen.
+        #[arg(long, env = "WATCHDOG_OPS_ADDR", default_value = "127.0.0.1:9105")]
+        ops_addr: SocketAddr,
+    },
     /// API keys for the serving edge (run as the schema owner).
     Keys {
         #[command(subcommand)]
@@ -164,6 +187,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             server::run(config, shutdown).await?;
             tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Watchdog { notify, check_every, silent_after, batch_stale_after, speed_lag_bound, ops_addr } => {
+            if check_every.is_zero() || silent_after.is_zero() || batch_stale_after.is_zero() {
+                anyhow::bail!("--check-every, --silent-after and --batch-stale-after must be positive, e.g. 15s");
+            }
+            let config = crate::watchdog::WatchdogConfig {
+                database_url: cli.database_url,
+                webhook: notify.webhook()?,
+                check_every,
+                silent_after,
+                batch_stale_after,
+                speed_lag_bound,
+            };
+            let shutdown = platform::shutdown::on_signals();
+            let ready = platform::ops_http::Readiness::default();
+            let (addr, _) =
+                platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or WATCHDOG_OPS_ADDR)")
+                })?;
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            crate::watchdog::run(config, ready, shutdown).await;
             Ok(())
         }
         Command::Keys { command } => {

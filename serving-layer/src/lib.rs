@@ -21,3 +21,4 @@ pub mod popular;
 pub mod recommend;
 pub mod server;
 pub mod telemetry;
+pub mod watchdog;

@@ -68,6 +68,8 @@ pub enum Command {
         forget_key: Option<String>,
         #[command(flatten)]
         notify: platform::notify::WebhookArgs,
+        #[command(flatten)]
+        heartbeat: platform::heartbeat::HeartbeatArgs,
         /// A partition with records waiting whose offset has not moved this long is stalled.
         #[arg(long, env = "SPEED_STALL_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
         stall_after: Duration,
@@ -98,6 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             assignment,
             instance_id,
             forget_key,
+            heartbeat,
             notify,
             stall_after,
             lag_threshold,
@@ -140,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 instance_id: instance_id_or_default(instance_id, ops_addr),
                 forget_key: platform::forgotten::ForgetKey::optional(forget_key.as_deref())?,
                 alerts,
+                heartbeat_every: heartbeat.every()?,
             };
             stream::run(config, shutdown).await?;
             Ok(())

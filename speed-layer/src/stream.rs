@@ -74,6 +74,8 @@ pub struct SpeedConfig {
     pub forget_key: Option<platform::forgotten::ForgetKey>,
     /// Notifications of stalls, lag and DLQ rate, with their thresholds.
     pub alerts: crate::alerts::Alerts,
+    /// How often the heartbeat is written to `ops.heartbeats`.
+    pub heartbeat_every: Duration,
 }
 
 impl SpeedConfig {
@@ -96,6 +98,7 @@ impl SpeedConfig {
             instance_id: None,
             forget_key: None,
             alerts: crate::alerts::Alerts::default(),
+            heartbeat_every: platform::heartbeat::DEFAULT_EVERY,
         }
     }
 }
@@ -320,6 +323,13 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         platform::notify::NotifyConfig::new(config.alerts.notify_webhook.clone(), "speed-layer"),
         Some(pool.clone()),
     );
+    let heartbeat = platform::heartbeat::spawn(
+        pool.clone(),
+        "speed-layer",
+        config.instance_id.clone().unwrap_or_else(platform::heartbeat::host),
+        config.heartbeat_every,
+        shutdown.clone(),
+    );
     let alerts = tokio::spawn(crate::alerts::watch(
         config.brokers.clone(),
         config.topic.clone(),
@@ -373,6 +383,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     let _ = shipper.await;
     let _ = lag.await;
     let _ = alerts.await;
+    let _ = heartbeat.await;
     notifier.flush(Duration::from_secs(5)).await;
     let _ = ops_task.await;
     Ok(())

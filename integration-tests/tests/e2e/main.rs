@@ -34,3 +34,4 @@ mod serving_faults;
 mod serving_roles;
 mod speed;
 mod speed_faults;
+mod watchdog;
