@@ -44,6 +44,35 @@ pub struct CatalogSnapshot {
     pub columns: Vec<(String, String)>,
     /// The column list differs from the one the last run saw.
     pub schema_changed: bool,
+    /// Why the shop's table cannot be read (a needed column dropped,
+    /// renamed or retyped): the lake keeps the last good catalog.
+    pub broken: Option<String>,
+}
+
+/// The columns a snapshot needs, and the types each may have.
+const NEEDED: &[(&str, &[&str])] = &[
+    ("product_id", &[]),
+    ("name", &[]),
+    ("category", &[]),
+    ("price_cents", &["smallint", "integer", "bigint", "numeric"]),
+    ("updated_at", &["timestamp with time zone", "timestamp without time zone", "date"]),
+];
+
+/// What makes `columns` unreadable as the catalog, if anything. Text
+/// columns take any type (everything casts to text); numbers and times
+/// must stay numbers and times.
+pub fn breaking(columns: &[(String, String)]) -> Option<String> {
+    let problems: Vec<String> = NEEDED
+        .iter()
+        .filter_map(|(name, types)| match columns.iter().find(|(c, _)| c == name) {
+            None => Some(format!("column {name} is missing (dropped or renamed)")),
+            Some((_, t)) if !types.is_empty() && !types.contains(&t.as_str()) => {
+                Some(format!("column {name} is now {t}, not one of {}", types.join(", ")))
+            }
+            Some(_) => None,
+        })
+        .collect();
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// Columns of the lake's `products` table.
@@ -75,9 +104,31 @@ pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<Catal
     .fetch_all(&mut *tx)
     .await
     .map_err(shop)?;
-    let needed = ["product_id", "name", "category", "price_cents", "updated_at"];
-    if !needed.iter().all(|n| columns.iter().any(|(c, _)| c == n)) {
+    if columns.is_empty() {
         return Err(CatalogError::NoProducts);
+    }
+    let fingerprint = columns.iter().map(|(c, t)| format!("{c}:{t}")).collect::<Vec<_>>().join(",");
+    let previous: Option<String> =
+        sqlx::query_scalar("SELECT fingerprint FROM ops.catalog_schema ORDER BY id DESC LIMIT 1")
+            .fetch_optional(ops)
+            .await?;
+    if let Some(problem) = breaking(&columns) {
+        drop(tx);
+        // Recorded and notified once per broken column list; the lake's
+        // catalog is left as the last good snapshot wrote it.
+        let new = previous.as_ref() != Some(&fingerprint);
+        if new {
+            record_schema(ops, &fingerprint, &columns, 0).await?;
+            tracing::error!(%problem, "the shop's products table changed incompatibly; keeping the last good catalog");
+            sqlx::query(
+                "INSERT INTO ops.notifications (kind, severity, summary, details) VALUES ('catalog_schema_broken', 'critical', $1, $2)",
+            )
+            .bind(format!("The shop's products table can no longer be read ({problem}); the last good catalog stays"))
+            .bind(json!({"problem": problem, "before": previous, "after": fingerprint}))
+            .execute(ops)
+            .await?;
+        }
+        return Ok(CatalogSnapshot { products: 0, columns, schema_changed: new, broken: Some(problem) });
     }
     let rows = sqlx::query(
         "SELECT product_id::text, name::text, category::text, price_cents::bigint, updated_at::timestamptz
@@ -113,20 +164,9 @@ pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<Catal
     let table = lake.open_or_create(PRODUCTS_TABLE, &schema(), &[]).await?;
     table.write(vec![batch]).with_save_mode(SaveMode::Overwrite).await?;
 
-    let fingerprint = columns.iter().map(|(c, t)| format!("{c}:{t}")).collect::<Vec<_>>().join(",");
-    let previous: Option<String> =
-        sqlx::query_scalar("SELECT fingerprint FROM ops.catalog_schema ORDER BY id DESC LIMIT 1")
-            .fetch_optional(ops)
-            .await?;
     let schema_changed = previous.as_ref().is_some_and(|p| *p != fingerprint);
     if previous.as_ref() != Some(&fingerprint) {
-        let cols = json!(columns.iter().map(|(c, t)| json!({"column": c, "type": t})).collect::<Vec<_>>());
-        sqlx::query("INSERT INTO ops.catalog_schema (fingerprint, columns, products) VALUES ($1, $2, $3)")
-            .bind(&fingerprint)
-            .bind(&cols)
-            .bind(rows.len() as i64)
-            .execute(ops)
-            .await?;
+        record_schema(ops, &fingerprint, &columns, rows.len()).await?;
     }
     if schema_changed {
         tracing::warn!(before = ?previous, after = %fingerprint, "the catalog's schema changed in the shop database");
@@ -138,5 +178,21 @@ pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<Catal
         .execute(ops)
         .await?;
     }
-    Ok(CatalogSnapshot { products: rows.len(), columns, schema_changed })
+    Ok(CatalogSnapshot { products: rows.len(), columns, schema_changed, broken: None })
+}
+
+async fn record_schema(
+    ops: &PgPool,
+    fingerprint: &str,
+    columns: &[(String, String)],
+    products: usize,
+) -> Result<(), sqlx::Error> {
+    let cols = json!(columns.iter().map(|(c, t)| json!({"column": c, "type": t})).collect::<Vec<_>>());
+    sqlx::query("INSERT INTO ops.catalog_schema (fingerprint, columns, products) VALUES ($1, $2, $3)")
+        .bind(fingerprint)
+        .bind(&cols)
+        .bind(products as i64)
+        .execute(ops)
+        .await
+        .map(drop)
 }

@@ -218,7 +218,9 @@ async fn run_with(
         // costs this run its snapshot, not its publish.
         match crate::catalog::snapshot(url, &config.lake, &pool).await {
             Ok(s) => {
-                tracing::info!(products = s.products, schema_changed = s.schema_changed, "catalog snapshot taken");
+                if s.broken.is_none() {
+                    tracing::info!(products = s.products, schema_changed = s.schema_changed, "catalog snapshot taken");
+                }
                 if s.schema_changed {
                     notify_catalog_change(&pool, notifier).await;
                 }
@@ -234,19 +236,19 @@ async fn run_with(
 /// Sends the schema change the catalog snapshot just recorded in
 /// `ops.notifications` to the webhook.
 async fn notify_catalog_change(pool: &PgPool, notifier: &platform::notify::Notifier) {
-    let row: Result<Option<(i64, String, serde_json::Value)>, _> = sqlx::query_as(
-        "SELECT id, summary, details FROM ops.notifications
-         WHERE kind = 'catalog_schema_changed' AND NOT delivered ORDER BY id DESC LIMIT 1",
+    let row: Result<Option<(i64, String, String, serde_json::Value)>, _> = sqlx::query_as(
+        "SELECT id, kind, summary, details FROM ops.notifications
+         WHERE kind IN ('catalog_schema_changed', 'catalog_schema_broken') AND NOT delivered ORDER BY id DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await;
-    if let Ok(Some((id, summary, details))) = row {
-        let mut n = platform::notify::Notification::new(
-            "catalog_schema_changed",
-            platform::notify::Severity::Warning,
-            summary,
-            details,
-        );
+    if let Ok(Some((id, kind, summary, details))) = row {
+        let severity = if kind == "catalog_schema_broken" {
+            platform::notify::Severity::Critical
+        } else {
+            platform::notify::Severity::Warning
+        };
+        let mut n = platform::notify::Notification::new(&kind, severity, summary, details);
         n.id = Some(id);
         notifier.send(n);
     }

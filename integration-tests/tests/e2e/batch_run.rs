@@ -193,6 +193,51 @@ async fn catalog_snapshot_lands_in_the_lake_and_schema_changes_are_reported() {
         .unwrap();
     assert_eq!(kind, "catalog_schema_changed");
 
+    // Breaking changes (a column renamed, a column retyped): the lake keeps
+    // the last good catalog, and each is notified once, as critical.
+    let lake_products = |lake: Lake| async move {
+        let ctx = datafusion::prelude::SessionContext::new();
+        let table = lake.open(batch_layer::lake::PRODUCTS_TABLE).await.unwrap().expect("products table");
+        batch_layer::lake::register(&ctx, "products", &table).await.unwrap();
+        let n = ctx.sql("SELECT count(category) FROM products").await.unwrap().collect().await.unwrap();
+        n[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0)
+    };
+    let broken_notes = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT severity, summary FROM ops.notifications WHERE kind = 'catalog_schema_broken' ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    for (break_it, problem, mend) in [
+        (
+            "ALTER TABLE products RENAME COLUMN category TO department",
+            "column category is missing",
+            "ALTER TABLE products RENAME COLUMN department TO category",
+        ),
+        (
+            "ALTER TABLE products ALTER COLUMN price_cents TYPE text",
+            "column price_cents is now text",
+            "ALTER TABLE products ALTER COLUMN price_cents TYPE bigint USING price_cents::bigint",
+        ),
+    ] {
+        let before = broken_notes().await.len();
+        sqlx::query(break_it).execute(&sales).await.unwrap();
+        let broken = batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap();
+        assert!(broken.broken.as_deref().is_some_and(|p| p.contains(problem)), "{broken:?}");
+        assert_eq!(lake_products(lake.clone()).await, 40, "the last good catalog stays");
+        // Seen again at the next run: not notified twice.
+        assert!(!batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap().schema_changed);
+        let notes = broken_notes().await;
+        assert_eq!(notes.len(), before + 1, "{notes:?}");
+        assert_eq!(notes[before].0, "critical");
+        assert!(notes[before].1.contains(problem), "{notes:?}");
+        sqlx::query(mend).execute(&sales).await.unwrap();
+        let mended = batch_layer::catalog::snapshot(&sales_url, &lake, &pool).await.unwrap();
+        assert!(mended.broken.is_none() && mended.schema_changed && mended.products == 40, "{mended:?}");
+    }
+
     // A run takes the snapshot itself, and an unreachable shop database does
     // not stop it from publishing.
     let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
