@@ -222,7 +222,69 @@ impl Db {
         }
         Ok(())
     }
+
+    /// Counts what a flush's events said about the contract in
+    /// `ops.event_shapes`, and notifies once: a schema_version other than 1
+    /// when first seen, an unknown field when its share of a flush first
+    /// reaches [`UNKNOWN_FIELD_SHARE`]. Best effort: a failure is logged,
+    /// never a reason to stop ingesting.
+    async fn record_shape(&mut self, shape: &shared_schema::decode::Shape, events: u64) {
+        use platform::notify::{Notification, Severity};
+        let rows = shape.versions.iter().map(|(v, n)| ("schema_version", v.to_string(), *n, *v != 1)).chain(
+            shape.unknown_fields.iter().map(|(f, n)| {
+                ("unknown_field", f.clone(), *n, events > 0 && *n as f64 / events as f64 >= UNKNOWN_FIELD_SHARE)
+            }),
+        );
+        for (kind, name, n, due) in rows {
+            let notify: Result<Option<bool>, sqlx::Error> = sqlx::query_scalar(
+                "INSERT INTO ops.event_shapes AS s (kind, name, events) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, name) DO UPDATE SET events = s.events + EXCLUDED.events
+                 RETURNING s.notified_at IS NULL AND $4",
+            )
+            .bind(kind)
+            .bind(&name)
+            .bind(n as i64)
+            .bind(due)
+            .fetch_optional(&self.pool)
+            .await;
+            match notify {
+                Ok(Some(true)) => {
+                    let share = if events > 0 { n as f64 / events as f64 } else { 0.0 };
+                    let n = if kind == "schema_version" {
+                        Notification::new(
+                            "event_schema_version_new",
+                            Severity::Warning,
+                            format!("events of schema_version {name} arrive; the lake stores the version as sent"),
+                            serde_json::json!({ "schema_version": name, "events": n }),
+                        )
+                    } else {
+                        Notification::new(
+                            "event_field_unknown",
+                            Severity::Warning,
+                            format!(
+                                "{:.0}% of the events carry a field {name:?} the contract does not know",
+                                share * 100.0
+                            ),
+                            serde_json::json!({ "field": name, "events": n, "share": share }),
+                        )
+                    };
+                    self.notifier.send(n);
+                    let _ =
+                        sqlx::query("UPDATE ops.event_shapes SET notified_at = now() WHERE kind = $1 AND name = $2")
+                            .bind(kind)
+                            .bind(&name)
+                            .execute(&self.pool)
+                            .await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot record the events' schema versions and unknown fields"),
+            }
+        }
+    }
 }
+
+/// Share of a flush's events carrying an unknown field at which it is notified.
+pub const UNKNOWN_FIELD_SHARE: f64 = 0.01;
 
 struct Tables {
     events: DeltaTable,
@@ -412,6 +474,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             summary.events += flushed.events;
             summary.rejected += flushed.rejected;
             summary.commits += flushed.commits;
+            if let Some(d) = db.as_mut() {
+                d.record_shape(&flushed.shape, flushed.events).await;
+            }
             committed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -506,6 +571,7 @@ struct Flushed {
     events: u64,
     rejected: u64,
     commits: u64,
+    shape: shared_schema::decode::Shape,
 }
 
 /// The offsets a commit records for the partitions this flush read: the
@@ -583,7 +649,13 @@ async fn flush(
         }
     }
     let touched: std::collections::BTreeSet<Partition> = buffer.iter().map(|b| Partition(b.partition)).collect();
-    let mut out = Flushed { records: buffer.len() as u64, events: 0, rejected: 0, commits: 0 };
+    let mut out = Flushed {
+        records: buffer.len() as u64,
+        events: 0,
+        rejected: 0,
+        commits: 0,
+        shape: std::mem::take(&mut decoded.shape),
+    };
 
     // 1. Rejected records the rejected table does not hold yet.
     let fresh: Vec<&RejectedRecord> = decoded

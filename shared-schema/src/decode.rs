@@ -63,6 +63,16 @@ pub struct Decoded {
     /// Valid events in input order, in [`events_schema`].
     pub batch: RecordBatch,
     pub rejected: Vec<RejectedRecord>,
+    /// What the valid events say about the contract: their schema versions
+    /// and the fields it does not know, each with its number of events.
+    pub shape: Shape,
+}
+
+/// Per schema version and per unknown field name, how many valid events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub versions: std::collections::BTreeMap<i32, u64>,
+    pub unknown_fields: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,13 +191,20 @@ impl EventDecoder {
                 }
             }
         }
+        let mut shape = Shape::default();
+        for (e, _, _) in &events {
+            *shape.versions.entry(e.schema_version).or_default() += 1;
+            for f in &e.unknown_fields {
+                *shape.unknown_fields.entry(f.to_string()).or_default() += 1;
+            }
+        }
         let rows: Vec<LakeRow<'_>> = events.iter().map(|(e, p, o)| LakeRow::new(e, *p, *o)).collect();
         self.decoder.serialize(&rows)?;
         let batch = match self.decoder.flush()? {
             Some(batch) => batch,
             None => RecordBatch::new_empty(events_schema()),
         };
-        Ok(Decoded { batch, rejected })
+        Ok(Decoded { batch, rejected, shape })
     }
 }
 

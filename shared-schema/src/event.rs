@@ -91,6 +91,9 @@ pub struct Event<'a> {
     /// Unit price; `None` only for a `page_view` that omitted it.
     pub price_cents: Option<i64>,
     pub schema_version: i32,
+    /// Names of the fields the contract does not know (kept out of every
+    /// view; counted by the ingest, which notifies new ones).
+    pub unknown_fields: Vec<Cow<'a, str>>,
 }
 
 /// Why a record was rejected. The string form ([`RejectReason::as_str`]) is
@@ -218,27 +221,84 @@ impl fmt::Display for Rejection {
 impl std::error::Error for Rejection {}
 
 /// The record as it arrives: every known field kept as raw JSON text, so
-/// each can be checked on its own and a wrong type names its field.
-#[derive(Deserialize)]
+/// each can be checked on its own and a wrong type names its field; the
+/// names of the fields the contract does not know, in order. A known field
+/// given twice is a data error (`duplicate field`), as serde's derive
+/// makes it; `null` counts as absent.
+#[derive(Default)]
 struct Wire<'a> {
-    #[serde(borrow)]
     event_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     event_type: Option<&'a RawValue>,
-    #[serde(borrow)]
     event_time: Option<&'a RawValue>,
-    #[serde(borrow)]
     user_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     session_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     product_id: Option<&'a RawValue>,
-    #[serde(borrow)]
     quantity: Option<&'a RawValue>,
-    #[serde(borrow)]
     price_cents: Option<&'a RawValue>,
-    #[serde(borrow)]
     schema_version: Option<&'a RawValue>,
+    unknown: Vec<Cow<'a, str>>,
+}
+
+/// A key, borrowed from the input when it holds no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Wire<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Wire<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Wire<'de>, M::Error> {
+                let mut w = Wire::default();
+                let mut seen = [false; 9];
+                while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                    let (slot, i, name) = match key.as_ref() {
+                        "event_id" => (&mut w.event_id, 0, "event_id"),
+                        "event_type" => (&mut w.event_type, 1, "event_type"),
+                        "event_time" => (&mut w.event_time, 2, "event_time"),
+                        "user_id" => (&mut w.user_id, 3, "user_id"),
+                        "session_id" => (&mut w.session_id, 4, "session_id"),
+                        "product_id" => (&mut w.product_id, 5, "product_id"),
+                        "quantity" => (&mut w.quantity, 6, "quantity"),
+                        "price_cents" => (&mut w.price_cents, 7, "price_cents"),
+                        "schema_version" => (&mut w.schema_version, 8, "schema_version"),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            w.unknown.push(key);
+                            continue;
+                        }
+                    };
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(serde::de::Error::duplicate_field(name));
+                    }
+                    *slot = map.next_value::<Option<&'de RawValue>>()?;
+                }
+                Ok(w)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl<'a> Event<'a> {
@@ -304,6 +364,7 @@ impl<'a> Event<'a> {
             quantity,
             price_cents,
             schema_version,
+            unknown_fields: wire.unknown,
         })
     }
 
@@ -537,6 +598,18 @@ mod tests {
         let json = json.replace(r#""schema_version":1"#, r#""schema_version":2"#);
         let e = Event::parse(json.as_bytes(), now()).unwrap();
         assert_eq!(e.schema_version, 2);
+        assert_eq!(e.unknown_fields, ["coupon"], "named, not kept in any column");
+        let plain = Event::parse(GOOD.as_bytes(), now()).unwrap();
+        assert!(plain.unknown_fields.is_empty());
+        // An escaped name is still one name.
+        let escaped = GOOD.replacen('{', r#"{"dev\u0069ce":1,"#, 1);
+        assert_eq!(Event::parse(escaped.as_bytes(), now()).unwrap().unknown_fields, ["device"]);
+    }
+
+    #[test]
+    fn a_known_field_twice_is_a_duplicate_even_when_the_first_is_null() {
+        let json = GOOD.replacen('{', r#"{"quantity":null,"#, 1);
+        assert_eq!(Event::parse(json.as_bytes(), now()).unwrap_err().reason, RejectReason::DuplicateField);
     }
 
     #[test]

@@ -69,9 +69,41 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     .unwrap();
     assert_eq!(speed_units, 80, "serving from the speed layer counts both versions");
 
-    let summary =
-        ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    let with_db = IngestConfig {
+        db: Some(batch_layer::ingest::PlatformDb::new(url.clone())),
+        ..IngestConfig::catch_up(stack.brokers(), &topic, &lake)
+    };
+    let summary = ingest::run(with_db.clone(), CancellationToken::new()).await.unwrap();
     assert_eq!((summary.events, summary.rejected), (40, 0));
+    // Noticed, and notified once: the new version and each new field.
+    let notified = || async {
+        sqlx::query_as::<_, (String, serde_json::Value)>(
+            "SELECT kind, details FROM ops.notifications WHERE kind LIKE 'event_%' ORDER BY kind, details::text",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let first = notified().await;
+    let named: Vec<(String, String)> = first
+        .iter()
+        .map(|(k, d)| (k.clone(), d["field"].as_str().or(d["schema_version"].as_str()).unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("event_field_unknown".to_string(), "coupon_code".to_string()),
+            ("event_field_unknown".into(), "device".into()),
+            ("event_schema_version_new".into(), "2".into()),
+        ]
+    );
+    let shapes: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT kind, name, events FROM ops.event_shapes ORDER BY kind, name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(shapes.contains(&("schema_version".into(), "1".into(), 20)), "{shapes:?}");
+    assert!(shapes.contains(&("unknown_field".into(), "coupon_code".into(), 20)), "{shapes:?}");
     let table = lake.open("events").await.unwrap().unwrap();
     let ctx = datafusion::prelude::SessionContext::new();
     batch_layer::lake::register(&ctx, "events", &table).await.unwrap();
@@ -101,6 +133,17 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     .await
     .unwrap();
     assert_eq!(users, 14, "user state from both versions");
+    // More of the same, ingested later: counted, not notified again.
+    for n in 40..50 {
+        let payload = event(2, n);
+        producer
+            .send(FutureRecord::to(&topic).key("u-more").payload(&payload), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    ingest::run(with_db, CancellationToken::new()).await.unwrap();
+    assert_eq!(notified().await, first, "seen again: not notified again");
 }
 
 /// Adding a measure to a view is one change in `shared-schema` plus a
