@@ -743,7 +743,14 @@ async fn append_with(
     actions: Vec<Transaction>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let props = CommitProperties::default().with_application_transactions(actions);
-    table.write(vec![events]).with_partition_columns(PARTITION_COLUMNS).with_commit_properties(props).await
+    // Merge: a lake written before a column was added (`extra`) takes it on
+    // the first write; its older files read it as NULL.
+    table
+        .write(vec![events])
+        .with_partition_columns(PARTITION_COLUMNS)
+        .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)
+        .with_commit_properties(props)
+        .await
 }
 
 fn rejected_batch(rejected: &[&RejectedRecord], buffer: &[Buffered]) -> Result<RecordBatch, IngestError> {

@@ -109,6 +109,7 @@ struct LakeRow<'r> {
     #[serde(serialize_with = "serialize_date")]
     event_date: NaiveDate,
     event_hour: i32,
+    extra: Option<&'r str>,
 }
 
 fn serialize_date<S: serde::Serializer>(d: &NaiveDate, s: S) -> Result<S::Ok, S::Error> {
@@ -131,6 +132,7 @@ impl<'r> LakeRow<'r> {
             kafka_offset: offset,
             event_date: e.event_time.date_naive(),
             event_hour: i32::try_from(e.event_time.hour()).unwrap_or_default(),
+            extra: e.extra.as_deref(),
         }
     }
 }

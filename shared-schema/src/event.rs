@@ -91,9 +91,13 @@ pub struct Event<'a> {
     /// Unit price; `None` only for a `page_view` that omitted it.
     pub price_cents: Option<i64>,
     pub schema_version: i32,
-    /// Names of the fields the contract does not know (kept out of every
-    /// view; counted by the ingest, which notifies new ones).
+    /// Names of the fields the contract does not know (counted by the
+    /// ingest, which notifies new ones).
     pub unknown_fields: Vec<Cow<'a, str>>,
+    /// Those fields as one compact JSON object (`{"coupon_code":"X"}`), as
+    /// sent, so the lake keeps what a later view may want; `None` when
+    /// there are none.
+    pub extra: Option<String>,
 }
 
 /// Why a record was rejected. The string form ([`RejectReason::as_str`]) is
@@ -236,7 +240,7 @@ struct Wire<'a> {
     quantity: Option<&'a RawValue>,
     price_cents: Option<&'a RawValue>,
     schema_version: Option<&'a RawValue>,
-    unknown: Vec<Cow<'a, str>>,
+    unknown: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
 /// A key, borrowed from the input when it holds no escapes.
@@ -284,8 +288,8 @@ impl<'de> Deserialize<'de> for Wire<'de> {
                         "price_cents" => (&mut w.price_cents, 7, "price_cents"),
                         "schema_version" => (&mut w.schema_version, 8, "schema_version"),
                         _ => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                            w.unknown.push(key);
+                            let value = map.next_value::<&'de RawValue>()?;
+                            w.unknown.push((key, value));
                             continue;
                         }
                     };
@@ -364,7 +368,8 @@ impl<'a> Event<'a> {
             quantity,
             price_cents,
             schema_version,
-            unknown_fields: wire.unknown,
+            extra: extra_json(&wire.unknown),
+            unknown_fields: wire.unknown.into_iter().map(|(k, _)| k).collect(),
         })
     }
 
@@ -376,6 +381,25 @@ impl<'a> Event<'a> {
             _ => 0,
         }
     }
+}
+
+/// `{"name":value,...}` of the unknown fields, values as sent (compacted by
+/// the parser only where they were written with whitespace inside).
+fn extra_json(unknown: &[(Cow<'_, str>, &RawValue)]) -> Option<String> {
+    if unknown.is_empty() {
+        return None;
+    }
+    let mut out = String::from("{");
+    for (i, (key, value)) in unknown.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key.as_ref()).unwrap_or_else(|_| "\"\"".into()));
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// Which parse a JSON error came from: that, and the error's category,
@@ -598,9 +622,12 @@ mod tests {
         let json = json.replace(r#""schema_version":1"#, r#""schema_version":2"#);
         let e = Event::parse(json.as_bytes(), now()).unwrap();
         assert_eq!(e.schema_version, 2);
-        assert_eq!(e.unknown_fields, ["coupon"], "named, not kept in any column");
+        assert_eq!(e.unknown_fields, ["coupon"]);
+        assert_eq!(e.extra.as_deref(), Some(r#"{"coupon":{"code":"X","tiers":[1,2,{"a":null}]}}"#), "kept as sent");
+        let extra: serde_json::Value = serde_json::from_str(e.extra.as_deref().unwrap()).unwrap();
+        assert_eq!(extra["coupon"]["tiers"][2], serde_json::json!({"a": null}));
         let plain = Event::parse(GOOD.as_bytes(), now()).unwrap();
-        assert!(plain.unknown_fields.is_empty());
+        assert!(plain.unknown_fields.is_empty() && plain.extra.is_none());
         // An escaped name is still one name.
         let escaped = GOOD.replacen('{', r#"{"dev\u0069ce":1,"#, 1);
         assert_eq!(Event::parse(escaped.as_bytes(), now()).unwrap().unknown_fields, ["device"]);

@@ -23,6 +23,8 @@ pub mod col {
     pub const KAFKA_OFFSET: &str = "kafka_offset";
     pub const EVENT_DATE: &str = "event_date";
     pub const EVENT_HOUR: &str = "event_hour";
+    /// The fields the contract does not know, as one JSON object (or NULL).
+    pub const EXTRA: &str = "extra";
 }
 
 /// The lake's partition columns, in order.
@@ -93,6 +95,7 @@ static EVENTS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(col::KAFKA_OFFSET, DataType::Int64, false),
         Field::new(col::EVENT_DATE, DataType::Utf8, false),
         Field::new(col::EVENT_HOUR, DataType::Int32, false),
+        Field::new(col::EXTRA, DataType::Utf8, true),
     ]))
 });
 

@@ -162,3 +162,26 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     }
     assert_eq!(counts(&lake, REJECTED_TABLE).await, (bad, bad), "rejected records (rows, distinct offsets)");
 }
+
+/// A lake written before the `extra` column existed takes it on the next
+/// ingest (Delta schema merge): its older rows read it as NULL, nothing is
+/// rewritten and every offset still lands once.
+#[tokio::test]
+async fn a_lake_from_before_the_extra_column_takes_it_on_the_next_write() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("ingest_merge", 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let current = shared_schema::events_schema();
+    let fields: Vec<_> = current.fields().iter().filter(|f| f.name() != "extra").cloned().collect();
+    let old = datafusion::arrow::datatypes::Schema::new(fields);
+    let created = lake.open_or_create(EVENTS_TABLE, &old, &shared_schema::schema::PARTITION_COLUMNS).await.unwrap();
+    assert!(created.snapshot().unwrap().schema().field("extra").is_none(), "the old layout");
+
+    let truth = generator::run(generator_args(&stack, &topic, 41, 2, 1.0, 0.0)).await.unwrap();
+    ingest::run(config(&stack, &topic, &lake), CancellationToken::new()).await.unwrap();
+    let table = lake.open(EVENTS_TABLE).await.unwrap().unwrap();
+    assert!(table.snapshot().unwrap().schema().field("extra").is_some(), "merged in");
+    let (rows, distinct) = counts(&lake, EVENTS_TABLE).await;
+    assert_eq!((rows, distinct), (truth.events_sent as i64, truth.events_sent as i64));
+}

@@ -109,6 +109,28 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
     batch_layer::lake::register(&ctx, "events", &table).await.unwrap();
     let b = ctx.sql("SELECT count(*) FROM events WHERE schema_version = 2").await.unwrap().collect().await.unwrap();
     assert_eq!(b[0].column(0).as_primitive::<Int64Type>().value(0), 20, "the lake keeps the version");
+    // And the fields no layer knows yet, as sent, in `extra`: a view
+    // defined later reads them with SQL (here the coupon of each event).
+    let coupons = ctx
+        .sql(
+            "SELECT regexp_match(extra, '\"coupon_code\":\"([^\"]*)\"')[1] AS coupon, count(*) AS n
+             FROM events GROUP BY 1 ORDER BY 1 NULLS LAST",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let rows = datafusion::arrow::util::pretty::pretty_format_batches(&coupons).unwrap().to_string();
+    assert!(rows.contains("| WINTER26 | 20 |") && rows.contains("|          | 20 |"), "{rows}");
+    let device = ctx
+        .sql("SELECT count(*) FROM events WHERE extra LIKE '%\"device\":{\"app_version\":\"7.1\",\"os\":\"android\"}%'")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(device[0].column(0).as_primitive::<Int64Type>().value(0), 20, "nested values kept as sent");
 
     let run = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
