@@ -256,6 +256,15 @@ async fn forget_in_lake(config: &ForgetConfig, pool: &PgPool, ids: &[String]) ->
         let Some(table) = config.lake.open(name).await? else { continue };
         let (table, deleted) = delete_user_rows(table, name, ids, &mentions).await?;
         report.lake_rows.insert(name.to_string(), deleted);
+        let table = if name == EVENTS_TABLE {
+            let (table, scrubbed) = scrub_extra_mentions(table, ids).await?;
+            if scrubbed > 0 {
+                report.lake_rows.insert(format!("{name} (extra fields naming them, cleared)"), scrubbed);
+            }
+            table
+        } else {
+            table
+        };
         let (files, logs) = purge(table, name, config.orphan_grace).await?;
         report.files_removed += files;
         report.log_files_removed += logs;
@@ -320,6 +329,30 @@ async fn delete_user_rows(
         source: Box::new(source),
     })?;
     Ok((table, metrics.num_deleted_rows.unwrap_or_default() as u64))
+}
+
+/// Other users' events whose unknown fields (`extra`, kept as sent) name
+/// one of the users as a JSON string: their `extra` is cleared, the events
+/// themselves stay. Returns the table after the update and how many events
+/// were cleared (none on a lake from before the column).
+async fn scrub_extra_mentions(table: DeltaTable, ids: &[String]) -> Result<(DeltaTable, u64), ForgetUserError> {
+    let has_extra = table.snapshot().is_ok_and(|s| s.schema().field(col::EXTRA).is_some());
+    let Some(predicate) = extra_mentions(ids).filter(|_| has_extra) else { return Ok((table, 0)) };
+    let (table, metrics) =
+        table.update().with_predicate(predicate).with_update(col::EXTRA, "NULL").await.map_err(|source| {
+            ForgetUserError::Delta { table: EVENTS_TABLE, step: "clear extra fields", source: Box::new(source) }
+        })?;
+    Ok((table, metrics.num_updated_rows as u64))
+}
+
+/// `extra` holds one of `ids` as a JSON string.
+fn extra_mentions(ids: &[String]) -> Option<Expr> {
+    ids.iter()
+        .map(|id| {
+            let quoted = serde_json::to_string(id).unwrap_or_default();
+            datafusion::functions::expr_fn::strpos(column(col::EXTRA), lit(quoted)).gt(lit(0))
+        })
+        .reduce(Expr::or)
 }
 
 fn users_predicate(ids: &[String]) -> Expr {
@@ -481,6 +514,12 @@ async fn verify(
         let scan = |source| ForgetUserError::Scan { table: EVENTS_TABLE, source: Box::new(source) };
         let n = ctx.table(EVENTS_TABLE).await.map_err(scan)?.filter(users_predicate(ids)).map_err(scan)?;
         found.insert(format!("lake {EVENTS_TABLE}"), n.count().await.map_err(scan)? as u64);
+        if let Some(mentioned) =
+            extra_mentions(ids).filter(|_| table.snapshot().is_ok_and(|s| s.schema().field(col::EXTRA).is_some()))
+        {
+            let n = ctx.table(EVENTS_TABLE).await.map_err(scan)?.filter(mentioned).map_err(scan)?;
+            found.insert(format!("lake {EVENTS_TABLE} extra"), n.count().await.map_err(scan)? as u64);
+        }
     }
     if let Some(table) = config.lake.open(REJECTED_TABLE).await? {
         let mentions = Mentions::new(ids.iter().map(String::as_str));

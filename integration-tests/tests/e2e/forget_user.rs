@@ -725,3 +725,62 @@ fn forget_user_command_line_mistakes_get_one_line_naming_the_fix() {
         integration_tests::fixture::assert_one_line_error("batch-layer", &args, &envs, &expected);
     }
 }
+
+/// The lake keeps unknown fields as sent (`extra`): a field of another
+/// user's event that names the forgotten user is cleared (the event stays,
+/// counted as before), and the verification scan looks there too.
+#[tokio::test]
+async fn a_forgotten_user_named_in_another_users_unknown_fields_is_cleared() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("forget_extra", 1).await.unwrap();
+    let (url, pool) = stack.fresh_database("forget_extra").await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
+    let mut gift: serde_json::Value = serde_json::from_str(&event("u-giver", 1)).unwrap();
+    gift["gift_for"] = serde_json::json!("u-erase-me");
+    gift["note"] = serde_json::json!({"from": "u-giver"});
+    send(&producer, &topic, Some("u-giver"), &gift.to_string()).await;
+    send(&producer, &topic, Some("u-giver"), &event("u-giver", 2)).await;
+    send(&producer, &topic, Some("u-erase-me"), &event("u-erase-me", 3)).await;
+    let ingest_config = IngestConfig {
+        db: Some(PlatformDb::new(url.clone())),
+        ..IngestConfig::catch_up(stack.brokers(), &topic, &lake)
+    };
+    ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
+    let count = |condition: &'static str| {
+        let lake = lake.clone();
+        async move {
+            let table = lake.open("events").await.unwrap().expect("events table");
+            let ctx = datafusion::prelude::SessionContext::new();
+            batch_layer::lake::register(&ctx, "events", &table).await.unwrap();
+            let b = ctx
+                .sql(&format!("SELECT count(*) FROM events WHERE {condition}"))
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            b[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0)
+        }
+    };
+    assert_eq!(count("extra LIKE '%u-erase-me%'").await, 1);
+
+    let config = ForgetConfig {
+        database_url: url.clone(),
+        lake: lake.clone(),
+        key: ForgetKey::new(KEY).unwrap(),
+        orphan_grace: Duration::from_secs(0),
+        kafka: None,
+    };
+    let report = forget_user(&config, "u-erase-me").await.unwrap();
+    assert_eq!(report.lake_rows.get("events"), Some(&1), "{:?}", report.lake_rows);
+    assert_eq!(report.lake_rows.get("events (extra fields naming them, cleared)"), Some(&1), "{:?}", report.lake_rows);
+    assert_eq!(count("user_id = 'u-giver'").await, 2, "the giver's events stay");
+    assert_eq!(count("extra IS NOT NULL").await, 0);
+    assert!(traces(dir.path(), "u-erase-me").is_empty(), "{:?}", traces(dir.path(), "u-erase-me"));
+    let completed: bool =
+        sqlx::query_scalar("SELECT completed_at IS NOT NULL FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
+    assert!(completed, "verified");
+}
