@@ -271,11 +271,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 (config, None)
             } else {
                 let ready = platform::ops_http::Readiness::default();
-                let (addr, _) =
-                    platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
-                        anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or INGEST_OPS_ADDR)")
-                    })?;
-                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+                platform::ops_http::serve_for_command(ops_addr, ready.clone(), shutdown.clone(), "INGEST_OPS_ADDR")
+                    .await?;
                 let pool = platform::db::connect(&heartbeat_url, 1, Duration::from_secs(30)).await?;
                 let beats = platform::heartbeat::spawn(
                     pool,
@@ -384,11 +381,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => crate::schedule::Timing::Every(every),
             };
             let ready = platform::ops_http::Readiness::default();
-            let (addr, _) =
-                platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
-                    anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or SCHEDULE_OPS_ADDR)")
-                })?;
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            platform::ops_http::serve_for_command(ops_addr, ready.clone(), shutdown.clone(), "SCHEDULE_OPS_ADDR")
+                .await?;
             let pool = platform::db::connect(&config.database_url, 1, Duration::from_secs(30)).await?;
             let beats = platform::heartbeat::spawn(
                 pool,

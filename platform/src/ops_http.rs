@@ -73,3 +73,18 @@ pub async fn serve(
     });
     Ok((bound, task))
 }
+
+/// [`serve`] for a command's `--ops-addr`: a port that cannot be bound is
+/// one line naming the flag and its `variable`; the bound address is logged.
+pub async fn serve_for_command(
+    addr: SocketAddr,
+    ready: Readiness,
+    shutdown: CancellationToken,
+    variable: &str,
+) -> anyhow::Result<SocketAddr> {
+    let (bound, _) = serve(addr, ready, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (set --ops-addr or {variable})"))?;
+    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    Ok(bound)
+}

@@ -203,11 +203,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let shutdown = platform::shutdown::on_signals();
             let ready = platform::ops_http::Readiness::default();
-            let (addr, _) =
-                platform::ops_http::serve(ops_addr, ready.clone(), shutdown.clone()).await.map_err(|e| {
-                    anyhow::anyhow!("cannot listen on {ops_addr}: {e} (set --ops-addr or WATCHDOG_OPS_ADDR)")
-                })?;
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            platform::ops_http::serve_for_command(ops_addr, ready.clone(), shutdown.clone(), "WATCHDOG_OPS_ADDR")
+                .await?;
             crate::watchdog::run(config, ready, shutdown).await;
             Ok(())
         }
