@@ -111,6 +111,24 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         orphan_grace: Duration,
     },
+    /// Re-inject the records rejected for one reason (from the lake's
+    /// events_rejected, the durable copy of the DLQ) into the events topic,
+    /// once the contract or the sender is fixed: only records the contract
+    /// now accepts, each at most once (ops.dlq_replays), with a summary.
+    ReplayDlq {
+        /// The rejection reason to replay, e.g. future_event_time.
+        #[arg(long)]
+        reason: String,
+        /// Only records rejected at or after this time (RFC 3339, or a date).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Topic to send them to.
+        #[arg(long, env = "EVENTS_TOPIC", default_value = shared_schema::defaults::EVENTS_TOPIC)]
+        topic: String,
+        /// Platform database (ops.dlq_replays).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
+        database_url: String,
+    },
     /// Write the recommender's training data (per user and product, the
     /// interactions before --as-of, forgotten users left out) as Parquet,
     /// with a manifest, into an empty folder, registered in ops.training_exports.
@@ -351,6 +369,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = crate::forget::forget_users(&config, &ids).await?;
             println!("{}", report.summary());
+            Ok(())
+        }
+        Command::ReplayDlq { reason, since, topic, database_url } => {
+            if shared_schema::RejectReason::ALL.iter().all(|r| r.as_str() != reason) {
+                let known: Vec<&str> = shared_schema::RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+                anyhow::bail!("--reason {reason:?} is not a rejection reason; one of {}", known.join(", "));
+            }
+            if reason == shared_schema::RejectReason::DuplicateEvent.as_str() {
+                anyhow::bail!("duplicates are not replayed: the first copy of each was counted; pick another --reason");
+            }
+            let pool = platform::db::connect(&database_url, 2, Duration::from_secs(30)).await?;
+            platform::db::check(&pool).await?;
+            let summary = crate::replay::replay(
+                &Lake::parse(&cli.lake_uri)?,
+                &pool,
+                &cli.brokers,
+                &topic,
+                &reason,
+                since,
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            )
+            .await?;
+            println!("{}", summary.line(&reason, &topic));
             Ok(())
         }
         Command::ExportTraining { out, as_of, database_url, forget } => {

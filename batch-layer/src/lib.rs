@@ -27,6 +27,7 @@ pub mod lake;
 pub mod lake_files;
 pub mod quality;
 pub mod recompute;
+pub mod replay;
 pub mod schedule;
 pub mod scope;
 pub mod stores;

@@ -185,3 +185,74 @@ async fn a_lake_from_before_the_extra_column_takes_it_on_the_next_write() {
     let (rows, distinct) = counts(&lake, EVENTS_TABLE).await;
     assert_eq!((rows, distinct), (truth.events_sent as i64, truth.events_sent as i64));
 }
+
+/// `batch-layer replay-dlq`: records rejected for a reason that no longer
+/// holds (here a clock that ran ahead: `future_event_time`, judged against
+/// the record's Kafka timestamp) are sent again once their time has come,
+/// counted by the next ingest, and a second replay sends nothing twice.
+#[tokio::test]
+async fn replaying_the_dlq_counts_each_fixed_record_once() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("replay_dlq", 1).await.unwrap();
+    let (url, pool) = stack.fresh_database("replay_dlq").await.unwrap();
+    platform::db::migrate(&pool, None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake_path = dir.path().join("lake");
+    let lake = Lake::parse(lake_path.to_str().unwrap()).unwrap();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
+    // Five minutes and three seconds ahead: rejected now, fine in a few seconds.
+    let ahead = chrono::Utc::now() + shared_schema::event::MAX_FUTURE_SKEW + chrono::TimeDelta::seconds(3);
+    for n in 0..6 {
+        let time = if n % 2 == 0 { ahead } else { chrono::Utc::now() };
+        let payload = serde_json::json!({
+            "event_id": format!("e-replay-{n}"), "event_type": "page_view",
+            "event_time": time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "user_id": format!("u-{n}"), "session_id": "s", "product_id": "p-1",
+        })
+        .to_string();
+        let key = format!("u-{n}");
+        producer.send(FutureRecord::to(&topic).key(&key).payload(&payload), Duration::from_secs(30)).await.unwrap();
+    }
+    let ingest = || {
+        let config = IngestConfig {
+            db: Some(batch_layer::ingest::PlatformDb::new(url.clone())),
+            ..config(&stack, &topic, &lake)
+        };
+        async move { ingest::run(config, CancellationToken::new()).await.unwrap() }
+    };
+    let first = ingest().await;
+    assert_eq!((first.events, first.rejected), (3, 3));
+
+    let replay = || async {
+        let out = tokio::process::Command::new(binary("batch-layer"))
+            .args(["replay-dlq", "--reason", "future_event_time", "--topic", &topic])
+            .env("KAFKA_BROKERS", stack.brokers())
+            .env("LAKE_URI", &lake_path)
+            .env("DATABASE_URL", &url)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Too early: the contract still rejects them, nothing is sent.
+    let early = replay().await;
+    assert!(
+        early.contains("3 records rejected as future_event_time: 0 sent") && early.contains("3 still rejected"),
+        "{early}"
+    );
+    let wait = (ahead - shared_schema::event::MAX_FUTURE_SKEW - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_secs(1)).await;
+    let sent = replay().await;
+    assert!(sent.contains(": 3 sent to"), "{sent}");
+    let second = ingest().await;
+    assert_eq!((second.events, second.rejected), (3, 0), "the replayed records are counted");
+    let again = replay().await;
+    assert!(again.contains(": 0 sent to") && again.contains("3 already replayed"), "{again}");
+    let third = ingest().await;
+    assert_eq!(third.records, 0, "nothing was sent twice");
+    let (rows, distinct) = counts(&lake, EVENTS_TABLE).await;
+    assert_eq!((rows, distinct), (6, 6));
+}
