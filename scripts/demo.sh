@@ -57,13 +57,15 @@ alive() { kill -0 "$(cat "$ROOT/.local/run/$1.pid" 2>/dev/null)" 2>/dev/null || 
 step "batch layer: the first full run (views, baseline, similarity) over the lake"
 "$BIN/batch-layer" run --full --lake-uri "$LAKE"
 
-step "start in the background: speed layer, lake ingest, batch every ${DEMO_BATCH_EVERY:-5m}, serving layer"
+step "start in the background: speed layer, lake ingest, batch every ${DEMO_BATCH_EVERY:-5m}, serving layer, watchdog"
 # The default mode: a static member of the consumer group.
 start_bg speed-layer "$BIN/speed-layer" run
 start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$LAKE" --flush-interval 10s
 start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$LAKE"
 start_bg serving-layer "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}" --ops-addr "${SERVING_OPS_ADDR:-127.0.0.1:9102}"
-echo "logs: $LOGS/{speed-layer,ingest,batch-schedule,serving-layer}.log"
+# Dead-man alerts: a process of its own, watching the others' heartbeats.
+start_bg watchdog "$BIN/serving-layer" watchdog
+echo "logs: $LOGS/{speed-layer,ingest,batch-schedule,serving-layer,watchdog}.log"
 
 # Wait until the speed layer has stopped moving (three equal readings):
 # then it holds the whole topic.
@@ -80,6 +82,7 @@ for _ in $(seq 1 300); do
 done
 echo
 alive serving-layer
+alive watchdog
 for _ in $(seq 1 60); do curl -sf "http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/readyz" >/dev/null && break; sleep 1; done
 curl -sf "http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/readyz" >/dev/null || { echo "serving layer not ready; see $LOGS/serving-layer.log" >&2; exit 1; }
 # Keys for the serving edge, made by the schema owner and shown once.
@@ -129,6 +132,8 @@ offset cut; serving.* merges both exactly.
   Metrics            curl -s http://${SERVING_OPS_ADDR:-127.0.0.1:9102}/metrics | grep ^serving_
                      curl -s 127.0.0.1:9101/metrics | grep ^speed_
   Batch runs         psql "\$DATABASE_URL" -c 'TABLE ops.batch_runs'
+  Notifications      psql "\$DATABASE_URL" -c 'TABLE ops.notifications'   (the watchdog's, the runs', the ingest's)
+  Heartbeats         psql "\$DATABASE_URL" -c 'TABLE ops.heartbeats'
   Training data      $BIN/batch-layer export-training --out .local/training
   Logs               $LOGS/
   Stop               make demo-stop      (make clean also deletes the data)
