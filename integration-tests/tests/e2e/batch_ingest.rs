@@ -202,8 +202,8 @@ async fn replaying_the_dlq_counts_each_fixed_record_once() {
     let lake = Lake::parse(lake_path.to_str().unwrap()).unwrap();
     let producer: FutureProducer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();
-    // Five minutes and three seconds ahead: rejected now, fine in a few seconds.
-    let ahead = chrono::Utc::now() + shared_schema::event::MAX_FUTURE_SKEW + chrono::TimeDelta::seconds(3);
+    // Five minutes and ten seconds ahead: rejected now, fine in a few seconds.
+    let ahead = chrono::Utc::now() + shared_schema::event::MAX_FUTURE_SKEW + chrono::TimeDelta::seconds(10);
     for n in 0..6 {
         let time = if n % 2 == 0 { ahead } else { chrono::Utc::now() };
         let payload = serde_json::json!({

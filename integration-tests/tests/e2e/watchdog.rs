@@ -56,7 +56,7 @@ async fn wait_for(bodies: &Mutex<Vec<Value>>, kind: &str, process: &str, within:
 
 fn watchdog(database_url: &str, hook: &str, log: &std::path::Path) -> tokio::process::Child {
     tokio::process::Command::new(binary("serving-layer"))
-        .args(["watchdog", "--check-every", "300ms", "--silent-after", "3s", "--ops-addr", "127.0.0.1:0"])
+        .args(["watchdog", "--check-every", "300ms", "--silent-after", "6s", "--ops-addr", "127.0.0.1:0"])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", database_url)
@@ -121,9 +121,9 @@ async fn a_killed_process_is_notified_once_and_its_return_once() {
     for (i, name) in names.iter().enumerate() {
         children[i].start_kill().unwrap(); // SIGKILL: no clean stop is recorded
         children[i].wait().await.unwrap();
-        // Silent after 3 s, checked every 300 ms: told within its threshold
+        // Silent after 6 s, checked every 300 ms: told within its threshold
         // and a few checks.
-        let took = wait_for(&bodies, "process_silent", name, Duration::from_secs(15)).await;
+        let took = wait_for(&bodies, "process_silent", name, Duration::from_secs(20)).await;
         eprintln!("{name}: process_silent {took:?} after the kill");
         children[i] = spawn(name);
         wait_for(&bodies, "process_recovered", name, Duration::from_secs(30)).await;
