@@ -92,7 +92,7 @@ impl ForgetKey {
         // HMAC takes keys of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
         mac.update(data);
-        hex(&mac.finalize().into_bytes())
+        crate::hex::encode(&mac.finalize().into_bytes())
     }
 
     /// HMAC-SHA256 of the user id, in lowercase hex.
@@ -104,10 +104,6 @@ impl ForgetKey {
     pub fn id(&self) -> String {
         self.mac(KEY_ID_LABEL)[..16].to_string()
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Advisory lock every PostgreSQL writer takes shared inside its commit and

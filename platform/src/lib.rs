@@ -8,6 +8,7 @@
 //!   owner's migrations, segment size and generated `serving.*` views;
 //! * [`forgotten`]: keyed hashes of forgotten users (GDPR) and the filter
 //!   every writer applies;
+//! * [`hex`]: lowercase hex of hashes, signatures and secrets;
 //! * [`heartbeat`]: the `ops.heartbeats` a watchdog elsewhere reads;
 //! * [`kafka`]: broker metadata (partition ends, for lag);
 //! * [`gaps`]: offsets without records that both layers step over, recorded
@@ -27,6 +28,7 @@ pub mod db;
 pub mod forgotten;
 pub mod gaps;
 pub mod heartbeat;
+pub mod hex;
 pub mod kafka;
 pub mod logging;
 pub mod notify;

@@ -71,7 +71,7 @@ impl Webhook {
 
 /// `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
-    format!("t={timestamp},v1={}", crate::forgotten::hex(&mac(secret, timestamp, body).finalize().into_bytes()))
+    format!("t={timestamp},v1={}", crate::hex::encode(&mac(secret, timestamp, body).finalize().into_bytes()))
 }
 
 fn mac(secret: &[u8], timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
@@ -91,19 +91,12 @@ pub fn verify(secret: &[u8], header: &str, body: &[u8], now: i64, tolerance_seco
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
-            Some(("v1", v)) => signature = unhex(v),
+            Some(("v1", v)) => signature = crate::hex::decode(v),
             _ => {}
         }
     }
     let (Some(t), Some(sig)) = (timestamp, signature) else { return false };
     (now - t).abs() <= tolerance_seconds && mac(secret, t, body).verify_slice(&sig).is_ok()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// How urgent a notification is (the `severity` of `ops.notifications`).

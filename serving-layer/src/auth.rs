@@ -92,7 +92,7 @@ pub struct KeyInfo {
 pub async fn create_key(pool: &PgPool, name: &str, scope: Scope) -> Result<NewKey, sqlx::Error> {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
-    let secret = hex(&secret);
+    let secret = platform::hex::encode(&secret);
     let mut tx = pool.begin().await?;
     let key_id: i64 = sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('ops.api_keys', 'key_id'))")
         .fetch_one(&mut *tx)
@@ -134,10 +134,6 @@ fn key_id(key: &str) -> Option<i64> {
 
 fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Equal in time independent of where the inputs differ.
@@ -273,7 +269,7 @@ impl Keys {
     /// A session cookie value for key `id`: `<id>.<expiry>.<hex HMAC>`.
     pub fn session_for(&self, id: i64, now: i64) -> String {
         let expires = now + SESSION_TTL.as_secs() as i64;
-        format!("{id}.{expires}.{}", hex(&self.session_mac(id, expires).finalize().into_bytes()))
+        format!("{id}.{expires}.{}", platform::hex::encode(&self.session_mac(id, expires).finalize().into_bytes()))
     }
 
     /// The key id of a valid, unexpired session cookie.
@@ -282,10 +278,7 @@ impl Keys {
         let id: i64 = parts.next()?.parse().ok()?;
         let expires: i64 = parts.next()?.parse().ok()?;
         let sig = parts.next()?;
-        let sig: Vec<u8> = (0..sig.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(sig.get(i..i + 2)?, 16).ok())
-            .collect::<Option<_>>()?;
+        let sig = platform::hex::decode(sig)?;
         (expires > now && self.session_mac(id, expires).verify_slice(&sig).is_ok()).then_some(id)
     }
 
