@@ -291,14 +291,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let ready = platform::ops_http::Readiness::default();
                 platform::ops_http::serve_for_command(ops_addr, ready.clone(), shutdown.clone(), "INGEST_OPS_ADDR")
                     .await?;
-                let pool = platform::db::connect(&heartbeat_url, 1, Duration::from_secs(30)).await?;
-                let beats = platform::heartbeat::spawn(
-                    pool,
-                    "batch-ingest",
-                    platform::heartbeat::host(),
-                    heartbeat_every,
-                    shutdown.clone(),
-                );
+                let (_, beats) =
+                    platform::heartbeat::start(&heartbeat_url, "batch-ingest", heartbeat_every, shutdown.clone())
+                        .await?;
                 (IngestConfig { ready: Some(ready), ..config }, Some(beats))
             };
             let s = ingest::run(config, shutdown.clone()).await;
@@ -424,15 +419,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ready = platform::ops_http::Readiness::default();
             platform::ops_http::serve_for_command(ops_addr, ready.clone(), shutdown.clone(), "SCHEDULE_OPS_ADDR")
                 .await?;
-            let pool = platform::db::connect(&config.database_url, 1, Duration::from_secs(30)).await?;
-            let beats = platform::heartbeat::spawn(
-                pool,
+            let (pool, beats) = platform::heartbeat::start(
+                &config.database_url,
                 "batch-schedule",
-                platform::heartbeat::host(),
                 heartbeat.every()?,
                 shutdown.clone(),
-            );
-            crate::schedule::run(config, timing, ready, shutdown.clone()).await;
+            )
+            .await?;
+            crate::schedule::run(config, timing, &pool, ready, shutdown.clone()).await;
             shutdown.cancel();
             let _ = beats.await;
             Ok(())

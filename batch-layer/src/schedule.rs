@@ -59,9 +59,15 @@ impl std::fmt::Display for Timing {
 /// `batch_runs_total{outcome}`, `batch_run_seconds{phase}`,
 /// `batch_rows_published{table}`, `batch_cut_offset{partition}` and
 /// `batch_last_success_timestamp_seconds`.
-pub async fn run(config: RunConfig, timing: Timing, ready: platform::ops_http::Readiness, shutdown: CancellationToken) {
+pub async fn run(
+    config: RunConfig,
+    timing: Timing,
+    pool: &sqlx::PgPool,
+    ready: platform::ops_http::Readiness,
+    shutdown: CancellationToken,
+) {
     tracing::info!(schedule = %timing, "batch schedule started");
-    record_last_published(&config.database_url).await;
+    record_last_published(pool).await;
     ready.set(true);
     loop {
         let start = timing.next(Utc::now());
@@ -132,12 +138,11 @@ fn record(outcome: &Result<RunOutcome, recompute::RunError>) {
 
 /// At start, the last successful run's time and the published cut, so a
 /// restarted scheduler does not report "never" until its first run.
-async fn record_last_published(database_url: &str) {
-    let Ok(pool) = platform::db::connect(database_url, 1, std::time::Duration::from_secs(30)).await else { return };
+async fn record_last_published(pool: &sqlx::PgPool) {
     let last: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM max(finished_at))::float8 FROM ops.batch_runs WHERE status IN ('published', 'unchanged')",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await
     .ok()
     .flatten();
@@ -145,11 +150,10 @@ async fn record_last_published(database_url: &str) {
         metrics::gauge!("batch_last_success_timestamp_seconds").set(at);
     }
     let cut: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut").fetch_all(&pool).await.unwrap_or_default();
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut").fetch_all(pool).await.unwrap_or_default();
     for (p, o) in cut {
         metrics::gauge!("batch_cut_offset", "partition" => p.to_string()).set(o as f64);
     }
-    pool.close().await;
 }
 
 #[cfg(test)]

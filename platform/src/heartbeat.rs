@@ -79,6 +79,20 @@ pub fn spawn(
     })
 }
 
+/// A small pool of the process's own (its beats do not wait behind its
+/// work) and the task beating as `process` on this host; the pool serves
+/// the process's other bookkeeping too.
+pub async fn start(
+    database_url: &str,
+    process: &'static str,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<(PgPool, tokio::task::JoinHandle<()>), crate::db::DbError> {
+    let pool = crate::db::connect(database_url, 1, Duration::from_secs(30)).await?;
+    let task = spawn(pool.clone(), process, host(), every, shutdown);
+    Ok((pool, task))
+}
+
 /// The heartbeat flag every long-running command takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HeartbeatArgs {
