@@ -336,8 +336,7 @@ async fn delete_user_rows(
 /// themselves stay. Returns the table after the update and how many events
 /// were cleared (none on a lake from before the column).
 async fn scrub_extra_mentions(table: DeltaTable, ids: &[String]) -> Result<(DeltaTable, u64), ForgetUserError> {
-    let has_extra = table.snapshot().is_ok_and(|s| s.schema().field(col::EXTRA).is_some());
-    let Some(predicate) = extra_mentions(ids).filter(|_| has_extra) else { return Ok((table, 0)) };
+    let Some(predicate) = extra_mentions(&table, ids) else { return Ok((table, 0)) };
     let (table, metrics) =
         table.update().with_predicate(predicate).with_update(col::EXTRA, "NULL").await.map_err(|source| {
             ForgetUserError::Delta { table: EVENTS_TABLE, step: "clear extra fields", source: Box::new(source) }
@@ -345,8 +344,12 @@ async fn scrub_extra_mentions(table: DeltaTable, ids: &[String]) -> Result<(Delt
     Ok((table, metrics.num_updated_rows as u64))
 }
 
-/// `extra` holds one of `ids` as a JSON string.
-fn extra_mentions(ids: &[String]) -> Option<Expr> {
+/// `extra` holds one of `ids` as a JSON string; `None` when `table` has no
+/// `extra` column (a lake from before it) or there are no ids.
+fn extra_mentions(table: &DeltaTable, ids: &[String]) -> Option<Expr> {
+    if !table.snapshot().is_ok_and(|s| s.schema().field(col::EXTRA).is_some()) {
+        return None;
+    }
     ids.iter()
         .map(|id| {
             let quoted = serde_json::to_string(id).unwrap_or_default();
@@ -514,9 +517,7 @@ async fn verify(
         let scan = |source| ForgetUserError::Scan { table: EVENTS_TABLE, source: Box::new(source) };
         let n = ctx.table(EVENTS_TABLE).await.map_err(scan)?.filter(users_predicate(ids)).map_err(scan)?;
         found.insert(format!("lake {EVENTS_TABLE}"), n.count().await.map_err(scan)? as u64);
-        if let Some(mentioned) =
-            extra_mentions(ids).filter(|_| table.snapshot().is_ok_and(|s| s.schema().field(col::EXTRA).is_some()))
-        {
+        if let Some(mentioned) = extra_mentions(&table, ids) {
             let n = ctx.table(EVENTS_TABLE).await.map_err(scan)?.filter(mentioned).map_err(scan)?;
             found.insert(format!("lake {EVENTS_TABLE} extra"), n.count().await.map_err(scan)? as u64);
         }
