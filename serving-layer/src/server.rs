@@ -332,7 +332,9 @@ pub struct Running {
 pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, ServeError> {
     let metrics = telemetry::install();
     {
-        for url in [&config.recommender_url, &config.dashboard_url] {
+        // Each database once (by default both pools read the same one).
+        let urls = std::collections::BTreeSet::from([&config.recommender_url, &config.dashboard_url]);
+        for url in urls {
             let pool = platform::db::connect(url, 1, Duration::from_secs(30)).await?;
             platform::db::check(&pool).await?;
             pool.close().await;
