@@ -110,6 +110,14 @@ impl Stack {
         Ok((url, pool))
     }
 
+    /// [`Stack::fresh_database`], migrated as the schema owner
+    /// (`serving-layer migrate`) with `segment_size` (default when `None`).
+    pub async fn migrated_database(&self, test: &str, segment_size: Option<i64>) -> anyhow::Result<(String, PgPool)> {
+        let (url, pool) = self.fresh_database(test).await?;
+        platform::db::migrate(&pool, segment_size).await?;
+        Ok((url, pool))
+    }
+
     fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
         ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
@@ -190,8 +198,7 @@ impl Stack {
     pub async fn fresh_stream(&self, test: &str, partitions: i32, segment_size: i64) -> anyhow::Result<FreshStream> {
         let topic = self.fresh_topic(test, partitions).await?;
         let dlq = self.fresh_topic(&format!("{test}_dlq"), 1).await?;
-        let (url, pool) = self.fresh_database(test).await?;
-        platform::db::migrate(&pool, Some(segment_size)).await?;
+        let (url, pool) = self.migrated_database(test, Some(segment_size)).await?;
         Ok(FreshStream { topic, dlq, url, pool })
     }
 

@@ -105,8 +105,7 @@ async fn kill_during_ingest_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let lake_path = dir.path().join("lake");
     // The ingest reads the forgotten users from its own database.
-    let (url, pool) = stack.fresh_database("ingest_kill").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, _pool) = stack.migrated_database("ingest_kill", None).await.unwrap();
     let truth = generator::run(generator_args(&stack, &topic, 3, 6, 4.0, 0.02)).await.unwrap();
     let sent = (truth.events_sent + truth.bad_sent) as i64;
     assert_eq!(stack.topic_size(&topic).unwrap(), sent, "the broker holds exactly what was sent");
@@ -195,8 +194,7 @@ async fn replaying_the_dlq_counts_each_fixed_record_once() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("replay_dlq", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("replay_dlq").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, _pool) = stack.migrated_database("replay_dlq", None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_path = dir.path().join("lake");
     let lake = Lake::parse(lake_path.to_str().unwrap()).unwrap();

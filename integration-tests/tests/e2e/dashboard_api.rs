@@ -12,8 +12,7 @@ use serving_layer::server::{self, ServeConfig};
 use tokio_util::sync::CancellationToken;
 
 async fn serve(test: &str) -> (SocketAddr, CancellationToken, DashboardData) {
-    let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = Stack::from_env().migrated_database(test, None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
     let stop = CancellationToken::new();
     let config = ServeConfig::any_port(url);

@@ -85,8 +85,7 @@ fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     let browser = chromium();
-    let (url, pool) = Stack::from_env().fresh_database("dashboard_chromium").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = Stack::from_env().migrated_database("dashboard_chromium", None).await.unwrap();
     let data = seed_dashboard(&pool).await.unwrap();
 
     let served = serve_binary(&url).await;

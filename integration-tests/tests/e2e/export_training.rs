@@ -43,8 +43,7 @@ fn read_parquet(path: &std::path::Path) -> Vec<RecordBatch> {
 async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("export", 2).await.unwrap();
-    let (url, pool) = stack.fresh_database("export_training").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, _pool) = stack.migrated_database("export_training", None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_dir = dir.path().join("lake");
     let lake = Lake::parse(lake_dir.to_str().unwrap()).unwrap();

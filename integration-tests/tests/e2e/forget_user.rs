@@ -416,8 +416,7 @@ async fn topics_keep_records_for_their_retention_and_forget_reports_it() {
             "`make up` creates {topic} with retention.ms (a topic created before it has none: `make down clean up`)"
         );
     }
-    let (url, pool) = stack.fresh_database("forget_retention").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = stack.migrated_database("forget_retention", None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = ForgetConfig {
         database_url: url.clone(),
@@ -733,8 +732,7 @@ fn forget_user_command_line_mistakes_get_one_line_naming_the_fix() {
 async fn a_forgotten_user_named_in_another_users_unknown_fields_is_cleared() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("forget_extra", 1).await.unwrap();
-    let (url, pool) = stack.fresh_database("forget_extra").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = stack.migrated_database("forget_extra", None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", stack.brokers()).create().unwrap();

@@ -82,8 +82,7 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
 /// speed tables the roles themselves may not read).
 #[tokio::test]
 async fn reader_roles_read_exactly_their_serving_relations() {
-    let (_, pool) = Stack::from_env().fresh_database("reader_roles").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (_, pool) = Stack::from_env().migrated_database("reader_roles", None).await.unwrap();
     for reader in [Reader::Dashboard, Reader::Recommender] {
         for r in serving_relations(ALL_VIEWS) {
             let mut tx = pool.begin().await.unwrap();
@@ -104,8 +103,7 @@ async fn reader_roles_read_exactly_their_serving_relations() {
 
 #[tokio::test]
 async fn dashboard_reader_sees_aggregates_only_and_writes_nothing() {
-    let (_, pool) = Stack::from_env().fresh_database("roles").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (_, pool) = Stack::from_env().migrated_database("roles", None).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE dashboard_reader").execute(&mut *tx).await.unwrap();
     sqlx::query("SELECT count(*) FROM serving.product_demand_hourly").execute(&mut *tx).await.unwrap();

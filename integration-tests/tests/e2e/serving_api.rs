@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A fresh database with the schema, the stand-ins and the catalog below.
 async fn prepared(test: &str) -> (String, PgPool) {
-    let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = Stack::from_env().migrated_database(test, None).await.unwrap();
     seed(&pool).await;
     (url, pool)
 }

@@ -70,9 +70,7 @@ async fn refused(pool: &PgPool, sql: &str) {
 }
 
 async fn prepared(test: &str) -> String {
-    let (url, pool) = Stack::from_env().fresh_database(test).await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
-    url
+    Stack::from_env().migrated_database(test, None).await.unwrap().0
 }
 
 /// Every writing statement the role might try on `relation`.

@@ -168,8 +168,7 @@ async fn postgres_out_of_reach_is_notified_once_and_its_return_once() {
 /// layer are notified once each, and once when they are over.
 #[tokio::test]
 async fn stale_views_and_speed_lag_are_notified_once_each_way() {
-    let (url, pool) = Stack::from_env().fresh_database("watchdog_conditions").await.unwrap();
-    platform::db::migrate(&pool, None).await.unwrap();
+    let (url, pool) = Stack::from_env().migrated_database("watchdog_conditions", None).await.unwrap();
     // The last successful run finished two hours ago; the speed layer is
     // 2,000,000 records behind on partition 0.
     sqlx::raw_sql(
