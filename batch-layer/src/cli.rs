@@ -66,6 +66,11 @@ pub enum Command {
         /// Recompute every hour, not only those new events touched (also when the lake is unchanged).
         #[arg(long)]
         full: bool,
+        /// Publish although the lake misses records Kafka gave it (the
+        /// reconciliation failed and they cannot be re-ingested): the
+        /// reason is recorded, and only a further loss stops a run again.
+        #[arg(long, value_name = "REASON")]
+        accept_lake_loss: Option<String>,
     },
     /// Run `run` on a schedule until SIGTERM: every period aligned to the clock
     /// (--every 1h runs at :00), or at the times of a cron expression (UTC).
@@ -190,6 +195,15 @@ pub struct RunArgs {
     /// published run, as a fraction (0.5 = half).
     #[arg(long, default_value_t = 0.5)]
     max_shrink: f64,
+    /// Notify of a complete hour whose events fall below this fraction of
+    /// its baseline (the same hour on earlier days, else the day before),
+    /// or that has none (0 turns the check off).
+    #[arg(long, default_value_t = crate::findings::DEFAULT_VOLUME_FLOOR)]
+    volume_floor: f64,
+    /// Notify of a complete hour in which more than this share of the
+    /// events name a product the catalog does not know (1 turns it off).
+    #[arg(long, default_value_t = crate::findings::DEFAULT_UNKNOWN_PRODUCTS)]
+    max_unknown_products: f64,
     /// Recompute the windowed tables (demand baseline, item similarity) in an
     /// incremental run once they are this old (a full run always does).
     #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
@@ -210,8 +224,18 @@ impl RunArgs {
         if !(0.0..=1.0).contains(&self.max_shrink) {
             anyhow::bail!("--max-shrink must be between 0 and 1, got {}", self.max_shrink);
         }
+        if !(0.0..=1.0).contains(&self.volume_floor) {
+            anyhow::bail!("--volume-floor must be between 0 and 1, got {}", self.volume_floor);
+        }
+        if !(0.0..=1.0).contains(&self.max_unknown_products) {
+            anyhow::bail!("--max-unknown-products must be between 0 and 1, got {}", self.max_unknown_products);
+        }
         Ok(RunConfig {
             max_shrink: self.max_shrink,
+            findings: crate::findings::Thresholds {
+                volume_floor: self.volume_floor,
+                max_unknown_products: self.max_unknown_products,
+            },
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
@@ -320,8 +344,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { run, full } => {
-            let config = run.config(&cli.lake_uri, full)?;
+        Command::Run { run, full, accept_lake_loss } => {
+            let config = RunConfig { accept_lake_loss, ..run.config(&cli.lake_uri, full)? };
             match recompute::run(&config).await? {
                 published @ RunOutcome::Published { .. } => {
                     println!("{}", crate::recompute::summary(&published));

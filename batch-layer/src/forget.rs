@@ -46,14 +46,17 @@ use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use chrono::{DateTime, Utc};
 use datafusion::prelude::{Expr, SessionContext, col as column, lit};
 use deltalake::DeltaTable;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
 use futures::StreamExt;
 use platform::forgotten::{ForgetKey, Forgotten, Mentions};
 use serde_json::json;
+use shared_schema::cut::Partition;
 use shared_schema::schema::{col, rejected_col};
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError, REJECTED_TABLE};
+use crate::ledger;
 
 /// Most ids one request takes (a larger list is split by the caller).
 pub const MAX_IDS: usize = 100_000;
@@ -95,6 +98,8 @@ pub enum ForgetUserError {
     Lake(Box<LakeError>),
     #[error("Delta table {table}: {step}: {source}")]
     Delta { table: &'static str, step: &'static str, source: Box<deltalake::DeltaTableError> },
+    #[error("counting the users' rows in Delta table {table}: {source}")]
+    Count { table: &'static str, source: Box<crate::reconcile::ReconcileError> },
     #[error("scanning Delta table {table}: {source}")]
     Scan { table: &'static str, source: Box<datafusion::error::DataFusionError> },
     #[error(transparent)]
@@ -311,24 +316,53 @@ async fn finish(
 }
 
 /// Deletes the users' rows of one lake table; returns the table after the
-/// delete and how many rows went.
+/// delete and how many rows went. The delete's commit adds them to the
+/// table's ledger ([`crate::ledger`]), per Kafka partition.
 async fn delete_user_rows(
     table: DeltaTable,
     name: &'static str,
     ids: &[String],
     mentions: &Mentions,
 ) -> Result<(DeltaTable, u64), ForgetUserError> {
-    let predicate =
-        if name == EVENTS_TABLE { Some(users_predicate(ids)) } else { rejected_predicate(&table, mentions).await? };
-    let Some(predicate) = predicate else {
-        return Ok((table, 0));
+    let (predicate, per_partition) = if name == EVENTS_TABLE {
+        let predicate = users_predicate(ids);
+        let rows = crate::reconcile::rows_by_partition(&table, name, Some(predicate.clone()))
+            .await
+            .map_err(|e| ForgetUserError::Count { table: name, source: Box::new(e) })?;
+        (predicate, rows)
+    } else {
+        let positions = rejected_positions(&table, mentions).await?;
+        let rows = positions.iter().map(|(p, o)| (Partition(*p), o.len() as i64)).collect();
+        match rejected_predicate(positions) {
+            Some(predicate) => (predicate, rows),
+            None => return Ok((table, 0)),
+        }
     };
-    let (table, metrics) = table.delete().with_predicate(predicate).await.map_err(|source| ForgetUserError::Delta {
-        table: name,
-        step: "delete",
-        source: Box::new(source),
-    })?;
-    Ok((table, metrics.num_deleted_rows.unwrap_or_default() as u64))
+    if per_partition.is_empty() {
+        return Ok((table, 0));
+    }
+    let mut erased = ledger::Counts::default();
+    for (p, n) in &per_partition {
+        erased.add(*p, ledger::Kind::Erased, *n);
+    }
+    let committed = ledger::committed(&table, per_partition.keys().copied())
+        .await
+        .map_err(|source| ForgetUserError::Delta { table: name, step: "read the ledger", source: Box::new(source) })?;
+    let props = CommitProperties::default().with_application_transactions(ledger::Counts::txns(&committed, &erased));
+    let (table, metrics) = table
+        .delete()
+        .with_predicate(predicate)
+        .with_commit_properties(props)
+        .await
+        .map_err(|source| ForgetUserError::Delta { table: name, step: "delete", source: Box::new(source) })?;
+    let deleted = metrics.num_deleted_rows.unwrap_or_default() as u64;
+    let counted: i64 = per_partition.values().sum();
+    if deleted as i64 != counted {
+        // The fence keeps writers out, so this is a bug, and the ledger
+        // now disagrees with the table: the next run's reconciliation says so.
+        tracing::error!(table = name, deleted, counted, "forget deleted other rows than it counted");
+    }
+    Ok((table, deleted))
 }
 
 /// Other users' events whose unknown fields (`extra`, kept as sent) name
@@ -362,13 +396,11 @@ fn users_predicate(ids: &[String]) -> Expr {
     column(col::USER_ID).in_list(ids.iter().map(|id| lit(id.as_str())).collect(), false)
 }
 
-/// A predicate selecting, by Kafka position, the rejected records that
-/// name a user in their key or bytes; `None` when there are none. The
-/// table is read batch by batch: only the positions found are kept.
-async fn rejected_predicate(table: &DeltaTable, mentions: &Mentions) -> Result<Option<Expr>, ForgetUserError> {
-    let positions = rejected_positions(table, mentions).await?;
+/// A predicate selecting the rejected records at `positions` (per
+/// partition, offsets); `None` when there are none.
+fn rejected_predicate(positions: BTreeMap<i32, Vec<i64>>) -> Option<Expr> {
     if positions.is_empty() {
-        return Ok(None);
+        return None;
     }
     let terms = positions
         .into_iter()
@@ -378,7 +410,7 @@ async fn rejected_predicate(table: &DeltaTable, mentions: &Mentions) -> Result<O
                 .and(column(rejected_col::KAFKA_OFFSET).in_list(offsets.into_iter().map(lit).collect(), false))
         })
         .collect();
-    Ok(Some(crate::scope::any(terms)))
+    Some(crate::scope::any(terms))
 }
 
 /// Per partition, the offsets of the rejected records that name a user.

@@ -56,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use platform::forgotten::LakeFence;
 
 use crate::lake::{EVENTS_TABLE, Lake, LakeError, REJECTED_TABLE, committed_offsets, ingest_app_id};
+use crate::ledger;
 
 /// What `ingest` needs.
 #[derive(Debug, Clone)]
@@ -295,6 +296,11 @@ struct Tables {
     /// What duplicates are judged against: the keys below the replay
     /// position (see [`crate::dedup`]).
     history: History,
+    /// The ledger `events` records (see [`crate::ledger`]), and what was
+    /// counted of offsets it does not cover yet: recorded with the commit
+    /// that moves past them.
+    ledger: ledger::Counts,
+    pending: ledger::Counts,
 }
 
 impl Tables {
@@ -378,7 +384,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     let typed: Vec<Partition> = partitions.iter().copied().map(Partition).collect();
     let events_next =
         committed_offsets(&events, &config.topic, typed.clone()).await.map_err(commit_err(EVENTS_TABLE))?;
-    let rejected_next = committed_offsets(&rejected, &config.topic, typed).await.map_err(commit_err(REJECTED_TABLE))?;
+    let rejected_next =
+        committed_offsets(&rejected, &config.topic, typed.clone()).await.map_err(commit_err(REJECTED_TABLE))?;
+    let ledger = ledger::committed(&events, typed).await.map_err(commit_err(EVENTS_TABLE))?;
 
     // The deployment's window; the default before any binary created the
     // deployment row, or without a database.
@@ -389,7 +397,8 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
     .unwrap_or(shared_schema::dedup::DEFAULT_WINDOW_MICROS);
     let history = crate::dedup::ingest_history(&events, &config.topic, &events_next, window).await?;
     tracing::debug!(keys = history.len(), window_s = window / 1_000_000, "duplicates history loaded from the lake");
-    let mut tables = Tables { events, rejected, events_next, rejected_next, history };
+    let mut tables =
+        Tables { events, rejected, events_next, rejected_next, history, ledger, pending: ledger::Counts::default() };
 
     let mut assignment = TopicPartitionList::new();
     let mut ends: BTreeMap<Partition, Offset> = BTreeMap::new();
@@ -454,6 +463,9 @@ pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<In
             buffered_bytes = 0;
             let passed = std::mem::take(&mut gaps);
             let gap_records: u64 = passed.iter().map(platform::gaps::Gap::len).sum();
+            for g in &passed {
+                tables.pending.add(g.partition, ledger::Kind::Gap, g.len() as i64);
+            }
             let fence = match db.as_mut() {
                 Some(d) => {
                     let fence = d.fence(&config, &mut tables).await?;
@@ -649,6 +661,21 @@ async fn flush(
         }
     }
     let touched: std::collections::BTreeSet<Partition> = buffer.iter().map(|b| Partition(b.partition)).collect();
+    // Every record read is a row of one table, or dropped (a forgotten
+    // user's): the ledger counts the dropped ones per partition.
+    let mut unwritten: BTreeMap<i32, i64> = BTreeMap::new();
+    for b in &buffer {
+        *unwritten.entry(b.partition).or_default() += 1;
+    }
+    for (p, n) in rows_per_partition(&decoded.batch) {
+        *unwritten.entry(p).or_default() -= n;
+    }
+    for r in &decoded.rejected {
+        *unwritten.entry(r.partition).or_default() -= 1;
+    }
+    for (p, n) in unwritten {
+        tables.pending.add(Partition(p), ledger::Kind::Forgotten, n);
+    }
     let mut out = Flushed {
         records: buffer.len() as u64,
         events: 0,
@@ -686,10 +713,16 @@ async fn flush(
             .keys()
             .filter_map(|p| tables.history.partition(p.0).and_then(|h| h.newest).map(|n| (*p, n)))
             .collect();
-        tables.events = append_judged(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets, &newest)
+        let counted = tables.pending.take(offsets.keys().copied());
+        let mut actions = ledger::Counts::txns(&tables.ledger, &counted);
+        let partitions = next.keys().map(|p| i64::from(p.0) + 1).max().unwrap_or(0);
+        actions.push(Transaction::new(crate::lake::partitions_app_id(&config.topic), partitions));
+        actions.extend(crate::dedup::newest_txns(&config.topic, &newest));
+        tables.events = append_judged(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets, actions)
             .await
             .map_err(|source| IngestError::Commit { table: EVENTS_TABLE, source: Box::new(source) })?;
         tables.events_next.extend(offsets);
+        tables.ledger.merge(&counted);
         out.events = decoded.batch.num_rows() as u64;
         out.commits += 1;
     }
@@ -721,19 +754,33 @@ pub async fn append_events(
     append_with(table, events, txns(topic, offsets)).await
 }
 
-/// [`append_events`] for the ingest: the commit also records each
-/// partition's newest time, from which a restart rebuilds its duplicates
-/// history ([`crate::dedup`]).
+/// [`append_events`] for the ingest: the commit also records `more`:
+/// each partition's newest time, from which a restart rebuilds its
+/// duplicates history ([`crate::dedup`]), and the ledger of offsets without
+/// a row ([`crate::ledger`]).
 async fn append_judged(
     table: DeltaTable,
     events: RecordBatch,
     topic: &str,
     offsets: &BTreeMap<Partition, Offset>,
-    newest: &BTreeMap<Partition, i64>,
+    more: Vec<Transaction>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
     let mut actions = txns(topic, offsets);
-    actions.extend(crate::dedup::newest_txns(topic, newest));
+    actions.extend(more);
     append_with(table, events, actions).await
+}
+
+/// Rows per Kafka partition of a batch in [`events_schema`].
+fn rows_per_partition(batch: &RecordBatch) -> BTreeMap<i32, i64> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::Int32Type;
+    let mut rows = BTreeMap::new();
+    if let Some(col) = batch.column_by_name(shared_schema::schema::col::KAFKA_PARTITION) {
+        for p in col.as_primitive::<Int32Type>().iter().flatten() {
+            *rows.entry(p).or_default() += 1;
+        }
+    }
+    rows
 }
 
 /// Appends `events` to the `events` table in one commit carrying `actions`.

@@ -159,6 +159,24 @@ pub fn ingest_app_id(topic: &str, partition: Partition) -> String {
     format!("lambda-ingest/{topic}/{}", partition.0)
 }
 
+/// The Delta application id under which the ingest records how many
+/// partitions `topic` has (its version the count): a partition whose
+/// records all went to `events_rejected` or were dropped has no row in
+/// `events`, yet its offsets are the lake's all the same.
+pub fn partitions_app_id(topic: &str) -> String {
+    format!("lambda-ingest/{topic}/partitions")
+}
+
+/// How many partitions of `topic` the ingest last saw, if it recorded it.
+pub async fn recorded_partitions(table: &DeltaTable, topic: &str) -> Result<Option<i32>, DeltaTableError> {
+    if table.version().is_none() {
+        return Ok(None);
+    }
+    let state = table.snapshot()?;
+    let n = state.transaction_version(table.log_store().as_ref(), partitions_app_id(topic)).await?;
+    Ok(n.and_then(|n| i32::try_from(n).ok()))
+}
+
 /// Per partition, the next offset `table` expects from `topic` (offsets
 /// below it are in the table exactly once). Partitions never written are
 /// absent.

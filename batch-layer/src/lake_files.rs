@@ -16,6 +16,7 @@
 //! changes a result. Tables this form cannot represent (column mapping,
 //! deletion vectors) are refused with [`LakeFilesError::Unsupported`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
@@ -231,6 +232,16 @@ impl LakeFiles {
             table: name.into(),
             version: -1,
         }
+    }
+
+    /// Rows per value of the partition columns (in their order), from the
+    /// log's statistics alone; `None` when a file has no row count.
+    pub fn rows_per_partition_value(&self) -> Option<BTreeMap<Vec<Option<String>>, u64>> {
+        let mut rows = BTreeMap::new();
+        for f in &self.files {
+            *rows.entry(f.partition_values.clone()).or_default() += f.rows?;
+        }
+        Some(rows)
     }
 
     /// The partition columns' fields, in [`Self::partition_columns`] order.

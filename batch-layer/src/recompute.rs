@@ -23,6 +23,7 @@ mod compute;
 mod gate;
 pub mod plan;
 mod publish;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -54,6 +55,11 @@ pub struct RunConfig {
     pub max_shrink: f64,
     /// Recompute everything instead of only what new events touched.
     pub full: bool,
+    /// Publish although the lake misses records (see [`crate::reconcile`]),
+    /// for this reason.
+    pub accept_lake_loss: Option<String>,
+    /// When a complete hour's volume or unknown products are notified.
+    pub findings: crate::findings::Thresholds,
     /// The shop's database, whose `products` table each run snapshots into
     /// the lake (`None`: skip the catalog).
     pub sales_database_url: Option<String>,
@@ -82,6 +88,8 @@ impl RunConfig {
             topic: topic.into(),
             max_shrink: 0.5,
             full: false,
+            accept_lake_loss: None,
+            findings: crate::findings::Thresholds::default(),
             sales_database_url: None,
             model_refresh: DEFAULT_MODEL_REFRESH,
             progress: false,
@@ -111,6 +119,8 @@ pub enum RunError {
     Compute { view: &'static str, source: datafusion::error::DataFusionError },
     #[error(transparent)]
     Plan(#[from] plan::PlanError),
+    #[error("reconciling the lake with Kafka: {0}")]
+    Reconcile(#[from] crate::reconcile::ReconcileError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
     #[error("encoding COPY data: {0}")]
@@ -228,7 +238,7 @@ async fn run_with(
             Err(e) => tracing::warn!(error = %e, "catalog snapshot skipped"),
         }
     }
-    let outcome = locked_run(config, &pool, deployment, token, started).await;
+    let outcome = locked_run(config, &pool, deployment, token, started, notifier).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RUN_LOCK).execute(&mut *lock_conn).await;
     outcome
 }
@@ -260,6 +270,7 @@ async fn locked_run(
     deployment: platform::db::Deployment,
     token: i64,
     started: Instant,
+    notifier: &platform::notify::Notifier,
 ) -> Result<RunOutcome, RunError> {
     // We hold the lock: a run still marked running was interrupted.
     sqlx::query("UPDATE ops.batch_runs SET status = 'failed', finished_at = now(), message = 'interrupted' WHERE status = 'running'")
@@ -296,6 +307,13 @@ async fn locked_run(
     .bind(cut_json(&plan.cut))
     .fetch_one(pool)
     .await?;
+
+    // The lake first: a lake that misses records publishes nothing.
+    let account = crate::reconcile::reconcile(&config.lake, &table, &lake_next).await?;
+    let report = gate::reconciled(pool, run_id, &account, config.accept_lake_loss.as_deref()).await?;
+    if !report.passed() {
+        return Ok(RunOutcome::Rejected { run_id, report });
+    }
 
     let compute_started = Instant::now();
     let progress = progress_bar(config.progress, (ALL_VIEWS.len() + BATCH_TABLES.len() + 2) as u64);
@@ -383,6 +401,12 @@ async fn locked_run(
     })
     .execute(pool)
     .await?;
+    progress.set_message("checking the complete hours");
+    match watch::hours(pool, &ctx, &table, config.findings, notifier).await {
+        Ok(checked) if !checked.is_empty() => tracing::info!(hours = checked.len(), "complete hours checked"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "the complete hours were not checked this run"),
+    }
     progress.finish_and_clear();
     Ok(RunOutcome::Published {
         run_id,

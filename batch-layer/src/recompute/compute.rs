@@ -59,9 +59,17 @@ pub(crate) async fn session(engine: &Engine, lake: &Lake, events: &DeltaTable) -
     Ok(ctx)
 }
 
-/// The Kafka partitions the snapshot holds.
-pub(crate) async fn partitions(ctx: &SessionContext) -> Result<Vec<Partition>, RunError> {
+/// The Kafka partitions the snapshot holds: as many as the ingest
+/// recorded, or (a lake written before it did) those with events.
+pub(crate) async fn partitions(
+    ctx: &SessionContext,
+    table: &DeltaTable,
+    topic: &str,
+) -> Result<Vec<Partition>, RunError> {
     use arrow::array::AsArray;
+    if let Some(n) = lake::recorded_partitions(table, topic).await? {
+        return Ok((0..n).map(Partition).collect());
+    }
     use arrow::datatypes::Int32Type;
     let sql = format!("SELECT DISTINCT kafka_partition FROM {}", scope::LAKE_EVENTS);
     let batches = async { ctx.sql(&sql).await?.collect().await }
@@ -79,7 +87,7 @@ pub(crate) async fn lake_next(
     table: &DeltaTable,
     topic: &str,
 ) -> Result<BTreeMap<Partition, Offset>, RunError> {
-    let partitions = partitions(ctx).await?;
+    let partitions = partitions(ctx, table, topic).await?;
     Ok(lake::committed_offsets(table, topic, partitions).await?)
 }
 

@@ -17,6 +17,7 @@ mod batch_run;
 mod chaos;
 mod dashboard_api;
 mod dashboard_chromium;
+mod data_quality;
 mod deploy_files;
 mod derived_views;
 mod exact_merge;
