@@ -98,9 +98,9 @@ quality: build ## spike precision/recall and recommendation hit-rate on a genera
 bench-quality: ## the same, written into docs/BENCHMARKS.md
 	@scripts/bench-quality.sh
 
-.PHONY: bench bench-batch bench-speed bench-broker bench-forget
+.PHONY: bench bench-batch bench-speed bench-broker bench-forget bench-recovery
 
-bench: bench-batch bench-speed bench-serving bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
+bench: bench-batch bench-recovery bench-speed bench-serving bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
 
 bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs incremental run
 	@scripts/bench-batch.sh $(ARGS)
@@ -110,6 +110,9 @@ bench-speed: ## speed layer: throughput vs a bare consumer, freshness at 10k eve
 
 bench-forget: ## forget-user for 1, 100 and 1,000 users on the 20M-event benchmark lake
 	@scripts/bench-forget.sh $(ARGS)
+
+bench-recovery: ## the recovery drills (PostgreSQL lost, lake lost) at benchmark size; after bench-batch
+	@scripts/bench-recovery.sh
 
 bench-broker: build ## the broker under parallel idempotent producers (SOAK_ARGS="--duration 10m --producers 4")
 	@$(BIN)/soak_broker $(SOAK_ARGS)

@@ -72,6 +72,25 @@ pub enum Command {
         #[arg(long, value_name = "REASON")]
         accept_lake_loss: Option<String>,
     },
+    /// Recover after a loss, in one step: bring the lake up to Kafka (an
+    /// empty --lake-uri is rebuilt from the start of each partition), then
+    /// recompute and publish every view and batch table from it (a full run).
+    /// Stop the ingest, the schedule and the speed layer first; start them
+    /// after. PostgreSQL lost: create the database and run `serving-layer
+    /// migrate` before (and restore `ops.forgotten_users`).
+    Recover {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Flush the ingest once this many records are buffered.
+        #[arg(long, default_value_t = 200_000)]
+        flush_records: usize,
+        /// Take the lake as it is, without reading Kafka (the broker is
+        /// away, or the lake is known to be caught up).
+        #[arg(long)]
+        skip_ingest: bool,
+        #[command(flatten)]
+        forget: ForgetKeyArgs,
+    },
     /// Run `run` on a schedule until SIGTERM: every period aligned to the clock
     /// (--every 1h runs at :00), or at the times of a cron expression (UTC).
     Schedule {
@@ -196,8 +215,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.5)]
     max_shrink: f64,
     /// Notify of a complete hour whose events fall below this fraction of
-    /// its baseline (the same hour on earlier days, else the day before),
-    /// or that has none (0 turns the check off).
+    /// its baseline (the median of the same hour on up to seven earlier
+    /// days, at least three), or that has none (0 turns the check off).
     #[arg(long, default_value_t = crate::findings::DEFAULT_VOLUME_FLOOR)]
     volume_floor: f64,
     /// Notify of a complete hour in which more than this share of the
@@ -342,6 +361,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.gap_records
                 );
             }
+            Ok(())
+        }
+        Command::Recover { run, flush_records, skip_ingest, forget } => {
+            if flush_records == 0 {
+                anyhow::bail!("--flush-records must be at least 1");
+            }
+            let run = run.config(&cli.lake_uri, true)?;
+            let db = ingest::PlatformDb {
+                database_url: run.database_url.clone(),
+                key: forget.optional()?,
+                notify_webhook: run.notify_webhook.clone(),
+            };
+            let ingest = IngestConfig {
+                brokers: cli.brokers,
+                topic: run.topic.clone(),
+                lake: run.lake.clone(),
+                flush_interval: Duration::from_secs(60),
+                flush_records,
+                flush_bytes: 64 << 20,
+                until_caught_up: true,
+                show_progress: run.progress,
+                db: Some(db),
+                ready: None,
+            };
+            let ingest = (!skip_ingest).then_some(ingest);
+            let report = crate::recover::recover(ingest, run, shutdown).await?;
+            println!("{}", report.summary());
             Ok(())
         }
         Command::Run { run, full, accept_lake_loss } => {

@@ -7,6 +7,7 @@
 //! * [`dedup`]: the lake's side of duplicates: the ingest's history, the speed layer's seed;
 //! * [`recompute`]: views from one snapshot, published with the cut atomically;
 //! * [`quality`]: the gate a batch must pass before it is published;
+//! * [`recover`]: `recover`, the lake brought up to Kafka (or rebuilt from it) and every table recomputed;
 //! * [`reconcile`]: the lake against Kafka: every offset held or accounted for;
 //! * [`findings`]: what the data says of itself: missing hours, volume drops, unknown products;
 //! * [`scope`]: which lake events a query sees (cut, offset range, hours), as DataFusion expressions;
@@ -33,6 +34,7 @@ pub mod ledger;
 pub mod quality;
 pub mod recompute;
 pub mod reconcile;
+pub mod recover;
 pub mod replay;
 pub mod schedule;
 pub mod scope;
