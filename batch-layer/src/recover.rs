@@ -63,22 +63,20 @@ pub struct RecoverReport {
 
 impl RecoverReport {
     pub fn summary(&self) -> String {
+        let lake = if self.ingest_skipped {
+            "lake taken as it is (Kafka not read)".to_string()
+        } else {
+            format!(
+                "lake {} ({} records read in {:.1} s, {} offsets stepped over)",
+                if self.lake_rebuilt { "rebuilt from Kafka" } else { "brought up to Kafka" },
+                self.records_read,
+                self.ingest_seconds,
+                self.offsets_stepped_over
+            )
+        };
         format!(
-            "recovered: lake {} ({} records read in {:.1} s, {} offsets stepped over), full run {} published {} rows in {:.1} s; {:.1} s in all. Start (or restart) the speed layer and the services now.",
-            if self.ingest_skipped {
-                "taken as it is, Kafka not read"
-            } else if self.lake_rebuilt {
-                "rebuilt from Kafka"
-            } else {
-                "brought up to Kafka"
-            },
-            self.records_read,
-            self.ingest_seconds,
-            self.offsets_stepped_over,
-            self.run_id,
-            self.rows_published,
-            self.run_seconds,
-            self.total_seconds
+            "recovered: {lake}, full run {} published {} rows in {:.1} s; {:.1} s in all. Start (or restart) the speed layer and the services now.",
+            self.run_id, self.rows_published, self.run_seconds, self.total_seconds
         )
     }
 }
