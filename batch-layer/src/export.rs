@@ -187,10 +187,7 @@ async fn write(lake: &Lake, out: &Path, as_of: DateTime<Utc>, forgotten: &Forgot
         .keys
         .iter()
         .map(|k| ManifestColumn { name: k.name.into(), definition: k.expr.into() })
-        .chain(view.measures.iter().map(|m| ManifestColumn {
-            name: m.name.into(),
-            definition: format!("{:?} of {}", m.merge, m.expr).to_lowercase(),
-        }))
+        .chain(view.measures.iter().map(|m| ManifestColumn { name: m.name.into(), definition: m.aggregate_sql() }))
         .collect();
     let manifest = Manifest {
         view: view.name.into(),

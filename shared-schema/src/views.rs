@@ -17,8 +17,8 @@
 //! * [`ViewDef::batch_table_ddl`] / [`ViewDef::speed_table_ddl`]: the tables.
 //!
 //! Expressions are written in the SQL subset that DataFusion and PostgreSQL
-//! share (`CASE`, `CAST`, `date_trunc`, comparison, arithmetic), over the
-//! columns of [`crate::schema::events_schema`].
+//! share (`CASE`, `CAST`, `date_bin`, comparison, arithmetic, aggregates
+//! with `FILTER`), over the columns of [`crate::schema::events_schema`].
 
 use std::fmt::Write as _;
 
@@ -77,10 +77,30 @@ pub struct Key {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measure {
     pub name: &'static str,
-    /// Per-event expression; the view holds `merge(expr)` per key.
+    /// Per-event expression; the view holds `merge(expr)` per key, over the
+    /// events `only` selects.
     pub expr: &'static str,
+    /// The events the measure takes (`None`: all of the key's): a `FILTER`
+    /// clause of the aggregate, which DataFusion evaluates without a
+    /// `CASE` per row and PostgreSQL reads alike.
+    pub only: Option<&'static str>,
     pub ty: SqlType,
     pub merge: Merge,
+}
+
+impl Measure {
+    /// The aggregate computing this measure from events: `count(*)` for a
+    /// sum of ones, `COALESCE(sum(…), 0)` for a filtered sum (a key with
+    /// no selected event holds 0, not NULL), the merge rule otherwise.
+    pub fn aggregate_sql(&self) -> String {
+        match (self.merge, self.only, self.expr) {
+            (Merge::Sum, None, "1") => "count(*)".to_string(),
+            (Merge::Sum, Some(only), "1") => format!("count(*) FILTER (WHERE {only})"),
+            (Merge::Sum, Some(only), expr) => format!("COALESCE(sum({expr}) FILTER (WHERE {only}), 0)"),
+            (merge, Some(only), expr) => format!("{}({expr}) FILTER (WHERE {only})", merge.aggregate()),
+            (merge, None, expr) => format!("{}({expr})", merge.aggregate()),
+        }
+    }
 }
 
 /// What a view is computed from.
@@ -106,7 +126,7 @@ pub struct ViewDef {
     /// Roles that may read `serving.<view>`. User-level views are never
     /// readable by [`Reader::Dashboard`].
     pub readers: &'static [Reader],
-    /// The key that is the event's hour (`date_trunc('hour', event_time)`),
+    /// The key that is the event's hour ([`HOUR_EXPR`]),
     /// if any: an incremental batch run recomputes only the hours that new
     /// events touched.
     pub hour_key: Option<&'static str>,
@@ -187,7 +207,7 @@ impl ViewDef {
     fn select_list(&self, out: &mut String, extra_keys: &[(&str, &str)]) {
         let mut items: Vec<String> = self.keys.iter().map(|k| format!("{} AS {}", k.expr, k.name)).collect();
         items.extend(extra_keys.iter().map(|(expr, name)| format!("{expr} AS {name}")));
-        items.extend(self.measures.iter().map(|m| format!("{}({}) AS {}", m.merge.aggregate(), m.expr, m.name)));
+        items.extend(self.measures.iter().map(|m| format!("{} AS {}", m.aggregate_sql(), m.name)));
         out.push_str(&items.join(",\n       "));
     }
 
@@ -369,29 +389,37 @@ impl ViewDef {
     }
 }
 
-const fn sum(name: &'static str, expr: &'static str) -> Measure {
-    Measure { name, expr, ty: SqlType::BigInt, merge: Merge::Sum }
+/// The sum of `expr` over the events of type `event_type`.
+const fn sum_of(name: &'static str, event_type: &'static str, expr: &'static str) -> Measure {
+    Measure { name, expr, only: Some(event_type), ty: SqlType::BigInt, merge: Merge::Sum }
 }
 
-const fn last_time(name: &'static str, expr: &'static str) -> Measure {
-    Measure { name, expr, ty: SqlType::TimestampTz, merge: Merge::Max }
+/// The latest event time among the events `only` selects.
+const fn last_time(name: &'static str, only: &'static str) -> Measure {
+    Measure { name, expr: "e.event_time", only: Some(only), ty: SqlType::TimestampTz, merge: Merge::Max }
 }
 
 /// The demand measures of `DESIGN.md`, shared by the product and category
 /// views.
 const DEMAND_MEASURES: &[Measure] = &[
-    sum("views", "CASE WHEN e.event_type = 'page_view' THEN 1 ELSE 0 END"),
-    sum("cart_adds", "CASE WHEN e.event_type = 'add_to_cart' THEN 1 ELSE 0 END"),
-    sum("cart_removes", "CASE WHEN e.event_type = 'remove_from_cart' THEN 1 ELSE 0 END"),
-    sum("purchases", "CASE WHEN e.event_type = 'purchase' THEN 1 ELSE 0 END"),
-    sum("units", "CASE WHEN e.event_type = 'purchase' THEN CAST(e.quantity AS BIGINT) ELSE 0 END"),
-    sum(
-        "revenue_cents",
-        "CASE WHEN e.event_type = 'purchase' THEN CAST(e.quantity AS BIGINT) * e.price_cents ELSE 0 END",
-    ),
+    sum_of("views", "e.event_type = 'page_view'", "1"),
+    sum_of("cart_adds", "e.event_type = 'add_to_cart'", "1"),
+    sum_of("cart_removes", "e.event_type = 'remove_from_cart'", "1"),
+    sum_of("purchases", "e.event_type = 'purchase'", "1"),
+    sum_of("units", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT)"),
+    sum_of("revenue_cents", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT) * e.price_cents"),
 ];
 
-const HOUR: Key = Key { name: "hour", expr: "date_trunc('hour', e.event_time)", ty: SqlType::TimestampTz };
+/// The event's hour in UTC. `date_bin` from the epoch is integer
+/// arithmetic, where DataFusion's `date_trunc` on a time-zoned timestamp
+/// converts every row through the zone (apache/datafusion#25325); it
+/// answers in nanoseconds, cast back to the lake's microseconds. The
+/// result is `date_trunc('hour', …)`'s, of the same type (the speed
+/// layer's `deltas` tests test both).
+pub const HOUR_EXPR: &str =
+    "arrow_cast(date_bin(INTERVAL '1 hour', e.event_time), 'Timestamp(Microsecond, Some(\"UTC\"))')";
+
+const HOUR: Key = Key { name: "hour", expr: HOUR_EXPR, ty: SqlType::TimestampTz };
 
 /// Hourly demand per product.
 pub const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
@@ -413,10 +441,10 @@ pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
         Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text },
     ],
     measures: &[
-        last_time("last_viewed_at", "CASE WHEN e.event_type = 'page_view' THEN e.event_time END"),
-        last_time("last_carted_at", "CASE WHEN e.event_type = 'add_to_cart' THEN e.event_time END"),
-        last_time("last_removed_at", "CASE WHEN e.event_type = 'remove_from_cart' THEN e.event_time END"),
-        last_time("last_purchased_at", "CASE WHEN e.event_type = 'purchase' THEN e.event_time END"),
+        last_time("last_viewed_at", "e.event_type = 'page_view'"),
+        last_time("last_carted_at", "e.event_type = 'add_to_cart'"),
+        last_time("last_removed_at", "e.event_type = 'remove_from_cart'"),
+        last_time("last_purchased_at", "e.event_type = 'purchase'"),
     ],
     filter: None,
     readers: &[Reader::Recommender],
@@ -475,7 +503,7 @@ mod tests {
         for v in ALL_VIEWS {
             if let Some(name) = v.hour_key {
                 let key = v.keys.iter().find(|k| k.name == name).expect("hour key is a key");
-                assert_eq!(key.expr, "date_trunc('hour', e.event_time)", "{}", v.name);
+                assert_eq!(key.expr, HOUR_EXPR, "{}", v.name);
             } else {
                 assert!(v.mergeable_by_upsert(), "{} needs an hour key or max-only measures", v.name);
             }

@@ -49,3 +49,64 @@ pub async fn compute(events: RecordBatch, segment_size: SegmentSize) -> Result<V
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::TimestampMicrosecondType;
+    use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+
+    /// Events at awkward times: either side of hour and day boundaries,
+    /// a leap day, a European clock change, at microsecond precision.
+    fn events() -> RecordBatch {
+        let times = [
+            "2026-11-30T23:59:59.999999Z",
+            "2026-12-01T00:00:00Z",
+            "2026-12-01T00:00:00.000001Z",
+            "2026-12-01T13:30:00Z",
+            "2026-03-29T01:30:00Z",
+            "2024-02-29T12:00:00.5Z",
+        ];
+        let json: Vec<String> = times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                format!(
+                    r#"{{"event_id":"e{i}","event_type":"page_view","event_time":"{t}","user_id":"u","session_id":"s","product_id":"p","schema_version":1}}"#
+                )
+            })
+            .collect();
+        let raw: Vec<shared_schema::RawRecord<'_>> = json
+            .iter()
+            .enumerate()
+            .map(|(i, j)| shared_schema::RawRecord {
+                partition: 0,
+                offset: i as i64,
+                timestamp: None,
+                payload: j.as_bytes(),
+            })
+            .collect();
+        let decoded = shared_schema::EventDecoder::new().decode(&raw).unwrap();
+        assert!(decoded.rejected.is_empty(), "{:?}", decoded.rejected);
+        decoded.batch
+    }
+
+    #[tokio::test]
+    async fn the_hour_key_is_the_utc_hour_of_the_event_with_the_same_type() {
+        let ctx = SessionContext::new();
+        ctx.register_table("events", Arc::new(MemTable::try_new(events_schema(), vec![vec![events()]]).unwrap()))
+            .unwrap();
+        let hour = PRODUCT_DEMAND_HOURLY.keys.iter().find(|k| Some(k.name) == PRODUCT_DEMAND_HOURLY.hour_key).unwrap();
+        let sql = format!("SELECT {} AS key, date_trunc('hour', e.event_time) AS truncated FROM events e", hour.expr);
+        let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        let b = &batches[0];
+        assert_eq!(b.num_rows(), 6);
+        assert_eq!(b.column(0).data_type(), &shared_schema::schema::timestamp_type(), "{}", hour.expr);
+        assert_eq!(b.column(0).data_type(), b.column(1).data_type());
+        let key = b.column(0).as_primitive::<TimestampMicrosecondType>();
+        let truncated = b.column(1).as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(key.null_count(), 0);
+        assert_eq!(key.values(), truncated.values());
+    }
+}

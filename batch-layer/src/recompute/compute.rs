@@ -13,7 +13,7 @@ use deltalake::DeltaTable;
 use shared_schema::cut::{Offset, Partition};
 use shared_schema::derived::BatchTable;
 use shared_schema::schema::Hour;
-use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+use shared_schema::views::{HOUR_EXPR, PRODUCT_DEMAND_HOURLY, ViewDef};
 
 use super::RunError;
 use super::plan::{Plan, Refresh};
@@ -97,11 +97,10 @@ pub(crate) async fn touched_hours(ctx: &SessionContext, plan: &Plan) -> Result<V
     use arrow::datatypes::TimestampMicrosecondType;
     let failed = |source| RunError::Compute { view: "touched hours", source };
     scope::register_events(ctx, scope::between(&plan.previous, &plan.cut)).await.map_err(failed)?;
-    let batches = async {
-        ctx.sql("SELECT DISTINCT date_trunc('hour', e.event_time) AS hour FROM events e").await?.collect().await
-    }
-    .await
-    .map_err(failed)?;
+    let batches =
+        async { ctx.sql(&format!("SELECT DISTINCT {HOUR_EXPR} AS hour FROM events e")).await?.collect().await }
+            .await
+            .map_err(failed)?;
     let mut hours: Vec<Hour> = batches
         .iter()
         .flat_map(|b| b.column(0).as_primitive::<TimestampMicrosecondType>().iter().flatten().collect::<Vec<_>>())

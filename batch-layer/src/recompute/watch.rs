@@ -94,13 +94,16 @@ async fn unknown_products(ctx: &SessionContext, hours: &[Hour]) -> anyhow::Resul
         return Ok(None);
     }
     crate::scope::register_events(ctx, crate::scope::in_hours(hours)).await?;
-    let sql = "SELECT date_trunc('hour', e.event_time) AS hour, count(*) AS n,
+    let sql = format!(
+        "SELECT {} AS hour, count(*) AS n,
                       count(*) FILTER (WHERE p.product_id IS NULL) AS unknown
                FROM events e LEFT JOIN (SELECT DISTINCT product_id FROM products) p ON e.product_id = p.product_id
                WHERE e.product_id IS NOT NULL
-               GROUP BY 1";
+               GROUP BY 1",
+        shared_schema::views::HOUR_EXPR
+    );
     let mut out = BTreeMap::new();
-    for b in ctx.sql(sql).await?.collect().await? {
+    for b in ctx.sql(&sql).await?.collect().await? {
         let cast = |i: usize, to: &arrow::datatypes::DataType| arrow::compute::cast(b.column(i), to);
         let hour = cast(0, &shared_schema::schema::timestamp_type())?;
         let n = cast(1, &arrow::datatypes::DataType::Int64)?;

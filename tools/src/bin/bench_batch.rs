@@ -158,11 +158,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Both engines run one SQL text: the view over the lake restricted to
     // the cut, the same expression `run` applies, unparsed for DuckDB.
     let below = datafusion::sql::unparser::expr_to_sql(&batch_layer::scope::below(&cut))?;
-    let sql = format!(
-        "WITH events AS (SELECT * FROM {} WHERE {below})\n{}",
-        batch_layer::scope::LAKE_EVENTS,
-        PRODUCT_DEMAND_HOURLY.batch_sql()
-    );
+    let with_cut = |view_sql: String| {
+        format!("WITH events AS (SELECT * FROM {} WHERE {below})\n{view_sql}", batch_layer::scope::LAKE_EVENTS)
+    };
+    let sql = Queries {
+        view: with_cut(PRODUCT_DEMAND_HOURLY.batch_sql()),
+        duckdb: with_cut(duckdb_spelling(&PRODUCT_DEMAND_HOURLY.batch_sql())),
+        former: with_cut(former_sql(&PRODUCT_DEMAND_HOURLY)),
+    };
 
     let comparison = compare_engines(&args, &table, &shape.files, &sql, &bench_dir).await?;
     let runs =
@@ -398,8 +401,45 @@ impl Totals {
     }
 }
 
+/// The texts one comparison runs.
+struct Queries {
+    /// The batch layer's SQL for the view.
+    view: String,
+    /// The same in DuckDB's spelling: its `date_trunc` for the hour key
+    /// (`arrow_cast` is DataFusion's own).
+    duckdb: String,
+    /// The view as the batch layer wrote it before issue 17: the hour by
+    /// `date_trunc` on the time-zoned column, and each measure a `sum` of a
+    /// `CASE` per row instead of an aggregate with `FILTER`.
+    former: String,
+}
+
+/// `sql` with the hour key spelled for DuckDB.
+fn duckdb_spelling(sql: &str) -> String {
+    sql.replace(shared_schema::views::HOUR_EXPR, "date_trunc('hour', e.event_time)")
+}
+
+/// The former SQL of `view`: what its measures and hour key were before
+/// issue 17 (same results, measured side by side).
+fn former_sql(view: &shared_schema::views::ViewDef) -> String {
+    let mut sql = view.batch_sql();
+    for m in view.measures {
+        let former = match (m.merge, m.only) {
+            (shared_schema::views::Merge::Sum, Some(only)) => {
+                format!("sum(CASE WHEN {only} THEN {} ELSE 0 END)", m.expr)
+            }
+            (shared_schema::views::Merge::Max, Some(only)) => format!("max(CASE WHEN {only} THEN {} END)", m.expr),
+            _ => continue,
+        };
+        sql = sql.replace(&m.aggregate_sql(), &former);
+    }
+    duckdb_spelling(&sql)
+}
+
 struct Comparison {
     datafusion: Vec<Duration>,
+    /// DataFusion on [`Queries::former`].
+    former: Vec<Duration>,
     duckdb: Vec<Duration>,
     /// DataFusion over the bare Parquet files (`--plain-parquet`).
     parquet: Vec<Duration>,
@@ -476,7 +516,7 @@ async fn compare_engines(
     args: &Args,
     table: &DeltaTable,
     files: &[String],
-    sql: &str,
+    sql: &Queries,
     bench_dir: &Path,
 ) -> anyhow::Result<Comparison> {
     let settings: Vec<(String, String)> = args
@@ -488,24 +528,33 @@ async fn compare_engines(
     let files_path = bench_dir.join("batch-files.txt");
     let sql_path = bench_dir.join("batch-query.sql");
     std::fs::write(&files_path, files.join("\n")).with_context(|| format!("writing {}", files_path.display()))?;
-    std::fs::write(&sql_path, sql).with_context(|| format!("writing {}", sql_path.display()))?;
+    std::fs::write(&sql_path, &sql.duckdb).with_context(|| format!("writing {}", sql_path.display()))?;
     println!("product_demand_hourly full recompute, {} interleaved repetitions per engine:", args.reps);
 
     let mut out = Comparison {
         datafusion: Vec::new(),
+        former: Vec::new(),
         duckdb: Vec::new(),
         parquet: Vec::new(),
         totals: Totals { rows: 0, sums: Vec::new() },
     };
     for rep in 1..=args.reps {
-        let (df, df_totals) = datafusion_once(table, sql, &settings).await?;
+        let (df, df_totals) = datafusion_once(table, &sql.view, &settings).await?;
+        let (former, former_totals) = datafusion_once(table, &sql.former, &settings).await?;
         let (duck, duck_totals) = duckdb_once(args, &files_path, &sql_path)?;
-        println!("  rep {rep}: DataFusion {:.2} s, DuckDB {:.2} s", df.as_secs_f64(), duck.as_secs_f64());
+        println!(
+            "  rep {rep}: DataFusion {:.2} s (former SQL {:.2} s), DuckDB {:.2} s",
+            df.as_secs_f64(),
+            former.as_secs_f64(),
+            duck.as_secs_f64()
+        );
         if df_totals != duck_totals {
             bail!("the engines disagree: DataFusion {}; DuckDB {}", df_totals.describe(), duck_totals.describe());
         }
+        ensure!(former_totals == df_totals, "the former SQL disagrees: {}", former_totals.describe());
+        out.former.push(former);
         if args.plain_parquet {
-            let (plain, plain_totals) = datafusion_parquet_once(files, sql, &settings).await?;
+            let (plain, plain_totals) = datafusion_parquet_once(files, &sql.view, &settings).await?;
             println!("         DataFusion over the bare Parquet files {:.2} s", plain.as_secs_f64());
             ensure!(plain_totals == df_totals, "DataFusion over the bare files disagrees: {}", plain_totals.describe());
             out.parquet.push(plain);
@@ -688,6 +737,12 @@ fn report(args: &Args, shape: &LakeShape, c: &Comparison, runs: Option<&Runs>) {
     println!("batch layer, {} events in {} hours ({} files)", group(shape.events), args.hours, shape.files.len());
     println!("  {:<44} {:>10} {:>10}", "product_demand_hourly full recompute", "median", "best");
     println!("  {:<44} {:>8.2} s {:>8.2} s", "DataFusion (in-process, Delta snapshot)", df, best(&c.datafusion));
+    println!(
+        "  {:<44} {:>8.2} s {:>8.2} s",
+        "DataFusion, former SQL (date_trunc, CASE sums)",
+        median(&c.former),
+        best(&c.former)
+    );
     println!("  {:<44} {:>8.2} s {:>8.2} s", "DuckDB (same SQL, same Parquet files)", duck, best(&c.duckdb));
     if !c.parquet.is_empty() {
         println!(
