@@ -336,7 +336,8 @@ async fn locked_run(
     for table in plan.tables(BATCH_TABLES, &ages, config.model_refresh, newest_hour.is_some()) {
         progress.inc(1);
         progress.set_message(format!("computing {}", table.name));
-        computed.push(compute::table(&ctx, &plan, table, anchor).await?);
+        let done = compute::table(&ctx, &plan, table, anchor, &computed).await?;
+        computed.push(done);
     }
     progress.set_message("duplicates: newest times and the speed layer's seed");
     let cut_history = dedup_history(pool, &ctx, &table, &plan, deployment.dedup_window_micros).await?;

@@ -101,7 +101,22 @@ pub struct BatchTable {
     /// Columns the quality gate requires to be non-negative.
     pub non_negative: &'static [&'static str],
     pub readers: &'static [Reader],
-    query: fn() -> String,
+    steps: fn() -> Vec<Step>,
+}
+
+/// One step of a batch table's computation: a query over `events`,
+/// `products` and the steps before it (by name). The batch layer keeps each
+/// step's result and hands it to the next, so a step is computed once
+/// however often the later ones read it (DataFusion would inline a CTE at
+/// every reference, and scan the lake each time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: &'static str,
+    /// A `SELECT`, or a `WITH … SELECT` (for the last step).
+    pub sql: String,
+    /// The step is this view over the table's window: a run that computed
+    /// the view over all hours takes its rows instead of scanning again.
+    pub view: Option<&'static ViewDef>,
 }
 
 impl PartialEq for BatchTable {
@@ -111,11 +126,26 @@ impl PartialEq for BatchTable {
 }
 
 impl BatchTable {
-    /// The DataFusion query over `events` (alias `e`) and `products`; its
-    /// output columns are [`Self::columns`], in order. The batch layer
-    /// registers `events` restricted to the cut and to [`Self::window`].
+    /// The steps of its computation; the last one's output columns are
+    /// [`Self::columns`], in order. The batch layer registers `events`
+    /// restricted to the cut and to [`Self::window`].
+    pub fn steps(&self) -> Vec<Step> {
+        (self.steps)()
+    }
+
+    /// The same computation as one DataFusion statement, each step but the
+    /// last a CTE (for tools and reading; the batch layer runs the steps).
     pub fn batch_sql(&self) -> String {
-        (self.query)()
+        let steps = self.steps();
+        let Some((last, before)) = steps.split_last() else { return String::new() };
+        if before.is_empty() {
+            return last.sql.clone();
+        }
+        let ctes: Vec<String> = before.iter().map(|s| format!("{} AS (\n{}\n)", s.name, s.sql)).collect();
+        match last.sql.strip_prefix("WITH ") {
+            Some(rest) => format!("WITH {},\n{rest}", ctes.join(",\n")),
+            None => format!("WITH {}\n{}", ctes.join(",\n"), last.sql),
+        }
     }
 
     /// How far back before the newest event hour below the cut the table
@@ -151,8 +181,12 @@ impl BatchTable {
     }
 }
 
-fn catalog_query() -> String {
-    "SELECT product_id, name, category, price_cents FROM products WHERE product_id IS NOT NULL".into()
+fn catalog_steps() -> Vec<Step> {
+    vec![Step {
+        name: "products",
+        sql: "SELECT product_id, name, category, price_cents FROM products WHERE product_id IS NOT NULL".into(),
+        view: None,
+    }]
 }
 
 /// Per product, its typical share of all demand in an hour, and how much
@@ -169,11 +203,10 @@ fn catalog_query() -> String {
 ///   `dispersion × expected`, estimated robustly as the median squared
 ///   Pearson residual over the window, divided by 0.455 (that median for a
 ///   Poisson count), never below 1.
-fn baseline_query() -> String {
-    let hourly = PRODUCT_DEMAND_HOURLY.batch_sql();
-    format!(
-        "WITH hourly AS (\n{hourly}\n),
-demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM hourly),
+fn baseline_steps() -> Vec<Step> {
+    let hourly = Step { name: "hourly", sql: PRODUCT_DEMAND_HOURLY.batch_sql(), view: Some(&PRODUCT_DEMAND_HOURLY) };
+    let sql = format!(
+        "WITH demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM hourly),
 totals AS (SELECT hour, sum(demand) AS total FROM demand GROUP BY hour HAVING sum(demand) > 0),
 products AS (SELECT DISTINCT product_id FROM demand),
 shares AS (
@@ -213,18 +246,18 @@ SELECT t.product_id, t.share,
        greatest(median(r.r2) / 0.455, 1.0) AS dispersion
 FROM typical AS t JOIN residuals AS r ON r.product_id = t.product_id
 GROUP BY t.product_id, t.share, t.hours, t.demand"
-    )
+    );
+    vec![hourly, Step { name: "demand_baseline", sql, view: None }]
 }
 
 /// Top-K co-occurrence of products in users' recent activity, cosine
 /// normalised so popular products do not pair with everything. Each user
 /// contributes only their most recent products, which bounds the pairs per
 /// user; the work grows with users, not with the square of any popularity.
-fn similarity_query() -> String {
-    let state = USER_PRODUCT_STATE.batch_sql();
-    format!(
-        "WITH state AS (\n{state}\n),
-touched AS (
+fn similarity_steps() -> Vec<Step> {
+    let state = Step { name: "state", sql: USER_PRODUCT_STATE.batch_sql(), view: None };
+    let recent = format!(
+        "WITH touched AS (
     SELECT user_id, product_id,
            greatest(last_viewed_at, last_carted_at, last_purchased_at) AS last_at
     FROM state
@@ -233,17 +266,24 @@ ranked AS (
     SELECT user_id, product_id,
            row_number() OVER (PARTITION BY user_id ORDER BY last_at DESC, product_id) AS n
     FROM touched WHERE last_at IS NOT NULL
-),
-recent AS (SELECT user_id, product_id FROM ranked WHERE n <= {SIMILARITY_ITEMS_PER_USER}),
-users AS (SELECT product_id, CAST(count(*) AS DOUBLE) AS users FROM recent GROUP BY product_id),
-pairs AS (
-    SELECT a.product_id AS product_id, b.product_id AS similar_product_id, CAST(count(*) AS DOUBLE) AS together
-    FROM recent AS a JOIN recent AS b ON a.user_id = b.user_id AND a.product_id <> b.product_id
-    GROUP BY a.product_id, b.product_id
+)
+SELECT user_id, product_id FROM ranked WHERE n <= {SIMILARITY_ITEMS_PER_USER}"
+    );
+    // Each unordered pair once; both directions come from it.
+    let pairs = "SELECT a.product_id AS first_id, b.product_id AS second_id, CAST(count(*) AS DOUBLE) AS together
+FROM recent AS a JOIN recent AS b ON a.user_id = b.user_id AND a.product_id < b.product_id
+GROUP BY a.product_id, b.product_id"
+        .to_string();
+    let scored = format!(
+        "WITH users AS (SELECT product_id, CAST(count(*) AS DOUBLE) AS users FROM recent GROUP BY product_id),
+directed AS (
+    SELECT first_id AS product_id, second_id AS similar_product_id, together FROM pairs
+    UNION ALL
+    SELECT second_id AS product_id, first_id AS similar_product_id, together FROM pairs
 ),
 scored AS (
     SELECT p.product_id, p.similar_product_id, p.together / sqrt(ua.users * ub.users) AS score
-    FROM pairs AS p
+    FROM directed AS p
     JOIN users AS ua ON ua.product_id = p.product_id
     JOIN users AS ub ON ub.product_id = p.similar_product_id
 ),
@@ -254,7 +294,13 @@ top AS (
 )
 SELECT product_id, similar_product_id, score, CAST(rank AS BIGINT) AS rank
 FROM top WHERE rank <= {SIMILARITY_TOP_K}"
-    )
+    );
+    vec![
+        state,
+        Step { name: "recent", sql: recent, view: None },
+        Step { name: "pairs", sql: pairs, view: None },
+        Step { name: "item_similarity", sql: scored, view: None },
+    ]
 }
 
 /// The catalog, copied from the lake's snapshot of the shop's products.
@@ -270,7 +316,7 @@ pub const PRODUCTS: BatchTable = BatchTable {
     input: Input::Catalog,
     non_negative: &["price_cents"],
     readers: &[Reader::Dashboard, Reader::Recommender],
-    query: catalog_query,
+    steps: catalog_steps,
 };
 
 /// Each product's normal share of demand, for spike detection.
@@ -287,7 +333,7 @@ pub const DEMAND_BASELINE: BatchTable = BatchTable {
     input: Input::RecentEvents { days: BASELINE_DAYS },
     non_negative: &["share", "hours", "demand", "dispersion"],
     readers: &[Reader::Dashboard],
-    query: baseline_query,
+    steps: baseline_steps,
 };
 
 /// Products often seen together by the same users, top K per product.
@@ -303,7 +349,7 @@ pub const ITEM_SIMILARITY: BatchTable = BatchTable {
     input: Input::RecentEvents { days: SIMILARITY_DAYS },
     non_negative: &["score", "rank"],
     readers: &[Reader::Dashboard, Reader::Recommender],
-    query: similarity_query,
+    steps: similarity_steps,
 };
 
 /// Every batch table, in publish order.

@@ -131,20 +131,88 @@ pub(crate) async fn view(
 }
 
 /// Computes a batch table over the events below the cut inside its window
-/// before `anchor` (the newest event hour below the cut).
+/// before `anchor` (the newest event hour below the cut), step by step:
+/// the first step reads the lake (or, when it is a view this run computed
+/// over all hours, takes those rows for the window), each later one the
+/// kept results of the steps before it, in this process.
 pub(crate) async fn table(
     ctx: &SessionContext,
     plan: &Plan,
     table: &'static BatchTable,
     anchor: chrono::DateTime<chrono::Utc>,
+    computed: &[Computed],
 ) -> Result<Computed, RunError> {
     let below = scope::below(&plan.cut);
-    let filter = match table.window() {
-        Some(window) => below.and(scope::since(anchor - window)),
+    let start = table.window().map(|window| anchor - window);
+    let filter = match start {
+        Some(start) => below.and(scope::since(start)),
         None => below,
     };
-    let batches = query(ctx, table.name, filter, &table.batch_sql()).await?;
+    let failed = |source| RunError::Compute { view: table.name, source };
+    let steps = table.steps();
+    let local = SessionContext::new();
+    let mut batches = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let (schema, rows) = match step.view.and_then(|v| view_rows(computed, v, start)) {
+            Some(kept) => kept,
+            None if i == 0 => query_kept(ctx, table.name, filter.clone(), &step.sql).await?,
+            None => {
+                let frame = local.sql(&step.sql).await.map_err(failed)?;
+                let schema = frame.schema().inner().clone();
+                (schema, frame.collect().await.map_err(failed)?)
+            }
+        };
+        if i + 1 == steps.len() {
+            batches = rows;
+        } else {
+            let kept = datafusion::datasource::MemTable::try_new(schema, vec![rows]).map_err(failed)?;
+            local.register_table(step.name, std::sync::Arc::new(kept)).map_err(failed)?;
+        }
+    }
     Ok(Computed { name: table.name, relation: Relation::Table(table), refresh: Refresh::Replace, batches })
+}
+
+/// The rows of `view` for the hours from `start` on, when this run
+/// computed the view over all hours (and `start` is an hour).
+fn view_rows(
+    computed: &[Computed],
+    view: &ViewDef,
+    start: Option<chrono::DateTime<chrono::Utc>>,
+) -> Option<(arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
+    use arrow::array::{Scalar, TimestampMicrosecondArray};
+    let start = start?;
+    let key = view.hour_key?;
+    if Hour::of(start).start() != start {
+        return None;
+    }
+    let all = computed.iter().find(|c| c.name == view.name && c.replaces_all())?;
+    let schema = all.batches.first()?.schema();
+    let bound = Scalar::new(TimestampMicrosecondArray::from(vec![start.timestamp_micros()]).with_timezone("UTC"));
+    let mut rows = Vec::new();
+    for b in &all.batches {
+        let hours = b.column_by_name(key)?;
+        let keep = arrow::compute::kernels::cmp::gt_eq(hours, &bound).ok()?;
+        rows.push(arrow::compute::filter_record_batch(b, &keep).ok()?);
+    }
+    Some((schema, rows))
+}
+
+/// Like [`query`], with the result's schema (a step's result is kept as a
+/// table even when it has no rows).
+async fn query_kept(
+    ctx: &SessionContext,
+    name: &'static str,
+    filter: datafusion::prelude::Expr,
+    sql: &str,
+) -> Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>), RunError> {
+    async {
+        scope::register_events(ctx, filter).await?;
+        let frame = ctx.sql(sql).await?;
+        let schema = frame.schema().inner().clone();
+        Ok((schema, frame.collect().await?))
+    }
+    .await
+    .map_err(|source| RunError::Compute { view: name, source })
 }
 
 /// The newest event hour in what this run computed of the hourly view.
