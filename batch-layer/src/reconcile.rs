@@ -147,9 +147,9 @@ pub async fn reconcile(
     if let Some(t) = &rejected_table {
         counts.merge(&ledger::committed(t, partitions.clone()).await?);
     }
-    let rejected = match &rejected_table {
-        Some(t) => rows_by_partition(t, REJECTED_TABLE, Some(below(next))).await?,
-        None => BTreeMap::new(),
+    let rejected_rows = match &rejected_table {
+        Some(t) => rejected_below(t, next).await?,
+        None => 0,
     };
     let files = LakeFiles::from_snapshot(EVENTS_TABLE, events).await?;
     let event_rows = match files.rows_per_partition_value() {
@@ -160,7 +160,7 @@ pub async fn reconcile(
         delta_version: events.version().map_or(-1, |v| v as i64),
         offsets: next.values().map(|o| o.0).sum(),
         events: event_rows,
-        rejected: rejected.values().sum(),
+        rejected: rejected_rows,
         gaps: counts.total(Kind::Gap),
         forgotten: counts.total(Kind::Forgotten),
         erased: counts.total(Kind::Erased),
@@ -168,6 +168,10 @@ pub async fn reconcile(
     };
     if out.unaccounted() != 0 {
         let per_partition = rows_by_partition(events, EVENTS_TABLE, None).await?;
+        let rejected = match &rejected_table {
+            Some(t) => rows_by_partition(t, REJECTED_TABLE, Some(below(next))).await?,
+            None => BTreeMap::new(),
+        };
         out.partitions = next
             .iter()
             .map(|(p, o)| Account {
@@ -182,6 +186,37 @@ pub async fn reconcile(
             .collect();
     }
     Ok(out)
+}
+
+/// The rejected records below `next`: the log's row count less those at
+/// or above it, which only the newest files can hold (the others are
+/// skipped by their offset bounds), so a run reads no more than those.
+async fn rejected_below(table: &DeltaTable, next: &BTreeMap<Partition, Offset>) -> Result<i64, ReconcileError> {
+    let files = LakeFiles::from_snapshot(REJECTED_TABLE, table).await?;
+    let Some(rows) = files.rows_per_partition_value() else {
+        return Ok(rows_by_partition(table, REJECTED_TABLE, Some(below(next))).await?.values().sum());
+    };
+    let total = rows.values().sum::<u64>() as i64;
+    if next.is_empty() {
+        return Ok(0);
+    }
+    // Partitions without a position, as ranges (so file bounds prune them).
+    let part = || col(c::KAFKA_PARTITION);
+    let keys: Vec<i32> = next.keys().map(|p| p.0).collect();
+    let mut elsewhere = vec![part().lt(lit(keys[0])), part().gt(lit(keys[keys.len() - 1]))];
+    for w in keys.windows(2) {
+        if w[1] - w[0] > 1 {
+            elsewhere.push(part().gt(lit(w[0])).and(part().lt(lit(w[1]))));
+        }
+    }
+    let above = crate::scope::any(
+        next.iter()
+            .map(|(p, o)| part().eq(lit(p.0)).and(col(c::KAFKA_OFFSET).gt_eq(lit(o.0))))
+            .chain(elsewhere)
+            .collect(),
+    );
+    let not_below: i64 = rows_by_partition(table, REJECTED_TABLE, Some(above)).await?.values().sum();
+    Ok(total - not_below)
 }
 
 /// Rows at offsets below `next`, per partition.
