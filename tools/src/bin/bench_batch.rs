@@ -589,7 +589,7 @@ async fn forget_users(args: &Args, base: &Path, bench_dir: &Path, shape: &LakeSh
         let work = bench_dir.join("forget-work");
         link_copy(base, &work.join(EVENTS_TABLE), &work)
             .with_context(|| format!("copying the lake to {}", work.display()))?;
-        let (url, _pool) = stack.fresh_database("bench_forget").await?;
+        let (url, _pool) = stack.migrated_database("bench_forget", None).await?;
         let config = batch_layer::forget::ForgetConfig {
             database_url: url,
             lake: Lake::parse(work.to_str().context("cache path is not UTF-8")?)?,
@@ -624,7 +624,7 @@ async fn forget_users(args: &Args, base: &Path, bench_dir: &Path, shape: &LakeSh
 
 async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expected: &Totals) -> anyhow::Result<Runs> {
     let stack = Stack::local();
-    let (url, pool) = stack.fresh_database("bench_batch").await?;
+    let (url, pool) = stack.migrated_database("bench_batch", None).await?;
     let config = RunConfig { full: true, ..RunConfig::new(url, lake.clone(), args.topic.clone()) };
 
     println!("batch-layer run --full into a fresh database ...");
@@ -677,7 +677,7 @@ async fn ballista_full(
     topic: &str,
     expected: &Totals,
 ) -> anyhow::Result<(Duration, String)> {
-    let (url, pool) = stack.fresh_database("bench_batch_ballista").await?;
+    let (url, pool) = stack.migrated_database("bench_batch_ballista", None).await?;
     let config = RunConfig {
         full: true,
         engine: batch_layer::engine::Engine::parse(engine)?,
