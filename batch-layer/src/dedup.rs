@@ -47,11 +47,12 @@ pub async fn committed_newest(
 }
 
 /// One partition to read keys of: those of events at or after `floor`
-/// (microseconds) and at offsets below `below`.
+/// (microseconds) and at offsets from `from` to below `below`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyRange {
     pub partition: Partition,
     pub floor: i64,
+    pub from: Offset,
     pub below: Offset,
 }
 
@@ -78,6 +79,7 @@ pub async fn lake_keys(
             let floor = datafusion::common::ScalarValue::TimestampMicrosecond(Some(r.floor), Some("UTC".into()));
             col(c::KAFKA_PARTITION)
                 .eq(lit(r.partition.0))
+                .and(col(c::KAFKA_OFFSET).gt_eq(lit(r.from.0)))
                 .and(col(c::KAFKA_OFFSET).lt(lit(r.below.0)))
                 .and(col(c::EVENT_TIME).gt_eq(lit(floor)))
         })
@@ -124,7 +126,12 @@ pub async fn ingest_history(
     let ranges: Vec<KeyRange> = newest
         .iter()
         .filter_map(|(p, n)| {
-            next.get(p).map(|below| KeyRange { partition: *p, floor: n - window_micros, below: *below })
+            next.get(p).map(|below| KeyRange {
+                partition: *p,
+                floor: n - window_micros,
+                from: Offset(0),
+                below: *below,
+            })
         })
         .collect();
     let mut keys = lake_keys(table, &ranges).await?;
@@ -168,7 +175,30 @@ pub async fn newest_between(
 #[derive(Debug, Clone, Default)]
 pub struct CutHistory {
     pub newest: BTreeMap<Partition, i64>,
-    pub seed: BTreeMap<Partition, Vec<(EventKey, i64)>>,
+    pub seed: BTreeMap<Partition, Seed>,
+}
+
+/// The seed of one partition as a publish writes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seed {
+    /// The keys to add, with their times.
+    pub keys: Vec<(EventKey, i64)>,
+    /// Keys older than this (microseconds) leave the seed.
+    pub floor: i64,
+    /// The keys continue the seed stored up to the previous cut (else
+    /// they replace it).
+    pub continues: bool,
+}
+
+/// What the platform database holds for [`cut_history`].
+#[derive(Debug, Clone, Copy)]
+pub struct Known<'a> {
+    /// The newest time per partition recorded with the published cut.
+    pub stored: &'a BTreeMap<Partition, i64>,
+    /// The partitions the speed layer holds no position in.
+    pub unpositioned: &'a [Partition],
+    /// The cut each partition's stored seed reaches.
+    pub seeded: &'a BTreeMap<Partition, Offset>,
 }
 
 /// Computes the [`CutHistory`] of a run moving the cut from `previous` to
@@ -180,10 +210,10 @@ pub async fn cut_history(
     table: &DeltaTable,
     previous: &OffsetCut,
     cut: &OffsetCut,
-    stored: &BTreeMap<Partition, i64>,
-    unpositioned: &[Partition],
+    known: &Known<'_>,
     window_micros: i64,
 ) -> Result<CutHistory, LakeError> {
+    let Known { stored, unpositioned, seeded } = *known;
     let scan = |source| LakeError::Scan { table: lake::EVENTS_TABLE.to_string(), source };
     // Offsets below the previous cut are summed up by the stored newest
     // time; where none is stored (published before duplicates were judged)
@@ -194,10 +224,23 @@ pub async fn cut_history(
         let n = newest.entry(*p).or_insert(*t);
         *n = (*n).max(*t);
     }
+    // A partition whose stored seed reaches the previous cut only needs the
+    // keys of the new offsets; the others are read whole (within the window).
     let ranges: Vec<KeyRange> = unpositioned
         .iter()
-        .filter_map(|p| newest.get(p).map(|n| KeyRange { partition: *p, floor: n - window_micros, below: cut.get(*p) }))
+        .filter_map(|p| {
+            let below = cut.get(*p);
+            let from = seeded.get(p).copied().filter(|s| *s == previous.get(*p) && *s <= below).unwrap_or(Offset(0));
+            newest.get(p).map(|n| KeyRange { partition: *p, floor: n - window_micros, from, below })
+        })
         .collect();
-    let seed = lake_keys(table, &ranges).await?.into_iter().map(|(p, keys)| (p, keys.into_iter().collect())).collect();
+    let mut keys = lake_keys(table, &ranges).await?;
+    let seed = ranges
+        .iter()
+        .map(|r| {
+            let keys = keys.remove(&r.partition).unwrap_or_default().into_iter().collect();
+            (r.partition, Seed { keys, floor: r.floor, continues: r.from.0 > 0 })
+        })
+        .collect();
     Ok(CutHistory { newest, seed })
 }

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use shared_schema::ALL_VIEWS;
-use shared_schema::cut::{OffsetCut, Partition};
+use shared_schema::cut::{Offset, OffsetCut, Partition};
 use shared_schema::derived::BATCH_TABLES;
 use shared_schema::views::PRODUCT_DEMAND_HOURLY;
 use sqlx::{AssertSqlSafe, PgPool};
@@ -441,7 +441,11 @@ async fn dedup_history(
     let positioned: Vec<i32> =
         sqlx::query_scalar("SELECT kafka_partition FROM ops.speed_offsets").fetch_all(pool).await?;
     let unpositioned: Vec<Partition> = plan.cut.iter().map(|(p, _)| p).filter(|p| !positioned.contains(&p.0)).collect();
-    Ok(crate::dedup::cut_history(ctx, table, &plan.previous, &plan.cut, &stored, &unpositioned, window_micros).await?)
+    let seeded: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.dedup_seed_cut").fetch_all(pool).await?;
+    let seeded = seeded.into_iter().map(|(p, o)| (Partition(p), Offset(o))).collect();
+    let known = crate::dedup::Known { stored: &stored, unpositioned: &unpositioned, seeded: &seeded };
+    Ok(crate::dedup::cut_history(ctx, table, &plan.previous, &plan.cut, &known, window_micros).await?)
 }
 
 /// What the last published run left: its lake version, the cut, the view

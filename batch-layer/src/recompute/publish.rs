@@ -128,17 +128,45 @@ pub(crate) async fn publish(
         .execute(&mut *tx)
         .await?;
     }
-    // The seed belongs to this cut: the previous one's goes.
-    sqlx::query("DELETE FROM ops.dedup_seed").execute(&mut *tx).await?;
-    for (p, keys) in &record.history.seed {
-        let (keys, times) = shared_schema::dedup::key_columns(keys.iter().map(|(k, t)| (k, t)));
+    // The seed reaches this cut: partitions the speed layer now holds lose
+    // theirs; the others' is continued with the new offsets' keys (or
+    // replaced, when it did not reach the previous cut), and keys older
+    // than the window leave it.
+    let seeded: Vec<i32> = record.history.seed.keys().map(|p| p.0).collect();
+    sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition <> ALL($1)").bind(&seeded).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM ops.dedup_seed_cut WHERE kafka_partition <> ALL($1)")
+        .bind(&seeded)
+        .execute(&mut *tx)
+        .await?;
+    for (p, seed) in &record.history.seed {
+        let floor =
+            chrono::DateTime::from_timestamp_micros(seed.floor).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        // Replaced: everything goes (a floor after every key).
+        let end_of_time = chrono::DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(floor);
+        let below = if seed.continues { floor } else { end_of_time };
+        sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = $1 AND event_time < $2")
+            .bind(p.0)
+            .bind(below)
+            .execute(&mut *tx)
+            .await?;
+        let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
         sqlx::query(
             "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
-             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)",
+             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)
+             ON CONFLICT (kafka_partition, event_key)
+             DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)",
         )
         .bind(p.0)
         .bind(keys)
         .bind(times)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ops.dedup_seed_cut (kafka_partition, cut_offset) VALUES ($1, $2)
+             ON CONFLICT (kafka_partition) DO UPDATE SET cut_offset = EXCLUDED.cut_offset",
+        )
+        .bind(p.0)
+        .bind(record.cut.get(*p).0)
         .execute(&mut *tx)
         .await?;
     }

@@ -2,7 +2,8 @@
 //! (Kafka → ingest → lake → run), never edits of `ops` rows. A silent hour,
 //! a drop and a flood of products the catalog does not know are notified
 //! once and published; a lake that lost records publishes nothing until it
-//! is repaired or the loss is accepted.
+//! is repaired or the loss is accepted. And the duplicates seed each
+//! publish continues holds what one read of the lake would.
 
 use std::time::Duration;
 
@@ -236,4 +237,41 @@ async fn a_lake_that_lost_records_publishes_nothing_until_the_loss_is_accepted()
     let table = lake.open(EVENTS_TABLE).await.unwrap().unwrap();
     table.delete().with_predicate("user_id = 'u2'").await.unwrap();
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Rejected { .. }), "a further loss");
+}
+
+/// The duplicates seed (`ops.dedup_seed`) is continued from publish to
+/// publish with the new offsets' keys (an incremental run reads only
+/// those); what it holds is what one read of the lake would give.
+#[tokio::test]
+async fn the_duplicates_seed_continued_by_incremental_runs_equals_one_read_whole() {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("seed_continued", 2).await.unwrap();
+    let (url, pool) = stack.migrated_database("seed_continued", Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
+    let t0 = Hour::of(Utc::now() - TimeDelta::hours(3)).start();
+    let seed = || async {
+        let rows: Vec<(i32, Vec<u8>, DateTime<Utc>)> =
+            sqlx::query_as("SELECT kafka_partition, event_key, event_time FROM ops.dedup_seed ORDER BY 1, 2")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        rows
+    };
+    for batch in 0..3 {
+        let records: Vec<_> = (0..200)
+            .map(|i| event(&format!("b{batch}-{i}"), &format!("u{}", i % 9), "p-1", t0 + TimeDelta::seconds(i)))
+            .collect();
+        send_records(stack.brokers(), &topic, &records).unwrap();
+        ingest(&stack, &topic, &lake, &url).await;
+        assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }), "batch {batch}");
+    }
+    let continued = seed().await;
+    assert_eq!(continued.len(), 600, "every key of the window, none twice");
+    // Forget where the stored seed reaches: the next publish reads it whole.
+    sqlx::query("DELETE FROM ops.dedup_seed_cut").execute(&pool).await.unwrap();
+    let full = RunConfig { full: true, ..run.clone() };
+    assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { .. }));
+    assert_eq!(seed().await, continued);
 }
