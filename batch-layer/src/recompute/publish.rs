@@ -150,12 +150,18 @@ pub(crate) async fn publish(
             .execute(&mut *tx)
             .await?;
         let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
-        sqlx::query(
-            "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
-             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)
-             ON CONFLICT (kafka_partition, event_key)
-             DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)",
-        )
+        // A replaced seed is empty now and the keys are distinct: a plain
+        // insert; a continued one may meet a key it holds (a lake written
+        // before duplicates were judged).
+        let insert = "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
+             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)";
+        let merge = if seed.continues {
+            " ON CONFLICT (kafka_partition, event_key)
+             DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)"
+        } else {
+            ""
+        };
+        sqlx::query(AssertSqlSafe(format!("{insert}{merge}")))
         .bind(p.0)
         .bind(keys)
         .bind(times)
