@@ -162,11 +162,11 @@ pub(crate) async fn publish(
             ""
         };
         sqlx::query(AssertSqlSafe(format!("{insert}{merge}")))
-        .bind(p.0)
-        .bind(keys)
-        .bind(times)
-        .execute(&mut *tx)
-        .await?;
+            .bind(p.0)
+            .bind(keys)
+            .bind(times)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO ops.dedup_seed_cut (kafka_partition, cut_offset) VALUES ($1, $2)
              ON CONFLICT (kafka_partition) DO UPDATE SET cut_offset = EXCLUDED.cut_offset",
