@@ -308,8 +308,12 @@ async fn locked_run(
     .fetch_one(pool)
     .await?;
 
-    // The lake first: a lake that misses records publishes nothing.
-    let account = crate::reconcile::reconcile(&config.lake, &table, &lake_next).await?;
+    // The lake first: a lake that misses records publishes nothing. Its
+    // files (with the log's row counts) serve the hours' check too.
+    let files = crate::lake_files::LakeFiles::from_snapshot(EVENTS_TABLE, &table)
+        .await
+        .map_err(crate::reconcile::ReconcileError::from)?;
+    let account = crate::reconcile::reconcile(&config.lake, &table, &files, &lake_next).await?;
     let report = gate::reconciled(pool, run_id, &account, config.accept_lake_loss.as_deref()).await?;
     if !report.passed() {
         return Ok(RunOutcome::Rejected { run_id, report });
@@ -403,7 +407,7 @@ async fn locked_run(
     .execute(pool)
     .await?;
     progress.set_message("checking the complete hours");
-    match watch::hours(pool, &ctx, &table, config.findings, notifier).await {
+    match watch::hours(pool, &ctx, &files, config.findings, notifier).await {
         Ok(checked) if !checked.is_empty() => tracing::info!(hours = checked.len(), "complete hours checked"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "the complete hours were not checked this run"),

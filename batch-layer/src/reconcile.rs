@@ -134,11 +134,13 @@ impl Reconciliation {
     }
 }
 
-/// Reconciles `events` (a pinned snapshot, whose positions are `next`)
-/// and the lake's current `events_rejected` with the offsets below `next`.
+/// Reconciles `events` (a pinned snapshot, whose files are `files` and
+/// whose positions are `next`) and the lake's current `events_rejected`
+/// with the offsets below `next`.
 pub async fn reconcile(
     lake: &Lake,
     events: &DeltaTable,
+    files: &LakeFiles,
     next: &BTreeMap<Partition, Offset>,
 ) -> Result<Reconciliation, ReconcileError> {
     let partitions: Vec<Partition> = next.keys().copied().collect();
@@ -151,7 +153,6 @@ pub async fn reconcile(
         Some(t) => rejected_below(t, next).await?,
         None => 0,
     };
-    let files = LakeFiles::from_snapshot(EVENTS_TABLE, events).await?;
     let event_rows = match files.rows_per_partition_value() {
         Some(rows) => rows.values().sum::<u64>() as i64,
         None => rows_by_partition(events, EVENTS_TABLE, None).await?.values().sum(),
@@ -221,9 +222,7 @@ async fn rejected_below(table: &DeltaTable, next: &BTreeMap<Partition, Offset>) 
 
 /// Rows at offsets below `next`, per partition.
 fn below(next: &BTreeMap<Partition, Offset>) -> Expr {
-    crate::scope::any(
-        next.iter().map(|(p, o)| col(c::KAFKA_PARTITION).eq(lit(p.0)).and(col(c::KAFKA_OFFSET).lt(lit(o.0)))).collect(),
-    )
+    crate::scope::below(&next.iter().map(|(p, o)| (*p, *o)).collect())
 }
 
 /// Rows of `table` (restricted by `filter`) per Kafka partition.

@@ -156,11 +156,7 @@ pub(crate) async fn table(
         let (schema, rows) = match step.view.and_then(|v| view_rows(computed, v, start)) {
             Some(kept) => kept,
             None if i == 0 => query_kept(ctx, table.name, filter.clone(), &step.sql).await?,
-            None => {
-                let frame = local.sql(&step.sql).await.map_err(failed)?;
-                let schema = frame.schema().inner().clone();
-                (schema, frame.collect().await.map_err(failed)?)
-            }
+            None => async { kept(local.sql(&step.sql).await?).await }.await.map_err(failed)?,
         };
         if i + 1 == steps.len() {
             batches = rows;
@@ -207,12 +203,18 @@ async fn query_kept(
 ) -> Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>), RunError> {
     async {
         scope::register_events(ctx, filter).await?;
-        let frame = ctx.sql(sql).await?;
-        let schema = frame.schema().inner().clone();
-        Ok((schema, frame.collect().await?))
+        kept(ctx.sql(sql).await?).await
     }
     .await
     .map_err(|source| RunError::Compute { view: name, source })
+}
+
+/// `frame`'s schema and rows.
+async fn kept(
+    frame: datafusion::dataframe::DataFrame,
+) -> datafusion::error::Result<(arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
+    let schema = frame.schema().inner().clone();
+    Ok((schema, frame.collect().await?))
 }
 
 /// The newest event hour in what this run computed of the hourly view.
@@ -238,10 +240,5 @@ async fn query(
     filter: datafusion::prelude::Expr,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, RunError> {
-    async {
-        scope::register_events(ctx, filter).await?;
-        ctx.sql(sql).await?.collect().await
-    }
-    .await
-    .map_err(|source| RunError::Compute { view: name, source })
+    Ok(query_kept(ctx, name, filter, sql).await?.1)
 }

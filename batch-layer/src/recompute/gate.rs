@@ -63,10 +63,10 @@ pub(crate) async fn reconciled(
 ) -> Result<QualityReport, RunError> {
     let unaccounted = account.unaccounted();
     metrics::gauge!("batch_lake_unaccounted_records").set(unaccounted as f64);
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT accepted FROM ops.lake_reconciliation").fetch_optional(pool).await?;
-    let mut accepted = match stored {
-        Some(a) => a,
+    let stored: Option<(i64, String)> =
+        sqlx::query_as("SELECT accepted, reason FROM ops.lake_reconciliation").fetch_optional(pool).await?;
+    let (before, why) = match stored {
+        Some(kept) => kept,
         None => {
             // The first account. A deployment that published before kept
             // no ledger then: what its lake misses now is where it starts.
@@ -74,41 +74,40 @@ pub(crate) async fn reconciled(
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM ops.batch_runs WHERE status = 'published')")
                     .fetch_one(pool)
                     .await?;
-            let (start, reason) = if older {
-                (unaccounted.max(0), "what the lake missed when reconciliation began")
+            if older && unaccounted > 0 {
+                tracing::warn!(
+                    missing = unaccounted,
+                    "the lake misses records from before reconciliation began; accepted"
+                );
+                (unaccounted, "what the lake missed when reconciliation began".to_string())
             } else {
-                (0, "a lake reconciled from its start")
-            };
-            sqlx::query(
-                "INSERT INTO ops.lake_reconciliation (accepted, reason) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(start)
-            .bind(reason)
-            .execute(pool)
-            .await?;
-            if start > 0 {
-                tracing::warn!(missing = start, "the lake misses records from before reconciliation began; accepted");
+                (0, "a lake reconciled from its start".to_string())
             }
-            start
         }
     };
-    let raise = accept.filter(|_| unaccounted > accepted);
-    if let Some(reason) = raise {
-        tracing::warn!(missing = unaccounted, accepted, %reason, "the lake's loss accepted by the operator");
-        accepted = unaccounted;
-    } else if (0..accepted).contains(&unaccounted) {
-        tracing::info!(missing = unaccounted, accepted, "the lake misses fewer records than accepted");
-        accepted = unaccounted;
-    }
+    let (accepted, reason) = match accept {
+        Some(reason) if unaccounted > before => {
+            tracing::warn!(missing = unaccounted, accepted = before, %reason, "the lake's loss accepted by the operator");
+            (unaccounted, reason.to_string())
+        }
+        _ if (0..before).contains(&unaccounted) => {
+            tracing::info!(missing = unaccounted, accepted = before, "the lake misses fewer records than accepted");
+            (unaccounted, "the lake misses fewer records".to_string())
+        }
+        _ => (before, why),
+    };
     sqlx::query(
-        "UPDATE ops.lake_reconciliation SET
-             accepted = $1,
-             accepted_at = CASE WHEN accepted = $1 THEN accepted_at ELSE now() END,
-             reason = COALESCE($2, CASE WHEN accepted = $1 THEN reason ELSE 'the lake misses fewer records' END),
-             checked_at = now(), delta_version = $3, unaccounted = $4, account = $5",
+        "INSERT INTO ops.lake_reconciliation AS r
+             (accepted, reason, checked_at, delta_version, unaccounted, account)
+         VALUES ($1, $2, now(), $3, $4, $5)
+         ON CONFLICT (singleton) DO UPDATE SET
+             accepted = EXCLUDED.accepted, reason = EXCLUDED.reason,
+             accepted_at = CASE WHEN r.accepted = EXCLUDED.accepted THEN r.accepted_at ELSE now() END,
+             checked_at = now(), delta_version = EXCLUDED.delta_version,
+             unaccounted = EXCLUDED.unaccounted, account = EXCLUDED.account",
     )
     .bind(accepted)
-    .bind(raise)
+    .bind(&reason)
     .bind(account.delta_version)
     .bind(unaccounted)
     .bind(serde_json::to_value(account).unwrap_or_default())

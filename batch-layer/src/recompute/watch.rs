@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use arrow::array::AsArray;
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use datafusion::prelude::SessionContext;
-use deltalake::DeltaTable;
 use platform::notify::{Notification, Notifier, Severity};
 use serde_json::json;
 use shared_schema::schema::Hour;
@@ -20,12 +19,11 @@ use crate::lake_files::LakeFiles;
 pub(crate) async fn hours(
     pool: &PgPool,
     ctx: &SessionContext,
-    events: &DeltaTable,
+    files: &LakeFiles,
     thresholds: Thresholds,
     notifier: &Notifier,
 ) -> anyhow::Result<Vec<HourCheck>> {
-    let files = LakeFiles::from_snapshot(crate::lake::EVENTS_TABLE, events).await?;
-    let Some(volume) = findings::hourly_volume(&files) else {
+    let Some(volume) = findings::hourly_volume(files) else {
         tracing::info!("the lake's log has no row counts; hours not checked");
         return Ok(Vec::new());
     };
@@ -39,23 +37,15 @@ pub(crate) async fn hours(
     let mut checks = Vec::new();
     for hour in candidates {
         let (baseline, volume_finding) = findings::judge_volume(&volume, hour, thresholds.volume_floor);
-        let (with_product, unknown) = match &products {
-            Some(p) => {
-                let (n, u) = p.get(&hour).copied().unwrap_or((0, 0));
-                (Some(n), Some(u))
-            }
-            None => (None, None),
-        };
-        let unknown_finding = match (with_product, unknown) {
-            (Some(n), Some(u)) => findings::judge_unknown(n, u, thresholds.max_unknown_products),
-            _ => None,
-        };
+        // (events naming a product, those the catalog does not know)
+        let counts = products.as_ref().map(|p| p.get(&hour).copied().unwrap_or((0, 0)));
+        let unknown_finding = counts.and_then(|(n, u)| findings::judge_unknown(n, u, thresholds.max_unknown_products));
         checks.push(HourCheck {
             hour: hour.start(),
             events: volume.get(&hour).copied().unwrap_or(0),
             baseline,
-            with_product,
-            unknown_products: unknown,
+            with_product: counts.map(|(n, _)| n),
+            unknown_products: counts.map(|(_, u)| u),
             findings: volume_finding.into_iter().chain(unknown_finding).collect(),
         });
     }
@@ -83,14 +73,7 @@ pub(crate) async fn hours(
 /// Per hour, the events naming a product and those naming one the catalog
 /// does not know; `None` when the lake has no catalog.
 async fn unknown_products(ctx: &SessionContext, hours: &[Hour]) -> anyhow::Result<Option<BTreeMap<Hour, (u64, u64)>>> {
-    let known: i64 = {
-        let b = ctx.sql("SELECT count(*) AS n FROM products").await?.collect().await?;
-        b.first().map_or(0, |b| {
-            arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)
-                .map_or(0, |c| c.as_primitive::<Int64Type>().value(0))
-        })
-    };
-    if known == 0 {
+    if ctx.table("products").await?.count().await? == 0 {
         return Ok(None);
     }
     crate::scope::register_events(ctx, crate::scope::in_hours(hours)).await?;
@@ -129,37 +112,34 @@ fn notify(checks: &[HourCheck], thresholds: Thresholds, notifier: &Notifier) {
             continue;
         }
         metrics::counter!("batch_quality_findings_total", "kind" => finding.kind()).increment(hit.len() as u64);
-        let hours: Vec<String> = hit.iter().map(|c| c.hour.format("%Y-%m-%d %H:00Z").to_string()).collect();
-        let summary = match finding {
-            Finding::MissingHour => format!(
-                "No events in {} (traffic around it, or its usual level, says there should be)",
-                hours.join(", ")
-            ),
-            Finding::VolumeDrop => format!(
-                "Events fell below {:.0}% of the usual level in {}",
-                thresholds.volume_floor * 100.0,
-                hit.iter()
-                    .map(|c| format!(
-                        "{} ({} events, usually {:.0})",
-                        c.hour.format("%Y-%m-%d %H:00Z"),
-                        c.events,
-                        c.baseline.unwrap_or_default()
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Finding::UnknownProducts => format!(
-                "More than {:.1}% of the events name products the catalog does not know in {}",
-                thresholds.max_unknown_products * 100.0,
-                hit.iter()
-                    .map(|c| format!(
-                        "{} ({} of {})",
-                        c.hour.format("%Y-%m-%d %H:00Z"),
+        let listed = hit
+            .iter()
+            .map(|c| {
+                let hour = c.hour.format("%Y-%m-%d %H:00Z");
+                match finding {
+                    Finding::MissingHour => hour.to_string(),
+                    Finding::VolumeDrop => {
+                        format!("{hour} ({} events, usually {:.0})", c.events, c.baseline.unwrap_or_default())
+                    }
+                    Finding::UnknownProducts => format!(
+                        "{hour} ({} of {})",
                         c.unknown_products.unwrap_or_default(),
                         c.with_product.unwrap_or_default()
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                    ),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let summary = match finding {
+            Finding::MissingHour => {
+                format!("No events in {listed} (traffic around it, or its usual level, says there should be)")
+            }
+            Finding::VolumeDrop => {
+                format!("Events fell below {:.0}% of the usual level in {listed}", thresholds.volume_floor * 100.0)
+            }
+            Finding::UnknownProducts => format!(
+                "More than {:.1}% of the events name products the catalog does not know in {listed}",
+                thresholds.max_unknown_products * 100.0
             ),
         };
         notifier.send(Notification::new(finding.kind(), Severity::Warning, summary, json!({"hours": hit})));
