@@ -62,17 +62,8 @@ impl Counts {
         }
     }
 
-    /// Everything counted for `partition`.
-    pub fn partition_total(&self, partition: Partition) -> i64 {
-        self.0.iter().filter(|((p, _), _)| *p == partition).map(|(_, n)| n).sum()
-    }
-
     pub fn total(&self, kind: Kind) -> i64 {
         self.0.iter().filter(|((_, k), _)| *k == kind).map(|(_, n)| n).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Moves the counts of `partitions` out of `self`.
@@ -145,6 +136,5 @@ mod tests {
         assert_eq!(taken.get(Partition(1), Kind::Forgotten), 3);
         assert_eq!(pending.get(Partition(1), Kind::Forgotten), 0);
         assert_eq!(pending.get(Partition(0), Kind::Gap), 2);
-        assert_eq!(pending.partition_total(Partition(0)), 2);
     }
 }

@@ -102,11 +102,10 @@ pub async fn recover(
             if shutdown.is_cancelled() {
                 return Err(RecoverError::Stopped);
             }
-            Some(summary)
+            summary
         }
-        None => None,
+        None => IngestSummary::default(),
     };
-    let summary: IngestSummary = summary.unwrap_or_default();
     let ingest_seconds = started.elapsed().as_secs_f64();
     tracing::info!(records = summary.records, gaps = summary.gap_records, "recovery: recomputing every view");
     let run_started = Instant::now();

@@ -139,16 +139,16 @@ pub(crate) async fn publish(
         .execute(&mut *tx)
         .await?;
     for (p, seed) in &record.history.seed {
-        let floor =
-            chrono::DateTime::from_timestamp_micros(seed.floor).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-        // Replaced: everything goes (a floor after every key).
-        let end_of_time = chrono::DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(floor);
-        let below = if seed.continues { floor } else { end_of_time };
-        sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = $1 AND event_time < $2")
-            .bind(p.0)
-            .bind(below)
-            .execute(&mut *tx)
-            .await?;
+        let stale = if seed.continues {
+            let floor =
+                chrono::DateTime::from_timestamp_micros(seed.floor).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = $1 AND event_time < $2")
+                .bind(p.0)
+                .bind(floor)
+        } else {
+            sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = $1").bind(p.0)
+        };
+        stale.execute(&mut *tx).await?;
         let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
         // A replaced seed is empty now and the keys are distinct: a plain
         // insert; a continued one may meet a key it holds (a lake written
