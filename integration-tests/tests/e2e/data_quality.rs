@@ -42,6 +42,26 @@ async fn ingest(stack: &Stack, topic: &str, lake: &Lake, db: &str) {
 
 const KEY: &str = "test-forget-key-0123456789";
 
+/// A test's own topic (2 partitions), migrated database (segment size 1)
+/// and lake.
+struct Setup {
+    stack: Stack,
+    topic: String,
+    url: String,
+    pool: PgPool,
+    lake: Lake,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(name: &str) -> Setup {
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic(name, 2).await.unwrap();
+    let (url, pool) = stack.migrated_database(name, Some(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    Setup { stack, topic, url, pool, lake, _dir: dir }
+}
+
 async fn notifications(pool: &PgPool) -> Vec<(String, String)> {
     sqlx::query_as("SELECT kind, summary FROM ops.notifications ORDER BY id").fetch_all(pool).await.unwrap()
 }
@@ -55,9 +75,7 @@ fn hour_text(h: Hour) -> String {
 
 #[tokio::test]
 async fn a_silent_hour_a_drop_and_unknown_products_are_notified_once_and_published() {
-    let stack = Stack::from_env();
-    let topic = stack.fresh_topic("quality_hours", 2).await.unwrap();
-    let (url, pool) = stack.migrated_database("quality_hours", Some(1)).await.unwrap();
+    let Setup { stack, topic, url, pool, lake, _dir } = setup("quality_hours").await;
     let (sales_url, sales) = stack.fresh_database("quality_hours_sales").await.unwrap();
     sqlx::query(
         "CREATE TABLE products (product_id text PRIMARY KEY, name text NOT NULL, category text NOT NULL,
@@ -73,8 +91,6 @@ async fn a_silent_hour_a_drop_and_unknown_products_are_notified_once_and_publish
     .execute(&sales)
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
 
     // Five days of steady traffic, ten events an hour for known products,
     // up to the hour before this one; on the last day a silent hour, an
@@ -150,11 +166,7 @@ async fn a_silent_hour_a_drop_and_unknown_products_are_notified_once_and_publish
 
 #[tokio::test]
 async fn a_lake_that_lost_records_publishes_nothing_until_the_loss_is_accepted() {
-    let stack = Stack::from_env();
-    let topic = stack.fresh_topic("quality_reconcile", 2).await.unwrap();
-    let (url, pool) = stack.migrated_database("quality_reconcile", Some(1)).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let Setup { stack, topic, url, pool, lake, _dir } = setup("quality_reconcile").await;
     let run = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
 
     // Every kind of record the ledger and the two tables must account for:
@@ -244,11 +256,7 @@ async fn a_lake_that_lost_records_publishes_nothing_until_the_loss_is_accepted()
 /// those); what it holds is what one read of the lake would give.
 #[tokio::test]
 async fn the_duplicates_seed_continued_by_incremental_runs_equals_one_read_whole() {
-    let stack = Stack::from_env();
-    let topic = stack.fresh_topic("seed_continued", 2).await.unwrap();
-    let (url, pool) = stack.migrated_database("seed_continued", Some(1)).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let Setup { stack, topic, url, pool, lake, _dir } = setup("seed_continued").await;
     let run = RunConfig::new(url.clone(), lake.clone(), topic.clone());
     let t0 = Hour::of(Utc::now() - TimeDelta::hours(3)).start();
     let seed = || async {
