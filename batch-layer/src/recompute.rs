@@ -31,7 +31,7 @@ use std::time::Instant;
 use serde_json::json;
 use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{Offset, OffsetCut, Partition};
-use shared_schema::derived::BATCH_TABLES;
+use shared_schema::derived::{BATCH_TABLES, PRODUCTS};
 use shared_schema::views::PRODUCT_DEMAND_HOURLY;
 use sqlx::{AssertSqlSafe, PgPool};
 
@@ -77,6 +77,9 @@ pub struct RunConfig {
     pub engine: Engine,
     /// Tests only: pause before publishing (see [`PublishPause`]).
     pub pause_before_publish: Option<PublishPause>,
+    /// Tests only: pause once the shadow tables are loaded, before their
+    /// transaction commits.
+    pub pause_while_loading: Option<PublishPause>,
 }
 
 impl RunConfig {
@@ -96,6 +99,7 @@ impl RunConfig {
             notify_webhook: None,
             engine: Engine::InProcess,
             pause_before_publish: None,
+            pause_while_loading: None,
         }
     }
 }
@@ -133,10 +137,11 @@ pub enum RunError {
     CutMovesBack { partition: i32, published: i64, planned: i64 },
 }
 
-/// Where a run waits between its quality gate and its publish: a seam for
-/// tests that must change the world at exactly that point (restart
-/// PostgreSQL, start another run). `reached` is notified, then the run waits
-/// for `resume`.
+/// Where a run waits between its quality gate and its publish, or while it
+/// loads the shadow tables: a seam for tests that must change the world or
+/// look at it at exactly that point (restart PostgreSQL, start another run,
+/// read the serving views). `reached` is notified, then the run waits for
+/// `resume`.
 #[derive(Debug, Clone, Default)]
 pub struct PublishPause {
     pub reached: std::sync::Arc<tokio::sync::Notify>,
@@ -150,7 +155,8 @@ pub enum RunOutcome {
         run_id: i64,
         delta_version: i64,
         cut: OffsetCut,
-        /// Rows of each published table after the run.
+        /// Rows written to each published relation: the whole relation when
+        /// it was replaced, the recomputed hours or folded rows otherwise.
         rows: BTreeMap<String, u64>,
         /// Hours recomputed by an incremental run (`None`: a full run).
         hours: Option<usize>,
@@ -291,7 +297,7 @@ async fn locked_run(
     if plan::nothing_new(&request) {
         return Ok(RunOutcome::Unchanged { delta_version: version });
     }
-    let ctx = compute::session(&config.engine, &config.lake, &table).await?;
+    let (ctx, catalog_version) = compute::session(&config.engine, &config.lake, &table).await?;
     let lake_next = compute::lake_next(&ctx, &table, &config.topic).await?;
     let plan = match plan::decide(&request, &lake_next)? {
         Decision::Unchanged => return Ok(RunOutcome::Unchanged { delta_version: version }),
@@ -336,8 +342,9 @@ async fn locked_run(
     // The windowed tables look back from the newest hour below the cut.
     let newest_hour = newest_hour(pool, &computed, &plan).await?;
     let anchor = newest_hour.unwrap_or_else(chrono::Utc::now);
-    let ages = table_ages(pool).await?;
-    for table in plan.tables(BATCH_TABLES, &ages, config.model_refresh, newest_hour.is_some()) {
+    let (ages, catalog_published) = table_ages(pool).await?;
+    let catalog_changed = catalog_published != Some(catalog_version);
+    for table in plan.tables(BATCH_TABLES, &ages, config.model_refresh, newest_hour.is_some(), catalog_changed) {
         progress.inc(1);
         progress.set_message(format!("computing {}", table.name));
         let done = compute::table(&ctx, &plan, table, anchor, &computed).await?;
@@ -369,9 +376,11 @@ async fn locked_run(
         anchor,
         definitions: &definitions,
         history: &cut_history,
+        catalog_version,
+        pause_while_loading: config.pause_while_loading.as_ref(),
     };
-    let rows = match publish::publish(&mut conn, &computed, &record).await {
-        Ok(rows) => rows,
+    let written = match publish::publish(&mut conn, &computed, &record).await {
+        Ok(written) => written,
         Err(e) => {
             // Not left 'running' for the next run to call interrupted.
             let _ = sqlx::query(
@@ -389,11 +398,11 @@ async fn locked_run(
         computed.iter().filter(|c| matches!(c.relation, compute::Relation::Table(_))).map(|c| c.name).collect();
     sqlx::query(
         "UPDATE ops.batch_runs SET status = 'published', finished_at = now(), rows_per_view = $2, durations_ms = $3,
-             message = $4
+             message = $4, replaced = $5
          WHERE run_id = $1",
     )
     .bind(run_id)
-    .bind(json!(rows))
+    .bind(json!(written.rows))
     .bind(json!({"compute": compute_ms, "publish": publish_ms, "total": started.elapsed().as_millis() as u64}))
     .bind(match (plan.full, plan.redefined.is_empty()) {
         (true, _) => "full: every hour recomputed".to_string(),
@@ -404,6 +413,7 @@ async fn locked_run(
             plan.redefined.join(", ")
         ),
     })
+    .bind(&written.replaced)
     .execute(pool)
     .await?;
     progress.set_message("checking the complete hours");
@@ -420,7 +430,7 @@ async fn locked_run(
         tables,
         backfilled: plan.redefined,
         cut: plan.cut,
-        rows,
+        rows: written.rows,
         compute_ms,
         publish_ms,
         total_ms: started.elapsed().as_millis() as u64,
@@ -499,13 +509,18 @@ async fn newest_hour(
     Ok(computed_max.max(published))
 }
 
-/// How long ago each windowed batch table was computed.
-async fn table_ages(pool: &PgPool) -> Result<BTreeMap<String, std::time::Duration>, RunError> {
-    let rows: Vec<(String, f64)> =
-        sqlx::query_as("SELECT name, extract(epoch FROM now() - computed_at)::float8 FROM ops.batch_tables")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.into_iter().map(|(name, secs)| (name, std::time::Duration::from_secs_f64(secs.max(0.0)))).collect())
+/// How long ago each batch table was computed, and the catalog version the
+/// published catalog copy was taken from (`None` when it was never
+/// published, `Some(None)` when it was published from no catalog).
+async fn table_ages(pool: &PgPool) -> Result<(BTreeMap<String, std::time::Duration>, Option<Option<i64>>), RunError> {
+    let rows: Vec<(String, f64, Option<i64>)> = sqlx::query_as(
+        "SELECT name, extract(epoch FROM now() - computed_at)::float8, source_version FROM ops.batch_tables",
+    )
+    .fetch_all(pool)
+    .await?;
+    let catalog = rows.iter().find(|(name, ..)| name == PRODUCTS.name).map(|(_, _, version)| *version);
+    let ages = rows.into_iter().map(|(name, secs, _)| (name, std::time::Duration::from_secs_f64(secs.max(0.0))));
+    Ok((ages.collect(), catalog))
 }
 
 /// The one-paragraph account of a run that `run` prints.
@@ -541,7 +556,7 @@ pub fn summary(outcome: &RunOutcome) -> String {
             format!(
                 "Run {run_id}: the {what} of lake version {delta_version}, and {tables}. It published with the \
                  offset cut [{}] (partition:offset); the serving views now merge the speed layer from there. \
-                 Rows now: {}. Took {:.1} s ({:.1} s computing, {:.1} s publishing).",
+                 Rows written: {}. Took {:.1} s ({:.1} s computing, {:.1} s publishing).",
                 cut.join(", "),
                 rows.join(", "),
                 *total_ms as f64 / 1000.0,

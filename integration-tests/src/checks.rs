@@ -109,7 +109,8 @@ pub async fn wait_for_speed_within(pool: &PgPool, total: i64, within: std::time:
     }
 }
 
-/// Reads the serving totals continuously until `stop`; returns every
+/// Reads the serving totals continuously until `stop`, and once more after
+/// it (so a landing that `stop` follows is always read after); returns every
 /// distinct (views, revenue) pair it saw, and how many reads it made. Each
 /// read also sums the category view in the same snapshot, which must agree.
 pub fn watch_totals(
@@ -120,7 +121,8 @@ pub fn watch_totals(
     tokio::spawn(async move {
         let mut seen: Vec<(i64, i64)> = Vec::new();
         let mut reads = 0;
-        while !stop.load(Ordering::Relaxed) {
+        loop {
+            let last = stop.load(Ordering::Relaxed);
             reads += 1;
             let (views, revenue, category_views, category_revenue): (i64, i64, i64, i64) = sqlx::query_as(
                 "SELECT COALESCE(sum(views), 0)::bigint, COALESCE(sum(revenue_cents), 0)::bigint,
@@ -136,17 +138,22 @@ pub fn watch_totals(
             if seen.last() != Some(&t) {
                 seen.push(t);
             }
+            if last {
+                break;
+            }
         }
         (seen, reads)
     })
 }
 
-/// Every base table of `schema`, each as its rows in JSON, in an order
-/// that does not depend on fractions.
+/// Every relation of `schema` as readers see it (a batch relation's view,
+/// not its two tables), each as its rows in JSON, in an order that does not
+/// depend on fractions.
 pub async fn schema_rows(pool: &PgPool, schema: &str) -> BTreeMap<String, Vec<serde_json::Value>> {
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables
-         WHERE table_schema = $1 AND table_type = 'BASE TABLE' ORDER BY 1",
+         WHERE table_schema = $1 AND table_type IN ('BASE TABLE', 'VIEW') AND table_name::text !~ '__[ab]$'
+         ORDER BY 1",
     )
     .bind(schema)
     .fetch_all(pool)

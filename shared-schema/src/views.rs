@@ -313,9 +313,10 @@ impl ViewDef {
     /// measure absent or at most the batch's. Such a row adds nothing to the
     /// serving merge (the greatest of the two is the batch's), so deleting
     /// it never changes what readers see; it is what "below the cut" means
-    /// for a view without offsets. `None` for segmented views (their speed
-    /// rows are pruned by segment).
-    pub fn speed_prune_sql(&self) -> Option<String> {
+    /// for a view without offsets. `batch` is the relation holding the batch
+    /// rows (`batch.<view>`, or the table a publish is about to swap in).
+    /// `None` for segmented views (their speed rows are pruned by segment).
+    pub fn speed_prune_sql(&self, batch: &str) -> Option<String> {
         if !self.mergeable_by_upsert() {
             return None;
         }
@@ -323,7 +324,7 @@ impl ViewDef {
         let dominated: Vec<String> =
             self.measure_names().map(|m| format!("(s.{m} IS NULL OR s.{m} <= b.{m})")).collect();
         Some(format!(
-            "DELETE FROM speed.{name} s USING batch.{name} b\nWHERE {keys}\n  AND {dominated}",
+            "DELETE FROM speed.{name} s USING {batch} b\nWHERE {keys}\n  AND {dominated}",
             name = self.name,
             keys = keys.join(" AND "),
             dominated = dominated.join("\n  AND ")
@@ -519,8 +520,15 @@ mod tests {
         assert!(!v.speed_sql(1000).contains("segment"));
         insta::assert_snapshot!("user_product_state_upsert", v.speed_upsert_sql("delta"));
         insta::assert_snapshot!("user_product_state_serving", v.serving_view_sql());
-        insta::assert_snapshot!("user_product_state_speed_prune", v.speed_prune_sql().unwrap());
-        assert_eq!(PRODUCT_DEMAND_HOURLY.speed_prune_sql(), None, "segmented views are pruned by segment");
+        insta::assert_snapshot!(
+            "user_product_state_speed_prune",
+            v.speed_prune_sql("batch.user_product_state").unwrap()
+        );
+        assert_eq!(
+            PRODUCT_DEMAND_HOURLY.speed_prune_sql("batch.product_demand_hourly"),
+            None,
+            "segmented views are pruned by segment"
+        );
     }
 
     #[test]

@@ -46,17 +46,28 @@ impl Computed {
 }
 
 /// A session over one snapshot: the lake's `events` (as
-/// [`scope::LAKE_EVENTS`]) and the catalog as `products`.
-pub(crate) async fn session(engine: &Engine, lake: &Lake, events: &DeltaTable) -> Result<SessionContext, RunError> {
+/// [`scope::LAKE_EVENTS`]) and the catalog as `products`; with the
+/// catalog's Delta version (`None` before the first catalog snapshot).
+pub(crate) async fn session(
+    engine: &Engine,
+    lake: &Lake,
+    events: &DeltaTable,
+) -> Result<(SessionContext, Option<i64>), RunError> {
     let ctx = engine.context().await?;
     engine.register(&ctx, scope::LAKE_EVENTS, events).await?;
-    match lake.open(lake::PRODUCTS_TABLE).await? {
-        Some(products) => engine.register(&ctx, "products", &products).await?,
-        None => engine
-            .register_empty(&ctx, "products", crate::catalog::schema())
-            .map_err(|source| RunError::Compute { view: "products", source })?,
-    }
-    Ok(ctx)
+    let catalog_version = match lake.open(lake::PRODUCTS_TABLE).await? {
+        Some(products) => {
+            engine.register(&ctx, "products", &products).await?;
+            products.version().map(|v| v as i64)
+        }
+        None => {
+            engine
+                .register_empty(&ctx, "products", crate::catalog::schema())
+                .map_err(|source| RunError::Compute { view: "products", source })?;
+            None
+        }
+    };
+    Ok((ctx, catalog_version))
 }
 
 /// The Kafka partitions the snapshot holds: as many as the ingest

@@ -130,13 +130,17 @@ pub(crate) async fn reconciled(
     Ok(report)
 }
 
-/// Rows per relation after the last published run.
+/// Rows of each relation the last time a published run replaced it whole.
 async fn previous_rows(pool: &PgPool) -> Result<BTreeMap<String, u64>, RunError> {
-    let rows: Option<serde_json::Value> = sqlx::query_scalar(
-        "SELECT rows_per_view FROM ops.batch_runs WHERE status = 'published' ORDER BY run_id DESC LIMIT 1",
+    // Per relation, its rows at the newest published run that replaced it
+    // whole (the other runs record only what they wrote).
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT DISTINCT ON (w.key) w.key, w.value::bigint
+         FROM ops.batch_runs r CROSS JOIN LATERAL jsonb_each_text(r.rows_per_view) AS w
+         WHERE r.status = 'published' AND jsonb_typeof(r.rows_per_view) = 'object' AND w.key = ANY(r.replaced)
+         ORDER BY w.key, r.run_id DESC",
     )
-    .fetch_optional(pool)
-    .await?
-    .flatten();
-    Ok(rows.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(name, n)| (name, n.max(0) as u64)).collect())
 }

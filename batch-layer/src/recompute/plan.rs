@@ -191,7 +191,8 @@ impl Plan {
             .collect()
     }
 
-    /// The batch tables due: the catalog copy always; the windowed tables
+    /// The batch tables due: the catalog copy on a full run or when the
+    /// lake's catalog changed since it was published; the windowed tables
     /// on a full run or when older than `refresh_every` (or never
     /// computed: absent from `ages`), and only when there are events below
     /// the cut to look back from (`has_events`).
@@ -201,11 +202,12 @@ impl Plan {
         ages: &BTreeMap<String, Duration>,
         refresh_every: Duration,
         has_events: bool,
+        catalog_changed: bool,
     ) -> Vec<&'static BatchTable> {
         tables
             .iter()
             .filter(|t| match t.input {
-                Input::Catalog => true,
+                Input::Catalog => self.full || catalog_changed,
                 Input::RecentEvents { .. } => {
                     let stale = ages.get(t.name).is_none_or(|age| *age >= refresh_every);
                     has_events && (self.full || stale)
@@ -472,7 +474,7 @@ mod tests {
                 true,
                 vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name],
             ),
-            ("incremental, fresh: the catalog only", plan(false, &[]), fresh, true, vec![PRODUCTS.name]),
+            ("incremental, fresh: the catalog only", plan(false, &[]), fresh.clone(), true, vec![PRODUCTS.name]),
             (
                 "incremental, one at its age limit: that one",
                 plan(false, &[]),
@@ -497,8 +499,21 @@ mod tests {
             ("stale but no events: the catalog only", plan(false, &[]), ages(&[]), false, vec![PRODUCTS.name]),
         ];
         for (name, plan, ages, has_events, want) in cases {
-            assert_eq!(names(plan.tables(BATCH_TABLES, &ages, every, has_events)), want, "{name}");
+            assert_eq!(names(plan.tables(BATCH_TABLES, &ages, every, has_events, true)), want, "{name}");
         }
+        // An unchanged catalog is republished by a full run only.
+        let unchanged = |plan: Plan, ages| names(plan.tables(BATCH_TABLES, &ages, every, true, false));
+        assert_eq!(unchanged(plan(false, &[]), fresh.clone()), Vec::<&str>::new(), "incremental, all fresh");
+        assert_eq!(
+            unchanged(plan(false, &[]), ages(&[("demand_baseline", 6), ("item_similarity", 1)])),
+            vec![DEMAND_BASELINE.name],
+            "incremental, one due"
+        );
+        assert_eq!(
+            unchanged(plan(true, &[]), fresh),
+            vec![PRODUCTS.name, DEMAND_BASELINE.name, ITEM_SIMILARITY.name],
+            "full"
+        );
     }
 
     #[test]

@@ -1,10 +1,17 @@
-//! The one PostgreSQL transaction of a run: the computed views and batch
-//! tables, the view fingerprints, the new cut, and the deletion of the
-//! speed rows below it. Readers see the old state or the new one; the
-//! totals of `serving.*` do not move, because what leaves `speed.*`
-//! arrives in `batch.*` in the same commit.
+//! The publish of a run: the computed views and batch tables, the view
+//! fingerprints, the new cut, and the deletion of the speed rows below it,
+//! in one transaction. Readers see the old state or the new one; the totals
+//! of `serving.*` do not move, because what leaves `speed.*` arrives in
+//! `batch.*` in the same commit.
 //!
-//! The transaction first locks `ops.run_fence` and goes on only if the token
+//! Readers never wait for it: each relation replaced whole is loaded
+//! beforehand into its shadow table (`batch.<name>__a` or `__b`, whichever
+//! `batch.<name>` does not show; migration 0020), by COPY with its indexes
+//! built after, and the transaction swaps the view onto it as its last
+//! statements. No table is truncated or counted while readers use it, and
+//! no row is written twice.
+//!
+//! Each transaction first locks `ops.run_fence` and goes on only if the token
 //! is still the one this run took with its lock, and only if no partition's
 //! cut would move back: a run that lost its lock to a newer run (a
 //! PostgreSQL restart mid-run) publishes nothing.
@@ -13,6 +20,7 @@ use std::collections::BTreeMap;
 
 use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{OffsetCut, SegmentSize};
+use shared_schema::derived::Input;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::RunError;
@@ -33,43 +41,83 @@ pub(crate) struct Record<'a> {
     pub(crate) definitions: &'a [(&'static str, String)],
     /// The newest times below the cut and the speed layer's seed.
     pub(crate) history: &'a crate::dedup::CutHistory,
+    /// The Delta version of the lake's catalog the run read.
+    pub(crate) catalog_version: Option<i64>,
+    /// Tests only: where the load waits before its commit.
+    pub(crate) pause_while_loading: Option<&'a super::PublishPause>,
 }
 
 fn staging_table(name: &str) -> String {
     format!("batch_staging_{name}")
 }
 
-/// Publishes in one transaction; returns the rows of each published table
-/// after the publish.
+/// What a publish wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    /// Rows written per relation: the whole relation for those replaced,
+    /// the recomputed hours or the folded rows for the others.
+    pub(crate) rows: BTreeMap<String, u64>,
+    /// The relations replaced whole (their rows are the table's).
+    pub(crate) replaced: Vec<String>,
+}
+
+/// How long the swap waits for readers' locks before it lets them go on
+/// and tries again: below PostgreSQL's `deadlock_timeout` (1 s), so a
+/// reader that takes the views in another order never meets a deadlock,
+/// and short enough that a reader queued behind the swap stays within the
+/// recommender's budget.
+const SWAP_LOCK_TIMEOUT: &str = "100ms";
+/// How often the swap tries, with [`SWAP_PAUSE`] between tries: a reader
+/// that holds a view for longer than that (a long analyst query) fails
+/// the run, which the next run repeats.
+const SWAP_TRIES: u32 = 60;
+const SWAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Publishes: first loads the shadow of every relation replaced whole
+/// (COPY, then its indexes; readers read the active tables meanwhile), then
+/// one transaction writes the incremental relations, the bookkeeping and
+/// the cut, deletes the speed rows below it, and swaps the loaded shadows
+/// in as its last statements.
 pub(crate) async fn publish(
     conn: &mut PgConnection,
     computed: &[Computed],
     record: &Record<'_>,
-) -> Result<BTreeMap<String, u64>, RunError> {
+) -> Result<Written, RunError> {
+    let mut written = Written::default();
+    let whole: Vec<&Computed> = computed.iter().filter(|c| c.replaces_all()).collect();
+    let mut shadows = BTreeMap::new();
+    if !whole.is_empty() {
+        let mut tx = conn.begin().await?;
+        fence(&mut tx, record).await?;
+        for c in &whole {
+            let shadow: String =
+                sqlx::query_scalar("SELECT batch.shadow_begin($1)").bind(c.name).fetch_one(&mut *tx).await?;
+            let n = copy(&mut tx, &shadow, &c.batches).await?;
+            sqlx::query("SELECT batch.shadow_end($1)").bind(c.name).execute(&mut *tx).await?;
+            written.rows.insert(c.name.to_string(), n);
+            written.replaced.push(c.name.to_string());
+            shadows.insert(c.name, shadow);
+        }
+        if let Some(pause) = record.pause_while_loading {
+            pause.reached.notify_one();
+            pause.resume.notified().await;
+        }
+        tx.commit().await?;
+    }
+
     let mut tx = conn.begin().await?;
     fence(&mut tx, record).await?;
-    let mut rows = BTreeMap::new();
-    for Computed { name, relation, refresh, batches } in computed {
+    for Computed { name, relation, refresh, batches } in computed.iter().filter(|c| !c.replaces_all()) {
         let staging = staging_table(name);
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE TEMP TABLE {staging} (LIKE batch.{name}) ON COMMIT DROP")))
             .execute(&mut *tx)
             .await?;
-        // Columns by name, not position: a column a migration appended may
-        // sit anywhere in the definition.
-        let columns = batches.first().map_or_else(
-            || "*".to_string(),
-            |b| b.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
-        );
-        let list = if columns == "*" { String::new() } else { format!(" ({columns})") };
-        let statement = format!("COPY {staging}{list} FROM STDIN (FORMAT binary)");
-        let mut copy = tx.copy_in_raw(&statement).await?;
-        copy.send(platform::pgcopy::encode(batches)?).await?;
-        copy.finish().await?;
-        let insert = format!("INSERT INTO batch.{name}{list} SELECT {columns} FROM {staging}");
+        let n = copy(&mut tx, &staging, batches).await?;
+        let columns = column_list(batches);
+        let list = columns.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+        let insert =
+            format!("INSERT INTO batch.{name}{list} SELECT {} FROM {staging}", columns.as_deref().unwrap_or("*"));
         match (refresh, relation) {
-            (Refresh::Replace, _) | (Refresh::Upsert, Relation::Table(_)) => {
-                sqlx::raw_sql(AssertSqlSafe(format!("TRUNCATE batch.{name}; {insert};"))).execute(&mut *tx).await?;
-            }
             (Refresh::Hours { key, hours }, _) => {
                 let starts: Vec<chrono::DateTime<chrono::Utc>> = hours.iter().map(|h| h.start()).collect();
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM batch.{name} WHERE {key} = ANY($1)")))
@@ -81,19 +129,27 @@ pub(crate) async fn publish(
             (Refresh::Upsert, Relation::View(view)) => {
                 sqlx::raw_sql(AssertSqlSafe(view.batch_upsert_sql(&staging))).execute(&mut *tx).await?;
             }
+            (Refresh::Replace, _) | (Refresh::Upsert, Relation::Table(_)) => {
+                unreachable!("relations replaced whole are loaded into their shadow; batch tables are replaced")
+            }
         }
-        let n: i64 =
-            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM batch.{name}"))).fetch_one(&mut *tx).await?;
-        rows.insert(name.to_string(), n as u64);
+        written.rows.insert(name.to_string(), n);
     }
-    for c in computed.iter().filter(|c| matches!(c.relation, Relation::Table(_))) {
+    for (c, table) in computed.iter().filter_map(|c| match c.relation {
+        Relation::Table(t) => Some((c, t)),
+        Relation::View(_) => None,
+    }) {
+        let source = if table.input == Input::Catalog { record.catalog_version } else { None };
         sqlx::query(
-            "INSERT INTO ops.batch_tables (name, run_id, anchor, computed_at) VALUES ($1, $2, $3, now())
-             ON CONFLICT (name) DO UPDATE SET run_id = EXCLUDED.run_id, anchor = EXCLUDED.anchor, computed_at = now()",
+            "INSERT INTO ops.batch_tables (name, run_id, anchor, computed_at, source_version)
+             VALUES ($1, $2, $3, now(), $4)
+             ON CONFLICT (name) DO UPDATE SET run_id = EXCLUDED.run_id, anchor = EXCLUDED.anchor, computed_at = now(),
+                 source_version = EXCLUDED.source_version",
         )
         .bind(c.name)
         .bind(record.run_id)
         .bind(record.anchor)
+        .bind(source)
         .execute(&mut *tx)
         .await?;
     }
@@ -191,11 +247,66 @@ pub(crate) async fn publish(
     // The speed rows of the other views that the new batch rows dominate
     // add nothing to the merge: the speed tables keep only what the batch
     // does not hold yet (a forgotten user's and everyone's stale state go).
-    for sql in ALL_VIEWS.iter().filter_map(|v| v.speed_prune_sql()) {
-        sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+    for view in ALL_VIEWS {
+        let batch = shadows.get(view.name).cloned().unwrap_or_else(|| format!("batch.{}", view.name));
+        if let Some(sql) = view.speed_prune_sql(&batch) {
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
     }
+    swap(&mut tx, &written.replaced).await?;
     tx.commit().await?;
-    Ok(rows)
+    Ok(written)
+}
+
+/// The columns of `batches` by name (a column a migration appended may sit
+/// anywhere in the table's definition); `None` for no batches.
+fn column_list(batches: &[arrow::array::RecordBatch]) -> Option<String> {
+    batches.first().map(|b| b.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))
+}
+
+/// COPYs `batches` into `table` by column name; returns the rows written.
+async fn copy(tx: &mut PgConnection, table: &str, batches: &[arrow::array::RecordBatch]) -> Result<u64, RunError> {
+    let list = column_list(batches).map(|c| format!(" ({c})")).unwrap_or_default();
+    let mut copy = tx.copy_in_raw(&format!("COPY {table}{list} FROM STDIN (FORMAT binary)")).await?;
+    copy.send(platform::pgcopy::encode(batches)?).await?;
+    Ok(copy.finish().await?)
+}
+
+/// Points each of `relations` at its loaded shadow, the transaction's last
+/// statements. A swap that waits on readers longer than
+/// [`SWAP_LOCK_TIMEOUT`] steps back to its savepoint, lets them through and
+/// tries again.
+async fn swap(tx: &mut PgConnection, relations: &[String]) -> Result<(), RunError> {
+    if relations.is_empty() {
+        return Ok(());
+    }
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        sqlx::raw_sql(AssertSqlSafe(format!("SAVEPOINT swap; SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")))
+            .execute(&mut *tx)
+            .await?;
+        let mut outcome = Ok(());
+        for r in relations {
+            outcome = sqlx::query("SELECT batch.shadow_swap($1)").bind(r).execute(&mut *tx).await.map(|_| ());
+            if outcome.is_err() {
+                break;
+            }
+        }
+        match outcome {
+            Ok(()) => {
+                sqlx::raw_sql("RELEASE SAVEPOINT swap").execute(&mut *tx).await?;
+                return Ok(());
+            }
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") && tries < SWAP_TRIES => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT swap").execute(&mut *tx).await?;
+                metrics::counter!("batch_publish_swap_retries_total").increment(1);
+                tracing::debug!(tries, "readers hold the batch views; swapping again shortly");
+                tokio::time::sleep(SWAP_PAUSE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Locks the fence row for the rest of the transaction (publishes run one

@@ -66,6 +66,9 @@ async fn batch_landing_changes_no_serving_number() {
 
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = watch_totals(pool.clone(), Arc::clone(&stop));
+        // The reader is reading before the run begins (a read takes
+        // milliseconds), and once more after it.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let outcome = recompute::run(&run_config).await.unwrap();
         stop.store(true, Ordering::Relaxed);
         let (seen, reads) = watcher.await.unwrap();

@@ -77,6 +77,65 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
     assert_eq!(views, serving_relations(ALL_VIEWS).len() as i64 + 1);
 }
 
+/// Each batch relation is a view over one of two tables with the same
+/// columns and indexes; a shadow load begun twice (a run that died while
+/// loading) keeps the indexes it saved, and a shadow whose load has not
+/// ended cannot be swapped in.
+#[tokio::test]
+async fn batch_relations_are_views_over_pairs_of_tables() {
+    let (_, pool) = Stack::from_env().migrated_database("shadow_pairs", None).await.unwrap();
+    let indexes = |table: String| {
+        let pool = pool.clone();
+        async move {
+            let defs: Vec<String> = sqlx::query_scalar(
+                "SELECT regexp_replace(pg_get_indexdef(indexrelid), '__[ab]', '__x', 'g') FROM pg_index
+                 WHERE indrelid = $1::regclass ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            defs
+        }
+    };
+    let names: Vec<&str> =
+        ALL_VIEWS.iter().map(|v| v.name).chain(shared_schema::derived::BATCH_TABLES.iter().map(|t| t.name)).collect();
+    for name in &names {
+        let kind: String = sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = $1::regclass")
+            .bind(format!("batch.{name}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(kind, "v", "batch.{name} is a view");
+        let view = columns(&pool, "batch", name).await;
+        assert_eq!(columns(&pool, "batch", &format!("{name}__a")).await, view, "{name}__a");
+        assert_eq!(columns(&pool, "batch", &format!("{name}__b")).await, view, "{name}__b");
+        let a = indexes(format!("batch.{name}__a")).await;
+        assert!(!a.is_empty(), "{name}__a has its primary key");
+        assert_eq!(indexes(format!("batch.{name}__b")).await, a, "{name}: both tables index alike");
+    }
+
+    let name = "user_product_state";
+    let shadow: String = sqlx::query_scalar("SELECT batch.shadow_begin($1)").bind(name).fetch_one(&pool).await.unwrap();
+    assert_eq!(shadow, "batch.user_product_state__b");
+    assert_eq!(indexes(shadow.clone()).await, Vec::<String>::new(), "loaded without indexes");
+    let again: String = sqlx::query_scalar("SELECT batch.shadow_begin($1)").bind(name).fetch_one(&pool).await.unwrap();
+    assert_eq!(again, shadow);
+    let e = sqlx::query("SELECT batch.shadow_swap($1)").bind(name).execute(&pool).await.unwrap_err();
+    assert!(e.to_string().contains("still being loaded"), "{e}");
+    sqlx::query("SELECT batch.shadow_end($1)").bind(name).execute(&pool).await.unwrap();
+    assert_eq!(indexes(shadow).await, indexes(format!("batch.{name}__a")).await, "the indexes are back");
+    sqlx::query("SELECT batch.shadow_swap($1)").bind(name).execute(&pool).await.unwrap();
+    let active: String = sqlx::query_scalar("SELECT active FROM ops.batch_shadows WHERE name = $1")
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(active, "b");
+    let e = sqlx::query("SELECT batch.shadow_begin('nothing')").execute(&pool).await.unwrap_err();
+    assert!(e.to_string().contains("has no shadow table"), "{e}");
+}
+
 /// Each read-only role reads exactly the serving relations granted to it,
 /// derived views included (they call a function that reads batch and
 /// speed tables the roles themselves may not read).

@@ -27,6 +27,7 @@ mod forget_user;
 mod foundation;
 mod least_privilege;
 mod notifications;
+mod publish;
 mod recovery;
 mod replica;
 mod scale_out;

@@ -202,9 +202,10 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     let without: Vec<_> = PRODUCT_DEMAND_HOURLY.measures.iter().copied().filter(|m| m.name != "units").collect();
     let old = ViewDef { measures: Box::leak(without.into_boxed_slice()), ..PRODUCT_DEMAND_HOURLY };
     sqlx::raw_sql(
-        "ALTER TABLE batch.product_demand_hourly DROP COLUMN units CASCADE;
+        "ALTER TABLE batch.product_demand_hourly__a DROP COLUMN units CASCADE;
+         ALTER TABLE batch.product_demand_hourly__b DROP COLUMN units CASCADE;
          ALTER TABLE speed.product_demand_hourly DROP COLUMN units CASCADE;
-         DELETE FROM ops.generated_views;",
+         SELECT batch.shadow_view('product_demand_hourly');",
     )
     .execute(&pool)
     .await
@@ -220,8 +221,10 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     // re-creates the serving views; the binaries carry the definition with
     // `units`.
     sqlx::raw_sql(
-        "ALTER TABLE batch.product_demand_hourly ADD COLUMN units bigint;
-         ALTER TABLE speed.product_demand_hourly ADD COLUMN units bigint;",
+        "ALTER TABLE batch.product_demand_hourly__a ADD COLUMN units bigint;
+         ALTER TABLE batch.product_demand_hourly__b ADD COLUMN units bigint;
+         ALTER TABLE speed.product_demand_hourly ADD COLUMN units bigint;
+         SELECT batch.shadow_view('product_demand_hourly');",
     )
     .execute(&pool)
     .await
