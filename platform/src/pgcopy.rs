@@ -29,6 +29,7 @@ fn check(batch: &RecordBatch) -> Result<(), CopyError> {
                 | DataType::Int64
                 | DataType::Int32
                 | DataType::Float64
+                | DataType::Binary
                 | DataType::Timestamp(TimeUnit::Microsecond, _)
         );
         if !ok {
@@ -77,6 +78,7 @@ fn encode_value(out: &mut Vec<u8>, col: &dyn Array, row: usize) {
         DataType::Int64 => put_bytes(out, &col.as_primitive::<Int64Type>().value(row).to_be_bytes()),
         DataType::Int32 => put_bytes(out, &col.as_primitive::<Int32Type>().value(row).to_be_bytes()),
         DataType::Float64 => put_bytes(out, &col.as_primitive::<Float64Type>().value(row).to_be_bytes()),
+        DataType::Binary => put_bytes(out, col.as_binary::<i32>().value(row)),
         DataType::Timestamp(TimeUnit::Microsecond, _) => {
             let micros = col.as_primitive::<TimestampMicrosecondType>().value(row) - PG_EPOCH_OFFSET_MICROS;
             put_bytes(out, &micros.to_be_bytes());
@@ -118,6 +120,16 @@ mod tests {
         expected.extend_from_slice(&(-1i32).to_be_bytes());
         expected.extend_from_slice(&(-1i16).to_be_bytes());
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn bytes_are_written_as_they_are() {
+        let schema = Arc::new(Schema::new(vec![Field::new("b", DataType::Binary, false)]));
+        let bytes: Vec<&[u8]> = vec![b"\x00\xff"];
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(arrow::array::BinaryArray::from(bytes))]).unwrap();
+        let out = encode(&[batch]).unwrap();
+        let row = &out[19..out.len() - 2];
+        assert_eq!(row, [&1i16.to_be_bytes()[..], &2i32.to_be_bytes(), b"\x00\xff"].concat());
     }
 
     #[test]

@@ -205,24 +205,28 @@ pub(crate) async fn publish(
             sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = $1").bind(p.0)
         };
         stale.execute(&mut *tx).await?;
-        let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
-        // A replaced seed is empty now and the keys are distinct: a plain
-        // insert; a continued one may meet a key it holds (a lake written
-        // before duplicates were judged).
-        let insert = "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
-             SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)";
-        let merge = if seed.continues {
-            " ON CONFLICT (kafka_partition, event_key)
-             DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)"
-        } else {
-            ""
-        };
-        sqlx::query(AssertSqlSafe(format!("{insert}{merge}")))
+        if seed.continues {
+            // It may meet a key it holds (a lake written before duplicates
+            // were judged).
+            let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
+            sqlx::query(
+                "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
+                 SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)
+                 ON CONFLICT (kafka_partition, event_key)
+                 DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)",
+            )
             .bind(p.0)
             .bind(keys)
             .bind(times)
             .execute(&mut *tx)
             .await?;
+        } else {
+            // A replaced seed is empty now and its keys are distinct: the
+            // whole window's keys, so by COPY.
+            let batch = seed_batch(*p, &seed.keys)
+                .map_err(|e| RunError::Compute { view: "duplicates seed", source: e.into() })?;
+            copy(&mut tx, "ops.dedup_seed", std::slice::from_ref(&batch)).await?;
+        }
         sqlx::query(
             "INSERT INTO ops.dedup_seed_cut (kafka_partition, cut_offset) VALUES ($1, $2)
              ON CONFLICT (kafka_partition) DO UPDATE SET cut_offset = EXCLUDED.cut_offset",
@@ -256,6 +260,26 @@ pub(crate) async fn publish(
     swap(&mut tx, &written.replaced).await?;
     tx.commit().await?;
     Ok(written)
+}
+
+/// The seed keys of partition `p` as the columns of `ops.dedup_seed`.
+fn seed_batch(
+    p: shared_schema::cut::Partition,
+    keys: &[(shared_schema::dedup::EventKey, i64)],
+) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError> {
+    use std::sync::Arc;
+
+    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("event_key", DataType::Binary, false),
+        Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+    ]));
+    let partitions = Int32Array::from(vec![p.0; keys.len()]);
+    let event_keys = BinaryArray::from_iter_values(keys.iter().map(|(k, _)| k.0.as_slice()));
+    let times = TimestampMicrosecondArray::from_iter_values(keys.iter().map(|(_, t)| *t)).with_timezone("UTC");
+    arrow::array::RecordBatch::try_new(schema, vec![Arc::new(partitions), Arc::new(event_keys), Arc::new(times)])
 }
 
 /// The columns of `batches` by name (a column a migration appended may sit
