@@ -187,11 +187,13 @@ pub(crate) async fn publish(
     // The seed reaches this cut: partitions the speed layer now holds lose
     // theirs; the others' is continued with the new offsets' keys (or
     // replaced, when it did not reach the previous cut), and keys older
-    // than the window leave it.
-    let seeded: Vec<i32> = record.history.seed.keys().map(|p| p.0).collect();
-    sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition <> ALL($1)").bind(&seeded).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM ops.dedup_seed_cut WHERE kafka_partition <> ALL($1)")
-        .bind(&seeded)
+    // than the window leave it. Each by partition, so the indexes find the
+    // rows (an incremental publish reads no whole seed).
+    let unseeded: Vec<i32> =
+        record.cut.iter().map(|(p, _)| p.0).filter(|p| !record.history.seed.keys().any(|s| s.0 == *p)).collect();
+    sqlx::query("DELETE FROM ops.dedup_seed WHERE kafka_partition = ANY($1)").bind(&unseeded).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM ops.dedup_seed_cut WHERE kafka_partition = ANY($1)")
+        .bind(&unseeded)
         .execute(&mut *tx)
         .await?;
     for (p, seed) in &record.history.seed {
