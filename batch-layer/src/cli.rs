@@ -102,11 +102,26 @@ pub enum Command {
         cron: Option<Box<croner::Cron>>,
         #[command(flatten)]
         run: RunArgs,
+        /// Maintain the lake (see `maintain`) after a run once this long
+        /// has passed since the last maintenance; 0s never.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        maintain_every: Duration,
+        #[command(flatten)]
+        maintain: MaintainArgs,
         /// Where /metrics, /healthz and /readyz listen.
         #[arg(long, env = "SCHEDULE_OPS_ADDR", default_value = "127.0.0.1:9104")]
         ops_addr: std::net::SocketAddr,
         #[command(flatten)]
         heartbeat: platform::heartbeat::HeartbeatArgs,
+    },
+    /// Keep the lake fast as it ages: compact the closed hours' small files
+    /// (one per ingest flush) into few, checkpoint the log, and remove
+    /// replaced files and log entries past the retention. `schedule` runs it
+    /// too (--maintain-every). Safe to re-run and to run while the ingest
+    /// writes.
+    Maintain {
+        #[command(flatten)]
+        maintain: MaintainArgs,
     },
     /// Forget users (GDPR right to erasure): delete their rows from the lake
     /// (Delta delete, then vacuum), from registered training exports and from
@@ -202,6 +217,33 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 }
 
 /// What every batch run needs, for `run` and `schedule` alike.
+#[derive(Debug, clap::Args)]
+pub struct MaintainArgs {
+    /// Compact an hour's files once the hour ended this long ago (late
+    /// events may still add a file; the next maintenance takes it in).
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+    pub closed_after: Duration,
+    /// Keep replaced data files and log entries this long (at least 1h: a
+    /// running batch run may still read a file compaction replaced).
+    #[arg(long, default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+}
+
+impl MaintainArgs {
+    pub fn config(&self, lake_uri: &str) -> anyhow::Result<crate::maintain::MaintainConfig> {
+        if self.retention < Duration::from_secs(3600) {
+            anyhow::bail!(
+                "--retention must be at least 1h (a running batch run may still read the files it would remove), e.g. --retention 7days"
+            );
+        }
+        Ok(crate::maintain::MaintainConfig {
+            closed_after: self.closed_after,
+            retention: self.retention,
+            ..crate::maintain::MaintainConfig::new(Lake::parse(lake_uri)?)
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Platform database.
@@ -477,11 +519,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Schedule { every, cron, run, ops_addr, heartbeat } => {
+        Command::Maintain { maintain } => {
+            let config = maintain.config(&cli.lake_uri)?;
+            for t in crate::maintain::maintain(&config, chrono::Utc::now()).await? {
+                println!(
+                    "{}: {} closed partitions compacted ({} files into {}), {} files now; {} log entries and {} replaced files removed",
+                    t.table, t.partitions, t.files_removed, t.files_added, t.files, t.logs_removed, t.files_vacuumed
+                );
+            }
+            Ok(())
+        }
+        Command::Schedule { every, cron, run, maintain_every, maintain, ops_addr, heartbeat } => {
             if every < Duration::from_secs(1) {
                 anyhow::bail!("--every must be at least 1s, e.g. --every 1h");
             }
             let config = run.config(&cli.lake_uri, false)?;
+            let maintenance = (!maintain_every.is_zero())
+                .then(|| maintain.config(&cli.lake_uri))
+                .transpose()?
+                .map(|config| crate::schedule::Maintenance { config, every: maintain_every });
             let timing = match cron {
                 Some(cron) => crate::schedule::Timing::Cron(cron),
                 None => crate::schedule::Timing::Every(every),
@@ -496,7 +552,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.clone(),
             )
             .await?;
-            crate::schedule::run(config, timing, &pool, ready, shutdown.clone()).await;
+            crate::schedule::run(config, timing, maintenance, &pool, ready, shutdown.clone()).await;
             shutdown.cancel();
             let _ = beats.await;
             Ok(())

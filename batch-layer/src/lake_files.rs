@@ -234,6 +234,29 @@ impl LakeFiles {
         }
     }
 
+    /// The table's partition columns, in the order of the values below.
+    pub fn partition_columns(&self) -> &[String] {
+        &self.partition_columns
+    }
+
+    /// The number of live data files.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Live data files per value of the partition columns (in their order).
+    pub fn files_per_partition_value(&self) -> BTreeMap<Vec<Option<String>>, usize> {
+        let mut files = BTreeMap::new();
+        for f in &self.files {
+            *files.entry(f.partition_values.clone()).or_default() += 1;
+        }
+        files
+    }
+
     /// Rows per value of the partition columns (in their order), from the
     /// log's statistics alone; `None` when a file has no row count.
     pub fn rows_per_partition_value(&self) -> Option<BTreeMap<Vec<Option<String>>, u64>> {

@@ -31,6 +31,7 @@ pub mod ingest;
 pub mod lake;
 pub mod lake_files;
 pub mod ledger;
+pub mod maintain;
 pub mod quality;
 pub mod recompute;
 pub mod reconcile;

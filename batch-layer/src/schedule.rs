@@ -58,10 +58,13 @@ impl std::fmt::Display for Timing {
 /// cleared by a failed run; the metrics are the batch layer's:
 /// `batch_runs_total{outcome}`, `batch_run_seconds{phase}`,
 /// `batch_rows_published{table}`, `batch_cut_offset{partition}` and
-/// `batch_last_success_timestamp_seconds`.
+/// `batch_last_success_timestamp_seconds`; after runs, at most once per
+/// `maintenance.every`, the lake's maintenance (`batch_maintain_runs_total`,
+/// `batch_maintain_seconds`, `batch_lake_files{table}`).
 pub async fn run(
     config: RunConfig,
     timing: Timing,
+    maintenance: Option<Maintenance>,
     pool: &sqlx::PgPool,
     ready: platform::ops_http::Readiness,
     shutdown: CancellationToken,
@@ -69,6 +72,7 @@ pub async fn run(
     tracing::info!(schedule = %timing, "batch schedule started");
     record_last_published(pool).await;
     ready.set(true);
+    let mut maintained: Option<std::time::Instant> = None;
     loop {
         let start = timing.next(Utc::now());
         tracing::info!(next_run = %start.to_rfc3339(), "waiting for the next batch run");
@@ -100,11 +104,37 @@ pub async fn run(
             Ok(RunOutcome::Busy) => tracing::warn!("batch run skipped: another run holds the lock"),
             Err(e) => tracing::error!(error = %e, "batch run failed; last good views keep serving"),
         }
+        let due = maintenance.as_ref().filter(|m| maintained.is_none_or(|at| at.elapsed() >= m.every));
+        if let Some(m) = due.filter(|_| !shutdown.is_cancelled()) {
+            maintain(&m.config).await;
+            maintained = Some(std::time::Instant::now());
+        }
         if shutdown.is_cancelled() {
             break;
         }
     }
     tracing::info!("batch schedule stopped");
+}
+
+/// The lake maintenance `schedule` runs after a run, at most once per
+/// `every`.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    pub config: crate::maintain::MaintainConfig,
+    pub every: std::time::Duration,
+}
+
+/// One maintenance; a failure is logged and counted, and the next one
+/// tries again (a compaction that met a concurrent commit, for one).
+async fn maintain(config: &crate::maintain::MaintainConfig) {
+    let began = std::time::Instant::now();
+    let outcome = crate::maintain::maintain(config, Utc::now()).await;
+    metrics::histogram!("batch_maintain_seconds").record(began.elapsed().as_secs_f64());
+    let label = if outcome.is_ok() { "done" } else { "failed" };
+    metrics::counter!("batch_maintain_runs_total", "outcome" => label).increment(1);
+    if let Err(e) = outcome {
+        tracing::error!(error = %e, "lake maintenance failed; the next one tries again");
+    }
 }
 
 /// The metrics of one run's outcome.

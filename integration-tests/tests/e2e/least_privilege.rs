@@ -202,6 +202,22 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
         sqlx::query_scalar::<_, i64>("SELECT sum(cut_offset)::bigint FROM ops.cut").fetch_one(&owner).await.unwrap()
             as f64;
     assert_eq!(integration_tests::checks::metric_sum(&page, "batch_cut_offset"), cut, "{page}");
+    // After its first run the schedule maintains the lake, under its role.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = get(schedule_ops, "/metrics").await.unwrap().body;
+        if page.contains("batch_maintain_runs_total{outcome=\"done\"}") {
+            assert!(integration_tests::checks::metric_sum(&page, "batch_lake_files") > 0.0, "{page}");
+            break;
+        }
+        assert!(
+            !page.contains("batch_maintain_runs_total{outcome=\"failed\"}"),
+            "maintenance failed:\n{}",
+            log_tail(&schedule_log, 20)
+        );
+        assert!(tokio::time::Instant::now() < deadline, "no maintenance:\n{}", log_tail(&schedule_log, 20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (child, log) in [(&mut schedule, &schedule_log), (&mut ingest_child, &ingest_log)] {
         let pid = child.id().unwrap().to_string();
         assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());

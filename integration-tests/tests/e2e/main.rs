@@ -26,6 +26,7 @@ mod faults;
 mod forget_user;
 mod foundation;
 mod least_privilege;
+mod maintain;
 mod notifications;
 mod publish;
 mod recovery;

@@ -99,6 +99,14 @@ struct Args {
     /// over the shop's users) on a fresh copy of the lake, e.g. 1,100,1000.
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     forget: Vec<usize>,
+    /// Write the lake as the real ingest does, in this many commits an hour
+    /// (the default 60 s flush: 60), instead of one.
+    #[arg(long, default_value_t = 1)]
+    flushes_per_hour: u32,
+    /// Only time `run --full` before and after `batch-layer maintain`
+    /// compacts the lake (with --flushes-per-hour, the real cadence).
+    #[arg(long)]
+    maintain: bool,
 }
 
 /// First hour of the generated history: fixed, so a cached lake is the
@@ -119,8 +127,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     ensure!(
-        args.reps > 0 && args.hours > 0 && args.partitions > 0,
-        "--reps, --hours and --partitions must be positive"
+        args.reps > 0 && args.hours > 0 && args.partitions > 0 && args.flushes_per_hour > 0,
+        "--reps, --hours, --partitions and --flushes-per-hour must be positive"
     );
     let cache = match &args.cache {
         Some(c) => c.clone(),
@@ -149,6 +157,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     if !args.forget.is_empty() {
         return forget_users(&args, &base, &bench_dir, &shape).await;
+    }
+    if args.maintain {
+        return before_and_after_maintenance(&args, &lake).await;
     }
 
     // The cut a full run over this snapshot takes, and the query it runs.
@@ -252,10 +263,13 @@ fn partition_of(user_id: &str, partitions: i32) -> i32 {
 
 /// The cached lake for these parameters, generated when missing.
 async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow::Result<PathBuf> {
-    let key = format!(
+    let mut key = format!(
         "lake-v2-e{}-h{}-k{}-s{}-p{}-u{}",
         args.events, args.hours, args.partitions, args.seed, args.products, args.users
     );
+    if args.flushes_per_hour > 1 {
+        key.push_str(&format!("-f{}", args.flushes_per_hour));
+    }
     let done = bench_dir.join(&key);
     if done.join(EVENTS_TABLE).join("_delta_log").is_dir() {
         println!("reusing the cached lake {}", done.display());
@@ -276,7 +290,7 @@ async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let events = append_hours(traffic, table, &args.topic, 0..args.hours, &bar).await?;
+    let events = append_hours(traffic, table, &args.topic, 0..args.hours, args.flushes_per_hour, &bar).await?;
     bar.finish_and_clear();
     if events < args.events {
         println!("note: the shop model made {} events, fewer than the {} asked for", group(events), group(args.events));
@@ -292,17 +306,21 @@ async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow
     Ok(done.join(EVENTS_TABLE))
 }
 
-/// Appends the given hours to `table`, one commit each; the shop model and
-/// the decoder run on a blocking thread while the previous hour is
-/// written. Returns the number of events appended.
+/// Appends the given hours to `table`, `flushes` commits each (the hour's
+/// events in arrival order, cut in equal parts, each commit with the
+/// offsets it reaches, as the ingest's flushes are); the shop model and the
+/// decoder run on a blocking thread while the previous hour is written.
+/// Returns the number of events appended.
 async fn append_hours(
     traffic: &Traffic,
     mut table: DeltaTable,
     topic: &str,
     hours: std::ops::Range<u32>,
+    flushes: u32,
     bar: &ProgressBar,
 ) -> anyhow::Result<u64> {
     let mut next = lake::committed_offsets(&table, topic, (0..traffic.partitions).map(Partition)).await?;
+    let mut reached = next.clone();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<(RecordBatch, BTreeMap<Partition, Offset>)>>(2);
     let traffic = traffic.clone();
     let maker = tokio::task::spawn_blocking(move || {
@@ -319,12 +337,94 @@ async fn append_hours(
     while let Some(hour) = rx.recv().await {
         let (batch, offsets) = hour?;
         events += batch.num_rows() as u64;
-        table = append_events(table, batch, topic, &offsets).await?;
+        let rows = batch.num_rows();
+        let parts = (flushes as usize).min(rows.max(1));
+        for i in 0..parts {
+            let (from, to) = (rows * i / parts, rows * (i + 1) / parts);
+            let part = batch.slice(from, to - from);
+            if i + 1 == parts {
+                reached = offsets.clone();
+            } else {
+                advance(&mut reached, &part)?;
+            }
+            table = append_events(table, part, topic, &reached).await?;
+        }
         bar.inc(1);
         bar.set_message(format!("{} events", group(events)));
     }
     maker.await?;
     Ok(events)
+}
+
+/// Moves `next` past the Kafka offsets of `batch` (lake schema).
+fn advance(next: &mut BTreeMap<Partition, Offset>, batch: &RecordBatch) -> anyhow::Result<()> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Int32Type, Int64Type};
+    let partitions = batch
+        .column_by_name(shared_schema::schema::col::KAFKA_PARTITION)
+        .context("no kafka_partition column")?
+        .as_primitive::<Int32Type>();
+    let offsets = batch
+        .column_by_name(shared_schema::schema::col::KAFKA_OFFSET)
+        .context("no kafka_offset column")?
+        .as_primitive::<Int64Type>();
+    for (p, o) in partitions.values().iter().zip(offsets.values()) {
+        let n = next.entry(Partition(*p)).or_insert(Offset(0));
+        n.0 = n.0.max(o + 1);
+    }
+    Ok(())
+}
+
+/// `run --full` into a fresh database before and after `maintain`
+/// compacts every hour of the lake (all of it lies in the past), on the
+/// work copy.
+async fn before_and_after_maintenance(args: &Args, lake: &Lake) -> anyhow::Result<()> {
+    let stack = Stack::local();
+    let mut full = Vec::new();
+    let mut maintained = None;
+    for round in ["before", "after"] {
+        if round == "after" {
+            let config = batch_layer::maintain::MaintainConfig {
+                closed_after: Duration::ZERO,
+                retention: Duration::ZERO,
+                ..batch_layer::maintain::MaintainConfig::new(lake.clone())
+            };
+            println!("batch-layer maintain ...");
+            let started = Instant::now();
+            let report = batch_layer::maintain::maintain(&config, Utc::now()).await?;
+            maintained = Some((started.elapsed(), report));
+        }
+        let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
+        let files = batch_layer::lake_files::LakeFiles::from_snapshot(EVENTS_TABLE, &table).await?.len();
+        let (url, pool) = stack.migrated_database(&format!("bench_batch_{round}"), None).await?;
+        println!("batch-layer run --full into a fresh database ({round} maintenance, {files} files) ...");
+        let started = Instant::now();
+        let outcome =
+            recompute::run(&RunConfig { full: true, ..RunConfig::new(url, lake.clone(), args.topic.clone()) }).await?;
+        let took = started.elapsed();
+        let RunOutcome::Published { run_id, .. } = outcome else { bail!("the full run did not publish: {outcome:?}") };
+        let breakdown = breakdown(&pool, run_id).await?;
+        let totals = published_totals(&pool).await?;
+        println!("  {:.1} s ({breakdown}); {}", took.as_secs_f64(), totals.describe());
+        full.push((round, files, took, breakdown, totals));
+        pool.close().await;
+    }
+    ensure!(full[0].4 == full[1].4, "the runs before and after maintenance published different totals");
+    let (took, report) = maintained.context("no maintenance")?;
+    println!();
+    println!(
+        "lake written at {} commits an hour; maintenance took {:.1} s: {report:?}",
+        args.flushes_per_hour,
+        took.as_secs_f64()
+    );
+    for (round, files, took, breakdown, _) in &full {
+        println!(
+            "  run --full {round:<6} maintenance ({files:>6} files) {:>7.2} s   ({breakdown})",
+            took.as_secs_f64()
+        );
+    }
+    println!("  results agree: {}", full[0].4.describe());
+    Ok(())
 }
 
 /// Copies a Delta table folder: data files as hard links (Delta never
@@ -652,7 +752,7 @@ async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expec
     let started = Instant::now();
     let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
     let appended_events =
-        append_hours(traffic, table, &args.topic, args.hours..args.hours + 1, &ProgressBar::hidden()).await?;
+        append_hours(traffic, table, &args.topic, args.hours..args.hours + 1, 1, &ProgressBar::hidden()).await?;
     let append = started.elapsed();
 
     println!("batch-layer run (incremental) ...");
