@@ -46,6 +46,25 @@ END $$;
 -- them over the new views when it finds no fingerprint.
 DELETE FROM ops.generated_views;
 
+-- The table of `relation`'s pair that `batch.<relation>` does not show (its
+-- name in the `batch` schema), the registry row locked for the
+-- transaction; an error for a relation without a pair.
+CREATE FUNCTION batch.shadow_table(relation text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shadow text;
+BEGIN
+    SELECT relation || '__' || CASE active WHEN 'a' THEN 'b' ELSE 'a' END INTO shadow
+    FROM ops.batch_shadows WHERE name = relation FOR UPDATE;
+    IF shadow IS NULL THEN
+        RAISE EXCEPTION 'batch.% has no shadow table', relation;
+    END IF;
+    RETURN shadow;
+END $$;
+REVOKE ALL ON FUNCTION batch.shadow_table(text) FROM PUBLIC;
+
 -- The shadow of `relation`, emptied and without indexes, ready for COPY;
 -- returns its qualified name. Called again before `shadow_end` (a run
 -- that died while loading), it empties the table again and keeps the
@@ -60,11 +79,7 @@ DECLARE
     i record;
     n integer := 0;
 BEGIN
-    SELECT relation || '__' || CASE active WHEN 'a' THEN 'b' ELSE 'a' END INTO shadow
-    FROM ops.batch_shadows WHERE name = relation FOR UPDATE;
-    IF shadow IS NULL THEN
-        RAISE EXCEPTION 'batch.% has no shadow table', relation;
-    END IF;
+    shadow := batch.shadow_table(relation);
     oid_ := format('batch.%I', shadow)::regclass;
     IF NOT EXISTS (SELECT 1 FROM ops.batch_shadow_indexes WHERE name = relation) THEN
         -- Constraints first (their indexes go with them), then the others.
@@ -101,11 +116,7 @@ DECLARE
     shadow text;
     d text;
 BEGIN
-    SELECT relation || '__' || CASE active WHEN 'a' THEN 'b' ELSE 'a' END INTO shadow
-    FROM ops.batch_shadows WHERE name = relation FOR UPDATE;
-    IF shadow IS NULL THEN
-        RAISE EXCEPTION 'batch.% has no shadow table', relation;
-    END IF;
+    shadow := batch.shadow_table(relation);
     FOR d IN SELECT definition FROM ops.batch_shadow_indexes WHERE name = relation AND definition <> ''
              ORDER BY position LOOP
         EXECUTE d;
@@ -121,18 +132,14 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    next_ text;
+    shadow text;
 BEGIN
-    SELECT CASE active WHEN 'a' THEN 'b' ELSE 'a' END INTO next_
-    FROM ops.batch_shadows WHERE name = relation FOR UPDATE;
-    IF next_ IS NULL THEN
-        RAISE EXCEPTION 'batch.% has no shadow table', relation;
-    END IF;
+    shadow := batch.shadow_table(relation);
     IF EXISTS (SELECT 1 FROM ops.batch_shadow_indexes WHERE name = relation) THEN
         RAISE EXCEPTION 'the shadow of batch.% is still being loaded', relation;
     END IF;
-    EXECUTE format('CREATE OR REPLACE VIEW batch.%I AS SELECT * FROM batch.%I', relation, relation || '__' || next_);
-    UPDATE ops.batch_shadows SET active = next_ WHERE name = relation;
+    EXECUTE format('CREATE OR REPLACE VIEW batch.%I AS SELECT * FROM batch.%I', relation, shadow);
+    UPDATE ops.batch_shadows SET active = right(shadow, 1) WHERE name = relation;
 END $$;
 
 -- For migrations (the owner's only): after a column was added to or
