@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::array::{Array, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
 use deltalake::protocol::SaveMode;
@@ -161,8 +161,15 @@ pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<Catal
             Arc::new(updated.finish()),
         ],
     )?;
+    // Written only when the content changed, so an unchanged catalog keeps
+    // its Delta version and runs do not republish `batch.products`.
+    let content = content_fingerprint(&batch);
     let table = lake.open_or_create(PRODUCTS_TABLE, &schema(), &[]).await?;
-    table.write(vec![batch]).with_save_mode(SaveMode::Overwrite).await?;
+    if written_content(&table).await.as_deref() != Some(content.as_str()) {
+        let properties = deltalake::kernel::transaction::CommitProperties::default()
+            .with_metadata([(CONTENT_KEY.to_string(), json!(content))]);
+        table.write(vec![batch]).with_save_mode(SaveMode::Overwrite).with_commit_properties(properties).await?;
+    }
 
     let schema_changed = previous.as_ref().is_some_and(|p| *p != fingerprint);
     if previous.as_ref() != Some(&fingerprint) {
@@ -179,6 +186,35 @@ pub async fn snapshot(shop_url: &str, lake: &Lake, ops: &PgPool) -> Result<Catal
         .await?;
     }
     Ok(CatalogSnapshot { products: rows.len(), columns, schema_changed, broken: None })
+}
+
+/// Where a catalog commit records the fingerprint of what it wrote.
+const CONTENT_KEY: &str = "lambda.catalog.content";
+
+/// SHA-256 of the snapshot's rows (in product order, as read).
+fn content_fingerprint(batch: &RecordBatch) -> String {
+    let mut text = String::new();
+    for column in batch.columns() {
+        let formatter = arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &Default::default());
+        for row in 0..batch.num_rows() {
+            match (&formatter, column.is_null(row)) {
+                (_, true) => text.push_str("\u{0}null"),
+                (Ok(f), false) => text.push_str(&f.value(row).to_string()),
+                (Err(_), false) => text.push('?'),
+            }
+            text.push('\u{1}');
+        }
+        text.push('\u{2}');
+    }
+    platform::oversize::sha256_hex(text.as_bytes())
+}
+
+/// The content fingerprint the table's newest commit recorded, if it was a
+/// catalog snapshot's.
+async fn written_content(table: &deltalake::DeltaTable) -> Option<String> {
+    use futures::StreamExt;
+    let newest = table.history(Some(1)).next().await?.ok()?;
+    newest.info.get(CONTENT_KEY).and_then(|v| v.as_str()).map(str::to_string)
 }
 
 async fn record_schema(

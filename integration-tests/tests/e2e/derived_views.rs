@@ -127,6 +127,35 @@ async fn category_demand_and_popularity_equal_independent_computations() {
         assert_eq!((*rank, product), (i as i64 + 1, want_product), "popular_products rank {rank}");
         assert!((score - want_score).abs() <= 1e-9 * want_score, "{product}: score {score}, expected {want_score}");
     }
+
+    // The catalog copy is republished when the shop changed it, not by
+    // every run.
+    let s = &s;
+    let more_traffic = |seed| async move {
+        generator::run(Args { backfill_hours: 1, ..Args::for_tests(s.stack.brokers(), &s.topic, seed) }).await.unwrap();
+        let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
+        ingest::run(config, CancellationToken::new()).await.unwrap();
+    };
+    let incremental = RunConfig { full: false, ..run.clone() };
+    more_traffic(92).await;
+    let RunOutcome::Published { tables, .. } = recompute::run(&incremental).await.unwrap() else {
+        panic!("no publish")
+    };
+    assert!(!tables.contains(&"products"), "an unchanged catalog is not republished: {tables:?}");
+    sqlx::query("UPDATE products SET category = 'c-renamed' WHERE product_id = (SELECT min(product_id) FROM products)")
+        .execute(&sales)
+        .await
+        .unwrap();
+    more_traffic(93).await;
+    let RunOutcome::Published { tables, .. } = recompute::run(&incremental).await.unwrap() else {
+        panic!("no publish")
+    };
+    assert!(tables.contains(&"products"), "a changed catalog is republished: {tables:?}");
+    let renamed: i64 = sqlx::query_scalar("SELECT count(*) FROM batch.products WHERE category = 'c-renamed'")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    assert_eq!(renamed, 1);
 }
 
 fn event(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, String) {
