@@ -122,6 +122,9 @@ pub enum Command {
     Maintain {
         #[command(flatten)]
         maintain: MaintainArgs,
+        /// Platform database (for the lake fence `forget-user` takes).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
+        database_url: String,
     },
     /// Forget users (GDPR right to erasure): delete their rows from the lake
     /// (Delta delete, then vacuum), from registered training exports and from
@@ -519,9 +522,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Maintain { maintain } => {
+        Command::Maintain { maintain, database_url } => {
             let config = maintain.config(&cli.lake_uri)?;
-            for t in crate::maintain::maintain(&config, chrono::Utc::now()).await? {
+            let pool = platform::db::connect(&database_url, 2, Duration::from_secs(30)).await?;
+            for t in crate::maintain::maintain(&config, &pool, chrono::Utc::now()).await? {
                 println!(
                     "{}: {} closed partitions compacted ({} files into {}), {} files now; {} log entries and {} replaced files removed",
                     t.table, t.partitions, t.files_removed, t.files_added, t.files, t.logs_removed, t.files_vacuumed

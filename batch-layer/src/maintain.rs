@@ -10,8 +10,8 @@
 //!    meet the compaction. An OPTIMIZE commit only replaces files: the
 //!    rows, the per-file row counts the reconciliation adds up and the
 //!    `txn` actions (the ingest's offsets, the ledger) are unchanged.
-//! 2. **Vacuum** the data files the log stopped referencing more than
-//!    `retention` ago (the replaced small files), so a run that pinned an
+//! 2. **Vacuum** the data files no longer in the snapshot and older than
+//!    `retention` (the replaced small files), so a run that pinned an
 //!    older snapshot still finds its files.
 //! 3. **Checkpoint** the log (before the compaction: opening the table then
 //!    reads one Parquet file and this maintenance's few commits instead of
@@ -64,6 +64,8 @@ pub struct TableMaintained {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaintainError {
+    #[error("PostgreSQL (the lake fence): {0}")]
+    Db(#[from] sqlx::Error),
     #[error(transparent)]
     Lake(#[from] LakeError),
     #[error(transparent)]
@@ -78,8 +80,21 @@ pub enum MaintainError {
 }
 
 /// Maintains `events` and `events_rejected` (tables not created yet are
-/// skipped); `now` decides which partitions are closed.
-pub async fn maintain(config: &MaintainConfig, now: DateTime<Utc>) -> Result<Vec<TableMaintained>, MaintainError> {
+/// skipped); `now` decides which partitions are closed. Holds the lake
+/// fence shared throughout, as the ingest does around a flush: a
+/// `forget-user` rewriting the lake waits for it, and it for the rewrite.
+pub async fn maintain(
+    config: &MaintainConfig,
+    pool: &sqlx::PgPool,
+    now: DateTime<Utc>,
+) -> Result<Vec<TableMaintained>, MaintainError> {
+    let fence = platform::forgotten::LakeFence::shared(pool).await?;
+    let done = maintain_tables(config, now).await;
+    fence.release().await?;
+    done
+}
+
+async fn maintain_tables(config: &MaintainConfig, now: DateTime<Utc>) -> Result<Vec<TableMaintained>, MaintainError> {
     let mut done = Vec::new();
     for (name, partition_end) in [(EVENTS_TABLE, hour_end as PartitionEnd), (REJECTED_TABLE, day_end)] {
         let Some(table) = config.lake.open(name).await? else { continue };
@@ -165,14 +180,15 @@ async fn maintain_table(
         report.files_added += metrics.num_files_added;
     }
     let retention = chrono::Duration::from_std(config.retention).unwrap_or(chrono::Duration::MAX);
-    // Vacuum reads the log's remove actions: before the log is cleaned up.
+    // The full mode lists the table's folder: a file whose remove action a
+    // checkpoint already dropped (Delta keeps them 7 days) is still found.
     // The retention is ours to choose (at least an hour from the command
     // line), not delta-rs's 7-day minimum.
     let (table, vacuumed) = table
         .vacuum()
         .with_retention_period(retention)
         .with_enforce_retention_duration(false)
-        .with_mode(VacuumMode::Lite)
+        .with_mode(VacuumMode::Full)
         .await
         .map_err(delta("vacuum"))?;
     report.files_vacuumed = vacuumed.files_deleted.len() as u64;

@@ -106,7 +106,7 @@ pub async fn run(
         }
         let due = maintenance.as_ref().filter(|m| maintained.is_none_or(|at| at.elapsed() >= m.every));
         if let Some(m) = due.filter(|_| !shutdown.is_cancelled()) {
-            maintain(&m.config).await;
+            maintain(&m.config, pool).await;
             maintained = Some(std::time::Instant::now());
         }
         if shutdown.is_cancelled() {
@@ -126,9 +126,9 @@ pub struct Maintenance {
 
 /// One maintenance; a failure is logged and counted, and the next one
 /// tries again (a compaction that met a concurrent commit, for one).
-async fn maintain(config: &crate::maintain::MaintainConfig) {
+async fn maintain(config: &crate::maintain::MaintainConfig, pool: &sqlx::PgPool) {
     let began = std::time::Instant::now();
-    let outcome = crate::maintain::maintain(config, Utc::now()).await;
+    let outcome = crate::maintain::maintain(config, pool, Utc::now()).await;
     metrics::histogram!("batch_maintain_seconds").record(began.elapsed().as_secs_f64());
     let label = if outcome.is_ok() { "done" } else { "failed" };
     metrics::counter!("batch_maintain_runs_total", "outcome" => label).increment(1);

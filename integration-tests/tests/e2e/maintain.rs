@@ -76,7 +76,7 @@ async fn maintenance_compacts_closed_hours_and_changes_no_result() {
         retention: Duration::ZERO,
         ..MaintainConfig::new(lake.clone())
     };
-    let report = maintain::maintain(&config, now).await.unwrap();
+    let report = maintain::maintain(&config, &pool, now).await.unwrap();
     let events = report.iter().find(|t| t.table == EVENTS_TABLE).unwrap();
     let due: Vec<_> = before.iter().filter(|(v, n)| closed(v) && **n > 1).collect();
     assert_eq!(events.partitions, due.len() as u64, "{report:?}");
@@ -105,7 +105,7 @@ async fn maintenance_compacts_closed_hours_and_changes_no_result() {
     assert_tables_match(&schema_rows(&pool, "batch").await, &published, "after compaction");
 
     // Nothing left to do; new data goes on as before.
-    let again = maintain::maintain(&config, now).await.unwrap();
+    let again = maintain::maintain(&config, &pool, now).await.unwrap();
     assert!(again.iter().all(|t| t.partitions == 0 && t.files_removed == 0), "{again:?}");
     generator::run(Args { backfill_hours: 1, ..Args::for_tests(stack.brokers(), &topic, 82) }).await.unwrap();
     ingest::run(ingest, CancellationToken::new()).await.unwrap();

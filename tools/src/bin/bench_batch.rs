@@ -390,8 +390,10 @@ async fn before_and_after_maintenance(args: &Args, lake: &Lake) -> anyhow::Resul
                 ..batch_layer::maintain::MaintainConfig::new(lake.clone())
             };
             println!("batch-layer maintain ...");
+            let (_, pool) = stack.migrated_database("bench_batch_maintain", None).await?;
             let started = Instant::now();
-            let report = batch_layer::maintain::maintain(&config, Utc::now()).await?;
+            let report = batch_layer::maintain::maintain(&config, &pool, Utc::now()).await?;
+            pool.close().await;
             maintained = Some((started.elapsed(), report));
         }
         let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
