@@ -398,7 +398,7 @@ async fn locked_run(
         computed.iter().filter(|c| matches!(c.relation, compute::Relation::Table(_))).map(|c| c.name).collect();
     sqlx::query(
         "UPDATE ops.batch_runs SET status = 'published', finished_at = now(), rows_per_view = $2, durations_ms = $3,
-             message = $4, replaced = $5
+             message = $4
          WHERE run_id = $1",
     )
     .bind(run_id)
@@ -413,7 +413,6 @@ async fn locked_run(
             plan.redefined.join(", ")
         ),
     })
-    .bind(&written.replaced)
     .execute(pool)
     .await?;
     progress.set_message("checking the complete hours");

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 
 use super::RunError;
 use super::compute::{Computed, Relation};
@@ -20,7 +20,7 @@ pub(crate) async fn check(
     computed: &[Computed],
     max_shrink: f64,
 ) -> Result<QualityReport, RunError> {
-    let previous = previous_rows(pool).await?;
+    let whole = published_rows(pool, computed).await?;
     let targets: Vec<Target<'_>> = computed
         .iter()
         .map(|c| match c.relation {
@@ -28,9 +28,6 @@ pub(crate) async fn check(
             Relation::Table(t) => Target::table(t, &c.batches),
         })
         .collect();
-    // The row-count check compares whole tables, so only replaced ones take part.
-    let whole: BTreeMap<String, u64> =
-        previous.into_iter().filter(|(name, _)| computed.iter().any(|c| c.name == name && c.replaces_all())).collect();
     let report = quality::check(&targets, &whole, max_shrink, chrono::Utc::now());
     reject(pool, run_id, &report).await?;
     Ok(report)
@@ -130,17 +127,17 @@ pub(crate) async fn reconciled(
     Ok(report)
 }
 
-/// Rows of each relation the last time a published run replaced it whole.
-async fn previous_rows(pool: &PgPool) -> Result<BTreeMap<String, u64>, RunError> {
-    // Per relation, its rows at the newest published run that replaced it
-    // whole (the other runs record only what they wrote).
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT DISTINCT ON (w.key) w.key, w.value::bigint
-         FROM ops.batch_runs r CROSS JOIN LATERAL jsonb_each_text(r.rows_per_view) AS w
-         WHERE r.status = 'published' AND jsonb_typeof(r.rows_per_view) = 'object' AND w.key = ANY(r.replaced)
-         ORDER BY w.key, r.run_id DESC",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(name, n)| (name, n.max(0) as u64)).collect())
+/// The rows each relation the run replaces whole holds now, as readers
+/// see it: the row-count check's baseline. Counted here, before the
+/// publish, and only for those relations (a full run's views, the batch
+/// tables due), whose whole contents the run recomputes anyway; the
+/// relations an incremental run extends are not counted.
+async fn published_rows(pool: &PgPool, computed: &[Computed]) -> Result<BTreeMap<String, u64>, RunError> {
+    let mut rows = BTreeMap::new();
+    for c in computed.iter().filter(|c| c.replaces_all()) {
+        let n: i64 =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM batch.{}", c.name))).fetch_one(pool).await?;
+        rows.insert(c.name.to_string(), n.max(0) as u64);
+    }
+    Ok(rows)
 }

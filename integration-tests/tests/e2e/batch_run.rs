@@ -42,17 +42,12 @@ async fn quality_gate_and_lock_keep_the_last_good_views() {
     let good = batch_demand(&pool).await;
     assert_demand_eq(&good, &truth.demand_map(), "batch.product_demand_hourly against the independent computation");
 
-    // New data arrives, but the last good run claims far more rows than
+    // New data arrives, but the published view holds far more rows than
     // any new run can have: the row-count check must block the publish.
     generator::run(generator_args(&stack, &topic, 62)).await.unwrap();
     ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
-    sqlx::query(
-        "UPDATE ops.batch_runs SET rows_per_view = jsonb_set(rows_per_view, '{product_demand_hourly}', '1000000')
-         WHERE status = 'published'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    integration_tests::checks::inflate_published_demand(&pool, 100_000).await;
+    let good = batch_demand(&pool).await;
     let cut_before: Vec<(i32, i64)> =
         sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut ORDER BY 1").fetch_all(&pool).await.unwrap();
     match recompute::run(&config).await.unwrap() {

@@ -129,13 +129,7 @@ async fn failed_runs_quality_checks_and_catalog_changes_are_posted_and_recorded(
 
     // The shop changes its catalog, and the next run fails its checks.
     sqlx::query("ALTER TABLE products ADD COLUMN brand text").execute(&sales).await.unwrap();
-    sqlx::query(
-        "UPDATE ops.batch_runs SET rows_per_view = jsonb_set(rows_per_view, '{product_demand_hourly}', '1000000')
-         WHERE status = 'published'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    integration_tests::checks::inflate_published_demand(&pool, 100_000).await;
     assert!(matches!(recompute::run(&config).await.unwrap(), RunOutcome::Rejected { .. }));
     let mut kinds = hook.kinds();
     kinds.sort();
