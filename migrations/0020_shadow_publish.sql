@@ -66,9 +66,10 @@ END $$;
 REVOKE ALL ON FUNCTION batch.shadow_table(text) FROM PUBLIC;
 
 -- The shadow of `relation`, emptied and without indexes, ready for COPY;
--- returns its qualified name. Called again before `shadow_end` (a run
--- that died while loading), it empties the table again and keeps the
--- indexes saved the first time.
+-- returns its qualified name. Called again before `shadow_end` (the
+-- publish runs begin, COPY and end in one transaction, so only a caller
+-- that committed between them can), it empties the table again and keeps
+-- the indexes saved the first time.
 CREATE FUNCTION batch.shadow_begin(relation text) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -143,37 +144,43 @@ BEGIN
 END $$;
 
 -- For migrations (the owner's only): after a column was added to or
--- dropped from both tables of a pair, re-creates `batch.<relation>` over the
--- active one with its grants, and has `migrate` re-create the serving views
--- (a dropped column took them with it).
+-- dropped from both tables of a pair, points `batch.<relation>` at the
+-- active one again, with its grants. An added column is appended in place
+-- (CREATE OR REPLACE: the serving views over it stay, readers never miss
+-- them); a dropped column (whose CASCADE took the views) re-creates the
+-- view and has `migrate` re-create the serving views.
 CREATE FUNCTION batch.shadow_view(relation text) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     active_ text;
+    body text;
 BEGIN
     SELECT active INTO active_ FROM ops.batch_shadows WHERE name = relation;
     IF active_ IS NULL THEN
         RAISE EXCEPTION 'batch.% has no shadow table', relation;
     END IF;
-    EXECUTE format('DROP VIEW IF EXISTS batch.%I CASCADE', relation);
-    EXECUTE format('CREATE VIEW batch.%I AS SELECT * FROM batch.%I', relation, relation || '__' || active_);
+    body := format('VIEW batch.%I AS SELECT * FROM batch.%I', relation, relation || '__' || active_);
+    IF to_regclass(format('batch.%I', relation)) IS NOT NULL THEN
+        BEGIN
+            EXECUTE 'CREATE OR REPLACE ' || body;
+        EXCEPTION WHEN invalid_table_definition THEN
+            -- A column removed or retyped: only a new view will do.
+            EXECUTE format('DROP VIEW batch.%I CASCADE', relation);
+        END;
+    END IF;
+    IF to_regclass(format('batch.%I', relation)) IS NULL THEN
+        EXECUTE 'CREATE ' || body;
+        DELETE FROM ops.generated_views;
+    END IF;
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON batch.%I TO batch_writer', relation);
-    DELETE FROM ops.generated_views;
 END $$;
 REVOKE ALL ON FUNCTION batch.shadow_view(text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION batch.shadow_begin(text), batch.shadow_end(text), batch.shadow_swap(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION batch.shadow_begin(text), batch.shadow_end(text), batch.shadow_swap(text)
     TO batch_writer;
-
--- Which relations a run replaced whole: their rows in `rows_per_view` are
--- whole-table counts, the row-count check's baseline; the others' are the
--- rows the run wrote. Earlier runs counted every table whole.
-ALTER TABLE ops.batch_runs ADD COLUMN replaced text[];
-UPDATE ops.batch_runs r SET replaced = ARRAY(SELECT jsonb_object_keys(r.rows_per_view))
-WHERE jsonb_typeof(r.rows_per_view) = 'object';
 
 -- The catalog is republished only when the lake's copy changed: the Delta
 -- version each batch table was computed from (the catalog's only).

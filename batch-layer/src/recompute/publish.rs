@@ -57,7 +57,7 @@ pub(crate) struct Written {
     /// Rows written per relation: the whole relation for those replaced,
     /// the recomputed hours or the folded rows for the others.
     pub(crate) rows: BTreeMap<String, u64>,
-    /// The relations replaced whole (their rows are the table's).
+    /// The relations replaced whole, swapped in by the publish.
     pub(crate) replaced: Vec<String>,
 }
 
@@ -324,7 +324,11 @@ async fn swap(tx: &mut PgConnection, relations: &[String]) -> Result<(), RunErro
                 sqlx::raw_sql("RELEASE SAVEPOINT swap").execute(&mut *tx).await?;
                 return Ok(());
             }
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") && tries < SWAP_TRIES => {
+            // A lock timeout, or a deadlock with a reader (possible only if
+            // `deadlock_timeout` is set below the swap's lock timeout).
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("55P03" | "40P01")) && tries < SWAP_TRIES =>
+            {
                 sqlx::raw_sql("ROLLBACK TO SAVEPOINT swap").execute(&mut *tx).await?;
                 metrics::counter!("batch_publish_swap_retries_total").increment(1);
                 tracing::debug!(tries, "readers hold the batch views; swapping again shortly");

@@ -78,9 +78,9 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
 }
 
 /// Each batch relation is a view over one of two tables with the same
-/// columns and indexes; a shadow load begun twice (a run that died while
-/// loading) keeps the indexes it saved, and a shadow whose load has not
-/// ended cannot be swapped in.
+/// columns and indexes; a shadow load begun twice (by a caller committing
+/// between the steps, which the publish does not) keeps the indexes it
+/// saved, and a shadow whose load has not ended cannot be swapped in.
 #[tokio::test]
 async fn batch_relations_are_views_over_pairs_of_tables() {
     let (_, pool) = Stack::from_env().migrated_database("shadow_pairs", None).await.unwrap();
@@ -134,6 +134,35 @@ async fn batch_relations_are_views_over_pairs_of_tables() {
     assert_eq!(active, "b");
     let e = sqlx::query("SELECT batch.shadow_begin('nothing')").execute(&pool).await.unwrap_err();
     assert!(e.to_string().contains("has no shadow table"), "{e}");
+
+    // A migration that adds a column to a pair keeps every serving view in
+    // place; one that drops a column has `migrate` re-create them.
+    let generated = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ops.generated_views").fetch_one(&pool).await.unwrap()
+    };
+    let before = generated().await;
+    sqlx::raw_sql(
+        "ALTER TABLE batch.products__a ADD COLUMN brand text;
+         ALTER TABLE batch.products__b ADD COLUMN brand text;
+         SELECT batch.shadow_view('products');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(columns(&pool, "batch", "products").await.last().map(|(n, _)| n.as_str()), Some("brand"));
+    sqlx::query("SELECT count(*) FROM serving.products").execute(&pool).await.unwrap();
+    assert_eq!(generated().await, before, "the serving views stay");
+    sqlx::raw_sql(
+        "ALTER TABLE batch.products__a DROP COLUMN brand CASCADE;
+         ALTER TABLE batch.products__b DROP COLUMN brand CASCADE;
+         SELECT batch.shadow_view('products');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(generated().await, 0, "migrate re-creates the serving views");
+    platform::db::migrate(&pool, None).await.unwrap();
+    sqlx::query("SELECT count(*) FROM serving.products").execute(&pool).await.unwrap();
 }
 
 /// Each read-only role reads exactly the serving relations granted to it,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, PublishPause, RunConfig, RunOutcome};
+use integration_tests::checks::{assert_demand_eq, merged, serving_demand};
 use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args};
 use integration_tests::serving::{self, get, wait_ready};
@@ -77,12 +78,17 @@ async fn active_tables(pool: &PgPool) -> Vec<(String, String)> {
 #[tokio::test]
 async fn readers_never_wait_for_a_full_publish() {
     let stack = Stack::from_env();
-    let FreshStream { topic, url, pool, .. } = stack.fresh_stream("shadow_publish", 2, 100).await.unwrap();
+    // Segment size 1: the cut is the lake's end, the batch holds every event.
+    let FreshStream { topic, url, pool, .. } = stack.fresh_stream("shadow_publish", 2, 1).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let full = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
-    generator::run(Args { users: 200, ..Args::for_tests(stack.brokers(), &topic, 71) }).await.unwrap();
-    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    let ingest = || async {
+        ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap()
+    };
+    let traffic = |seed| Args { users: 200, ..Args::for_tests(stack.brokers(), &topic, seed) };
+    let sent_first = generator::run(traffic(71)).await.unwrap();
+    ingest().await;
     assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { .. }));
     let first = active_tables(&pool).await;
     assert_eq!(first.len(), 5, "every batch relation has a pair of tables: {first:?}");
@@ -110,6 +116,10 @@ async fn readers_never_wait_for_a_full_publish() {
     }
     assert_eq!(users.len(), 4, "users with personal recommendations before the run");
     let before = serving_totals(&pool).await;
+    assert_demand_eq(&serving_demand(&pool).await, &merged(&[&sent_first]), "serving after the first run");
+    // New events for the run under test to publish.
+    let sent_second = generator::run(traffic(72)).await.unwrap();
+    ingest().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicUsize::new(0));
@@ -127,7 +137,7 @@ async fn readers_never_wait_for_a_full_publish() {
     let answered_during = answered.load(Ordering::Relaxed) - answered_before;
     assert!(answered_during >= 20, "{answered_during} answers while the shadows were loaded");
     assert_eq!(active_tables(&pool).await, first, "nothing swapped before the publish");
-    assert_eq!(serving_totals(&pool).await, before, "the readers' views are the published ones");
+    assert_eq!(serving_totals(&pool).await, before, "the readers' views are the published ones, not the new events");
 
     // A reader that holds a batch view for a while: the swap waits for it,
     // letting the other readers through meanwhile.
@@ -155,12 +165,13 @@ async fn readers_never_wait_for_a_full_publish() {
     }
     // Every relation written whole (the catalog is empty: no shop database).
     assert!(rows.iter().all(|(name, n)| *n > 0 || name == "products"), "{rows:?}");
-    assert_eq!(serving_totals(&pool).await, before, "the same events, the same totals");
+    let both = merged(&[&sent_first, &sent_second]);
+    assert_demand_eq(&serving_demand(&pool).await, &both, "serving reads the swapped-in tables");
     assert!(tables.contains(&"products"), "a full run republishes the catalog");
 
     // An incremental run leaves an unchanged catalog (none here) alone.
-    generator::run(Args { users: 200, ..Args::for_tests(stack.brokers(), &topic, 72) }).await.unwrap();
-    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    generator::run(traffic(73)).await.unwrap();
+    ingest().await;
     let incremental = RunConfig::new(url.clone(), lake.clone(), topic.clone());
     let RunOutcome::Published { tables, .. } = recompute::run(&incremental).await.unwrap() else { panic!() };
     assert!(!tables.contains(&"products"), "{tables:?}");
