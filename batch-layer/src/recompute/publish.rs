@@ -8,7 +8,7 @@
 //! beforehand into its shadow table (`batch.<name>__a` or `__b`, whichever
 //! `batch.<name>` does not show; migration 0020), by COPY with its indexes
 //! built after, and the transaction swaps the view onto it as its last
-//! statements. No table is truncated or counted while readers use it, and
+//! statements. No table readers use is truncated or counted here, and
 //! no row is written twice.
 //!
 //! Each transaction first locks `ops.run_fence` and goes on only if the token
