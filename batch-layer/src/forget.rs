@@ -221,6 +221,10 @@ pub async fn forget_users(config: &ForgetConfig, ids: &[String]) -> Result<Forge
     // Dropped on an error, the connection closes and releases both locks.
     lock.close_on_drop();
     sqlx::query("SELECT pg_advisory_lock($1)").bind(crate::recompute::RUN_LOCK).execute(&mut *lock).await?;
+    // A run that lost its lock (its session dropped) may still be computing
+    // from a snapshot that holds these users: a new token fences its
+    // publish off, as a newer run's would.
+    sqlx::query("UPDATE ops.run_fence SET token = token + 1").execute(&mut *lock).await?;
     sqlx::query("SELECT pg_advisory_lock($1)").bind(platform::forgotten::LAKE_FENCE).execute(&mut *lock).await?;
     let lake = forget_in_lake(config, &pool, &ids).await;
     let _ =

@@ -782,3 +782,57 @@ async fn a_forgotten_user_named_in_another_users_unknown_fields_is_cleared() {
         sqlx::query_scalar("SELECT completed_at IS NOT NULL FROM ops.forgotten_users").fetch_one(&pool).await.unwrap();
     assert!(completed, "verified");
 }
+
+/// A batch run whose lock was lost (its session ended while it computed
+/// from a snapshot that held the user) cannot publish after a forget: the
+/// forget takes a new fencing token, so the run's publish is refused and
+/// the user stays gone from `batch.*`.
+#[tokio::test]
+async fn a_run_that_lost_its_lock_cannot_publish_a_forgotten_user_back() {
+    use batch_layer::recompute::{PublishPause, RunError};
+    let stack = Stack::from_env();
+    // Segment size 1: the batch holds every event.
+    let FreshStream { topic, url, pool, .. } = stack.fresh_stream("forget_fenced_run", 2, 1).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let key = ForgetKey::new(KEY).unwrap();
+    generator::run(Args { users: 50, ..Args::for_tests(stack.brokers(), &topic, 19) }).await.unwrap();
+    let ingest_config = IngestConfig {
+        db: Some(PlatformDb { key: Some(key.clone()), ..PlatformDb::new(url.clone()) }),
+        ..IngestConfig::catch_up(stack.brokers(), &topic, &lake)
+    };
+    ingest::run(ingest_config, CancellationToken::new()).await.unwrap();
+    let full = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
+    assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { .. }));
+    let (victim,): (String,) =
+        sqlx::query_as("SELECT user_id FROM batch.user_product_state GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
+    // A run computes from the snapshot that holds the user, and waits at
+    // its publish; its lock's session ends meanwhile.
+    let pause = PublishPause::default();
+    let stale = RunConfig { pause_before_publish: Some(pause.clone()), ..full.clone() };
+    let run = tokio::spawn(async move { recompute::run(&stale).await });
+    tokio::time::timeout(Duration::from_secs(120), pause.reached.notified()).await.expect("the run computed");
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+         JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND a.datname = current_database() AND l.granted) t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1, "the run's lock session");
+
+    let config =
+        ForgetConfig { database_url: url.clone(), lake, key, orphan_grace: Duration::from_secs(600), kafka: None };
+    forget_user(&config, &victim).await.unwrap();
+    pause.resume.notify_one();
+    match run.await.unwrap() {
+        Err(RunError::Fenced { ours, current }) => assert!(current > ours, "tokens {ours} then {current}"),
+        other => panic!("the run that lost its lock during the forget ended with {other:?}"),
+    }
+    assert_eq!(table_traces(&pool, &victim).await, Vec::<(String, i64)>::new(), "the user stays gone");
+}
