@@ -139,6 +139,12 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
     tokio::select! {
         () = wait_for_speed(&owner, total) => {}
         status = speed_child.wait() => panic!("speed layer exited ({status:?}):\n{}", log_tail(&speed_log, 20)),
+        // Its log, should it stall (the wait panics at 300 s).
+        () = tokio::time::sleep(Duration::from_secs(240)) => panic!(
+            "the speed layer read {} of {total} records in 240 s:\n{}",
+            integration_tests::checks::speed_consumed(&owner).await,
+            log_tail(&speed_log, 40)
+        ),
     }
     assert_demand_eq(&serving_demand(&owner).await, &truth.demand_map(), "serving.product_demand_hourly");
 
