@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{NaiveDate, TimeDelta, TimeZone, Utc};
+use chrono::{TimeDelta, Utc};
 use serde::Serialize;
 use shared_schema::schema::Hour;
 
@@ -87,18 +87,12 @@ pub fn hourly_volume(files: &LakeFiles) -> Option<BTreeMap<Hour, u64>> {
     let mut out = BTreeMap::new();
     for (values, rows) in files.rows_per_partition_value()? {
         if let [Some(date), Some(hour)] = values.as_slice()
-            && let Some(h) = hour_of(date, hour)
+            && let Some(h) = Hour::from_partition(date, hour)
         {
             *out.entry(h).or_default() += rows;
         }
     }
     Some(out)
-}
-
-fn hour_of(date: &str, hour: &str) -> Option<Hour> {
-    let day = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
-    let at = day.and_hms_opt(hour.parse().ok()?, 0, 0)?;
-    Some(Hour::of(Utc.from_utc_datetime(&at)))
 }
 
 /// The complete hours not checked yet: after `last_checked`, at most
@@ -164,6 +158,8 @@ pub fn judge_unknown(with_product: u64, unknown: u64, max_share: f64) -> Option<
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
 
     fn h(n: i64) -> Hour {
@@ -217,11 +213,5 @@ mod tests {
         assert_eq!(judge_unknown(100, 6, 0.05), Some(Finding::UnknownProducts));
         assert_eq!(judge_unknown(0, 0, 0.05), None);
         assert_eq!(judge_unknown(100, 100, 1.0), None, "1 turns it off");
-    }
-
-    #[test]
-    fn partition_values_give_the_hour() {
-        assert_eq!(hour_of("2027-01-15", "7").map(Hour::start), Utc.with_ymd_and_hms(2027, 1, 15, 7, 0, 0).single());
-        assert_eq!(hour_of("bad", "7"), None);
     }
 }

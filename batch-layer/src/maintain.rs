@@ -24,6 +24,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use deltalake::{FilterOp, FilterValue};
+use shared_schema::schema::Hour;
 
 use crate::lake::{EVENTS_TABLE, Lake, LakeError, REJECTED_TABLE};
 use crate::lake_files::{LakeFiles, LakeFilesError};
@@ -113,9 +114,7 @@ type PartitionEnd = fn(&[Option<String>]) -> Option<DateTime<Utc>>;
 
 fn hour_end(values: &[Option<String>]) -> Option<DateTime<Utc>> {
     let [Some(date), Some(hour)] = values else { return None };
-    let date = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
-    let hour: u32 = hour.parse().ok()?;
-    Some(date.and_hms_opt(hour, 0, 0)?.and_utc() + chrono::TimeDelta::hours(1))
+    Some(Hour::from_partition(date, hour)?.next().start())
 }
 
 fn day_end(values: &[Option<String>]) -> Option<DateTime<Utc>> {

@@ -73,6 +73,14 @@ impl Hour {
         use chrono::Timelike;
         (self.0.format("%Y-%m-%d").to_string(), i32::try_from(self.0.hour()).unwrap_or_default())
     }
+
+    /// The hour of a lake partition, from its values as Delta records them
+    /// (`event_date` `YYYY-MM-DD`, `event_hour` `0`-`23`): the inverse of
+    /// [`Hour::partition`]; `None` when they do not read as one.
+    pub fn from_partition(date: &str, hour: &str) -> Option<Self> {
+        let day = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+        Some(Self(day.and_hms_opt(hour.parse().ok()?, 0, 0)?.and_utc()))
+    }
 }
 
 /// `event_time` and every hour key: microseconds, UTC.
@@ -149,6 +157,13 @@ mod tests {
         let h = Hour::of(t);
         assert_eq!(h.start().to_rfc3339(), "2026-11-24T23:00:00+00:00");
         assert_eq!(h.partition(), ("2026-11-24".to_string(), 23));
+        assert_eq!(Hour::from_partition("2026-11-24", "23"), Some(h));
+        assert_eq!(
+            Hour::from_partition("2027-01-15", "7").map(Hour::start).map(|t| t.to_rfc3339()).as_deref(),
+            Some("2027-01-15T07:00:00+00:00")
+        );
+        assert_eq!(Hour::from_partition("bad", "7"), None);
+        assert_eq!(Hour::from_partition("2026-11-24", "24"), None);
         assert_eq!(Hour::of(h.start()), h);
     }
 }

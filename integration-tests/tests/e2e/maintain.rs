@@ -40,9 +40,8 @@ fn parquet_files_on_disk(dir: &Path) -> usize {
 
 /// When the hour of a partition (`[event_date, event_hour]`) ends.
 fn hour_end(values: &[Option<String>]) -> chrono::DateTime<chrono::Utc> {
-    let date = chrono::NaiveDate::parse_from_str(values[0].as_deref().unwrap(), "%Y-%m-%d").unwrap();
-    let hour: u32 = values[1].as_deref().unwrap().parse().unwrap();
-    date.and_hms_opt(hour, 0, 0).unwrap().and_utc() + chrono::TimeDelta::hours(1)
+    let (date, hour) = (values[0].as_deref().unwrap(), values[1].as_deref().unwrap());
+    shared_schema::schema::Hour::from_partition(date, hour).unwrap().next().start()
 }
 
 #[tokio::test]
