@@ -379,8 +379,8 @@ async fn locked_run(
         catalog_version,
         pause_while_loading: config.pause_while_loading.as_ref(),
     };
-    let written = match publish::publish(&mut conn, &computed, &record).await {
-        Ok(written) => written,
+    let rows = match publish::publish(&mut conn, &computed, &record).await {
+        Ok(rows) => rows,
         Err(e) => {
             // Not left 'running' for the next run to call interrupted.
             let _ = sqlx::query(
@@ -402,7 +402,7 @@ async fn locked_run(
          WHERE run_id = $1",
     )
     .bind(run_id)
-    .bind(json!(written.rows))
+    .bind(json!(rows))
     .bind(json!({"compute": compute_ms, "publish": publish_ms, "total": started.elapsed().as_millis() as u64}))
     .bind(match (plan.full, plan.redefined.is_empty()) {
         (true, _) => "full: every hour recomputed".to_string(),
@@ -429,7 +429,7 @@ async fn locked_run(
         tables,
         backfilled: plan.redefined,
         cut: plan.cut,
-        rows: written.rows,
+        rows,
         compute_ms,
         publish_ms,
         total_ms: started.elapsed().as_millis() as u64,

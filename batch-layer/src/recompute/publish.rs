@@ -51,16 +51,6 @@ fn staging_table(name: &str) -> String {
     format!("batch_staging_{name}")
 }
 
-/// What a publish wrote.
-#[derive(Debug, Default)]
-pub(crate) struct Written {
-    /// Rows written per relation: the whole relation for those replaced,
-    /// the recomputed hours or the folded rows for the others.
-    pub(crate) rows: BTreeMap<String, u64>,
-    /// The relations replaced whole, swapped in by the publish.
-    pub(crate) replaced: Vec<String>,
-}
-
 /// How long the swap waits for readers' locks before it lets them go on
 /// and tries again: below PostgreSQL's `deadlock_timeout` (1 s), so a
 /// reader that takes the views in another order never meets a deadlock,
@@ -77,13 +67,15 @@ const SWAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// (COPY, then its indexes; readers read the active tables meanwhile), then
 /// one transaction writes the incremental relations, the bookkeeping and
 /// the cut, deletes the speed rows below it, and swaps the loaded shadows
-/// in as its last statements.
+/// in as its last statements. Returns the rows written per relation: the
+/// whole relation for those replaced, the recomputed hours or the folded
+/// rows for the others.
 pub(crate) async fn publish(
     conn: &mut PgConnection,
     computed: &[Computed],
     record: &Record<'_>,
-) -> Result<Written, RunError> {
-    let mut written = Written::default();
+) -> Result<BTreeMap<String, u64>, RunError> {
+    let mut written = BTreeMap::new();
     let whole: Vec<&Computed> = computed.iter().filter(|c| c.replaces_all()).collect();
     let mut shadows = BTreeMap::new();
     if !whole.is_empty() {
@@ -94,8 +86,7 @@ pub(crate) async fn publish(
                 sqlx::query_scalar("SELECT batch.shadow_begin($1)").bind(c.name).fetch_one(&mut *tx).await?;
             let n = copy(&mut tx, &shadow, &c.batches).await?;
             sqlx::query("SELECT batch.shadow_end($1)").bind(c.name).execute(&mut *tx).await?;
-            written.rows.insert(c.name.to_string(), n);
-            written.replaced.push(c.name.to_string());
+            written.insert(c.name.to_string(), n);
             shadows.insert(c.name, shadow);
         }
         if let Some(pause) = record.pause_while_loading {
@@ -133,7 +124,7 @@ pub(crate) async fn publish(
                 unreachable!("relations replaced whole are loaded into their shadow; batch tables are replaced")
             }
         }
-        written.rows.insert(name.to_string(), n);
+        written.insert(name.to_string(), n);
     }
     for (c, table) in computed.iter().filter_map(|c| match c.relation {
         Relation::Table(t) => Some((c, t)),
@@ -259,7 +250,7 @@ pub(crate) async fn publish(
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
     }
-    swap(&mut tx, &written.replaced).await?;
+    swap(&mut tx, &shadows.keys().copied().collect::<Vec<_>>()).await?;
     tx.commit().await?;
     Ok(written)
 }
@@ -302,7 +293,7 @@ async fn copy(tx: &mut PgConnection, table: &str, batches: &[arrow::array::Recor
 /// statements. A swap that waits on readers longer than
 /// [`SWAP_LOCK_TIMEOUT`] steps back to its savepoint, lets them through and
 /// tries again.
-async fn swap(tx: &mut PgConnection, relations: &[String]) -> Result<(), RunError> {
+async fn swap(tx: &mut PgConnection, relations: &[&str]) -> Result<(), RunError> {
     if relations.is_empty() {
         return Ok(());
     }
