@@ -34,8 +34,10 @@ pub enum Command {
         /// Platform database.
         #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
-        /// Flush a micro-batch at the latest this long after its first record (e.g. 200ms).
-        #[arg(long, env = "SPEED_FLUSH_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+        /// Flush a micro-batch at the latest this long after its first
+        /// record. 0s (the default): group commit, each flush starts as soon
+        /// as the previous one has committed, with everything read meanwhile.
+        #[arg(long, env = "SPEED_FLUSH_INTERVAL", default_value = "0s", value_parser = humantime::parse_duration)]
         flush_interval: Duration,
         /// Flush as soon as this many records are buffered.
         #[arg(long, env = "SPEED_MAX_BATCH", default_value_t = 50_000)]
@@ -125,8 +127,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if fetch_wait.is_zero() || fetch_wait > Duration::from_secs(300) {
                 anyhow::bail!("--fetch-wait must be from 1ms to 300s, e.g. 50ms");
             }
-            if flush_interval.is_zero() {
-                anyhow::bail!("--flush-interval must be positive, e.g. 200ms");
+            if flush_interval > Duration::from_secs(3600) {
+                anyhow::bail!("--flush-interval must be at most 1h, e.g. 0s (group commit) or 200ms");
             }
             let config = SpeedConfig {
                 brokers,

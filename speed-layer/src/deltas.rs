@@ -11,6 +11,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use shared_schema::cut::SegmentSize;
 use shared_schema::views::{Source, ViewDef};
@@ -39,15 +40,59 @@ pub fn speed_views() -> impl Iterator<Item = &'static ViewDef> {
 
 /// Computes the deltas of every speed view over `events`.
 pub async fn compute(events: RecordBatch, segment_size: SegmentSize) -> Result<Vec<ViewDelta>, DataFusionError> {
-    let ctx = SessionContext::new();
-    let table = MemTable::try_new(events_schema(), vec![vec![events]])?;
-    ctx.register_table("events", Arc::new(table))?;
-    let mut out = Vec::new();
-    for view in speed_views() {
-        let batches = ctx.sql(&view.speed_sql(segment_size.get())).await?.collect().await?;
-        out.push(ViewDelta { view, batches });
+    Deltas::new(segment_size).await?.compute(events).await
+}
+
+/// The speed views' plans, made once: each micro-batch is swapped into the
+/// `events` table they scan and only the physical plan is made again, so a
+/// flush does not parse, analyse and optimise the views' SQL each time
+/// (what group commit's many small flushes would otherwise pay for).
+pub struct Deltas {
+    ctx: SessionContext,
+    events: Arc<MemTable>,
+    /// Each view with its optimised logical plan over `events`.
+    plans: Vec<(&'static ViewDef, LogicalPlan)>,
+}
+
+impl Deltas {
+    pub async fn new(segment_size: SegmentSize) -> Result<Self, DataFusionError> {
+        let ctx = SessionContext::new();
+        let events = Arc::new(MemTable::try_new(events_schema(), vec![Vec::new()])?);
+        ctx.register_table("events", Arc::clone(&events) as Arc<dyn datafusion::catalog::TableProvider>)?;
+        let mut plans = Vec::new();
+        for view in speed_views() {
+            let plan = ctx.sql(&view.speed_sql(segment_size.get())).await?.into_optimized_plan()?;
+            plans.push((view, plan));
+        }
+        Ok(Self { ctx, events, plans })
     }
-    Ok(out)
+
+    /// The deltas of every speed view over `events`.
+    pub async fn compute(&self, events: RecordBatch) -> Result<Vec<ViewDelta>, DataFusionError> {
+        *self.events.batches[0].write().await = vec![events];
+        let state = self.ctx.state();
+        let mut out = Vec::with_capacity(self.plans.len());
+        let mut outcome = Ok(());
+        for (view, plan) in &self.plans {
+            let physical = match state.query_planner().create_physical_plan(plan, &state).await {
+                Ok(p) => p,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            match datafusion::physical_plan::collect(physical, self.ctx.task_ctx()).await {
+                Ok(batches) => out.push(ViewDelta { view, batches }),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        // The micro-batch is not kept past its flush.
+        self.events.batches[0].write().await.clear();
+        outcome.map(|()| out)
+    }
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ impl Histories {
 
     /// Writes what a flush over `partitions` judged (and a seed not written
     /// yet) inside its transaction, and prunes keys that fell out of the
-    /// window.
+    /// window: one statement for each, whatever the number of partitions.
     pub async fn persist(
         &self,
         conn: &mut PgConnection,
@@ -107,33 +107,45 @@ impl Histories {
         changes: &Changes,
     ) -> Result<(), sqlx::Error> {
         let window = self.history.window_micros();
+        let (mut key_partitions, mut keys, mut times) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pruned, mut floors) = (Vec::new(), Vec::new());
         for &p in partitions {
             let seed = self.unsaved.get(&p).map(Vec::as_slice).unwrap_or_default();
             let added = changes.partitions.get(&p.0).map(|c| c.added.as_slice()).unwrap_or_default();
             // One row per key (a key of the seed may come again as a new
             // first copy once the seed's fell out of the window).
             let rows: HashMap<EventKey, i64> = seed.iter().chain(added).copied().collect();
-            let (keys, times) = shared_schema::dedup::key_columns(&rows);
-            if !keys.is_empty() {
-                sqlx::query(
-                    "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
-                     SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)
-                     ON CONFLICT (kafka_partition, event_key) DO UPDATE SET event_time = EXCLUDED.event_time",
-                )
-                .bind(p.0)
-                .bind(&keys)
-                .bind(&times)
-                .execute(&mut *conn)
-                .await?;
-            }
+            let (k, t) = shared_schema::dedup::key_columns(&rows);
+            key_partitions.extend(std::iter::repeat_n(p.0, k.len()));
+            keys.extend(k);
+            times.extend(t);
             let floor = self.newest(p, changes).and_then(|n| DateTime::from_timestamp_micros(n - window));
             if let (Some(floor), true) = (floor, !added.is_empty()) {
-                sqlx::query("DELETE FROM speed.event_keys WHERE kafka_partition = $1 AND event_time < $2")
-                    .bind(p.0)
-                    .bind(floor)
-                    .execute(&mut *conn)
-                    .await?;
+                pruned.push(p.0);
+                floors.push(floor);
             }
+        }
+        if !keys.is_empty() {
+            sqlx::query(
+                "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
+                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)
+                 ON CONFLICT (kafka_partition, event_key) DO UPDATE SET event_time = EXCLUDED.event_time",
+            )
+            .bind(&key_partitions)
+            .bind(&keys)
+            .bind(&times)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !pruned.is_empty() {
+            sqlx::query(
+                "DELETE FROM speed.event_keys AS k USING unnest($1::int[], $2::timestamptz[]) AS f(p, floor)
+                 WHERE k.kafka_partition = f.p AND k.event_time < f.floor",
+            )
+            .bind(&pruned)
+            .bind(&floors)
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(())
     }

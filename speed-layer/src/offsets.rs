@@ -43,35 +43,56 @@ pub struct Advance {
     pub newest_event_time: Option<DateTime<Utc>>,
 }
 
-/// Moves each partition's offset from `from` to `to` inside `tx`; returns
-/// the partitions whose stored offset was not `from` (fenced off).
+/// Moves each partition's offset from `from` to `to` inside `tx`, in one
+/// statement; returns the partitions whose stored offset was not `from`
+/// (fenced off).
+///
+/// A partition without a stored offset is inserted only when `from` is
+/// where [`load`] starts such a partition (the cut, else 0). Without that
+/// check a lost commit would skip records: the speed transaction commits
+/// with `synchronous_commit = off`, so a PostgreSQL crash may lose its last
+/// commits, the first insert of a partition's row among them, while this
+/// process goes on from the offset it believes committed.
 pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Vec<Partition>, sqlx::Error> {
-    let mut fenced = Vec::new();
-    for a in advances {
-        // Insert when absent (then `from` was derived from the cut), update
-        // only from the expected offset otherwise.
-        let done = sqlx::query(
-            "INSERT INTO ops.speed_offsets AS o
-                (kafka_partition, next_offset, last_event_time, newest_event_time, updated_at)
-             VALUES ($1, $2, $3, $5, now())
-             ON CONFLICT (kafka_partition) DO UPDATE SET
-                next_offset = EXCLUDED.next_offset,
-                last_event_time = GREATEST(o.last_event_time, EXCLUDED.last_event_time),
-                newest_event_time = GREATEST(o.newest_event_time, EXCLUDED.newest_event_time),
-                updated_at = now()
-             WHERE o.next_offset = $4",
-        )
-        .bind(a.partition.0)
-        .bind(a.to.0)
-        .bind(a.last_event_time)
-        .bind(a.from.0)
-        .bind(a.newest_event_time)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if done == 0 {
-            fenced.push(a.partition);
-        }
+    if advances.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(fenced)
+    let partitions: Vec<i32> = advances.iter().map(|a| a.partition.0).collect();
+    let from: Vec<i64> = advances.iter().map(|a| a.from.0).collect();
+    let to: Vec<i64> = advances.iter().map(|a| a.to.0).collect();
+    let last: Vec<Option<DateTime<Utc>>> = advances.iter().map(|a| a.last_event_time).collect();
+    let newest: Vec<Option<DateTime<Utc>>> = advances.iter().map(|a| a.newest_event_time).collect();
+    let moved: Vec<i32> = sqlx::query_scalar(
+        "WITH a AS (
+            SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::timestamptz[], $5::timestamptz[])
+                AS a(kafka_partition, from_offset, to_offset, last_event_time, newest_event_time)
+         ), updated AS (
+            UPDATE ops.speed_offsets AS o SET
+                next_offset = a.to_offset,
+                last_event_time = GREATEST(o.last_event_time, a.last_event_time),
+                newest_event_time = GREATEST(o.newest_event_time, a.newest_event_time),
+                updated_at = now()
+            FROM a
+            WHERE o.kafka_partition = a.kafka_partition AND o.next_offset = a.from_offset
+            RETURNING o.kafka_partition
+         ), inserted AS (
+            INSERT INTO ops.speed_offsets
+                (kafka_partition, next_offset, last_event_time, newest_event_time, updated_at)
+            SELECT a.kafka_partition, a.to_offset, a.last_event_time, a.newest_event_time, now()
+            FROM a LEFT JOIN ops.cut AS c USING (kafka_partition)
+            WHERE a.from_offset = COALESCE(c.cut_offset, 0)
+              AND NOT EXISTS (SELECT 1 FROM ops.speed_offsets AS o WHERE o.kafka_partition = a.kafka_partition)
+            ON CONFLICT (kafka_partition) DO NOTHING
+            RETURNING kafka_partition
+         )
+         SELECT kafka_partition FROM updated UNION ALL SELECT kafka_partition FROM inserted",
+    )
+    .bind(&partitions)
+    .bind(&from)
+    .bind(&to)
+    .bind(&last)
+    .bind(&newest)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(advances.iter().map(|a| a.partition).filter(|p| !moved.contains(&p.0)).collect())
 }

@@ -47,7 +47,8 @@ pub struct SpeedConfig {
     pub dlq_topic: String,
     pub group_id: String,
     pub database_url: String,
-    /// Flush at the latest this long after the first buffered record.
+    /// Flush at the latest this long after the first buffered record;
+    /// zero: group commit, a flush as soon as the previous one committed.
     pub flush_interval: Duration,
     /// Flush as soon as this many records are buffered.
     pub max_batch: usize,
@@ -79,8 +80,8 @@ pub struct SpeedConfig {
 }
 
 impl SpeedConfig {
-    /// One instance taking every partition of `topic`, flushing every 100 ms
-    /// or 5,000 records, ops endpoints on any free port, no alerts and no
+    /// One instance taking every partition of `topic`, flushing by group
+    /// commit or at 5,000 records, ops endpoints on any free port, no alerts and no
     /// forget key (tools and tests).
     pub fn single_instance(brokers: &str, topic: &str, dlq_topic: &str, database_url: &str) -> Self {
         Self {
@@ -89,7 +90,7 @@ impl SpeedConfig {
             dlq_topic: dlq_topic.to_string(),
             group_id: format!("{topic}.speed"),
             database_url: database_url.to_string(),
-            flush_interval: Duration::from_millis(100),
+            flush_interval: Duration::ZERO,
             max_batch: 5_000,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             fetch_wait: DEFAULT_FETCH_WAIT,
@@ -134,6 +135,10 @@ pub enum SpeedError {
     Ops { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Forgotten(#[from] platform::forgotten::ForgetError),
+    #[error("planning the views' deltas: {0}")]
+    Plan(#[from] datafusion::error::DataFusionError),
+    #[error("replaying records from memory: {0}")]
+    Replay(String),
 }
 
 /// Partitions assigned or revoked since the loop last looked: their
@@ -349,7 +354,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
             max_bytes: config.max_batch_bytes,
         },
         intake: Intake::default(),
-        sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone()),
+        sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone()).await?,
     };
     loop {
         state.intake.apply_rebalances(&mut state.edge);
@@ -387,6 +392,87 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     notifier.flush(Duration::from_secs(5)).await;
     let _ = ops_task.await;
     Ok(())
+}
+
+/// A record for [`replay`]: what the consumer would have received.
+#[derive(Debug, Clone)]
+pub struct ReplayRecord {
+    pub partition: Partition,
+    pub offset: Offset,
+    /// The Kafka timestamp, milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// Runs `records`, already in memory, through everything `run` does after
+/// the Kafka consumer: the positions, micro-batches up to `max_batch`
+/// records or `max_batch_bytes`, the decode, the deltas of every view and
+/// the fenced PostgreSQL commit with the offsets. What the layer can do
+/// with the broker out of the way (`bench_speed --from-memory`). Each
+/// partition's records must come in offset order from the position
+/// PostgreSQL holds; nothing seeks.
+pub async fn replay(config: &SpeedConfig, records: Vec<ReplayRecord>) -> Result<(), SpeedError> {
+    let pool = platform::db::connect(&config.database_url, 4, Duration::from_secs(60)).await?;
+    let deployment = platform::db::check(&pool).await?;
+    let forgotten = platform::forgotten::Forgotten::load(&pool, config.forget_key.as_ref()).await?;
+    let notifier =
+        platform::notify::Notifier::spawn(platform::notify::NotifyConfig::new(None, "speed-layer"), Some(pool.clone()));
+    let dlq_wake = tokio::sync::Notify::new();
+    let mut sink = Sink::new(config, &pool, &dlq_wake, deployment, forgotten, Default::default(), notifier).await?;
+    // Records are all there at once: a micro-batch is flushed when full.
+    let policy =
+        FlushPolicy { interval: Duration::MAX, max_batch: config.max_batch, max_bytes: config.max_batch_bytes };
+    let (mut intake, mut edge, never) = (Intake::default(), MemoryEdge(&pool), CancellationToken::new());
+    let mut records = records.into_iter().peekable();
+    while records.peek().is_some() {
+        for r in records.by_ref() {
+            let record = Record {
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: shared_schema::decode::kafka_time(r.timestamp_ms),
+                key: r.key,
+                payload: r.payload,
+                gap_from: None,
+            };
+            let (partition, offset) = (record.partition, record.offset);
+            let accepted = intake.accept(record, Instant::now(), &mut edge).await;
+            if !matches!(accepted, intake::Accepted::Buffered) {
+                return Err(SpeedError::Replay(format!(
+                    "partition {partition} offset {offset} is not the next record ({accepted:?})"
+                )));
+            }
+            if intake.batch.flush_due(policy, Instant::now(), false) {
+                break;
+            }
+        }
+        let batch = intake.batch.take();
+        match sink.flush(&batch, &never).await {
+            Flushed::Committed(_) => intake.after_flush(FlushEnd::Kept, Hold::new(policy), &mut edge).await,
+            other => return Err(SpeedError::Replay(format!("a flush did not commit: {other:?}"))),
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// PostgreSQL alone: what [`replay`]'s intake needs.
+struct MemoryEdge<'a>(&'a PgPool);
+
+impl Edge for MemoryEdge<'_> {
+    type Error = sqlx::Error;
+
+    fn rebalanced(&mut self) -> BTreeSet<Partition> {
+        BTreeSet::new()
+    }
+
+    async fn load(&mut self, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, sqlx::Error> {
+        offsets::load(self.0, partitions).await
+    }
+
+    fn seek(&mut self, _: Partition, _: Offset) -> bool {
+        false
+    }
 }
 
 /// The loop's state between iterations.

@@ -23,11 +23,9 @@ fn generator_args(stack: &Stack, topic: &str, seed: u64, hours: u32, rate: f64, 
     Args { backfill_hours: hours, rate, bad_fraction: bad, ..Args::for_tests(stack.brokers(), topic, seed) }
 }
 
+/// The default flushing: group commit.
 fn config(stack: &Stack, url: &str, topic: &str, dlq: &str) -> SpeedConfig {
-    SpeedConfig {
-        flush_interval: Duration::from_millis(200),
-        ..SpeedConfig::single_instance(stack.brokers(), topic, dlq, url)
-    }
+    SpeedConfig::single_instance(stack.brokers(), topic, dlq, url)
 }
 
 /// Reads the whole DLQ topic: per reason, how many records, and checks
@@ -213,7 +211,7 @@ async fn sigterm_flushes_what_is_buffered_and_exits_cleanly() {
 fn command_line_mistakes_get_one_line_naming_the_fix() {
     let cases: [(&[&str], &str); 4] = [
         (&["--max-batch", "0"], "--max-batch must be at least 1"),
-        (&["--flush-interval", "0s"], "--flush-interval must be positive, e.g. 200ms"),
+        (&["--flush-interval", "2h"], "--flush-interval must be at most 1h, e.g. 0s (group commit) or 200ms"),
         (&["--fetch-wait", "0s"], "--fetch-wait must be from 1ms to 300s, e.g. 50ms"),
         (&["--dlq-rate-threshold", "1.5"], "--dlq-rate-threshold must be between 0 and 1, got 1.5"),
     ];
@@ -221,4 +219,53 @@ fn command_line_mistakes_get_one_line_naming_the_fix() {
         let args: Vec<&str> = ["run"].into_iter().chain(args.iter().copied()).collect();
         integration_tests::fixture::assert_one_line_error("speed-layer", &args, &[], expected);
     }
+}
+
+/// `stream::replay`, the path `bench_speed` measures the layer's own
+/// ceiling with (records from memory, no broker), runs the same positions,
+/// decode, duplicates rule and fenced commit as `run`: every event counted
+/// once, a repeated event and a malformed record rejected into the outbox.
+#[tokio::test]
+async fn replay_from_memory_counts_each_event_once() {
+    use integration_tests::shop::{Shop, ShopConfig};
+    use shared_schema::cut::{Offset, Partition};
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("speed_replay", 2, 100).await.unwrap();
+    let shop = Shop::new(ShopConfig { rate: 5.0, ..ShopConfig::default() });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let to = Utc::now() - chrono::TimeDelta::hours(1);
+    let events = shop.events_between(to - chrono::TimeDelta::hours(1), to, &[], DateTime::<Utc>::MAX_UTC, &mut rng);
+    assert!(events.len() > 1_000, "{} events", events.len());
+    let mut next = [0i64; 2];
+    let mut record = |partition: usize, time: DateTime<Utc>, payload: Vec<u8>| {
+        let r = stream::ReplayRecord {
+            partition: Partition(partition as i32),
+            offset: Offset(next[partition]),
+            timestamp_ms: Some(time.timestamp_millis()),
+            key: None,
+            payload,
+        };
+        next[partition] += 1;
+        r
+    };
+    let mut records: Vec<_> =
+        events.iter().enumerate().map(|(i, e)| record(i % 2, e.event_time, e.to_json().into_bytes())).collect();
+    records.push(record(0, events[0].event_time, events[0].to_json().into_bytes()));
+    records.push(record(1, to, b"not an event".to_vec()));
+
+    let config = SpeedConfig { max_batch: 500, ..SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url) };
+    stream::replay(&config, records).await.unwrap();
+
+    assert_eq!(speed_consumed(&pool).await, events.len() as i64 + 2, "every offset committed");
+    let counted: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(views + cart_adds + cart_removes + purchases), 0)::bigint FROM serving.product_demand_hourly",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counted, events.len() as i64, "each event counted once");
+    let rejected: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM ops.dlq_outbox ORDER BY reason").fetch_all(&pool).await.unwrap();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(rejected.contains(&"duplicate_event_id".to_string()), "{rejected:?}");
 }

@@ -221,6 +221,47 @@ async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     survives(Fault::Broker, 32).await;
 }
 
+/// The speed layer commits with `synchronous_commit = off`: a PostgreSQL
+/// crash may lose its last commits, a partition's first offsets row among
+/// them, while the layer goes on from where it believes it is. The loss is
+/// made here by hand, mid-stream, deleting at once everything those flushes
+/// wrote. The layer must notice (its next flush is fenced) and read the
+/// partitions again from the cut, not skip what was lost: the totals end
+/// exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commits_lost_by_postgres_are_read_again_not_skipped() {
+    init_logs();
+    let (stack, url, pool, truth) = stack_with_traffic(33).await;
+    let total = (truth.events_sent + truth.bad_sent) as i64;
+    let metrics = platform::ops_http::install_metrics();
+    let fenced_before = metric_sum(&metrics.render(), "speed_fenced_flushes_total");
+    let shutdown = CancellationToken::new();
+    let mut task = Some(tokio::spawn(stream::run(config(&stack.brokers(), &url), shutdown.clone())));
+    let before = wait_mid_stream(&pool, total, &mut task).await;
+
+    let speed_tables: Vec<String> =
+        sqlx::query_scalar("SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'speed'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let lost = format!("TRUNCATE ops.speed_offsets, ops.dlq_outbox, {}", speed_tables.join(", "));
+    // A flush holding some of these tables may deadlock with the TRUNCATE;
+    // PostgreSQL then aborts one of the two, and the loss is made again.
+    let mut attempts = 0;
+    while let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(lost.clone())).execute(&pool).await {
+        attempts += 1;
+        assert!(attempts < 5, "cannot make the loss: {e}");
+    }
+    eprintln!("lost every commit at {before} of {total} offsets or later");
+
+    wait_for_total(&pool, total, &mut task).await;
+    let fenced = metric_sum(&metrics.render(), "speed_fenced_flushes_total") - fenced_before;
+    assert!(fenced >= 1.0, "no flush was fenced after its partitions' commits were lost");
+    shutdown.cancel();
+    task.take().unwrap().await.unwrap().unwrap();
+    assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving.product_demand_hourly");
+}
+
 /// Two `speed-layer run` processes in one consumer group: both consume,
 /// and the totals end exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use shared_schema::cut::{Offset, Partition, SegmentSize};
+use shared_schema::cut::{Offset, Partition};
+use shared_schema::views::SqlType;
 use shared_schema::{EventDecoder, RawRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -63,11 +64,9 @@ enum FlushError {
     Deltas(#[from] datafusion::error::DataFusionError),
     #[error("PostgreSQL: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("encoding COPY data: {0}")]
-    Copy(#[from] platform::pgcopy::CopyError),
     #[error(transparent)]
     Forgotten(#[from] platform::forgotten::ForgetError),
-    #[error("dropping forgotten users: {0}")]
+    #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
 
@@ -77,7 +76,6 @@ pub(super) struct Sink<'a> {
     pool: &'a PgPool,
     /// Told when a flush enqueued rejects for the DLQ shipper.
     dlq_wake: &'a tokio::sync::Notify,
-    segment_size: SegmentSize,
     decoder: EventDecoder,
     ready: platform::ops_http::Readiness,
     forgotten: platform::forgotten::Forgotten,
@@ -87,10 +85,12 @@ pub(super) struct Sink<'a> {
     gap_notices: platform::gaps::GapNotices,
     /// What duplicates are judged against (see [`crate::history`]).
     histories: crate::history::Histories,
+    /// The views' plans, made once.
+    deltas: deltas::Deltas,
 }
 
 impl<'a> Sink<'a> {
-    pub(super) fn new(
+    pub(super) async fn new(
         config: &'a SpeedConfig,
         pool: &'a PgPool,
         dlq_wake: &'a tokio::sync::Notify,
@@ -98,12 +98,11 @@ impl<'a> Sink<'a> {
         forgotten: platform::forgotten::Forgotten,
         ready: platform::ops_http::Readiness,
         notifier: platform::notify::Notifier,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, datafusion::error::DataFusionError> {
+        Ok(Self {
             config,
             pool,
             dlq_wake,
-            segment_size: deployment.segment_size,
             decoder: EventDecoder::new(),
             ready,
             forgotten,
@@ -112,7 +111,8 @@ impl<'a> Sink<'a> {
             notifier,
             gap_notices: platform::gaps::GapNotices::default(),
             histories: crate::history::Histories::new(deployment.dedup_window_micros),
-        }
+            deltas: deltas::Deltas::new(deployment.segment_size).await?,
+        })
     }
 
     /// Flushes `records`, retrying with capped backoff while PostgreSQL or
@@ -243,9 +243,14 @@ impl<'a> Sink<'a> {
             a.newest_event_time =
                 self.histories.newest(a.partition, &changes).and_then(DateTime::<Utc>::from_timestamp_micros);
         }
-        let deltas = deltas::compute(decoded.batch, self.segment_size).await?;
+        let deltas = self.deltas.compute(decoded.batch).await?;
 
-        let mut tx = self.pool.begin().await?;
+        let prepared = started.elapsed();
+        // Without waiting for the commit's WAL flush: the deltas, the offsets
+        // and the rest commit together, so a PostgreSQL crash that loses
+        // the last commits loses them whole, and they are read from Kafka
+        // again (see `offsets::advance` for the one case that needs care).
+        let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
         // First, so the fence is held until the commit.
         if !self.forgotten.still_current(&mut tx).await? {
             tx.rollback().await?;
@@ -286,6 +291,9 @@ impl<'a> Sink<'a> {
 
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!("speed_flush_seconds").record(secs);
+        // Decode and deltas (this process's CPU), then the transaction.
+        metrics::histogram!("speed_flush_prepare_seconds").record(prepared.as_secs_f64());
+        metrics::histogram!("speed_flush_commit_seconds").record(secs - prepared.as_secs_f64());
         metrics::counter!("speed_rows_written_total").increment(rows);
         metrics::counter!("speed_rejected_total").increment(rejected.len() as u64);
         if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
@@ -345,26 +353,60 @@ fn advances(records: &[Record]) -> Result<(BTreeMap<Partition, Advance>, Vec<Gap
     Ok((advances, gaps))
 }
 
-/// COPYs a view's deltas into a temporary table and folds them into
-/// `speed.<view>` with the view's merge rules.
+/// Folds a view's deltas into `speed.<view>` with the view's merge rules,
+/// in one statement: the rows travel as one array per column.
 async fn write_delta(conn: &mut sqlx::PgConnection, delta: &ViewDelta) -> Result<u64, FlushError> {
     if delta.rows() == 0 {
         return Ok(0);
     }
-    let name = delta.view.name;
-    let temp = format!("speed_delta_{name}");
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {temp} (LIKE speed.{name}) ON COMMIT DELETE ROWS"
-    )))
-    .execute(&mut *conn)
-    .await?;
-    let data = platform::pgcopy::encode(&delta.batches)?;
-    let statement = format!("COPY {temp} FROM STDIN (FORMAT binary)");
-    let mut copy = conn.copy_in_raw(&statement).await?;
-    copy.send(data).await?;
-    copy.finish().await?;
-    let done = sqlx::query(AssertSqlSafe(delta.view.speed_upsert_sql(&temp))).execute(&mut *conn).await?;
-    Ok(done.rows_affected())
+    let columns = delta.view.speed_columns();
+    let rows = arrow::compute::concat_batches(&delta.batches[0].schema(), &delta.batches)?;
+    let arrays: Vec<String> =
+        columns.iter().enumerate().map(|(i, (_, ty))| format!("${}::{}[]", i + 1, ty.postgres())).collect();
+    let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+    let source = format!("unnest({}) AS d({})", arrays.join(", "), names.join(", "));
+    let mut query = sqlx::query(AssertSqlSafe(delta.view.speed_upsert_sql(&source)));
+    for (i, (_, ty)) in columns.iter().enumerate() {
+        query = bind_column(query, rows.column(i), *ty)?;
+    }
+    Ok(query.execute(&mut *conn).await?.rows_affected())
+}
+
+/// Binds `column` as a PostgreSQL array of `ty`.
+fn bind_column<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    column: &arrow::array::ArrayRef,
+    ty: SqlType,
+) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>, arrow::error::ArrowError> {
+    use arrow::array::AsArray;
+    use arrow::compute::cast;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMicrosecondType};
+    Ok(match ty {
+        SqlType::BigInt => {
+            let values = cast(column, &DataType::Int64)?;
+            query.bind(values.as_primitive::<Int64Type>().iter().collect::<Vec<_>>())
+        }
+        SqlType::Double => {
+            let values = cast(column, &DataType::Float64)?;
+            query.bind(values.as_primitive::<Float64Type>().iter().collect::<Vec<_>>())
+        }
+        SqlType::Text => {
+            let values = cast(column, &DataType::Utf8)?;
+            query.bind(values.as_string::<i32>().iter().map(|v| v.map(str::to_owned)).collect::<Vec<_>>())
+        }
+        SqlType::TimestampTz => {
+            let values = match column.data_type() {
+                DataType::Timestamp(TimeUnit::Microsecond, _) => column.clone(),
+                _ => cast(column, &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())))?,
+            };
+            let times: Vec<Option<DateTime<Utc>>> = values
+                .as_primitive::<TimestampMicrosecondType>()
+                .iter()
+                .map(|t| t.and_then(DateTime::from_timestamp_micros))
+                .collect();
+            query.bind(times)
+        }
+    })
 }
 
 fn last_event_times(batch: &arrow::array::RecordBatch) -> Vec<(Partition, DateTime<Utc>)> {
