@@ -38,11 +38,6 @@ pub fn speed_views() -> impl Iterator<Item = &'static ViewDef> {
     ALL_VIEWS.iter().filter(|v| v.source == Source::Events)
 }
 
-/// Computes the deltas of every speed view over `events`.
-pub async fn compute(events: RecordBatch, segment_size: SegmentSize) -> Result<Vec<ViewDelta>, DataFusionError> {
-    Deltas::new(segment_size).await?.compute(events).await
-}
-
 /// The speed views' plans, made once: each micro-batch is swapped into the
 /// `events` table they scan and only the physical plan is made again, so a
 /// flush does not parse, analyse and optimise the views' SQL each time

@@ -1,8 +1,9 @@
 //! The micro-batch into PostgreSQL: decode → DataFusion deltas → one
 //! transaction that advances the offsets with a fence (see
 //! [`crate::offsets`]), records the offset gaps passed, writes the rejects
-//! into the DLQ outbox (see [`crate::dlq`]), COPYs the deltas into temporary
-//! tables and folds them into `speed.*`.
+//! into the DLQ outbox (see [`crate::dlq`]) and folds each view's deltas
+//! into `speed.*` in one statement, without waiting for the WAL flush (see
+//! [`crate::offsets::advance`] for why that is safe).
 //!
 //! A crash at any point leaves either the whole flush or none of it. A
 //! fenced flush (another instance moved an offset) commits nothing and says
