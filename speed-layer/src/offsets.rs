@@ -48,11 +48,11 @@ pub struct Advance {
 /// (fenced off).
 ///
 /// A partition without a stored offset is inserted only when `from` is
-/// where [`load`] starts such a partition (the cut, else 0). Without that
-/// check a lost commit would skip records: the speed transaction commits
-/// with `synchronous_commit = off`, so a PostgreSQL crash may lose its last
-/// commits, the first insert of a partition's row among them, while this
-/// process goes on from the offset it believes committed.
+/// where [`load`] starts such a partition (the cut, else 0). Otherwise a
+/// row that disappeared while this process ran (committed flushes lost by
+/// PostgreSQL, a database restored from an older backup) would be inserted
+/// again at the offset this process believes committed, skipping records;
+/// with the check the flush is fenced and the partition read again.
 pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Vec<Partition>, sqlx::Error> {
     if advances.is_empty() {
         return Ok(Vec::new());

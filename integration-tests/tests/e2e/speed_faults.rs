@@ -221,13 +221,13 @@ async fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
     survives(Fault::Broker, 32).await;
 }
 
-/// The speed layer commits with `synchronous_commit = off`: a PostgreSQL
-/// crash may lose its last commits, a partition's first offsets row among
-/// them, while the layer goes on from where it believes it is. The loss is
-/// made here by hand, mid-stream, deleting at once everything those flushes
-/// wrote. The layer must notice (its next flush is fenced) and read the
-/// partitions again from the cut, not skip what was lost: the totals end
-/// exact.
+/// Committed flushes can vanish under a running speed layer (PostgreSQL
+/// losing its last commits, a database restored from an older backup),
+/// a partition's first offsets row among them, while the layer goes on
+/// from where it believes it is. The loss is made here by hand, mid-stream,
+/// deleting at once everything those flushes wrote. The layer must notice
+/// (its next flush is fenced) and read the partitions again from the cut,
+/// not skip what was lost: the totals end exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commits_lost_by_postgres_are_read_again_not_skipped() {
     init_logs();

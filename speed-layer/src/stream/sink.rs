@@ -2,8 +2,7 @@
 //! transaction that advances the offsets with a fence (see
 //! [`crate::offsets`]), records the offset gaps passed, writes the rejects
 //! into the DLQ outbox (see [`crate::dlq`]) and folds each view's deltas
-//! into `speed.*` in one statement, without waiting for the WAL flush (see
-//! [`crate::offsets::advance`] for why that is safe).
+//! into `speed.*` in one statement.
 //!
 //! A crash at any point leaves either the whole flush or none of it. A
 //! fenced flush (another instance moved an offset) commits nothing and says
@@ -247,11 +246,11 @@ impl<'a> Sink<'a> {
         let deltas = self.deltas.compute(decoded.batch).await?;
 
         let prepared = started.elapsed();
-        // Without waiting for the commit's WAL flush: the deltas, the offsets
-        // and the rest commit together, so a PostgreSQL crash that loses
-        // the last commits loses them whole, and they are read from Kafka
-        // again (see `offsets::advance` for the one case that needs care).
-        let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
+        // A synchronous commit: with `synchronous_commit = off` a PostgreSQL
+        // crash loses the last commits whole and they are read again, so
+        // totals stay exact, but readers may already have seen them, and
+        // the dashboards' totals would go back (the chaos test caught it).
+        let mut tx = self.pool.begin().await?;
         // First, so the fence is held until the commit.
         if !self.forgotten.still_current(&mut tx).await? {
             tx.rollback().await?;
