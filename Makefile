@@ -75,7 +75,7 @@ cluster-up: build ## a local Ballista cluster (scheduler + 2 executors) for run 
 cluster-down: ## stop it
 	@scripts/cluster.sh down
 
-.PHONY: serve bench-serving
+.PHONY: serve bench-serving bench-dashboard
 
 serve: ## the recommendations API and dashboard on SERVING_ADDR (default 127.0.0.1:8080)
 	cargo build -p serving-layer --bins
@@ -83,6 +83,9 @@ serve: ## the recommendations API and dashboard on SERVING_ADDR (default 127.0.0
 
 bench-serving: ## recommendation latency under wrk, 100k users; writes docs/BENCHMARKS.md
 	@scripts/bench-serving.sh
+
+bench-dashboard: ## dashboard API latency under wrk with one and four weeks of history
+	@scripts/bench-dashboard.sh
 
 .PHONY: chaos quality bench-quality
 
@@ -100,7 +103,7 @@ bench-quality: ## the same, written into docs/BENCHMARKS.md
 
 .PHONY: bench bench-batch bench-speed bench-broker bench-forget bench-recovery
 
-bench: bench-batch bench-recovery bench-speed bench-serving bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
+bench: bench-batch bench-recovery bench-speed bench-serving bench-dashboard bench-quality ## every benchmark; each rewrites its section of docs/BENCHMARKS.md
 
 bench-batch: ## batch layer: DataFusion vs DuckDB on 20M events, full vs incremental run
 	@scripts/bench-batch.sh $(ARGS)

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use shared_schema::cut::SegmentSize;
-use shared_schema::derived::{ServingRelation, latest_hour_function_sql, serving_relations};
+use shared_schema::derived::{ROLLUPS, ServingRelation, latest_hour_function_sql, serving_relations};
 use shared_schema::views::{ALL_VIEWS, ViewDef};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
@@ -170,6 +170,10 @@ pub async fn dedup_window_micros(pool: &PgPool) -> Result<Option<i64>, sqlx::Err
 /// A stable fingerprint of every generated relation and grant (FNV-1a).
 fn fingerprint(relations: &[ServingRelation]) -> String {
     let mut text = latest_hour_function_sql();
+    for r in ROLLUPS {
+        text.push_str(&r.table_ddl());
+        text.push_str(&r.fill_sql(&batch_relation, false));
+    }
     for r in relations {
         text.push_str(&r.sql);
         for reader in r.readers {
@@ -179,13 +183,20 @@ fn fingerprint(relations: &[ServingRelation]) -> String {
     shared_schema::views::fnv1a(&text)
 }
 
+/// A batch relation by its name, as the rollups read it outside a publish.
+fn batch_relation(name: &str) -> String {
+    format!("batch.{name}")
+}
+
 /// Name under which `ops.generated_views` records the generated set.
 const GENERATED_SET: &str = "serving.*";
 
 /// Re-creates the generated `serving.*` relations when any definition
 /// changed, in one transaction, so readers see either the old or the new
 /// set. The derived views read the merged ones, so the set is dropped and
-/// re-created whole, dependents last.
+/// re-created whole, dependents last; the batch rollups they read
+/// (`shared_schema::derived::Rollup`) are re-created with them and filled
+/// from the batch relations, which reads the history once per change.
 pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), DbError> {
     let relations = serving_relations(views);
     let fingerprint = fingerprint(&relations);
@@ -208,6 +219,16 @@ pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), 
     let mut ddl = String::new();
     for name in previous.iter().map(String::as_str).chain(relations.iter().rev().map(|r| r.name)) {
         ddl.push_str(&format!("DROP VIEW IF EXISTS serving.{name} CASCADE;\n"));
+    }
+    // The rollups the derived views read, re-created and filled from the
+    // batch relations before the views that read them.
+    for r in ROLLUPS {
+        ddl.push_str(&format!("DROP TABLE IF EXISTS batch.{} CASCADE;\n", r.name));
+        ddl.push_str(&r.table_ddl());
+        ddl.push_str(";\n");
+        ddl.push_str(&format!("GRANT SELECT, INSERT, DELETE ON batch.{} TO batch_writer;\n", r.name));
+        ddl.push_str(&r.fill_sql(&batch_relation, false));
+        ddl.push_str(";\n");
     }
     ddl.push_str(&latest_hour_function_sql());
     ddl.push_str(";\n");

@@ -15,8 +15,12 @@
 //!   demand spikes, freshness. Since they read `serving.product_demand_hourly`,
 //!   they inherit its exact merge at the offset cut: category and product
 //!   totals always agree, and a batch landing changes neither.
-
-use std::fmt::Write as _;
+//! * [`Rollup`]: what a derived view computes per hour from the batch rows
+//!   alone, kept in `batch.<name>` and refreshed by the publish for the
+//!   hours it wrote. The derived view reads it and adds the speed rows (a
+//!   sum), or reads it only for the hours the speed layer holds nothing of
+//!   (a median), so a read costs the hours it asks for, not the history,
+//!   and gives what the view over the merged rows would.
 
 use crate::views::{PRODUCT_DEMAND_HOURLY, Reader, SqlType, USER_PRODUCT_STATE, ViewDef};
 
@@ -391,28 +395,163 @@ $$"
 }
 
 /// Product demand summed per category of the catalog; products the catalog
-/// does not know count under `unknown`.
+/// does not know count under `unknown`. The batch rows come summed per
+/// category from [`CATEGORY_DEMAND_ROLLUP`]; the speed rows above the cut
+/// are added per category here: sums of sums, so the same totals as
+/// summing the merged product rows.
 fn category_demand_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY;
-    let mut sql = String::from("SELECT d.hour, COALESCE(p.category, 'unknown') AS category");
-    for m in v.measures {
-        let _ = write!(sql, ",\n       sum(d.{0})::bigint AS {0}", m.name);
-    }
-    let _ = write!(
-        sql,
-        "\nFROM serving.{} AS d\nLEFT JOIN batch.{} AS p ON p.product_id = d.product_id\nGROUP BY 1, 2",
-        v.name, PRODUCTS.name
-    );
-    sql
+    let measures: Vec<_> = v.measure_names().collect();
+    let summed: Vec<String> = measures.iter().map(|m| format!("sum({m})::bigint AS {m}")).collect();
+    let speed: Vec<String> = measures.iter().map(|m| format!("s.{m}")).collect();
+    format!(
+        "SELECT hour, category,\n       {summed}\nFROM (\n    SELECT hour, category, {plain} FROM batch.{rollup}\n    UNION ALL\n    SELECT s.hour, COALESCE(p.category, 'unknown'), {speed}\n    FROM ({rows}) AS s\n    LEFT JOIN batch.{products} AS p ON p.product_id = s.product_id\n) AS merged\nGROUP BY hour, category",
+        summed = summed.join(",\n       "),
+        plain = measures.join(", "),
+        rollup = CATEGORY_DEMAND_ROLLUP.name,
+        speed = speed.join(", "),
+        rows = v.speed_rows_sql(),
+        products = PRODUCTS.name,
+    )
 }
 
+/// The hour key of every rollup.
+pub const ROLLUP_HOUR: &str = "hour";
+
+/// A derived view's per-hour result over the batch rows alone, as the table
+/// `batch.<name>` (see the module's introduction). The publish refreshes
+/// the hours it wrote of [`PRODUCT_DEMAND_HOURLY`], and every hour when it
+/// replaced a relation the rollup reads; `migrate` fills it whole when its
+/// definition changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Rollup {
+    pub name: &'static str,
+    /// The batch relations it reads: replacing one recomputes every hour.
+    pub reads: &'static [&'static str],
+    /// The first `key` columns are the primary key, [`ROLLUP_HOUR`] first.
+    pub key: usize,
+    columns: fn() -> Vec<(&'static str, SqlType)>,
+    select: RollupSelect,
+}
+
+/// A rollup's rows over the relations named by the first argument (the
+/// batch relation, or the shadow a publish is about to swap in); with the
+/// second, only for the hours bound as `$1`.
+type RollupSelect = fn(&dyn Fn(&str) -> String, bool) -> String;
+
+impl PartialEq for Rollup {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Rollup {
+    pub fn columns(&self) -> Vec<(&'static str, SqlType)> {
+        (self.columns)()
+    }
+
+    pub fn table_ddl(&self) -> String {
+        let columns = self.columns();
+        let cols: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (n, t))| format!("    {n} {}{}", t.postgres(), if i < self.key { " NOT NULL" } else { "" }))
+            .collect();
+        let pk: Vec<_> = columns.iter().take(self.key).map(|(n, _)| *n).collect();
+        format!("CREATE TABLE batch.{} (\n{},\n    PRIMARY KEY ({})\n)", self.name, cols.join(",\n"), pk.join(", "))
+    }
+
+    /// Deletes its rows: all of them, or (`hours`) those of the hours bound
+    /// as `$1` (`timestamptz[]`).
+    pub fn clear_sql(&self, hours: bool) -> String {
+        let filter = if hours { format!(" WHERE {ROLLUP_HOUR} = ANY($1)") } else { String::new() };
+        format!("DELETE FROM batch.{}{filter}", self.name)
+    }
+
+    /// Inserts its rows computed over `source(relation)`: all hours, or
+    /// (`hours`) those bound as `$1`. Run after [`Self::clear_sql`].
+    pub fn fill_sql(&self, source: &dyn Fn(&str) -> String, hours: bool) -> String {
+        let cols: Vec<_> = self.columns().iter().map(|(n, _)| *n).collect();
+        format!("INSERT INTO batch.{} ({})\n{}", self.name, cols.join(", "), (self.select)(source, hours))
+    }
+}
+
+fn category_rollup_columns() -> Vec<(&'static str, SqlType)> {
+    let measures = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| (m.name, m.ty));
+    [(ROLLUP_HOUR, SqlType::TimestampTz), ("category", SqlType::Text)].into_iter().chain(measures).collect()
+}
+
+fn category_rollup_select(source: &dyn Fn(&str) -> String, hours: bool) -> String {
+    let summed: Vec<String> =
+        PRODUCT_DEMAND_HOURLY.measure_names().map(|m| format!("sum(d.{m})::bigint AS {m}")).collect();
+    let filter = if hours { "\nWHERE d.hour = ANY($1)" } else { "" };
+    format!(
+        "SELECT d.hour, COALESCE(p.category, 'unknown') AS category,\n       {}\nFROM {} AS d\nLEFT JOIN {} AS p ON p.product_id = d.product_id{filter}\nGROUP BY 1, 2",
+        summed.join(",\n       "),
+        source(PRODUCT_DEMAND_HOURLY.name),
+        source(PRODUCTS.name),
+    )
+}
+
+/// The demand level of each hour (see [`spike_hours_body`]) over `rows`, a
+/// query of `hour`, `product_id` and `demand`: the one definition of the
+/// level, for the rollup and for the hours the speed layer holds.
+fn hour_level_sql(rows: &str, baseline: &str) -> String {
+    format!(
+        "SELECT l.hour, percentile_cont(0.5) WITHIN GROUP (ORDER BY l.demand / lb.share) AS level
+    FROM ({rows}) AS l
+    JOIN {baseline} AS lb ON lb.product_id = l.product_id
+    WHERE lb.share >= (SELECT {LEVEL_SHARE} / count(*) FROM {baseline})
+    GROUP BY l.hour"
+    )
+}
+
+fn demand_rows(relation: &str, filter: &str) -> String {
+    format!("SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM {relation}{filter}")
+}
+
+fn level_rollup_columns() -> Vec<(&'static str, SqlType)> {
+    vec![(ROLLUP_HOUR, SqlType::TimestampTz), ("level", SqlType::Double)]
+}
+
+fn level_rollup_select(source: &dyn Fn(&str) -> String, hours: bool) -> String {
+    let filter = if hours { " WHERE hour = ANY($1)" } else { "" };
+    hour_level_sql(&demand_rows(&source(PRODUCT_DEMAND_HOURLY.name), filter), &source(DEMAND_BASELINE.name))
+}
+
+/// Category demand of the batch rows, per hour and category.
+pub const CATEGORY_DEMAND_ROLLUP: Rollup = Rollup {
+    name: "category_demand_hourly",
+    reads: &[PRODUCT_DEMAND_HOURLY.name, PRODUCTS.name],
+    key: 2,
+    columns: category_rollup_columns,
+    select: category_rollup_select,
+};
+
+/// The demand level of each hour of the batch rows.
+pub const DEMAND_LEVEL_ROLLUP: Rollup = Rollup {
+    name: "demand_levels",
+    reads: &[PRODUCT_DEMAND_HOURLY.name, DEMAND_BASELINE.name],
+    key: 1,
+    columns: level_rollup_columns,
+    select: level_rollup_select,
+};
+
+pub const ROLLUPS: &[Rollup] = &[CATEGORY_DEMAND_ROLLUP, DEMAND_LEVEL_ROLLUP];
+
+/// Demand of the last [`POPULAR_DAYS`], decayed by age. The newest hour is
+/// taken once (`OFFSET 0` keeps PostgreSQL from calling the function for
+/// every row it weighs); the hour bound calls it too, as an index bound,
+/// which PostgreSQL evaluates once per scan. The decay is in double
+/// precision: `extract` gives `numeric`, whose `power` is many times slower.
 fn popular_body() -> String {
     format!(
         "SELECT (row_number() OVER (ORDER BY score DESC, product_id))::bigint AS rank, product_id, score
 FROM (
     SELECT product_id,
-           sum(({POPULAR_SCORE}) * power(0.5, extract(epoch FROM serving.latest_demand_hour() - hour) / ({POPULAR_HALF_LIFE_HOURS} * 3600.0)))::double precision AS score
+           sum(({POPULAR_SCORE}) * power(0.5, extract(epoch FROM n.latest - hour)::double precision / ({POPULAR_HALF_LIFE_HOURS} * 3600.0)))::double precision AS score
     FROM serving.{v}
+    CROSS JOIN (SELECT serving.latest_demand_hour() AS latest OFFSET 0) AS n
     WHERE hour > serving.latest_demand_hour() - interval '{POPULAR_DAYS} days'
     GROUP BY product_id
 ) AS s
@@ -428,6 +567,11 @@ WHERE score > 0",
 /// their demand divided by their share. Unlike the hour's total, the level
 /// is not lifted by the spikes it is meant to reveal (a big spike on a
 /// popular product would otherwise raise its own expectation).
+///
+/// The level of an hour the speed layer holds nothing of is the batch's,
+/// kept in [`DEMAND_LEVEL_ROLLUP`]; only the hours with speed rows above
+/// the cut (the current ones, and old ones with late events) are computed
+/// on read, each over its own hour's rows.
 fn spike_hours_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY.name;
     let b = DEMAND_BASELINE.name;
@@ -440,17 +584,21 @@ fn spike_hours_body() -> String {
        ({elevated}) AS is_elevated
 FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS d
 JOIN (
-    SELECT l.hour, percentile_cont(0.5) WITHIN GROUP (ORDER BY l.demand / lb.share) AS level
-    FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS l
-    JOIN batch.{b} AS lb ON lb.product_id = l.product_id
-    WHERE lb.share >= (SELECT {LEVEL_SHARE} / count(*) FROM batch.{b})
-    GROUP BY l.hour
+    SELECT r.hour, r.level FROM batch.{levels} AS r
+    WHERE NOT EXISTS (SELECT 1 FROM ({rows}) AS s WHERE s.hour = r.hour)
+    UNION ALL
+    SELECT x.hour, x.level
+    FROM (SELECT DISTINCT s.hour FROM ({rows}) AS s) AS h
+    CROSS JOIN LATERAL ({live}) AS x
 ) AS t ON t.hour = d.hour
 JOIN batch.{b} AS b ON b.product_id = d.product_id
 CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.level, 1.0) AS expected) AS e
 CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(b.dispersion * e.expected) AS z) AS x",
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),
+        levels = DEMAND_LEVEL_ROLLUP.name,
+        rows = PRODUCT_DEMAND_HOURLY.speed_rows_sql(),
+        live = hour_level_sql(&demand_rows(&format!("serving.{v}"), " WHERE hour = h.hour"), &format!("batch.{b}")),
     )
 }
 
@@ -593,6 +741,29 @@ mod tests {
     }
 
     #[test]
+    fn rollup_sql_snapshots() {
+        let batch = |n: &str| format!("batch.{n}");
+        for r in ROLLUPS {
+            insta::assert_snapshot!(format!("{}_rollup_ddl", r.name), r.table_ddl());
+            insta::assert_snapshot!(format!("{}_rollup_fill", r.name), r.fill_sql(&batch, false));
+            insta::assert_snapshot!(format!("{}_rollup_fill_hours", r.name), r.fill_sql(&batch, true));
+        }
+    }
+
+    #[test]
+    fn rollups_are_keyed_by_hour_first_and_read_product_demand() {
+        for r in ROLLUPS {
+            assert_eq!(r.columns()[0], (ROLLUP_HOUR, SqlType::TimestampTz), "{}", r.name);
+            assert!(r.reads.contains(&PRODUCT_DEMAND_HOURLY.name), "{}", r.name);
+            // The hour filter binds one parameter, in both statements.
+            assert!(
+                r.clear_sql(true).contains("= ANY($1)") && r.fill_sql(&|n| n.to_string(), true).contains("= ANY($1)")
+            );
+            assert!(!r.clear_sql(false).contains('$') && !r.fill_sql(&|n| n.to_string(), false).contains('$'));
+        }
+    }
+
+    #[test]
     fn derived_view_sql_snapshots() {
         for d in DERIVED_VIEWS {
             insta::assert_snapshot!(format!("{}_serving", d.name), d.serving_view_sql());
@@ -610,8 +781,13 @@ mod tests {
     #[test]
     fn category_demand_carries_every_product_demand_measure() {
         let sql = CATEGORY_DEMAND_HOURLY.serving_view_sql();
+        let rollup = CATEGORY_DEMAND_ROLLUP.fill_sql(&|n| format!("batch.{n}"), false);
         for m in PRODUCT_DEMAND_HOURLY.measure_names() {
-            assert!(sql.contains(&format!("sum(d.{m})::bigint AS {m}")), "{m} missing");
+            assert!(
+                sql.contains(&format!("sum({m})::bigint AS {m}")) && sql.contains(&format!("s.{m}")),
+                "{m} missing"
+            );
+            assert!(rollup.contains(&format!("sum(d.{m})::bigint AS {m}")), "{m} missing from the rollup");
         }
     }
 

@@ -358,6 +358,22 @@ impl ViewDef {
 
     /// The PostgreSQL view `serving.<view>`: batch rows plus the speed rows
     /// at or above the cut of their partition, merged per key.
+    /// The speed rows the batch does not hold yet (for a segmented view,
+    /// those at or above the cut), with the keys and measures as columns:
+    /// the speed side of the merge.
+    pub fn speed_rows_sql(&self) -> String {
+        let cols: Vec<String> = self.key_names().chain(self.measure_names()).map(|c| format!("s.{c}")).collect();
+        if self.segmented() {
+            format!(
+                "SELECT {cols}\n    FROM speed.{name} AS s\n    CROSS JOIN ops.deployment AS d\n    LEFT JOIN ops.cut AS c ON c.kafka_partition = s.{PARTITION_COLUMN}\n    WHERE s.{SEGMENT_COLUMN} * d.segment_size >= COALESCE(c.cut_offset, 0)",
+                cols = cols.join(", "),
+                name = self.name,
+            )
+        } else {
+            format!("SELECT {} FROM speed.{} AS s", cols.join(", "), self.name)
+        }
+    }
+
     pub fn serving_view_sql(&self) -> String {
         let keys: Vec<_> = self.key_names().collect();
         let measures: Vec<_> = self.measure_names().collect();
@@ -371,16 +387,7 @@ impl ViewDef {
             })
             .collect();
         let plain = [keys.clone(), measures.clone()].concat().join(", ");
-        let speed_cols: Vec<String> = keys.iter().chain(&measures).map(|c| format!("s.{c}")).collect();
-        let speed_branch = if self.segmented() {
-            format!(
-                "SELECT {cols}\n    FROM speed.{name} AS s\n    CROSS JOIN ops.deployment AS d\n    LEFT JOIN ops.cut AS c ON c.kafka_partition = s.{PARTITION_COLUMN}\n    WHERE s.{SEGMENT_COLUMN} * d.segment_size >= COALESCE(c.cut_offset, 0)",
-                cols = speed_cols.join(", "),
-                name = self.name,
-            )
-        } else {
-            format!("SELECT {} FROM speed.{} AS s", speed_cols.join(", "), self.name)
-        };
+        let speed_branch = self.speed_rows_sql();
         format!(
             "CREATE OR REPLACE VIEW serving.{name} AS\nSELECT {keys},\n       {merged}\nFROM (\n    SELECT {plain} FROM batch.{name}\n    UNION ALL\n    {speed_branch}\n) AS merged\nGROUP BY {keys}",
             name = self.name,

@@ -11,6 +11,10 @@
 //! statements. No table readers use is truncated or counted here, and
 //! no row is written twice.
 //!
+//! The same transaction recomputes the rollups the derived views read
+//! (`shared_schema::derived::Rollup`) for the hours it wrote, or whole when
+//! it replaced a relation they read, so they always match `batch.*`.
+//!
 //! Each transaction first locks `ops.run_fence` and goes on only if the token
 //! is still the one this run took with its lock, and only if no partition's
 //! cut would move back: a run that lost its lock to a newer run (a
@@ -20,7 +24,7 @@ use std::collections::BTreeMap;
 
 use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{OffsetCut, SegmentSize};
-use shared_schema::derived::Input;
+use shared_schema::derived::{Input, ROLLUPS, Rollup};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::RunError;
@@ -250,9 +254,48 @@ pub(crate) async fn publish(
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
     }
+    // The rollups of what this transaction wrote, read from the shadows
+    // about to be swapped in.
+    for rollup in ROLLUPS {
+        let Some(scope) = rollup_scope(rollup, computed) else { continue };
+        let source = |name: &str| shadows.get(name).cloned().unwrap_or_else(|| format!("batch.{name}"));
+        let hours = matches!(scope, RollupScope::Hours(_));
+        let starts = match scope {
+            RollupScope::Hours(starts) => starts,
+            RollupScope::All => Vec::new(),
+        };
+        sqlx::query(AssertSqlSafe(rollup.clear_sql(hours))).bind(&starts).execute(&mut *tx).await?;
+        let n = sqlx::query(AssertSqlSafe(rollup.fill_sql(&source, hours))).bind(&starts).execute(&mut *tx).await?;
+        written.insert(format!("rollup {}", rollup.name), n.rows_affected());
+    }
     swap(&mut tx, &shadows.keys().copied().collect::<Vec<_>>()).await?;
     tx.commit().await?;
     Ok(written)
+}
+
+/// Which hours of a rollup a publish recomputes.
+#[derive(Debug, PartialEq, Eq)]
+enum RollupScope {
+    /// Every hour: a relation it reads was replaced (or folded in, which
+    /// does not say which hours changed).
+    All,
+    /// The hours (their starts) written of the relations it reads.
+    Hours(Vec<chrono::DateTime<chrono::Utc>>),
+}
+
+/// `None` when the publish wrote nothing the rollup reads.
+fn rollup_scope(rollup: &Rollup, computed: &[Computed]) -> Option<RollupScope> {
+    let read: Vec<&Computed> = computed.iter().filter(|c| rollup.reads.contains(&c.name)).collect();
+    let mut starts = Vec::new();
+    for c in &read {
+        match &c.refresh {
+            Refresh::Hours { hours, .. } => starts.extend(hours.iter().map(|h| h.start())),
+            Refresh::Replace | Refresh::Upsert => return Some(RollupScope::All),
+        }
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    (!read.is_empty()).then_some(RollupScope::Hours(starts))
 }
 
 /// The seed keys of partition `p` as the columns of `ops.dedup_seed`.
@@ -348,4 +391,50 @@ async fn fence(tx: &mut PgConnection, record: &Record<'_>) -> Result<(), RunErro
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use shared_schema::derived::{CATEGORY_DEMAND_ROLLUP, DEMAND_BASELINE, DEMAND_LEVEL_ROLLUP, PRODUCTS};
+    use shared_schema::schema::Hour;
+    use shared_schema::views::{PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
+
+    use super::*;
+
+    fn hour(h: i64) -> Hour {
+        Hour::of(chrono::DateTime::from_timestamp(h * 3600, 0).unwrap())
+    }
+
+    fn view(view: &'static shared_schema::ViewDef, refresh: Refresh) -> Computed {
+        Computed { name: view.name, relation: Relation::View(view), refresh, batches: Vec::new() }
+    }
+
+    fn table(table: &'static shared_schema::derived::BatchTable) -> Computed {
+        Computed { name: table.name, relation: Relation::Table(table), refresh: Refresh::Replace, batches: Vec::new() }
+    }
+
+    #[test]
+    fn rollups_follow_what_the_publish_wrote() {
+        let hours = |h: &[i64]| Refresh::Hours { key: "hour", hours: h.iter().map(|h| hour(*h)).collect() };
+        let demand_hours = view(&PRODUCT_DEMAND_HOURLY, hours(&[7, 5, 7]));
+        let state = view(&USER_PRODUCT_STATE, Refresh::Upsert);
+        // Only the written hours, once each, in order.
+        let written = [demand_hours, state];
+        let starts = vec![hour(5).start(), hour(7).start()];
+        assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &written), Some(RollupScope::Hours(starts.clone())));
+        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &written), Some(RollupScope::Hours(starts)));
+        // A replaced catalog changes every hour's categories, not the levels;
+        // a replaced baseline every level, not the categories.
+        let catalog = [view(&PRODUCT_DEMAND_HOURLY, hours(&[5])), table(&PRODUCTS)];
+        assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &catalog), Some(RollupScope::All));
+        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &catalog), Some(RollupScope::Hours(vec![hour(5).start()])));
+        let baseline = [table(&DEMAND_BASELINE)];
+        assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &baseline), None);
+        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &baseline), Some(RollupScope::All));
+        // A full run replaces the view; a run that wrote nothing they read
+        // leaves both alone.
+        let full = [view(&PRODUCT_DEMAND_HOURLY, Refresh::Replace)];
+        assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &full), Some(RollupScope::All));
+        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &[view(&USER_PRODUCT_STATE, Refresh::Upsert)]), None);
+    }
 }

@@ -237,6 +237,153 @@ async fn item_similarity_scores_shared_users_of_recent_activity() {
     assert!(sim.iter().filter(|((a, _), _)| a.starts_with('q')).all(|(_, (score, _))| close(*score, 1.0)));
 }
 
+/// Category demand as it was defined before the rollups: the merged product
+/// rows summed through the catalog. The oracle of the rollup test.
+const CATEGORY_OVER_MERGED_ROWS: &str = "
+    SELECT d.hour, COALESCE(p.category, 'unknown') AS category, sum(d.views)::bigint, sum(d.cart_adds)::bigint,
+           sum(d.cart_removes)::bigint, sum(d.purchases)::bigint, sum(d.units)::bigint, sum(d.revenue_cents)::bigint
+    FROM serving.product_demand_hourly AS d LEFT JOIN batch.products AS p ON p.product_id = d.product_id
+    GROUP BY 1, 2 ORDER BY 1, 2";
+
+/// Each product-hour's expected demand as spike detection defined it before
+/// the rollups: its baseline share of the hour's level, the level computed
+/// over every merged row of the hour.
+const EXPECTED_OVER_MERGED_ROWS: &str = "
+    WITH d AS (SELECT hour, product_id, (views + cart_adds + purchases)::double precision AS demand
+               FROM serving.product_demand_hourly),
+    t AS (SELECT d.hour, percentile_cont(0.5) WITHIN GROUP (ORDER BY d.demand / lb.share) AS level
+          FROM d JOIN batch.demand_baseline AS lb ON lb.product_id = d.product_id
+          WHERE lb.share >= (SELECT 0.5 / count(*) FROM batch.demand_baseline)
+          GROUP BY d.hour)
+    SELECT d.hour, d.product_id, d.demand, GREATEST(b.share * t.level, 1.0)
+    FROM d JOIN t ON t.hour = d.hour JOIN batch.demand_baseline AS b ON b.product_id = d.product_id
+    ORDER BY 1, 2";
+
+type CategoryRow = (DateTime<Utc>, String, i64, i64, i64, i64, i64, i64);
+type ExpectedRow = (DateTime<Utc>, String, f64, f64);
+
+/// `serving.category_demand_hourly` and the expected demand of
+/// `serving.demand_spike_hours` equal the oracles; returns how many rows
+/// each has.
+async fn assert_rollups_match(pool: &PgPool, when: &str) -> (usize, usize) {
+    let oracle: Vec<CategoryRow> = sqlx::query_as(CATEGORY_OVER_MERGED_ROWS).fetch_all(pool).await.unwrap();
+    let served: Vec<CategoryRow> = sqlx::query_as(
+        "SELECT hour, category, views, cart_adds, cart_removes, purchases, units, revenue_cents
+         FROM serving.category_demand_hourly ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(served, oracle, "serving.category_demand_hourly {when}");
+    let categories = served.len();
+    let oracle: Vec<ExpectedRow> = sqlx::query_as(EXPECTED_OVER_MERGED_ROWS).fetch_all(pool).await.unwrap();
+    let served: Vec<ExpectedRow> =
+        sqlx::query_as("SELECT hour, product_id, demand, expected FROM serving.demand_spike_hours ORDER BY 1, 2")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(served, oracle, "serving.demand_spike_hours {when}");
+    (categories, served.len())
+}
+
+/// The category and spike views read the batch's per-hour rollups instead
+/// of aggregating all history on each read. Whatever the batch and the
+/// speed layer hold (speed rows in the current hour, in an hour the batch
+/// has not seen, late ones in an old hour; after full and incremental runs,
+/// a catalog change, and a migrate that refills them), they give what the
+/// views over the merged product rows give.
+#[tokio::test]
+async fn rollups_give_what_the_views_over_merged_rows_give() {
+    let s = setup("derived_rollups").await;
+    let (sales_url, sales) = s.stack.fresh_database("derived_rollups_sales").await.unwrap();
+    let args = Args {
+        backfill_hours: 30,
+        no_catalog: false,
+        sales_database_url: sales_url.clone(),
+        ..Args::for_tests(s.stack.brokers(), &s.topic, 97)
+    };
+    generator::run(args).await.unwrap();
+    let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
+    let ingest_all = || async {
+        let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
+        ingest::run(config, CancellationToken::new()).await.unwrap();
+    };
+    ingest_all().await;
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    let rollup_rows = |table: &'static str| {
+        let pool = s.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM batch.{table}")))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (categories, spike_hours) = assert_rollups_match(&s.pool, "after a full run").await;
+    assert!(categories > 30 && spike_hours > 100, "too little to mean something: {categories}, {spike_hours}");
+    assert_eq!(rollup_rows("category_demand_hourly").await as usize, categories, "the batch's rows are all rolled up");
+    assert!(rollup_rows("demand_levels").await >= 30);
+
+    // Speed rows above the cut (segments far past it): in the newest hour,
+    // in the hour after it (no batch rows yet), and late ones in the oldest
+    // hour, one of a product the catalog does not know.
+    sqlx::query(
+        "WITH h AS (SELECT max(hour) AS newest, min(hour) AS oldest FROM batch.product_demand_hourly)
+         INSERT INTO speed.product_demand_hourly
+             (hour, product_id, kafka_partition, segment, views, cart_adds, cart_removes, purchases, units, revenue_cents)
+         SELECT x.hour, x.product_id, 0, 1000000000, x.views, 2, 0, 1, 1, 999
+         FROM h CROSS JOIN LATERAL (VALUES
+             (h.newest, (SELECT min(product_id) FROM batch.products), 500),
+             (h.newest, (SELECT max(product_id) FROM batch.products), 7),
+             (h.newest + interval '1 hour', (SELECT min(product_id) FROM batch.products), 40),
+             (h.oldest, (SELECT max(product_id) FROM batch.products), 300),
+             (h.oldest, 'p-not-in-catalog', 25)) AS x(hour, product_id, views)",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let (categories_with_speed, _) = assert_rollups_match(&s.pool, "with speed rows above the cut").await;
+    assert!(categories_with_speed > categories, "the speed rows add (hour, category) cells");
+
+    // Incremental runs: new and late traffic (the hours written are rolled
+    // up again), then a catalog change (every hour's categories are).
+    let incremental = RunConfig { full: false, ..run.clone() };
+    let before = rollup_rows("category_demand_hourly").await;
+    generator::run(Args { backfill_hours: 3, late_fraction: 0.2, ..Args::for_tests(s.stack.brokers(), &s.topic, 98) })
+        .await
+        .unwrap();
+    ingest_all().await;
+    assert!(matches!(recompute::run(&incremental).await.unwrap(), RunOutcome::Published { .. }));
+    assert_rollups_match(&s.pool, "after an incremental run").await;
+    assert!(rollup_rows("category_demand_hourly").await >= before);
+    sqlx::query("UPDATE products SET category = 'c-renamed' WHERE product_id = (SELECT max(product_id) FROM products)")
+        .execute(&sales)
+        .await
+        .unwrap();
+    generator::run(Args { backfill_hours: 1, ..Args::for_tests(s.stack.brokers(), &s.topic, 99) }).await.unwrap();
+    ingest_all().await;
+    let RunOutcome::Published { tables, .. } = recompute::run(&incremental).await.unwrap() else {
+        panic!("no publish")
+    };
+    assert!(tables.contains(&"products"), "a changed catalog is republished: {tables:?}");
+    assert_rollups_match(&s.pool, "after a catalog change").await;
+    let renamed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM batch.category_demand_hourly WHERE category = 'c-renamed' AND hour < now() - interval '10 hours'",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert!(renamed > 0, "old hours are rolled up under the new category");
+
+    // A release whose rollups changed: `migrate` fills them again.
+    sqlx::query("DELETE FROM ops.generated_views").execute(&s.pool).await.unwrap();
+    sqlx::query("DELETE FROM batch.category_demand_hourly").execute(&s.pool).await.unwrap();
+    sqlx::query("DELETE FROM batch.demand_levels").execute(&s.pool).await.unwrap();
+    platform::db::migrate(&s.pool, Some(1)).await.unwrap();
+    assert_rollups_match(&s.pool, "after migrate refilled them").await;
+    assert!(rollup_rows("demand_levels").await >= 30);
+}
+
 /// Injected spikes are found as spikes, from about their start; the ones
 /// still going on at the newest hour are reported as active.
 #[tokio::test]
