@@ -100,6 +100,8 @@ impl Histories {
     /// Writes what a flush over `partitions` judged (and a seed not written
     /// yet) inside its transaction, and prunes keys that fell out of the
     /// window: one statement for each, whatever the number of partitions.
+    /// The keys are appended, never merged into an index of keys (see
+    /// migration 0022).
     pub async fn persist(
         &self,
         conn: &mut PgConnection,
@@ -128,8 +130,7 @@ impl Histories {
         if !keys.is_empty() {
             sqlx::query(
                 "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
-                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)
-                 ON CONFLICT (kafka_partition, event_key) DO UPDATE SET event_time = EXCLUDED.event_time",
+                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)",
             )
             .bind(&key_partitions)
             .bind(&keys)
@@ -210,6 +211,12 @@ async fn load(
     .await?;
     let keys: Vec<(EventKey, i64)> =
         rows.into_iter().filter_map(|(k, t)| EventKey::from_slice(&k).map(|k| (k, t.timestamp_micros()))).collect();
-    let history = PartitionHistory { newest: Some(newest), seen: keys.iter().copied().collect() };
+    // `speed.event_keys` appends (migration 0022): a key written again has
+    // a row for each write until the older is pruned; the newest counts.
+    let mut seen: HashMap<EventKey, i64> = HashMap::with_capacity(keys.len());
+    for &(k, t) in &keys {
+        seen.entry(k).and_modify(|s| *s = (*s).max(t)).or_insert(t);
+    }
+    let history = PartitionHistory { newest: Some(newest), seen };
     Ok(Ok((history, if seeded { keys } else { Vec::new() })))
 }
