@@ -211,7 +211,7 @@ async fn load(
     .await?;
     let keys: Vec<(EventKey, i64)> =
         rows.into_iter().filter_map(|(k, t)| EventKey::from_slice(&k).map(|k| (k, t.timestamp_micros()))).collect();
-    // `speed.event_keys` appends (migration 0022): a key written again has
+    // Both tables append (migrations 0022, 0023): a key written again has
     // a row for each write until the older is pruned; the newest counts.
     let mut seen: HashMap<EventKey, i64> = HashMap::with_capacity(keys.len());
     for &(k, t) in &keys {

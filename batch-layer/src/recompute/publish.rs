@@ -203,14 +203,13 @@ pub(crate) async fn publish(
         };
         stale.execute(&mut *tx).await?;
         if seed.continues {
-            // It may meet a key it holds (a lake written before duplicates
-            // were judged).
+            // Appended (migration 0023): a key it holds already (a lake
+            // written before duplicates were judged) gets a second row, and
+            // the speed layer keeps the newer when it loads the seed.
             let (keys, times) = shared_schema::dedup::key_columns(seed.keys.iter().map(|(k, t)| (k, t)));
             sqlx::query(
                 "INSERT INTO ops.dedup_seed (kafka_partition, event_key, event_time)
-                 SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)
-                 ON CONFLICT (kafka_partition, event_key)
-                 DO UPDATE SET event_time = GREATEST(ops.dedup_seed.event_time, EXCLUDED.event_time)",
+                 SELECT $1, k, t FROM unnest($2::bytea[], $3::timestamptz[]) AS x(k, t)",
             )
             .bind(p.0)
             .bind(keys)
