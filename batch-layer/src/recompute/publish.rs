@@ -311,6 +311,10 @@ fn seed_batch(
         Field::new("event_key", DataType::Binary, false),
         Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
     ]));
+    // Oldest first: the seed is indexed by time only (migration 0023), and
+    // rows in time order extend the index at its end.
+    let mut keys: Vec<&(shared_schema::dedup::EventKey, i64)> = keys.iter().collect();
+    keys.sort_unstable_by_key(|(k, t)| (*t, *k));
     let partitions = Int32Array::from(vec![p.0; keys.len()]);
     let event_keys = BinaryArray::from_iter_values(keys.iter().map(|(k, _)| k.0.as_slice()));
     let times = TimestampMicrosecondArray::from_iter_values(keys.iter().map(|(_, t)| *t)).with_timezone("UTC");
