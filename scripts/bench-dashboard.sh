@@ -23,15 +23,7 @@ CONNECTIONS=${CONNECTIONS:-4}
 ADDR=${BENCH_ADDR:-127.0.0.1:18090}
 OPS_ADDR=${BENCH_OPS_ADDR:-127.0.0.1:18091}
 
-say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-command -v wrk >/dev/null || die "wrk is missing: scripts/stack.sh tools installs it"
-psql "$PG_SERVER/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1 || die "PostgreSQL does not answer at $PG_SERVER: make up"
-
-say "building serving-layer (release profile, as it runs in production)"
-cargo build --quiet --release --locked -p serving-layer --bin serving-layer
-BIN=$RELEASE/serving-layer
+serve_bench_ready "$PG_SERVER"
 
 # fill WEEKS: a fresh database with WEEKS weeks of hourly demand in the
 # batch, the last three hours in the speed layer above the cut (4

@@ -11,6 +11,18 @@ export RUST_LOG=${RUST_LOG:-warn,sqlx=error,buoyant_kernel::snapshot::builder=of
 RELEASE=$CARGO_TARGET_DIR/release
 
 step() { printf '\n\033[1m[%s] %s\033[0m\n' "$(date -u +%H:%M:%S)" "$*"; }
+say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# serve_bench_ready PG_SERVER: wrk and PostgreSQL are there, and the
+# release `serving-layer` is built ($BIN); the serving benchmarks' start.
+serve_bench_ready() {
+    command -v wrk >/dev/null || die "wrk is missing: scripts/stack.sh tools installs it"
+    psql "$1/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1 || die "PostgreSQL does not answer at $1: make up"
+    say "building serving-layer (release profile, as it runs in production)"
+    cargo build --quiet --release --locked -p serving-layer --bin serving-layer
+    BIN=$RELEASE/serving-layer
+}
 
 # What the figures were measured on (copied into docs/BENCHMARKS.md).
 machine() {

@@ -18,8 +18,6 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 ARGS=${QUALITY_ARGS:---hours 168 --products 200 --users 3000 --rate 1.5}
 OUT=docs/BENCHMARKS.md
 
-say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
-
 say "stack and build"
 scripts/stack.sh up >/dev/null
 cargo build --quiet --locked --workspace --bins

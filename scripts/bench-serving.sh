@@ -29,15 +29,7 @@ PACE_MS=${PACE_MS:-10}
 MAX_CONNECTIONS=${MAX_CONNECTIONS:-32}
 OUT=docs/BENCHMARKS.md
 
-say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-
-command -v wrk >/dev/null || die "wrk is missing: scripts/stack.sh tools installs it"
-psql "$PG_SERVER/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1 || die "PostgreSQL does not answer at $PG_SERVER: make up"
-
-say "building serving-layer (release profile, as it runs in production)"
-cargo build --quiet --release --locked -p serving-layer --bin serving-layer
-BIN=$RELEASE/serving-layer
+serve_bench_ready "$PG_SERVER"
 
 say "database $DB: $USERS users, $PRODUCTS products"
 psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
