@@ -4,7 +4,8 @@
 //! Data is written where the pipeline puts it: `batch.*` tables behind the
 //! generated `serving.*` views, and the `ops.*` rows that freshness is
 //! computed from. Everything derived (category demand, popularity, spikes)
-//! is then computed by the real views.
+//! is then computed by the real views; each writer of a relation the
+//! batch's rollups read refills them, as a publish would.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub async fn insert_products(pool: &PgPool, products: &[Product]) -> anyhow::Res
             .execute(pool)
             .await?;
     }
+    // As a publish would: the rollups follow what the batch holds.
+    platform::db::refill_rollups(pool).await?;
     Ok(())
 }
 
@@ -70,6 +73,7 @@ pub async fn insert_product_demand(
     .bind(purchases)
     .execute(pool)
     .await?;
+    platform::db::refill_rollups(pool).await?;
     Ok(())
 }
 
@@ -141,6 +145,7 @@ pub async fn insert_baseline(pool: &PgPool, product: &str, share: f64) -> anyhow
         .bind(share)
         .execute(pool)
         .await?;
+    platform::db::refill_rollups(pool).await?;
     Ok(())
 }
 

@@ -183,6 +183,20 @@ fn fingerprint(relations: &[ServingRelation]) -> String {
     shared_schema::views::fnv1a(&text)
 }
 
+/// Recomputes every rollup whole from the batch relations, in one
+/// transaction: what `migrate` does when their definition changed, for
+/// rows written into `batch.*` other than by a publish (test fixtures that
+/// stand in for the batch).
+pub async fn refill_rollups(pool: &PgPool) -> Result<(), DbError> {
+    let mut tx = pool.begin().await?;
+    for r in ROLLUPS {
+        sqlx::query(AssertSqlSafe(r.clear_sql(false))).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(r.fill_sql(&batch_relation, false))).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// A batch relation by its name, as the rollups read it outside a publish.
 fn batch_relation(name: &str) -> String {
     format!("batch.{name}")
