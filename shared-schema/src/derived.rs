@@ -571,7 +571,8 @@ WHERE score > 0",
 /// The level of an hour the speed layer holds nothing of is the batch's,
 /// kept in [`DEMAND_LEVEL_ROLLUP`]; only the hours with speed rows above
 /// the cut (the current ones, and old ones with late events) are computed
-/// on read, each over its own hour's rows.
+/// on read, each over its own hour's rows. Those hours are found once
+/// (`live`, read twice, so PostgreSQL computes it once).
 fn spike_hours_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY.name;
     let b = DEMAND_BASELINE.name;
@@ -584,11 +585,12 @@ fn spike_hours_body() -> String {
        ({elevated}) AS is_elevated
 FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS d
 JOIN (
+    WITH live AS (SELECT DISTINCT s.hour FROM ({rows}) AS s)
     SELECT r.hour, r.level FROM batch.{levels} AS r
-    WHERE NOT EXISTS (SELECT 1 FROM ({rows}) AS s WHERE s.hour = r.hour)
+    WHERE NOT EXISTS (SELECT 1 FROM live WHERE live.hour = r.hour)
     UNION ALL
     SELECT x.hour, x.level
-    FROM (SELECT DISTINCT s.hour FROM ({rows}) AS s) AS h
+    FROM live AS h
     CROSS JOIN LATERAL ({live}) AS x
 ) AS t ON t.hour = d.hour
 JOIN batch.{b} AS b ON b.product_id = d.product_id
