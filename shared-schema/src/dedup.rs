@@ -51,17 +51,26 @@ impl EventKey {
     }
 }
 
+/// `keys` in the order both layers write them to PostgreSQL: oldest first.
+/// The key tables are indexed by time only, so rows in time order extend
+/// that index at its end instead of touching a page anywhere in it for
+/// each row.
+pub fn oldest_first<'k>(keys: impl IntoIterator<Item = (&'k EventKey, &'k i64)>) -> Vec<(&'k EventKey, i64)> {
+    let mut rows: Vec<(&EventKey, i64)> = keys.into_iter().map(|(k, t)| (k, *t)).collect();
+    rows.sort_unstable_by_key(|(k, t)| (*t, **k));
+    rows
+}
+
 /// `keys` as the two columns PostgreSQL stores them in (`bytea` keys,
-/// `timestamptz` event times), oldest first: the tables are indexed by
-/// time only, so rows in time order extend that index at its end instead
-/// of touching a page anywhere in it for each row. A time out of range is
+/// `timestamptz` event times), [`oldest_first`]; a time out of range is
 /// left out.
 pub fn key_columns<'k>(
     keys: impl IntoIterator<Item = (&'k EventKey, &'k i64)>,
 ) -> (Vec<Vec<u8>>, Vec<chrono::DateTime<chrono::Utc>>) {
-    let mut rows: Vec<(&EventKey, i64)> = keys.into_iter().map(|(k, t)| (k, *t)).collect();
-    rows.sort_unstable_by_key(|(k, t)| (*t, **k));
-    rows.into_iter().filter_map(|(k, t)| chrono::DateTime::from_timestamp_micros(t).map(|t| (k.0.to_vec(), t))).unzip()
+    oldest_first(keys)
+        .into_iter()
+        .filter_map(|(k, t)| chrono::DateTime::from_timestamp_micros(t).map(|t| (k.0.to_vec(), t)))
+        .unzip()
 }
 
 /// What a layer knows of one partition: its newest time and the keys of

@@ -258,10 +258,9 @@ pub(crate) async fn publish(
     for rollup in ROLLUPS {
         let Some(scope) = rollup_scope(rollup, computed) else { continue };
         let source = |name: &str| shadows.get(name).cloned().unwrap_or_else(|| format!("batch.{name}"));
-        let hours = matches!(scope, RollupScope::Hours(_));
-        let starts = match scope {
-            RollupScope::Hours(starts) => starts,
-            RollupScope::All => Vec::new(),
+        let (hours, starts) = match scope {
+            RollupScope::Hours(starts) => (true, starts),
+            RollupScope::All => (false, Vec::new()),
         };
         sqlx::query(AssertSqlSafe(rollup.clear_sql(hours))).bind(&starts).execute(&mut *tx).await?;
         let n = sqlx::query(AssertSqlSafe(rollup.fill_sql(&source, hours))).bind(&starts).execute(&mut *tx).await?;
@@ -311,10 +310,7 @@ fn seed_batch(
         Field::new("event_key", DataType::Binary, false),
         Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
     ]));
-    // Oldest first: the seed is indexed by time only (migration 0023), and
-    // rows in time order extend the index at its end.
-    let mut keys: Vec<&(shared_schema::dedup::EventKey, i64)> = keys.iter().collect();
-    keys.sort_unstable_by_key(|(k, t)| (*t, *k));
+    let keys = shared_schema::dedup::oldest_first(keys.iter().map(|(k, t)| (k, t)));
     let partitions = Int32Array::from(vec![p.0; keys.len()]);
     let event_keys = BinaryArray::from_iter_values(keys.iter().map(|(k, _)| k.0.as_slice()));
     let times = TimestampMicrosecondArray::from_iter_values(keys.iter().map(|(_, t)| *t)).with_timezone("UTC");
