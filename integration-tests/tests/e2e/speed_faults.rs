@@ -126,10 +126,18 @@ async fn dlq_distinct(brokers: &str, expected: u64) -> (BTreeMap<String, u64>, u
     let mut by_reason = BTreeMap::new();
     let mut repeats = 0;
     while (seen.len() as u64) < expected {
-        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        let m = match tokio::time::timeout(Duration::from_secs(60), consumer.recv())
             .await
             .unwrap_or_else(|_| panic!("only {} of {expected} DLQ records arrived", seen.len()))
-            .unwrap();
+        {
+            Ok(m) => m,
+            // The broker was just restarted: librdkafka reports the lost
+            // connections once and reconnects by itself.
+            Err(rdkafka::error::KafkaError::MessageConsumption(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)) => {
+                continue;
+            }
+            Err(e) => panic!("reading the DLQ: {e}"),
+        };
         let headers = m.headers().expect("DLQ records carry headers");
         let get = |name: &str| {
             headers
