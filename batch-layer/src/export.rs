@@ -30,7 +30,7 @@ use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::prelude::SessionContext;
 use platform::forgotten::{ForgetKey, Forgotten, LakeFence};
 use serde::Serialize;
-use shared_schema::views::USER_PRODUCT_INTERACTIONS;
+use shared_schema::views::user_product_interactions;
 use sqlx::PgPool;
 
 use crate::lake::{self, EVENTS_TABLE, Lake, LakeError};
@@ -155,7 +155,7 @@ async fn write(lake: &Lake, out: &Path, as_of: DateTime<Utc>, forgotten: &Forgot
     lake::register(&ctx, scope::LAKE_EVENTS, &table).await?;
     scope::register_events(&ctx, scope::before(as_of)).await?;
 
-    let view = &USER_PRODUCT_INTERACTIONS;
+    let view = user_product_interactions();
     let keys: Vec<_> = view.key_names().collect();
     let sql = format!("{}\nORDER BY {}", view.batch_sql(), keys.join(", "));
     let mut batches: Vec<RecordBatch> = Vec::new();

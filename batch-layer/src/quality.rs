@@ -124,7 +124,7 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
     use arrow::datatypes::{Field, Schema};
-    use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+    use shared_schema::views::product_demand_hourly;
     use std::sync::Arc;
 
     fn batch(hours: Vec<Option<i64>>, products: Vec<Option<&str>>, revenue: Vec<i64>) -> RecordBatch {
@@ -137,7 +137,7 @@ mod tests {
             Arc::new(TimestampMicrosecondArray::from(hours).with_timezone("UTC")),
             Arc::new(StringArray::from(products)),
         ];
-        for m in PRODUCT_DEMAND_HOURLY.measures {
+        for m in product_demand_hourly().measures {
             fields.push(Field::new(m.name, DataType::Int64, true));
             let values = if m.name == "revenue_cents" { revenue.clone() } else { vec![1; n] };
             cols.push(Arc::new(Int64Array::from(values)));
@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn good_batch_passes() {
         let b = batch(vec![Some(0)], vec![Some("p")], vec![5]);
-        let report = check(&[Target::view(&PRODUCT_DEMAND_HOURLY, &[b])], &BTreeMap::new(), 0.5, now());
+        let report = check(&[Target::view(product_demand_hourly(), &[b])], &BTreeMap::new(), 0.5, now());
         assert!(report.passed(), "{}", report.summary());
     }
 
@@ -161,7 +161,7 @@ mod tests {
         let future = now().timestamp_micros() + 2 * 3_600_000_000;
         let b = batch(vec![None, Some(future)], vec![Some("p"), None], vec![-1, 3]);
         let prev = BTreeMap::from([("product_demand_hourly".to_string(), 10)]);
-        let report = check(&[Target::view(&PRODUCT_DEMAND_HOURLY, &[b])], &prev, 0.5, now());
+        let report = check(&[Target::view(product_demand_hourly(), &[b])], &prev, 0.5, now());
         let checks: Vec<_> = report.failures.iter().map(|f| f.check).collect();
         assert_eq!(checks, ["null_keys", "negative_measures", "future_times", "row_count"]);
     }

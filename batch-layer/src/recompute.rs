@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use serde_json::json;
-use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{Offset, OffsetCut, Partition};
 use shared_schema::derived::{BATCH_TABLES, PRODUCTS};
-use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+use shared_schema::views;
+use shared_schema::views::product_demand_hourly;
 use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::engine::Engine;
@@ -286,7 +286,7 @@ async fn locked_run(
         config.lake.open(EVENTS_TABLE).await?.ok_or_else(|| RunError::EmptyLake(config.lake.root().to_string()))?;
     let version = table.version().unwrap_or_default() as i64;
     let published = published(pool).await?;
-    let definitions: Vec<(&'static str, String)> = ALL_VIEWS.iter().map(|v| (v.name, v.fingerprint())).collect();
+    let definitions: Vec<(&'static str, String)> = views::all().iter().map(|v| (v.name, v.fingerprint())).collect();
     let request = plan::Request {
         full: config.full,
         lake_version: version,
@@ -326,7 +326,7 @@ async fn locked_run(
     }
 
     let compute_started = Instant::now();
-    let progress = progress_bar(config.progress, (ALL_VIEWS.len() + BATCH_TABLES.len() + 2) as u64);
+    let progress = progress_bar(config.progress, (views::all().len() + BATCH_TABLES.len() + 2) as u64);
     progress.set_message("finding the hours new events touched");
     let touched = if plan.needs_touched_hours() {
         plan::cover(&compute::touched_hours(&ctx, &plan).await?, plan::MAX_HOUR_RUNS)
@@ -334,7 +334,7 @@ async fn locked_run(
         Vec::new()
     };
     let mut computed = Vec::new();
-    for (view, refresh) in plan.views(ALL_VIEWS, &touched) {
+    for (view, refresh) in plan.views(views::all(), &touched) {
         progress.inc(1);
         progress.set_message(format!("computing {}", view.name));
         computed.push(compute::view(&ctx, &plan, view, refresh).await?);
@@ -496,7 +496,7 @@ async fn newest_hour(
     let published = if plan.full {
         None
     } else {
-        let view = &PRODUCT_DEMAND_HOURLY;
+        let view = product_demand_hourly();
         sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(AssertSqlSafe(format!(
             "SELECT max({}) FROM batch.{}",
             view.hour_key.unwrap_or("hour"),

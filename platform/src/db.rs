@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use shared_schema::cut::SegmentSize;
 use shared_schema::derived::{ROLLUPS, ServingRelation, latest_hour_function_sql, serving_relations};
-use shared_schema::views::{ALL_VIEWS, ViewDef};
+use shared_schema::views::{self, ViewDef};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
@@ -90,7 +90,7 @@ pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<
 pub async fn migrate(pool: &PgPool, segment_size: Option<i64>) -> Result<Deployment, DbError> {
     MIGRATOR.run(pool).await?;
     let deployment = ensure_deployment(pool, segment_size).await?;
-    sync_serving_views(pool, ALL_VIEWS).await?;
+    sync_serving_views(pool, views::all()).await?;
     Ok(deployment)
 }
 
@@ -131,7 +131,7 @@ pub async fn check(pool: &PgPool) -> Result<Deployment, DbError> {
     if let Some(first) = pending.first() {
         return Err(DbError::Pending(format!("{} migration(s) pending, from version {first}", pending.len())));
     }
-    if views.as_deref() != Some(fingerprint(&serving_relations(ALL_VIEWS)).as_str()) {
+    if views.as_deref() != Some(fingerprint(&serving_relations(views::all())).as_str()) {
         return Err(DbError::Pending("the serving views are not this release's".into()));
     }
     let (Some(stored), Some(dedup_window_micros)) = (segment_size, dedup_window_micros) else {
@@ -321,9 +321,9 @@ mod tests {
 
     #[test]
     fn fingerprints_follow_the_definitions_and_are_stable() {
-        let all = serving_relations(ALL_VIEWS);
-        let fewer = serving_relations(&ALL_VIEWS[..1]);
+        let all = serving_relations(views::all());
+        let fewer = serving_relations(&views::all()[..1]);
         assert_ne!(fingerprint(&all), fingerprint(&fewer));
-        assert_eq!(fingerprint(&all), fingerprint(&serving_relations(ALL_VIEWS)));
+        assert_eq!(fingerprint(&all), fingerprint(&serving_relations(views::all())));
     }
 }

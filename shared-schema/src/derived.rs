@@ -22,7 +22,7 @@
 //!   (a median), so a read costs the hours it asks for, not the history,
 //!   and gives what the view over the merged rows would.
 
-use crate::views::{PRODUCT_DEMAND_HOURLY, Reader, SqlType, USER_PRODUCT_STATE, ViewDef};
+use crate::views::{PRODUCT_DEMAND_HOURLY, Reader, SqlType, ViewDef, product_demand_hourly, user_product_state};
 
 /// Per-event demand as spike detection and popularity see it: everything
 /// that shows interest, over the measures of [`PRODUCT_DEMAND_HOURLY`].
@@ -208,7 +208,7 @@ fn catalog_steps() -> Vec<Step> {
 ///   Pearson residual over the window, divided by 0.455 (that median for a
 ///   Poisson count), never below 1.
 fn baseline_steps() -> Vec<Step> {
-    let hourly = Step { name: "hourly", sql: PRODUCT_DEMAND_HOURLY.batch_sql(), view: Some(&PRODUCT_DEMAND_HOURLY) };
+    let hourly = Step { name: "hourly", sql: product_demand_hourly().batch_sql(), view: Some(product_demand_hourly()) };
     let sql = format!(
         "WITH demand AS (SELECT hour, product_id, CAST({INTEREST} AS DOUBLE) AS demand FROM hourly),
 totals AS (SELECT hour, sum(demand) AS total FROM demand GROUP BY hour HAVING sum(demand) > 0),
@@ -259,7 +259,7 @@ GROUP BY t.product_id, t.share, t.hours, t.demand"
 /// contributes only their most recent products, which bounds the pairs per
 /// user; the work grows with users, not with the square of any popularity.
 fn similarity_steps() -> Vec<Step> {
-    let state = Step { name: "state", sql: USER_PRODUCT_STATE.batch_sql(), view: None };
+    let state = Step { name: "state", sql: user_product_state().batch_sql(), view: None };
     let recent = format!(
         "WITH touched AS (
     SELECT user_id, product_id,
@@ -385,7 +385,7 @@ impl DerivedView {
 /// the index scans beneath the merged view; `SECURITY DEFINER` because a
 /// reader role may not read `batch.*` or `speed.*` itself.
 pub fn latest_hour_function_sql() -> String {
-    let v = PRODUCT_DEMAND_HOURLY.name;
+    let v = PRODUCT_DEMAND_HOURLY;
     format!(
         "CREATE OR REPLACE FUNCTION serving.latest_demand_hour() RETURNS timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
@@ -400,7 +400,7 @@ $$"
 /// are added per category here: sums of sums, so the same totals as
 /// summing the merged product rows.
 fn category_demand_body() -> String {
-    let v = PRODUCT_DEMAND_HOURLY;
+    let v = product_demand_hourly();
     let measures: Vec<_> = v.measure_names().collect();
     let summed: Vec<String> = measures.iter().map(|m| format!("sum({m})::bigint AS {m}")).collect();
     let speed: Vec<String> = measures.iter().map(|m| format!("s.{m}")).collect();
@@ -477,18 +477,18 @@ impl Rollup {
 }
 
 fn category_rollup_columns() -> Vec<(&'static str, SqlType)> {
-    let measures = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| (m.name, m.ty));
+    let measures = product_demand_hourly().measures.iter().map(|m| (m.name, m.ty));
     [(ROLLUP_HOUR, SqlType::TimestampTz), ("category", SqlType::Text)].into_iter().chain(measures).collect()
 }
 
 fn category_rollup_select(source: &dyn Fn(&str) -> String, hours: bool) -> String {
     let summed: Vec<String> =
-        PRODUCT_DEMAND_HOURLY.measure_names().map(|m| format!("sum(d.{m})::bigint AS {m}")).collect();
+        product_demand_hourly().measure_names().map(|m| format!("sum(d.{m})::bigint AS {m}")).collect();
     let filter = if hours { "\nWHERE d.hour = ANY($1)" } else { "" };
     format!(
         "SELECT d.hour, COALESCE(p.category, 'unknown') AS category,\n       {}\nFROM {} AS d\nLEFT JOIN {} AS p ON p.product_id = d.product_id{filter}\nGROUP BY 1, 2",
         summed.join(",\n       "),
-        source(PRODUCT_DEMAND_HOURLY.name),
+        source(PRODUCT_DEMAND_HOURLY),
         source(PRODUCTS.name),
     )
 }
@@ -516,13 +516,13 @@ fn level_rollup_columns() -> Vec<(&'static str, SqlType)> {
 
 fn level_rollup_select(source: &dyn Fn(&str) -> String, hours: bool) -> String {
     let filter = if hours { " WHERE hour = ANY($1)" } else { "" };
-    hour_level_sql(&demand_rows(&source(PRODUCT_DEMAND_HOURLY.name), filter), &source(DEMAND_BASELINE.name))
+    hour_level_sql(&demand_rows(&source(PRODUCT_DEMAND_HOURLY), filter), &source(DEMAND_BASELINE.name))
 }
 
 /// Category demand of the batch rows, per hour and category.
 pub const CATEGORY_DEMAND_ROLLUP: Rollup = Rollup {
     name: "category_demand_hourly",
-    reads: &[PRODUCT_DEMAND_HOURLY.name, PRODUCTS.name],
+    reads: &[PRODUCT_DEMAND_HOURLY, PRODUCTS.name],
     key: 2,
     columns: category_rollup_columns,
     select: category_rollup_select,
@@ -531,7 +531,7 @@ pub const CATEGORY_DEMAND_ROLLUP: Rollup = Rollup {
 /// The demand level of each hour of the batch rows.
 pub const DEMAND_LEVEL_ROLLUP: Rollup = Rollup {
     name: "demand_levels",
-    reads: &[PRODUCT_DEMAND_HOURLY.name, DEMAND_BASELINE.name],
+    reads: &[PRODUCT_DEMAND_HOURLY, DEMAND_BASELINE.name],
     key: 1,
     columns: level_rollup_columns,
     select: level_rollup_select,
@@ -556,7 +556,7 @@ FROM (
     GROUP BY product_id
 ) AS s
 WHERE score > 0",
-        v = PRODUCT_DEMAND_HOURLY.name
+        v = PRODUCT_DEMAND_HOURLY
     )
 }
 
@@ -574,7 +574,7 @@ WHERE score > 0",
 /// on read, each over its own hour's rows. Those hours are found once
 /// (`live`, read twice, so PostgreSQL computes it once).
 fn spike_hours_body() -> String {
-    let v = PRODUCT_DEMAND_HOURLY.name;
+    let v = PRODUCT_DEMAND_HOURLY;
     let b = DEMAND_BASELINE.name;
     let above = |ratio: f64, z: f64| {
         format!("d.demand >= {SPIKE_MIN_DEMAND} AND d.demand >= {ratio} * x.expected AND x.z >= {z}")
@@ -599,7 +599,7 @@ CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(b.dispersi
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),
         levels = DEMAND_LEVEL_ROLLUP.name,
-        rows = PRODUCT_DEMAND_HOURLY.speed_rows_sql(),
+        rows = product_demand_hourly().speed_rows_sql(),
         live = hour_level_sql(&demand_rows(&format!("serving.{v}"), " WHERE hour = h.hour"), &format!("batch.{b}")),
     )
 }
@@ -732,7 +732,7 @@ pub fn serving_relations(views: &[ViewDef]) -> Vec<ServingRelation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::views::ALL_VIEWS;
+    use crate::views;
 
     #[test]
     fn batch_table_sql_snapshots() {
@@ -756,7 +756,7 @@ mod tests {
     fn rollups_are_keyed_by_hour_first_and_read_product_demand() {
         for r in ROLLUPS {
             assert_eq!(r.columns()[0], (ROLLUP_HOUR, SqlType::TimestampTz), "{}", r.name);
-            assert!(r.reads.contains(&PRODUCT_DEMAND_HOURLY.name), "{}", r.name);
+            assert!(r.reads.contains(&PRODUCT_DEMAND_HOURLY), "{}", r.name);
             // The hour filter binds one parameter, in both statements.
             assert!(
                 r.clear_sql(true).contains("= ANY($1)") && r.fill_sql(&|n| n.to_string(), true).contains("= ANY($1)")
@@ -784,7 +784,7 @@ mod tests {
     fn category_demand_carries_every_product_demand_measure() {
         let sql = CATEGORY_DEMAND_HOURLY.serving_view_sql();
         let rollup = CATEGORY_DEMAND_ROLLUP.fill_sql(&|n| format!("batch.{n}"), false);
-        for m in PRODUCT_DEMAND_HOURLY.measure_names() {
+        for m in product_demand_hourly().measure_names() {
             assert!(
                 sql.contains(&format!("sum({m})::bigint AS {m}")) && sql.contains(&format!("s.{m}")),
                 "{m} missing"
@@ -795,7 +795,7 @@ mod tests {
 
     #[test]
     fn serving_relations_are_unique_and_user_level_ones_hidden_from_dashboards() {
-        let all = serving_relations(ALL_VIEWS);
+        let all = serving_relations(views::all());
         for r in &all {
             assert_eq!(all.iter().filter(|s| s.name == r.name).count(), 1, "{}", r.name);
         }

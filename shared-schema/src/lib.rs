@@ -5,6 +5,7 @@
 //! * [`decode`]: raw Kafka records → one Arrow batch plus rejections;
 //! * [`dedup`]: the one rule by which both layers count an `event_id` once;
 //! * [`views`]: the view definitions every layer executes;
+//! * [`view_sql`]: view definitions read from SQL files, and their check;
 //! * [`derived`]: the batch tables and PostgreSQL views built on the views;
 //! * [`cut`]: partitions, offsets, segments and the offset cut;
 //! * [`defaults`]: the local stack's addresses, which every flag falls back to.
@@ -21,10 +22,11 @@ pub mod derived;
 pub mod event;
 pub mod ids;
 pub mod schema;
+pub mod view_sql;
 pub mod views;
 
 pub use cut::{Offset, OffsetCut, Partition, Segment};
 pub use decode::{Decoded, EventDecoder, RawRecord, RejectedRecord};
 pub use event::{Event, EventType, RejectReason, Rejection};
 pub use schema::{events_schema, rejected_schema};
-pub use views::{ALL_VIEWS, ViewDef};
+pub use views::ViewDef;

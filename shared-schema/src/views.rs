@@ -21,6 +21,7 @@
 //! with `FILTER`), over the columns of [`crate::schema::events_schema`].
 
 use std::fmt::Write as _;
+use std::sync::LazyLock;
 
 use crate::schema::col;
 
@@ -33,13 +34,33 @@ pub enum Merge {
     /// Idempotent greatest value (last-seen times). Merges without segments:
     /// counting a record twice cannot change a maximum.
     Max,
+    /// Idempotent least value (first-seen times), the mirror of [`Merge::Max`].
+    Min,
 }
 
 impl Merge {
-    fn aggregate(self) -> &'static str {
+    /// The aggregate that computes the measure and merges partial results.
+    pub fn aggregate(self) -> &'static str {
         match self {
             Merge::Sum => "sum",
             Merge::Max => "max",
+            Merge::Min => "min",
+        }
+    }
+
+    /// Whether counting a record twice leaves the result unchanged, so
+    /// partial results merge without the offset cut's segments.
+    pub fn idempotent(self) -> bool {
+        !matches!(self, Merge::Sum)
+    }
+
+    /// PostgreSQL's two-argument form folding a new partial result into a
+    /// stored one (`None` for sums, which add).
+    fn pick(self) -> Option<&'static str> {
+        match self {
+            Merge::Sum => None,
+            Merge::Max => Some("GREATEST"),
+            Merge::Min => Some("LEAST"),
         }
     }
 }
@@ -166,7 +187,7 @@ impl ViewDef {
     /// Whether speed rows carry partition and segment: needed as soon as one
     /// measure is additive, since only those can be double counted.
     pub fn segmented(&self) -> bool {
-        self.measures.iter().any(|m| m.merge == Merge::Sum)
+        self.measures.iter().any(|m| !m.merge.idempotent())
     }
 
     pub fn key_names(&self) -> impl Iterator<Item = &'static str> + '_ {
@@ -301,17 +322,17 @@ impl ViewDef {
 
     /// Folds the rows of `source` (same columns as `batch.<view>`) into
     /// `batch.<view>` with the merge rules: how an incremental batch run
-    /// extends a view whose measures all merge by `max`.
+    /// extends a view whose measures all merge by `max` or `min`.
     pub fn batch_upsert_sql(&self, source: &str) -> String {
         let cols: Vec<_> = self.batch_columns().iter().map(|(n, _)| *n).collect();
         let keys: Vec<_> = self.key_names().collect();
         self.upsert_sql(&format!("batch.{}", self.name), &cols, &keys, source)
     }
 
-    /// For a view whose measures all merge by `max` (no segments), the
-    /// statement that deletes the speed rows the batch rows dominate: every
-    /// measure absent or at most the batch's. Such a row adds nothing to the
-    /// serving merge (the greatest of the two is the batch's), so deleting
+    /// For a view whose measures all merge by `max` or `min` (no segments),
+    /// the statement that deletes the speed rows the batch rows dominate:
+    /// every measure absent or no further out than the batch's. Such a row
+    /// adds nothing to the serving merge (the batch's value wins), so deleting
     /// it never changes what readers see; it is what "below the cut" means
     /// for a view without offsets. `batch` is the relation holding the batch
     /// rows (`batch.<view>`, or the table a publish is about to swap in).
@@ -321,8 +342,14 @@ impl ViewDef {
             return None;
         }
         let keys: Vec<String> = self.key_names().map(|k| format!("b.{k} = s.{k}")).collect();
-        let dominated: Vec<String> =
-            self.measure_names().map(|m| format!("(s.{m} IS NULL OR s.{m} <= b.{m})")).collect();
+        let dominated: Vec<String> = self
+            .measures
+            .iter()
+            .map(|m| {
+                let within = if m.merge == Merge::Min { ">=" } else { "<=" };
+                format!("(s.{0} IS NULL OR s.{0} {within} b.{0})", m.name)
+            })
+            .collect();
         Some(format!(
             "DELETE FROM speed.{name} s USING {batch} b\nWHERE {keys}\n  AND {dominated}",
             name = self.name,
@@ -334,18 +361,19 @@ impl ViewDef {
     /// Whether an incremental batch run may fold new rows into the view
     /// (every measure idempotent) instead of recomputing whole hours.
     pub fn mergeable_by_upsert(&self) -> bool {
-        self.measures.iter().all(|m| m.merge == Merge::Max)
+        self.measures.iter().all(|m| m.merge.idempotent())
     }
 
     fn upsert_sql(&self, target: &str, cols: &[&str], conflict: &[&str], source: &str) -> String {
         let updates: Vec<String> = self
             .measures
             .iter()
-            .map(|m| match m.merge {
+            .map(|m| match m.merge.pick() {
                 // COALESCE: a row written before a migration added this
                 // measure holds NULL there.
-                Merge::Sum => format!("{0} = COALESCE(t.{0}, 0) + EXCLUDED.{0}", m.name),
-                Merge::Max => format!("{0} = GREATEST(t.{0}, EXCLUDED.{0})", m.name),
+                None => format!("{0} = COALESCE(t.{0}, 0) + EXCLUDED.{0}", m.name),
+                // GREATEST and LEAST ignore NULLs.
+                Some(pick) => format!("{0} = {pick}(t.{0}, EXCLUDED.{0})", m.name),
             })
             .collect();
         format!(
@@ -397,27 +425,6 @@ impl ViewDef {
     }
 }
 
-/// The sum of `expr` over the events of type `event_type`.
-const fn sum_of(name: &'static str, event_type: &'static str, expr: &'static str) -> Measure {
-    Measure { name, expr, only: Some(event_type), ty: SqlType::BigInt, merge: Merge::Sum }
-}
-
-/// The latest event time among the events `only` selects.
-const fn last_time(name: &'static str, only: &'static str) -> Measure {
-    Measure { name, expr: "e.event_time", only: Some(only), ty: SqlType::TimestampTz, merge: Merge::Max }
-}
-
-/// The demand measures of `DESIGN.md`, shared by the product and category
-/// views.
-const DEMAND_MEASURES: &[Measure] = &[
-    sum_of("views", "e.event_type = 'page_view'", "1"),
-    sum_of("cart_adds", "e.event_type = 'add_to_cart'", "1"),
-    sum_of("cart_removes", "e.event_type = 'remove_from_cart'", "1"),
-    sum_of("purchases", "e.event_type = 'purchase'", "1"),
-    sum_of("units", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT)"),
-    sum_of("revenue_cents", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT) * e.price_cents"),
-];
-
 /// The event's hour in UTC. `date_bin` from the epoch is integer
 /// arithmetic, where DataFusion's `date_trunc` on a time-zoned timestamp
 /// converts every row through the zone (apache/datafusion#25325); it
@@ -427,77 +434,147 @@ const DEMAND_MEASURES: &[Measure] = &[
 pub const HOUR_EXPR: &str =
     "arrow_cast(date_bin(INTERVAL '1 hour', e.event_time), 'Timestamp(Microsecond, Some(\"UTC\"))')";
 
-const HOUR: Key = Key { name: "hour", expr: HOUR_EXPR, ty: SqlType::TimestampTz };
+/// The view files shipped in the workspace's `views/` folder, embedded in
+/// every binary: the platform's own views, which the derived relations
+/// (categories, spikes, popularity, similarity) and the recommender read.
+pub const BUILTIN_FILES: &[(&str, &str)] = &[
+    ("views/product_demand_hourly.sql", include_str!("../../views/product_demand_hourly.sql")),
+    ("views/user_product_state.sql", include_str!("../../views/user_product_state.sql")),
+];
+
+/// Name of the hourly demand view.
+pub const PRODUCT_DEMAND_HOURLY: &str = "product_demand_hourly";
+/// Name of the per-user last interaction times.
+pub const USER_PRODUCT_STATE: &str = "user_product_state";
+
+static BUILTIN: LazyLock<&'static [ViewDef]> = LazyLock::new(|| {
+    let views: Vec<ViewDef> = BUILTIN_FILES
+        .iter()
+        // The shipped files are checked by this crate's tests; a refusal
+        // here is a build that was never tested.
+        .map(|(file, text)| crate::view_sql::parse(file, text).unwrap_or_else(|e| panic!("shipped view refused: {e}")))
+        .collect();
+    views.leak()
+});
+
+/// The shipped views, parsed from [`BUILTIN_FILES`] once.
+pub fn builtin() -> &'static [ViewDef] {
+    &BUILTIN
+}
+
+/// Every view the platform maintains, in publish order.
+pub fn all() -> &'static [ViewDef] {
+    builtin()
+}
+
+/// Looks a view up by name.
+pub fn view(name: &str) -> Option<&'static ViewDef> {
+    all().iter().find(|v| v.name == name)
+}
+
+fn shipped(name: &str) -> &'static ViewDef {
+    builtin().iter().find(|v| v.name == name).unwrap_or_else(|| panic!("{name} is a shipped view"))
+}
 
 /// Hourly demand per product.
-pub const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
-    name: "product_demand_hourly",
-    source: Source::Events,
-    keys: &[HOUR, Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text }],
-    measures: DEMAND_MEASURES,
-    filter: None,
-    readers: &[Reader::Dashboard],
-    hour_key: Some("hour"),
-};
+pub fn product_demand_hourly() -> &'static ViewDef {
+    shipped(PRODUCT_DEMAND_HOURLY)
+}
 
 /// Last interaction times per user and product, for recommendations.
-pub const USER_PRODUCT_STATE: ViewDef = ViewDef {
-    name: "user_product_state",
-    source: Source::Events,
-    keys: &[
-        Key { name: "user_id", expr: "e.user_id", ty: SqlType::Text },
-        Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text },
-    ],
-    measures: &[
-        last_time("last_viewed_at", "e.event_type = 'page_view'"),
-        last_time("last_carted_at", "e.event_type = 'add_to_cart'"),
-        last_time("last_removed_at", "e.event_type = 'remove_from_cart'"),
-        last_time("last_purchased_at", "e.event_type = 'purchase'"),
-    ],
-    filter: None,
-    readers: &[Reader::Recommender],
-    hour_key: None,
-};
+pub fn user_product_state() -> &'static ViewDef {
+    shipped(USER_PRODUCT_STATE)
+}
+
+static INTERACTIONS: LazyLock<ViewDef> = LazyLock::new(|| {
+    let state = user_product_state();
+    let measures: Vec<Measure> = product_demand_hourly().measures.iter().chain(state.measures).copied().collect();
+    ViewDef {
+        name: "user_product_interactions",
+        source: Source::Events,
+        keys: state.keys,
+        measures: measures.leak(),
+        filter: None,
+        readers: &[],
+        hour_key: None,
+    }
+});
 
 /// The recommender's training data: per user and product, the demand
 /// measures and the last time of each interaction. Exported from the lake
 /// (`batch-layer export-training`), not maintained in PostgreSQL.
-pub const USER_PRODUCT_INTERACTIONS: ViewDef = ViewDef {
-    name: "user_product_interactions",
-    source: Source::Events,
-    keys: USER_PRODUCT_STATE.keys,
-    measures: &[
-        DEMAND_MEASURES[0],
-        DEMAND_MEASURES[1],
-        DEMAND_MEASURES[2],
-        DEMAND_MEASURES[3],
-        DEMAND_MEASURES[4],
-        DEMAND_MEASURES[5],
-        USER_PRODUCT_STATE.measures[0],
-        USER_PRODUCT_STATE.measures[1],
-        USER_PRODUCT_STATE.measures[2],
-        USER_PRODUCT_STATE.measures[3],
-    ],
-    filter: None,
-    readers: &[],
-    hour_key: None,
-};
-
-/// Every view the platform maintains, in publish order.
-pub const ALL_VIEWS: &[ViewDef] = &[PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE];
-
-/// Looks a view up by name.
-pub fn view(name: &str) -> Option<&'static ViewDef> {
-    ALL_VIEWS.iter().find(|v| v.name == name)
+pub fn user_product_interactions() -> &'static ViewDef {
+    &INTERACTIONS
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The views as Rust code wrote them before they became files (issue
+    /// 20): the files must parse to exactly these, so nothing a deployment
+    /// computed changes (same SQL, same fingerprints).
+    mod former {
+        use super::super::*;
+
+        const fn sum_of(name: &'static str, event_type: &'static str, expr: &'static str) -> Measure {
+            Measure { name, expr, only: Some(event_type), ty: SqlType::BigInt, merge: Merge::Sum }
+        }
+
+        const fn last_time(name: &'static str, only: &'static str) -> Measure {
+            Measure { name, expr: "e.event_time", only: Some(only), ty: SqlType::TimestampTz, merge: Merge::Max }
+        }
+
+        const HOUR: Key = Key { name: "hour", expr: HOUR_EXPR, ty: SqlType::TimestampTz };
+
+        pub(super) const PRODUCT_DEMAND_HOURLY: ViewDef = ViewDef {
+            name: "product_demand_hourly",
+            source: Source::Events,
+            keys: &[HOUR, Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text }],
+            measures: &[
+                sum_of("views", "e.event_type = 'page_view'", "1"),
+                sum_of("cart_adds", "e.event_type = 'add_to_cart'", "1"),
+                sum_of("cart_removes", "e.event_type = 'remove_from_cart'", "1"),
+                sum_of("purchases", "e.event_type = 'purchase'", "1"),
+                sum_of("units", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT)"),
+                sum_of("revenue_cents", "e.event_type = 'purchase'", "CAST(e.quantity AS BIGINT) * e.price_cents"),
+            ],
+            filter: None,
+            readers: &[Reader::Dashboard],
+            hour_key: Some("hour"),
+        };
+
+        pub(super) const USER_PRODUCT_STATE: ViewDef = ViewDef {
+            name: "user_product_state",
+            source: Source::Events,
+            keys: &[
+                Key { name: "user_id", expr: "e.user_id", ty: SqlType::Text },
+                Key { name: "product_id", expr: "e.product_id", ty: SqlType::Text },
+            ],
+            measures: &[
+                last_time("last_viewed_at", "e.event_type = 'page_view'"),
+                last_time("last_carted_at", "e.event_type = 'add_to_cart'"),
+                last_time("last_removed_at", "e.event_type = 'remove_from_cart'"),
+                last_time("last_purchased_at", "e.event_type = 'purchase'"),
+            ],
+            filter: None,
+            readers: &[Reader::Recommender],
+            hour_key: None,
+        };
+    }
+
+    #[test]
+    fn shipped_files_are_the_former_definitions() {
+        assert_eq!(builtin(), [former::PRODUCT_DEMAND_HOURLY, former::USER_PRODUCT_STATE]);
+        for (file, v) in BUILTIN_FILES.iter().zip(builtin()) {
+            assert!(file.0.ends_with(&format!("/{}.sql", v.name)), "{} holds {}", file.0, v.name);
+        }
+        assert_eq!(product_demand_hourly().fingerprint(), former::PRODUCT_DEMAND_HOURLY.fingerprint());
+    }
+
     #[test]
     fn product_demand_sql_snapshots() {
-        let v = PRODUCT_DEMAND_HOURLY;
+        let v = product_demand_hourly();
         insta::assert_snapshot!("product_demand_batch", v.batch_sql());
         insta::assert_snapshot!("product_demand_speed", v.speed_sql(1000));
         insta::assert_snapshot!("product_demand_upsert", v.speed_upsert_sql("delta"));
@@ -508,7 +585,7 @@ mod tests {
 
     #[test]
     fn hour_keys_are_the_event_hour() {
-        for v in ALL_VIEWS {
+        for v in all() {
             if let Some(name) = v.hour_key {
                 let key = v.keys.iter().find(|k| k.name == name).expect("hour key is a key");
                 assert_eq!(key.expr, HOUR_EXPR, "{}", v.name);
@@ -516,14 +593,14 @@ mod tests {
                 assert!(v.mergeable_by_upsert(), "{} needs an hour key or max-only measures", v.name);
             }
         }
-        insta::assert_snapshot!("user_product_state_batch_upsert", USER_PRODUCT_STATE.batch_upsert_sql("staging"));
+        insta::assert_snapshot!("user_product_state_batch_upsert", user_product_state().batch_upsert_sql("staging"));
     }
 
     #[test]
     fn max_only_views_are_not_segmented() {
-        let v = USER_PRODUCT_STATE;
+        let v = user_product_state();
         assert!(!v.segmented());
-        assert!(PRODUCT_DEMAND_HOURLY.segmented());
+        assert!(product_demand_hourly().segmented());
         assert!(!v.speed_sql(1000).contains("segment"));
         insta::assert_snapshot!("user_product_state_upsert", v.speed_upsert_sql("delta"));
         insta::assert_snapshot!("user_product_state_serving", v.serving_view_sql());
@@ -532,15 +609,33 @@ mod tests {
             v.speed_prune_sql("batch.user_product_state").unwrap()
         );
         assert_eq!(
-            PRODUCT_DEMAND_HOURLY.speed_prune_sql("batch.product_demand_hourly"),
+            product_demand_hourly().speed_prune_sql("batch.product_demand_hourly"),
             None,
             "segmented views are pruned by segment"
         );
     }
 
     #[test]
+    fn min_measures_merge_by_least() {
+        let first_seen = Measure {
+            name: "first_seen_at",
+            expr: "e.event_time",
+            only: None,
+            ty: SqlType::TimestampTz,
+            merge: Merge::Min,
+        };
+        let v = ViewDef { measures: std::slice::from_ref(Box::leak(Box::new(first_seen))), ..*user_product_state() };
+        assert!(!v.segmented() && v.mergeable_by_upsert(), "a minimum is idempotent");
+        assert!(v.batch_sql().contains("min(e.event_time) AS first_seen_at"), "{}", v.batch_sql());
+        assert!(v.speed_upsert_sql("d").contains("first_seen_at = LEAST(t.first_seen_at, EXCLUDED.first_seen_at)"));
+        assert!(v.serving_view_sql().contains("min(first_seen_at) AS first_seen_at"));
+        let prune = v.speed_prune_sql("b").unwrap();
+        assert!(prune.contains("(s.first_seen_at IS NULL OR s.first_seen_at >= b.first_seen_at)"), "{prune}");
+    }
+
+    #[test]
     fn speed_columns_order_matches_speed_query_and_table() {
-        let v = PRODUCT_DEMAND_HOURLY;
+        let v = product_demand_hourly();
         let names: Vec<_> = v.speed_columns().iter().map(|(n, _)| *n).collect();
         assert_eq!(
             names,
@@ -568,17 +663,18 @@ mod tests {
 
     #[test]
     fn training_interactions_reuse_the_demand_and_state_measures() {
-        let names: Vec<_> = USER_PRODUCT_INTERACTIONS.measure_names().collect();
-        let expected: Vec<_> = DEMAND_MEASURES.iter().chain(USER_PRODUCT_STATE.measures).map(|m| m.name).collect();
+        let names: Vec<_> = user_product_interactions().measure_names().collect();
+        let expected: Vec<_> =
+            product_demand_hourly().measures.iter().chain(user_product_state().measures).map(|m| m.name).collect();
         assert_eq!(names, expected);
-        assert_eq!(USER_PRODUCT_INTERACTIONS.keys, USER_PRODUCT_STATE.keys);
+        assert_eq!(user_product_interactions().keys, user_product_state().keys);
     }
 
     #[test]
     fn view_names_are_unique_and_found() {
-        for v in ALL_VIEWS {
+        for v in all() {
             assert_eq!(view(v.name), Some(v));
-            assert_eq!(ALL_VIEWS.iter().filter(|w| w.name == v.name).count(), 1);
+            assert_eq!(all().iter().filter(|w| w.name == v.name).count(), 1);
         }
         assert_eq!(view("nope"), None);
     }

@@ -14,8 +14,8 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use shared_schema::cut::SegmentSize;
-use shared_schema::views::{Source, ViewDef};
-use shared_schema::{ALL_VIEWS, events_schema};
+use shared_schema::events_schema;
+use shared_schema::views::{self, Source, ViewDef};
 
 /// The deltas of one view.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ impl ViewDelta {
 /// (Views that need the catalog are merged in serving from their product
 /// view; the catalog is the batch layer's.)
 pub fn speed_views() -> impl Iterator<Item = &'static ViewDef> {
-    ALL_VIEWS.iter().filter(|v| v.source == Source::Events)
+    views::all().iter().filter(|v| v.source == Source::Events)
 }
 
 /// The speed views' plans, made once: each micro-batch is swapped into the
@@ -95,7 +95,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::TimestampMicrosecondType;
-    use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+    use shared_schema::views::product_demand_hourly;
 
     /// Events at awkward times: either side of hour and day boundaries,
     /// a leap day, a European clock change, at microsecond precision.
@@ -137,7 +137,8 @@ mod tests {
         let ctx = SessionContext::new();
         ctx.register_table("events", Arc::new(MemTable::try_new(events_schema(), vec![vec![events()]]).unwrap()))
             .unwrap();
-        let hour = PRODUCT_DEMAND_HOURLY.keys.iter().find(|k| Some(k.name) == PRODUCT_DEMAND_HOURLY.hour_key).unwrap();
+        let hour =
+            product_demand_hourly().keys.iter().find(|k| Some(k.name) == product_demand_hourly().hour_key).unwrap();
         let sql = format!("SELECT {} AS key, date_trunc('hour', e.event_time) AS truncated FROM events e", hour.expr);
         let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
         let b = &batches[0];

@@ -13,7 +13,7 @@ use deltalake::DeltaTable;
 use shared_schema::cut::{Offset, Partition};
 use shared_schema::derived::BatchTable;
 use shared_schema::schema::Hour;
-use shared_schema::views::{HOUR_EXPR, PRODUCT_DEMAND_HOURLY, ViewDef};
+use shared_schema::views::{HOUR_EXPR, ViewDef, product_demand_hourly};
 
 use super::RunError;
 use super::plan::{Plan, Refresh};
@@ -232,7 +232,7 @@ async fn kept(
 pub(crate) fn newest_hour(computed: &[Computed]) -> Option<chrono::DateTime<chrono::Utc>> {
     use arrow::array::AsArray;
     use arrow::datatypes::TimestampMicrosecondType;
-    let view = &PRODUCT_DEMAND_HOURLY;
+    let view = product_demand_hourly();
     let key = view.hour_key.unwrap_or("hour");
     computed
         .iter()

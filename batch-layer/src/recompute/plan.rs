@@ -220,7 +220,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use shared_schema::derived::{BATCH_TABLES, DEMAND_BASELINE, ITEM_SIMILARITY, PRODUCTS};
-    use shared_schema::views::{ALL_VIEWS, PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
+    use shared_schema::views::{self, product_demand_hourly, user_product_state};
 
     use super::*;
 
@@ -434,10 +434,10 @@ mod tests {
                 &[("product_demand_hourly", "hours:1"), ("user_product_state", "replace")],
             ),
         ];
-        assert_eq!(ALL_VIEWS, &[PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE], "the cases name every view");
+        assert_eq!(views::all(), [*product_demand_hourly(), *user_product_state()], "the cases name every view");
         for (name, plan, n, want) in cases {
             let got: Vec<(&str, String)> = plan
-                .views(ALL_VIEWS, &hours(n))
+                .views(views::all(), &hours(n))
                 .into_iter()
                 .map(|(v, r)| {
                     let r = match r {

@@ -22,9 +22,9 @@
 
 use std::collections::BTreeMap;
 
-use shared_schema::ALL_VIEWS;
 use shared_schema::cut::{OffsetCut, SegmentSize};
 use shared_schema::derived::{Input, ROLLUPS, Rollup};
+use shared_schema::views;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use super::RunError;
@@ -234,7 +234,7 @@ pub(crate) async fn publish(
     }
     // The batch now holds everything below the cut: the speed rows of those
     // segments are garbage (the serving views already ignore them).
-    for view in ALL_VIEWS.iter().filter(|v| v.segmented()) {
+    for view in views::all().iter().filter(|v| v.segmented()) {
         sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM speed.{name} s USING ops.cut c
              WHERE c.kafka_partition = s.kafka_partition AND (s.segment + 1) * $1 <= c.cut_offset",
@@ -247,7 +247,7 @@ pub(crate) async fn publish(
     // The speed rows of the other views that the new batch rows dominate
     // add nothing to the merge: the speed tables keep only what the batch
     // does not hold yet (a forgotten user's and everyone's stale state go).
-    for view in ALL_VIEWS {
+    for view in views::all() {
         let batch = shadows.get(view.name).cloned().unwrap_or_else(|| format!("batch.{}", view.name));
         if let Some(sql) = view.speed_prune_sql(&batch) {
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
@@ -396,7 +396,7 @@ async fn fence(tx: &mut PgConnection, record: &Record<'_>) -> Result<(), RunErro
 mod tests {
     use shared_schema::derived::{CATEGORY_DEMAND_ROLLUP, DEMAND_BASELINE, DEMAND_LEVEL_ROLLUP, PRODUCTS};
     use shared_schema::schema::Hour;
-    use shared_schema::views::{PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
+    use shared_schema::views::{product_demand_hourly, user_product_state};
 
     use super::*;
 
@@ -415,8 +415,8 @@ mod tests {
     #[test]
     fn rollups_follow_what_the_publish_wrote() {
         let hours = |h: &[i64]| Refresh::Hours { key: "hour", hours: h.iter().map(|h| hour(*h)).collect() };
-        let demand_hours = view(&PRODUCT_DEMAND_HOURLY, hours(&[7, 5, 7]));
-        let state = view(&USER_PRODUCT_STATE, Refresh::Upsert);
+        let demand_hours = view(product_demand_hourly(), hours(&[7, 5, 7]));
+        let state = view(user_product_state(), Refresh::Upsert);
         // Only the written hours, once each, in order.
         let written = [demand_hours, state];
         let starts = vec![hour(5).start(), hour(7).start()];
@@ -424,7 +424,7 @@ mod tests {
         assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &written), Some(RollupScope::Hours(starts)));
         // A replaced catalog changes every hour's categories, not the levels;
         // a replaced baseline every level, not the categories.
-        let catalog = [view(&PRODUCT_DEMAND_HOURLY, hours(&[5])), table(&PRODUCTS)];
+        let catalog = [view(product_demand_hourly(), hours(&[5])), table(&PRODUCTS)];
         assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &catalog), Some(RollupScope::All));
         assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &catalog), Some(RollupScope::Hours(vec![hour(5).start()])));
         let baseline = [table(&DEMAND_BASELINE)];
@@ -432,8 +432,8 @@ mod tests {
         assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &baseline), Some(RollupScope::All));
         // A full run replaces the view; a run that wrote nothing they read
         // leaves both alone.
-        let full = [view(&PRODUCT_DEMAND_HOURLY, Refresh::Replace)];
+        let full = [view(product_demand_hourly(), Refresh::Replace)];
         assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &full), Some(RollupScope::All));
-        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &[view(&USER_PRODUCT_STATE, Refresh::Upsert)]), None);
+        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &[view(user_product_state(), Refresh::Upsert)]), None);
     }
 }

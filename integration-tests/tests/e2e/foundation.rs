@@ -21,8 +21,8 @@ use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use shared_schema::derived::serving_relations;
-use shared_schema::views::{PRODUCT_DEMAND_HOURLY, Reader, ViewDef};
-use shared_schema::{ALL_VIEWS, EventDecoder, EventType, RawRecord, events_schema};
+use shared_schema::views::{self, Reader, ViewDef, product_demand_hourly};
+use shared_schema::{EventDecoder, EventType, RawRecord, events_schema};
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 async fn columns(pool: &PgPool, schema: &str, table: &str) -> Vec<(String, String)> {
@@ -61,7 +61,7 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
     let err = platform::db::migrate(&pool, Some(1000)).await.unwrap_err();
     assert!(err.to_string().contains("segment size is 500"), "{err}");
 
-    for v in ALL_VIEWS {
+    for v in views::all() {
         assert_eq!(columns(&pool, "batch", v.name).await, expected(v.batch_columns()), "batch.{}", v.name);
         assert_eq!(columns(&pool, "speed", v.name).await, expected(v.speed_columns()), "speed.{}", v.name);
         let serving: Vec<(String, String)> = expected(v.batch_columns());
@@ -74,7 +74,7 @@ async fn migrated_tables_match_view_definitions_and_prepare_is_idempotent() {
     }
     // Every generated relation, and the fingerprint of the set.
     let views: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.generated_views").fetch_one(&pool).await.unwrap();
-    assert_eq!(views, serving_relations(ALL_VIEWS).len() as i64 + 1);
+    assert_eq!(views, serving_relations(views::all()).len() as i64 + 1);
 }
 
 /// Each batch relation is a view over one of two tables with the same
@@ -98,8 +98,11 @@ async fn batch_relations_are_views_over_pairs_of_tables() {
             defs
         }
     };
-    let names: Vec<&str> =
-        ALL_VIEWS.iter().map(|v| v.name).chain(shared_schema::derived::BATCH_TABLES.iter().map(|t| t.name)).collect();
+    let names: Vec<&str> = views::all()
+        .iter()
+        .map(|v| v.name)
+        .chain(shared_schema::derived::BATCH_TABLES.iter().map(|t| t.name))
+        .collect();
     for name in &names {
         let kind: String = sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = $1::regclass")
             .bind(format!("batch.{name}"))
@@ -172,7 +175,7 @@ async fn batch_relations_are_views_over_pairs_of_tables() {
 async fn reader_roles_read_exactly_their_serving_relations() {
     let (_, pool) = Stack::from_env().migrated_database("reader_roles", None).await.unwrap();
     for reader in [Reader::Dashboard, Reader::Recommender] {
-        for r in serving_relations(ALL_VIEWS) {
+        for r in serving_relations(views::all()) {
             let mut tx = pool.begin().await.unwrap();
             sqlx::query(AssertSqlSafe(format!("SET LOCAL ROLE {}", reader.role()))).execute(&mut *tx).await.unwrap();
             let read =
@@ -260,7 +263,7 @@ async fn serving_view_merges_batch_and_speed_exactly_at_the_cut() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(PRODUCT_DEMAND_HOURLY.speed_upsert_sql("d2"))).execute(&mut *conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(product_demand_hourly().speed_upsert_sql("d2"))).execute(&mut *conn).await.unwrap();
     let v: i64 =
         sqlx::query_scalar("SELECT views FROM speed.product_demand_hourly WHERE kafka_partition = 0 AND segment = 4")
             .fetch_one(&mut *conn)
@@ -360,7 +363,7 @@ async fn view_definition_executes_identically_for_batch_and_speed() {
     assert!(decoded.rejected.is_empty());
     let truth = expected_product_demand(&events);
 
-    let view = &PRODUCT_DEMAND_HOURLY;
+    let view = product_demand_hourly();
     let all = demand_rows(&run_sql(decoded.batch.clone(), &view.batch_sql()).await, view);
     assert_eq!(all, truth, "batch query equals the independent computation");
     let speed = demand_rows(&run_sql(decoded.batch.clone(), &view.speed_sql(7)).await, view);

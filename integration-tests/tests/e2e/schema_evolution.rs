@@ -180,7 +180,7 @@ async fn version_two_events_with_new_fields_flow_through_every_layer() {
 async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     use integration_tests::checks::{assert_demand_eq, demand, merged, serving_demand};
     use integration_tests::generator::{self, Args};
-    use shared_schema::views::{PRODUCT_DEMAND_HOURLY, ViewDef};
+    use shared_schema::views::{ViewDef, product_demand_hourly};
 
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("schema_measure", 2).await.unwrap();
@@ -199,8 +199,8 @@ async fn a_measure_added_to_a_view_is_backfilled_by_the_next_run() {
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { hours: None, .. }));
 
     // Before `units` existed: no column, and the definition without it on record.
-    let without: Vec<_> = PRODUCT_DEMAND_HOURLY.measures.iter().copied().filter(|m| m.name != "units").collect();
-    let old = ViewDef { measures: Box::leak(without.into_boxed_slice()), ..PRODUCT_DEMAND_HOURLY };
+    let without: Vec<_> = product_demand_hourly().measures.iter().copied().filter(|m| m.name != "units").collect();
+    let old = ViewDef { measures: Box::leak(without.into_boxed_slice()), ..*product_demand_hourly() };
     sqlx::raw_sql(
         "ALTER TABLE batch.product_demand_hourly__a DROP COLUMN units CASCADE;
          ALTER TABLE batch.product_demand_hourly__b DROP COLUMN units CASCADE;

@@ -41,7 +41,7 @@ use rand::SeedableRng as _;
 use rand::rngs::StdRng;
 use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
 use shared_schema::schema::PARTITION_COLUMNS;
-use shared_schema::views::PRODUCT_DEMAND_HOURLY;
+use shared_schema::views::product_demand_hourly;
 use shared_schema::{EventDecoder, RawRecord, events_schema};
 use tools::bench::{calibrated_rate, group};
 
@@ -173,9 +173,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         format!("WITH events AS (SELECT * FROM {} WHERE {below})\n{view_sql}", batch_layer::scope::LAKE_EVENTS)
     };
     let sql = Queries {
-        view: with_cut(PRODUCT_DEMAND_HOURLY.batch_sql()),
-        duckdb: with_cut(duckdb_spelling(&PRODUCT_DEMAND_HOURLY.batch_sql())),
-        former: with_cut(former_sql(&PRODUCT_DEMAND_HOURLY)),
+        view: with_cut(product_demand_hourly().batch_sql()),
+        duckdb: with_cut(duckdb_spelling(&product_demand_hourly().batch_sql())),
+        former: with_cut(former_sql(product_demand_hourly())),
     };
 
     let comparison = compare_engines(&args, &table, &shape.files, &sql, &bench_dir).await?;
@@ -483,8 +483,8 @@ struct Totals {
 
 impl Totals {
     fn of(batches: &[RecordBatch]) -> Self {
-        let measures = PRODUCT_DEMAND_HOURLY.measures.len();
-        let keys = PRODUCT_DEMAND_HOURLY.keys.len();
+        let measures = product_demand_hourly().measures.len();
+        let keys = product_demand_hourly().keys.len();
         let mut sums = vec![0i64; measures];
         let mut rows = 0;
         for b in batches {
@@ -497,7 +497,7 @@ impl Totals {
     }
 
     fn describe(&self) -> String {
-        let names = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| m.name);
+        let names = product_demand_hourly().measures.iter().map(|m| m.name);
         let sums: Vec<String> = names.zip(&self.sums).map(|(n, s)| format!("{n} {}", group(*s as u64))).collect();
         format!("{} rows; {}", group(self.rows), sums.join(", "))
     }
@@ -812,7 +812,7 @@ async fn breakdown(pool: &sqlx::PgPool, run_id: i64) -> anyhow::Result<String> {
 
 /// `batch.product_demand_hourly` after the full run, as [`Totals`].
 async fn published_totals(pool: &sqlx::PgPool) -> anyhow::Result<Totals> {
-    let names: Vec<&str> = PRODUCT_DEMAND_HOURLY.measures.iter().map(|m| m.name).collect();
+    let names: Vec<&str> = product_demand_hourly().measures.iter().map(|m| m.name).collect();
     let sums: Vec<String> = names.iter().map(|n| format!("COALESCE(sum({n}), 0)::bigint")).collect();
     let sql = format!("SELECT count(*)::bigint, {} FROM batch.product_demand_hourly", sums.join(", "));
     let row = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(pool).await?;

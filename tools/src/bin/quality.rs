@@ -26,7 +26,7 @@ use datafusion::prelude::SessionContext;
 use integration_tests::serving::get;
 use serving_layer::server::{self, ServeConfig};
 use shared_schema::derived::ITEM_SIMILARITY;
-use shared_schema::views::{PRODUCT_DEMAND_HOURLY, USER_PRODUCT_STATE};
+use shared_schema::views::{product_demand_hourly, user_product_state};
 
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::{EVENTS_TABLE, Lake};
@@ -177,8 +177,8 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
     platform::db::migrate(&pool, Some(1)).await?;
     let similarity_window = ITEM_SIMILARITY.window().context("item similarity reads events")?;
     let views = [
-        (USER_PRODUCT_STATE.name, USER_PRODUCT_STATE.batch_sql(), scope::before(cutoff)),
-        (PRODUCT_DEMAND_HOURLY.name, PRODUCT_DEMAND_HOURLY.batch_sql(), scope::before(cutoff)),
+        (user_product_state().name, user_product_state().batch_sql(), scope::before(cutoff)),
+        (product_demand_hourly().name, product_demand_hourly().batch_sql(), scope::before(cutoff)),
         (
             ITEM_SIMILARITY.name,
             ITEM_SIMILARITY.batch_sql(),
