@@ -171,6 +171,12 @@ pub enum Command {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::DATABASE_URL)]
         database_url: String,
     },
+    /// Check the view files (one SQL file per view, see docs/VIEWS.md) as the
+    /// layers will run them, before `serving-layer migrate` registers them.
+    Views {
+        #[command(subcommand)]
+        command: ViewsCommand,
+    },
     /// Write the recommender's training data (per user and product, the
     /// interactions before --as-of, forgotten users left out) as Parquet,
     /// with a manifest, into an empty folder, registered in ops.training_exports.
@@ -187,6 +193,18 @@ pub enum Command {
         /// meaning its midnight UTC); default: now.
         #[arg(long, value_parser = parse_time)]
         as_of: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ViewsCommand {
+    /// Parse every file, derive its keys, measures and merge rules, refuse
+    /// what cannot be merged exactly (one line each: file:line:column:
+    /// reason), and plan each view in DataFusion.
+    Check {
+        /// The views folder.
+        #[arg(long, env = "VIEWS_DIR", default_value = "views")]
+        views_dir: std::path::PathBuf,
     },
 }
 
@@ -520,6 +538,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join(&m.file).display(),
                 out.join(crate::export::MANIFEST_FILE).display()
             );
+            Ok(())
+        }
+        Command::Views { command: ViewsCommand::Check { views_dir } } => {
+            let lines = crate::view_files::check(&views_dir).await?;
+            for line in &lines {
+                println!("{line}");
+            }
+            println!("{} views in {}: each can be merged exactly", lines.len(), views_dir.display());
             Ok(())
         }
         Command::Maintain { maintain, database_url } => {

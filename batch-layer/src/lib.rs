@@ -18,6 +18,7 @@
 //! * [`engine`]: where a run's SQL executes, in process or `ballista://…`;
 //! * [`lake_files`]: a pinned snapshot as Parquet files, as a Ballista plan carries it;
 //! * [`stores`]: the object stores a Ballista session reads the lake through;
+//! * [`view_files`]: `views check`, the view files planned as the layers run them;
 //! * [`cli`]: the `batch-layer` command line.
 
 pub mod catalog;
@@ -41,3 +42,4 @@ pub mod schedule;
 pub mod scope;
 pub mod stores;
 pub mod topics;
+pub mod view_files;

@@ -26,9 +26,9 @@ use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::Span;
 
-use crate::schema::events_schema;
+use crate::schema::{catalog_schema, events_schema};
 use crate::views::{
-    HOUR_EXPR, Key, Measure, Merge, PARTITION_COLUMN, Reader, SEGMENT_COLUMN, Source, SqlType, ViewDef,
+    HOUR_EXPR, Key, Measure, Merge, PARTITION_COLUMN, Reader, SEGMENT_COLUMN, Source, SqlType, ViewDef, ViewSource,
 };
 
 /// Why a view file was refused: the file, where in it, and what to do.
@@ -47,15 +47,6 @@ pub const FROM_EVENTS: &str = "events AS e";
 /// The `FROM` clause of a view that also reads the product catalog.
 pub const FROM_EVENTS_WITH_CATALOG: &str = "events AS e LEFT JOIN products AS p ON p.product_id = e.product_id";
 
-/// The columns of the catalog (`products`) a view may read as `p.<column>`.
-const CATALOG_COLUMNS: &[(&str, Ty)] = &[
-    ("product_id", Ty::Text),
-    ("name", Ty::Text),
-    ("category", Ty::Text),
-    ("price_cents", Ty::Int64),
-    ("updated_at", Ty::Time),
-];
-
 /// Event columns that identify a person or a visit: a view keyed by one is
 /// not an aggregate, and dashboards may not read it.
 const PERSONAL_COLUMNS: &[&str] = &["user_id", "session_id", "event_id"];
@@ -66,6 +57,10 @@ const PERSONAL_COLUMNS: &[&str] = &["user_id", "session_id", "event_id"];
 /// of every function it knows.
 pub const NON_DETERMINISTIC: &[&str] = &[
     "random",
+    "rand",
+    "today",
+    "file_row_index",
+    "input_file_name",
     "uuid",
     "now",
     "current_date",
@@ -253,7 +248,8 @@ pub fn reserved_names() -> Vec<&'static str> {
     use crate::derived::{BATCH_TABLES, DERIVED_VIEWS, ROLLUPS};
     let own = BATCH_TABLES.iter().map(|t| t.name).chain(ROLLUPS.iter().map(|r| r.name));
     let own = own.chain(DERIVED_VIEWS.iter().map(|d| d.name));
-    own.chain(["event_keys", "model_recommendations", "user_product_interactions", "latest_demand_hour"]).collect()
+    let fixed = ["event_keys", "model_recommendations", "user_product_interactions", "latest_demand_hour", "views"];
+    own.chain(fixed).chain(["view_sources", "schema_state", "api_key"]).collect()
 }
 
 /// Every view of the folder `dir`: each `*.sql` file in it, checked. The
@@ -264,7 +260,7 @@ pub fn reserved_names() -> Vec<&'static str> {
 /// keys and measures (names, types and merge rules): DESIGN.md names them
 /// and the derived views and the recommender read them. Their expressions
 /// may change.
-pub fn load_dir(dir: &Path) -> Result<Vec<ViewDef>, Vec<ViewError>> {
+pub fn load_dir(dir: &Path) -> Result<Vec<ViewSource>, Vec<ViewError>> {
     let at_file =
         |file: &Path, reason: String| ViewError { file: file.display().to_string(), line: 1, column: 1, reason };
     let entries = std::fs::read_dir(dir).map_err(|e| {
@@ -285,12 +281,12 @@ pub fn load_dir(dir: &Path) -> Result<Vec<ViewDef>, Vec<ViewError>> {
         let shown = path.display().to_string();
         let parsed = std::fs::read_to_string(path)
             .map_err(|e| at_file(path, format!("cannot read: {e}")))
-            .and_then(|text| parse(&shown, &text));
+            .and_then(|text| Ok(ViewSource { def: parse(&shown, &text)?, sql: text }));
         match parsed {
-            Ok(v) if reserved_names().contains(&v.name) => {
+            Ok(v) if reserved_names().contains(&v.def.name) => {
                 errors.push(at_file(
                     path,
-                    format!("`{}` is one of the platform's own relations: name the file otherwise", v.name),
+                    format!("`{}` is one of the platform's own relations: name the file otherwise", v.def.name),
                 ));
             }
             Ok(v) => views.push((path, v)),
@@ -299,10 +295,10 @@ pub fn load_dir(dir: &Path) -> Result<Vec<ViewDef>, Vec<ViewError>> {
     }
     let mut ordered = Vec::new();
     for shipped in crate::views::builtin() {
-        match views.iter().position(|(_, v)| v.name == shipped.name) {
+        match views.iter().position(|(_, v)| v.def.name == shipped.name) {
             Some(i) => {
                 let (path, v) = views.remove(i);
-                match contract_breach(shipped, &v) {
+                match contract_breach(shipped, &v.def) {
                     Some(why) => errors.push(at_file(path, why)),
                     None => ordered.push(v),
                 }
@@ -758,7 +754,7 @@ impl Checker {
             }
             Expr::BinaryOp { left, op, right } => {
                 let (l, r) = (self.scalar(left)?, self.scalar(right)?);
-                binary(op, l, r)
+                binary(op, l, r).or_else(|why| refuse(expr, why))?
             }
             Expr::Cast { expr: inner, data_type, .. } => {
                 self.scalar(inner)?;
@@ -857,13 +853,16 @@ impl Checker {
                 self.columns.push(column.to_string());
                 Ok(Ty::of_arrow(field.data_type()))
             }
-            "p" if self.catalog => match CATALOG_COLUMNS.iter().find(|(n, _)| *n == column) {
-                Some((_, ty)) => Ok(*ty),
-                None => {
-                    let names: Vec<&str> = CATALOG_COLUMNS.iter().map(|(n, _)| *n).collect();
-                    refuse(expr, format!("the catalog has no column `{column}`; it has {}", names.join(", ")))
+            "p" if self.catalog => {
+                let schema = catalog_schema();
+                match schema.field_with_name(column) {
+                    Ok(field) => Ok(Ty::of_arrow(field.data_type())),
+                    Err(_) => {
+                        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                        refuse(expr, format!("the catalog has no column `{column}`; it has {}", names.join(", ")))
+                    }
                 }
-            },
+            }
             "p" => refuse(expr, format!("p.{column} reads the catalog: write `FROM {FROM_EVENTS_WITH_CATALOG}`")),
             other => refuse(expr, format!("`{other}` is not a table of the view: e is the event, p the catalog")),
         }
@@ -918,22 +917,83 @@ impl Checker {
             "coalesce" | "nullif" | "greatest" | "least" => {
                 args.iter().copied().find(|t| *t != Ty::Null).unwrap_or(Ty::Null)
             }
-            "lower" | "upper" | "substr" | "substring" | "concat" | "concat_ws" | "trim" | "btrim" | "ltrim"
-            | "rtrim" | "replace" | "split_part" | "left" | "right" | "lpad" | "rpad" | "initcap" | "to_char"
-            | "regexp_replace" | "md5" | "repeat" | "reverse" | "translate" => Ty::Text,
             "abs" if first.numeric() => first,
-            "round" | "floor" | "ceil" | "trunc" | "sqrt" | "ln" | "log" | "log10" | "log2" | "exp" | "power"
-            | "pow" => Ty::Float,
-            _ => Ty::Unknown,
+            "starts_with" | "ends_with" | "regexp_like" => Ty::Bool,
+            n if TEXT_FUNCTIONS.contains(&n) => Ty::Text,
+            n if FLOAT_FUNCTIONS.contains(&n) => Ty::Float,
+            n if OTHER_FUNCTIONS.contains(&n) => Ty::Unknown,
+            _ => {
+                return refuse(
+                    f,
+                    format!(
+                        "unknown function {name}: a view calls deterministic functions only, see docs/VIEWS.md for the list"
+                    ),
+                );
+            }
         })
     }
 }
 
-fn binary(op: &BinaryOperator, l: Ty, r: Ty) -> Ty {
+/// Scalar functions returning text.
+const TEXT_FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "substr",
+    "substring",
+    "concat",
+    "concat_ws",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "replace",
+    "split_part",
+    "left",
+    "right",
+    "lpad",
+    "rpad",
+    "initcap",
+    "to_char",
+    "regexp_replace",
+    "md5",
+    "repeat",
+    "reverse",
+    "translate",
+];
+/// Scalar functions returning a double.
+const FLOAT_FUNCTIONS: &[&str] =
+    &["round", "floor", "ceil", "trunc", "sqrt", "ln", "log", "log10", "log2", "exp", "power", "pow"];
+/// Other scalar functions a view may call; their result is stored only
+/// through a CAST.
+const OTHER_FUNCTIONS: &[&str] = &[
+    "abs",
+    "signum",
+    "date_part",
+    "length",
+    "char_length",
+    "character_length",
+    "strpos",
+    "arrow_cast",
+    "to_timestamp",
+];
+
+/// Every scalar function a view may call (besides the aggregates): the
+/// batch layer's tests check that DataFusion has each, and that each is
+/// deterministic.
+pub fn allowed_functions() -> Vec<&'static str> {
+    let special = ["date_trunc", "date_bin", "coalesce", "nullif", "greatest", "least", "starts_with", "ends_with"];
+    let all = special.into_iter().chain(["regexp_like"]).chain(TEXT_FUNCTIONS.iter().copied());
+    all.chain(FLOAT_FUNCTIONS.iter().copied()).chain(OTHER_FUNCTIONS.iter().copied()).collect()
+}
+
+fn binary(op: &BinaryOperator, l: Ty, r: Ty) -> Result<Ty, String> {
     use BinaryOperator as B;
-    match op {
+    Ok(match op {
         B::Plus | B::Minus if l == Ty::Time || r == Ty::Time => Ty::Time,
         B::Plus | B::Minus | B::Multiply | B::Divide | B::Modulo => match (l, r) {
+            (Ty::Text | Ty::Bool, _) | (_, Ty::Text | Ty::Bool) => {
+                return Err(format!("arithmetic needs numbers: `{op}` between {l:?} and {r:?}"));
+            }
             (Ty::Float, _) | (_, Ty::Float) => Ty::Float,
             (Ty::Int32, Ty::Int32) => Ty::Int32,
             (Ty::Int64 | Ty::Int32, Ty::Int64 | Ty::Int32) => Ty::Int64,
@@ -942,7 +1002,7 @@ fn binary(op: &BinaryOperator, l: Ty, r: Ty) -> Ty {
         B::StringConcat => Ty::Text,
         B::Eq | B::NotEq | B::Lt | B::LtEq | B::Gt | B::GtEq | B::And | B::Or => Ty::Bool,
         _ => Ty::Unknown,
-    }
+    })
 }
 
 fn cast_type(ty: &DataType) -> Ty {
@@ -1063,6 +1123,8 @@ mod tests {
             ("count(*)", "", "name this column", 3, 8),
             ("count(*) AS hour", "", "`hour` is taken", 3, 8),
             ("count(*) AS segment", "", "`segment` is taken", 3, 8),
+            ("count(*) AS n", "\nWHERE my_udf(e.user_id)", "unknown function my_udf", 5, 7),
+            ("sum(e.price_cents + e.product_id) AS s", "", "arithmetic needs numbers", 3, 12),
         ];
         for (select, rest, reason, line, column) in cases {
             let e = refusal(&file(select, rest));
@@ -1130,7 +1192,7 @@ mod tests {
     #[test]
     fn the_workspace_folder_holds_the_shipped_views() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../views");
-        assert_eq!(load_dir(&dir).unwrap(), crate::views::builtin());
+        assert_eq!(load_dir(&dir).unwrap(), crate::views::builtin_sources());
     }
 
     #[test]
@@ -1140,7 +1202,7 @@ mod tests {
             ("aa_first.sql", &file("max(e.event_time) AS latest", "")),
             ("notes.txt", "not a view"),
         ]);
-        let names: Vec<_> = load_dir(dir.path()).unwrap().iter().map(|v| v.name).collect();
+        let names: Vec<_> = load_dir(dir.path()).unwrap().iter().map(|v| v.def.name).collect();
         assert_eq!(names, ["product_demand_hourly", "user_product_state", "aa_first", "zz_last"]);
     }
 
@@ -1176,7 +1238,7 @@ mod tests {
         let changed = pdh.replace("FROM events AS e", "FROM events AS e\nWHERE e.product_id <> 'test-product'");
         let dir = folder(&[("product_demand_hourly.sql", &changed)]);
         let views = load_dir(dir.path()).unwrap();
-        assert_eq!(views[0].filter, Some("e.product_id <> 'test-product'"));
-        assert_ne!(views[0].fingerprint(), crate::views::product_demand_hourly().fingerprint(), "it is recomputed");
+        assert_eq!(views[0].def.filter, Some("e.product_id <> 'test-product'"));
+        assert_ne!(views[0].def.fingerprint(), crate::views::product_demand_hourly().fingerprint(), "it is recomputed");
     }
 }
