@@ -294,8 +294,9 @@ migrate() {
     # dependencies keep one feature set and one build: `cargo run -p` alone
     # would rebuild DataFusion and friends for a narrower set.
     cargo build --quiet --workspace --bins --locked || die "building the binaries failed"
+    # The views folder: its files are checked and registered with their tables.
     "${CARGO_TARGET_DIR:-$ROOT/target}/debug/serving-layer" migrate --database-url "$PG_URL/lambda" \
-        || die "migrations failed (see the message above)"
+        --views-dir "${VIEWS_DIR:-$ROOT/views}" || die "migrations failed (see the message above)"
 }
 
 up() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::{Array, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, Utc};
 use deltalake::protocol::SaveMode;
 use serde_json::json;
@@ -77,13 +77,7 @@ pub fn breaking(columns: &[(String, String)]) -> Option<String> {
 
 /// Columns of the lake's `products` table.
 pub fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("product_id", DataType::Utf8, false),
-        Field::new("name", DataType::Utf8, true),
-        Field::new("category", DataType::Utf8, true),
-        Field::new("price_cents", DataType::Int64, true),
-        Field::new("updated_at", shared_schema::schema::timestamp_type(), true),
-    ]))
+    shared_schema::schema::catalog_schema()
 }
 
 /// Takes the snapshot, writes it to the lake and records its schema.

@@ -333,8 +333,10 @@ async fn locked_run(
     } else {
         Vec::new()
     };
+    let (ages, catalog_published) = table_ages(pool).await?;
+    let catalog_changed = catalog_published != Some(catalog_version);
     let mut computed = Vec::new();
-    for (view, refresh) in plan.views(views::all(), &touched) {
+    for (view, refresh) in plan.views(views::all(), &touched, catalog_changed) {
         progress.inc(1);
         progress.set_message(format!("computing {}", view.name));
         computed.push(compute::view(&ctx, &plan, view, refresh).await?);
@@ -342,8 +344,6 @@ async fn locked_run(
     // The windowed tables look back from the newest hour below the cut.
     let newest_hour = newest_hour(pool, &computed, &plan).await?;
     let anchor = newest_hour.unwrap_or_else(chrono::Utc::now);
-    let (ages, catalog_published) = table_ages(pool).await?;
-    let catalog_changed = catalog_published != Some(catalog_version);
     for table in plan.tables(BATCH_TABLES, &ages, config.model_refresh, newest_hour.is_some(), catalog_changed) {
         progress.inc(1);
         progress.set_message(format!("computing {}", table.name));

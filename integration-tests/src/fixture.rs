@@ -249,6 +249,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
+/// The workspace's views folder (`views/`), as `make up` registers it.
+pub fn views_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../views")
+}
+
 /// Path of a workspace binary (`batch-layer`, `speed-layer`, ...), built
 /// next to the test executables. `make test` builds every binary first.
 pub fn binary(name: &str) -> std::path::PathBuf {

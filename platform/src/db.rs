@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use shared_schema::cut::SegmentSize;
 use shared_schema::derived::{ROLLUPS, ServingRelation, latest_hour_function_sql, serving_relations};
-use shared_schema::views::{self, ViewDef};
+use shared_schema::views::{self, ViewDef, ViewSource};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, PgPool};
 
@@ -85,13 +85,28 @@ pub async fn connect(url: &str, max_connections: u32, wait: Duration) -> Result<
     }
 }
 
-/// The schema owner's step: migrations, the deployment row and the
-/// generated serving views. Idempotent.
+/// The schema owner's step with the shipped views only (what tests and
+/// tools that define no view of their own need): see [`migrate_with`].
 pub async fn migrate(pool: &PgPool, segment_size: Option<i64>) -> Result<Deployment, DbError> {
+    Ok(migrate_with(pool, segment_size, &views::builtin_sources(), false).await?.0)
+}
+
+/// The schema owner's step: migrations, the deployment row, the views of
+/// the views folder (`views`, checked by [`shared_schema::view_sql`]) with
+/// their tables, and the generated serving views. Idempotent.
+///
+/// A registered view whose file is gone keeps its relations and stays
+/// maintained unless `drop_removed` says to drop it.
+pub async fn migrate_with(
+    pool: &PgPool,
+    segment_size: Option<i64>,
+    views: &[ViewSource],
+    drop_removed: bool,
+) -> Result<(Deployment, crate::views::ViewChanges), DbError> {
     MIGRATOR.run(pool).await?;
     let deployment = ensure_deployment(pool, segment_size).await?;
-    sync_serving_views(pool, views::all()).await?;
-    Ok(deployment)
+    let changes = crate::views::register(pool, views, drop_removed).await?;
+    Ok((deployment, changes))
 }
 
 /// `serving.schema_state()`: what the owner's bookkeeping says.
@@ -131,6 +146,11 @@ pub async fn check(pool: &PgPool) -> Result<Deployment, DbError> {
     if let Some(first) = pending.first() {
         return Err(DbError::Pending(format!("{} migration(s) pending, from version {first}", pending.len())));
     }
+    let registered = crate::views::registered(pool).await?;
+    if registered.views.is_empty() {
+        return Err(DbError::Pending("no views are registered".into()));
+    }
+    views::install(registered.views);
     if views.as_deref() != Some(fingerprint(&serving_relations(views::all())).as_str()) {
         return Err(DbError::Pending("the serving views are not this release's".into()));
     }
@@ -212,11 +232,19 @@ const GENERATED_SET: &str = "serving.*";
 /// (`shared_schema::derived::Rollup`) are re-created with them and filled
 /// from the batch relations, which reads the history once per change.
 pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), DbError> {
-    let relations = serving_relations(views);
-    let fingerprint = fingerprint(&relations);
     let mut tx = pool.begin().await?;
     // Serialises concurrent starts; the lock ends with the transaction.
     tx.execute("LOCK TABLE ops.generated_views IN EXCLUSIVE MODE").await?;
+    sync_serving_views_in(&mut tx, views).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// [`sync_serving_views`] inside the caller's transaction, which holds
+/// `ops.generated_views` locked.
+pub(crate) async fn sync_serving_views_in(tx: &mut sqlx::PgConnection, views: &[ViewDef]) -> Result<(), DbError> {
+    let relations = serving_relations(views);
+    let fingerprint = fingerprint(&relations);
     let stored: Option<String> = sqlx::query_scalar("SELECT fingerprint FROM ops.generated_views WHERE name = $1")
         .bind(GENERATED_SET)
         .fetch_optional(&mut *tx)
@@ -263,7 +291,6 @@ pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), 
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

@@ -36,3 +36,4 @@ pub mod ops_http;
 pub mod oversize;
 pub mod pgcopy;
 pub mod shutdown;
+pub mod views;

@@ -29,6 +29,15 @@ pub enum Command {
         /// Offsets per segment; only takes effect when the schema is created.
         #[arg(long, env = "SEGMENT_SIZE")]
         segment_size: Option<i64>,
+        /// The views folder: one SQL file per view (see docs/VIEWS.md). New
+        /// files get their tables, changed ones are recomputed by the next
+        /// batch run.
+        #[arg(long, env = "VIEWS_DIR", default_value = "views")]
+        views_dir: std::path::PathBuf,
+        /// Drop the relations of registered views whose file is gone (kept
+        /// and maintained otherwise).
+        #[arg(long)]
+        drop_removed_views: bool,
     },
     /// Serve the recommendations API, the dashboard and its API, and
     /// /metrics, /healthz, /readyz until SIGTERM/SIGINT.
@@ -136,10 +145,15 @@ pub enum KeysCommand {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Migrate { segment_size } => {
+        Command::Migrate { segment_size, views_dir, drop_removed_views } => {
+            let views = platform::views::load_folder(&views_dir)?;
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
-            let deployment = platform::db::migrate(&pool, segment_size).await?;
-            tracing::info!(segment_size = deployment.segment_size.get(), "schema is up to date");
+            let (deployment, changes) =
+                platform::db::migrate_with(&pool, segment_size, &views, drop_removed_views).await?;
+            for line in changes.lines() {
+                println!("{line}");
+            }
+            tracing::info!(segment_size = deployment.segment_size.get(), views = views.len(), "schema is up to date");
             Ok(())
         }
         Command::Serve {

@@ -112,6 +112,22 @@ pub fn events_schema() -> SchemaRef {
     Arc::clone(&EVENTS)
 }
 
+static CATALOG: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("product_id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("category", DataType::Utf8, true),
+        Field::new("price_cents", DataType::Int64, true),
+        Field::new("updated_at", timestamp_type(), true),
+    ]))
+});
+
+/// Columns of the product catalog: the lake's `products` table and
+/// `batch.products`, which views over the catalog read as `p`.
+pub fn catalog_schema() -> SchemaRef {
+    Arc::clone(&CATALOG)
+}
+
 /// Column names of the `events_rejected` table.
 pub mod rejected_col {
     pub const KAFKA_PARTITION: &str = "kafka_partition";

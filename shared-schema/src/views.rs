@@ -21,7 +21,7 @@
 //! with `FILTER`), over the columns of [`crate::schema::events_schema`].
 
 use std::fmt::Write as _;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, PoisonError, RwLock};
 
 use crate::schema::col;
 
@@ -292,9 +292,20 @@ impl ViewDef {
     /// `CREATE TABLE` for `<schema>.<view>` in the batch layout (used for
     /// `batch.*` and its staging copies).
     pub fn batch_table_ddl(&self, schema: &str) -> String {
+        self.batch_table_ddl_as(&format!("{schema}.{}", self.name))
+    }
+
+    /// `CREATE TABLE` for `table` (qualified) in the batch layout.
+    pub fn batch_table_ddl_as(&self, table: &str) -> String {
         let cols = Self::column_ddl(&self.batch_columns(), self.keys.len());
         let pk: Vec<_> = self.key_names().collect();
-        format!("CREATE TABLE {schema}.{} (\n{cols},\n    PRIMARY KEY ({})\n)", self.name, pk.join(", "))
+        format!("CREATE TABLE {table} (\n{cols},\n    PRIMARY KEY ({})\n)", pk.join(", "))
+    }
+
+    /// A fingerprint of the view's tables (columns, types, keys): a
+    /// redefined view whose shape is unchanged keeps its tables.
+    pub fn shape(&self) -> String {
+        fnv1a(&format!("{}\n{}", self.batch_table_ddl("batch"), self.speed_table_ddl()))
     }
 
     fn speed_key_names(&self) -> Vec<&'static str> {
@@ -447,24 +458,58 @@ pub const PRODUCT_DEMAND_HOURLY: &str = "product_demand_hourly";
 /// Name of the per-user last interaction times.
 pub const USER_PRODUCT_STATE: &str = "user_product_state";
 
-static BUILTIN: LazyLock<&'static [ViewDef]> = LazyLock::new(|| {
-    let views: Vec<ViewDef> = BUILTIN_FILES
+static BUILTIN: LazyLock<&'static [ViewDef]> =
+    LazyLock::new(|| builtin_sources().into_iter().map(|v| v.def).collect::<Vec<_>>().leak());
+
+/// A view with the SQL text it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewSource {
+    pub def: ViewDef,
+    pub sql: String,
+}
+
+/// The shipped views with their text, parsed from [`BUILTIN_FILES`].
+pub fn builtin_sources() -> Vec<ViewSource> {
+    BUILTIN_FILES
         .iter()
-        // The shipped files are checked by this crate's tests; a refusal
-        // here is a build that was never tested.
-        .map(|(file, text)| crate::view_sql::parse(file, text).unwrap_or_else(|e| panic!("shipped view refused: {e}")))
-        .collect();
-    views.leak()
-});
+        .map(|(file, text)| ViewSource {
+            // The shipped files are checked by this crate's tests; a
+            // refusal here is a build that was never tested.
+            def: crate::view_sql::parse(file, text).unwrap_or_else(|e| panic!("shipped view refused: {e}")),
+            sql: (*text).to_string(),
+        })
+        .collect()
+}
 
 /// The shipped views, parsed from [`BUILTIN_FILES`] once.
 pub fn builtin() -> &'static [ViewDef] {
     &BUILTIN
 }
 
-/// Every view the platform maintains, in publish order.
+/// The set [`install`] made current; the shipped views until then.
+static INSTALLED: RwLock<Option<&'static [ViewDef]>> = RwLock::new(None);
+
+/// Makes `views` the set [`all`] returns: what a service does once it has
+/// loaded the registered views (`ops.views`), at start and when they
+/// change. An unchanged set keeps the current slice, so reloading leaks
+/// memory only when a view changed.
+pub fn install(views: Vec<ViewDef>) -> &'static [ViewDef] {
+    let mut installed = INSTALLED.write().unwrap_or_else(PoisonError::into_inner);
+    match *installed {
+        Some(current) if current == views.as_slice() => current,
+        _ => {
+            let leaked: &'static [ViewDef] = views.leak();
+            *installed = Some(leaked);
+            leaked
+        }
+    }
+}
+
+/// Every view the platform maintains, in publish order: the installed set
+/// (see [`install`]), else the shipped views.
 pub fn all() -> &'static [ViewDef] {
-    builtin()
+    let installed = *INSTALLED.read().unwrap_or_else(PoisonError::into_inner);
+    installed.unwrap_or_else(builtin)
 }
 
 /// Looks a view up by name.
@@ -472,8 +517,13 @@ pub fn view(name: &str) -> Option<&'static ViewDef> {
     all().iter().find(|v| v.name == name)
 }
 
+/// A shipped view as currently installed (its expressions may differ from
+/// the embedded file's; its columns may not: see
+/// [`crate::view_sql::load_dir`]).
 fn shipped(name: &str) -> &'static ViewDef {
-    builtin().iter().find(|v| v.name == name).unwrap_or_else(|| panic!("{name} is a shipped view"))
+    view(name)
+        .or_else(|| builtin().iter().find(|v| v.name == name))
+        .unwrap_or_else(|| panic!("{name} is a shipped view"))
 }
 
 /// Hourly demand per product.

@@ -14,8 +14,8 @@ use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use shared_schema::cut::SegmentSize;
-use shared_schema::events_schema;
-use shared_schema::views::{self, Source, ViewDef};
+use shared_schema::schema::{catalog_schema, events_schema};
+use shared_schema::views::{Source, ViewDef};
 
 /// The deltas of one view.
 #[derive(Debug, Clone)]
@@ -31,35 +31,44 @@ impl ViewDelta {
     }
 }
 
-/// Views the speed layer maintains: every view computed from events alone.
-/// (Views that need the catalog are merged in serving from their product
-/// view; the catalog is the batch layer's.)
-pub fn speed_views() -> impl Iterator<Item = &'static ViewDef> {
-    views::all().iter().filter(|v| v.source == Source::Events)
-}
-
-/// The speed views' plans, made once: each micro-batch is swapped into the
-/// `events` table they scan and only the physical plan is made again, so a
-/// flush does not parse, analyse and optimise the views' SQL each time
-/// (what group commit's many small flushes would otherwise pay for).
+/// The views' plans, made once per set of views: each micro-batch is
+/// swapped into the `events` table they scan and only the physical plan is
+/// made again, so a flush does not parse, analyse and optimise the views'
+/// SQL each time (what group commit's many small flushes would otherwise
+/// pay for). Views over the catalog read `products`, the published catalog
+/// ([`load_catalog`]), swapped in the same way when it is reloaded.
 pub struct Deltas {
     ctx: SessionContext,
     events: Arc<MemTable>,
+    products: Arc<MemTable>,
     /// Each view with its optimised logical plan over `events`.
     plans: Vec<(&'static ViewDef, LogicalPlan)>,
 }
 
 impl Deltas {
-    pub async fn new(segment_size: SegmentSize) -> Result<Self, DataFusionError> {
+    /// Plans every view of `views` (the registered set).
+    pub async fn new(segment_size: SegmentSize, views: &'static [ViewDef]) -> Result<Self, DataFusionError> {
         let ctx = SessionContext::new();
         let events = Arc::new(MemTable::try_new(events_schema(), vec![Vec::new()])?);
+        let products = Arc::new(MemTable::try_new(catalog_schema(), vec![Vec::new()])?);
         ctx.register_table("events", Arc::clone(&events) as Arc<dyn datafusion::catalog::TableProvider>)?;
+        ctx.register_table("products", Arc::clone(&products) as Arc<dyn datafusion::catalog::TableProvider>)?;
         let mut plans = Vec::new();
-        for view in speed_views() {
+        for view in views {
             let plan = ctx.sql(&view.speed_sql(segment_size.get())).await?.into_optimized_plan()?;
             plans.push((view, plan));
         }
-        Ok(Self { ctx, events, plans })
+        Ok(Self { ctx, events, products, plans })
+    }
+
+    /// Whether a view reads the catalog.
+    pub fn reads_catalog(&self) -> bool {
+        self.plans.iter().any(|(v, _)| v.source == Source::EventsWithCatalog)
+    }
+
+    /// Swaps in the catalog the views over it read.
+    pub async fn set_catalog(&self, catalog: RecordBatch) {
+        *self.products.batches[0].write().await = vec![catalog];
     }
 
     /// The deltas of every speed view over `events`.
@@ -88,6 +97,39 @@ impl Deltas {
         self.events.batches[0].write().await.clear();
         outcome.map(|()| out)
     }
+}
+
+/// The published catalog (`batch.products`) with the lake's `products`
+/// columns.
+pub async fn load_catalog(pool: &sqlx::PgPool) -> Result<RecordBatch, CatalogError> {
+    use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+    type Row = (String, Option<String>, Option<String>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>);
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT product_id, name, category, price_cents, updated_at FROM batch.products")
+            .fetch_all(pool)
+            .await?;
+    let text = |f: fn(&Row) -> Option<&str>| Arc::new(rows.iter().map(f).collect::<StringArray>()) as ArrayRef;
+    let columns = vec![
+        text(|r| Some(r.0.as_str())),
+        text(|r| r.1.as_deref()),
+        text(|r| r.2.as_deref()),
+        Arc::new(rows.iter().map(|r| r.3).collect::<Int64Array>()) as ArrayRef,
+        Arc::new(
+            rows.iter()
+                .map(|r| r.4.map(|t| t.timestamp_micros()))
+                .collect::<TimestampMicrosecondArray>()
+                .with_timezone("UTC"),
+        ),
+    ];
+    Ok(RecordBatch::try_new(catalog_schema(), columns)?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("reading the published catalog: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("the published catalog: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
 }
 
 #[cfg(test)]

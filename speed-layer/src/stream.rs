@@ -139,6 +139,8 @@ pub enum SpeedError {
     Plan(#[from] datafusion::error::DataFusionError),
     #[error("replaying records from memory: {0}")]
     Replay(String),
+    #[error("loading the views: {0}")]
+    Views(String),
 }
 
 /// Partitions assigned or revoked since the loop last looked: their
@@ -354,7 +356,9 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
             max_bytes: config.max_batch_bytes,
         },
         intake: Intake::default(),
-        sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone()).await?,
+        sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone())
+            .await
+            .map_err(|e| SpeedError::Views(e.to_string()))?,
     };
     loop {
         state.intake.apply_rebalances(&mut state.edge);
@@ -419,7 +423,9 @@ pub async fn replay(config: &SpeedConfig, records: Vec<ReplayRecord>) -> Result<
     let notifier =
         platform::notify::Notifier::spawn(platform::notify::NotifyConfig::new(None, "speed-layer"), Some(pool.clone()));
     let dlq_wake = tokio::sync::Notify::new();
-    let mut sink = Sink::new(config, &pool, &dlq_wake, deployment, forgotten, Default::default(), notifier).await?;
+    let mut sink = Sink::new(config, &pool, &dlq_wake, deployment, forgotten, Default::default(), notifier)
+        .await
+        .map_err(|e| SpeedError::Views(e.to_string()))?;
     // Records are all there at once: a micro-batch is flushed when full.
     let policy =
         FlushPolicy { interval: Duration::MAX, max_batch: config.max_batch, max_bytes: config.max_batch_bytes };

@@ -13,7 +13,7 @@ use std::time::Duration;
 use shared_schema::cut::{Offset, OffsetCut, Partition, SegmentSize};
 use shared_schema::derived::{BatchTable, Input};
 use shared_schema::schema::Hour;
-use shared_schema::views::ViewDef;
+use shared_schema::views::{Source, ViewDef};
 
 /// What was published last.
 #[derive(Debug, Clone, Default)]
@@ -169,12 +169,20 @@ impl Plan {
 
     /// How each view is refreshed, in the order given; views with nothing
     /// to do are left out. `touched`: the hours of the events between the
-    /// previous cut and the new one (ignored by a full run).
-    pub fn views(&self, views: &'static [ViewDef], touched: &[Hour]) -> Vec<(&'static ViewDef, Refresh)> {
+    /// previous cut and the new one (ignored by a full run). A view over
+    /// the catalog is recomputed whole when the catalog changed, as a full
+    /// run would compute it.
+    pub fn views(
+        &self,
+        views: &'static [ViewDef],
+        touched: &[Hour],
+        catalog_changed: bool,
+    ) -> Vec<(&'static ViewDef, Refresh)> {
         views
             .iter()
             .filter_map(|view| {
-                let refresh = if self.full || self.redefined.contains(&view.name) {
+                let catalog = catalog_changed && view.source == Source::EventsWithCatalog;
+                let refresh = if self.full || catalog || self.redefined.contains(&view.name) {
                     Refresh::Replace
                 } else if let Some(key) = view.hour_key {
                     if touched.is_empty() {
@@ -437,7 +445,7 @@ mod tests {
         assert_eq!(views::all(), [*product_demand_hourly(), *user_product_state()], "the cases name every view");
         for (name, plan, n, want) in cases {
             let got: Vec<(&str, String)> = plan
-                .views(views::all(), &hours(n))
+                .views(views::all(), &hours(n), false)
                 .into_iter()
                 .map(|(v, r)| {
                     let r = match r {
@@ -454,6 +462,20 @@ mod tests {
             let want: Vec<(&str, String)> = want.iter().map(|(v, r)| (*v, r.to_string())).collect();
             assert_eq!(got, want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_view_over_the_catalog_is_replaced_when_the_catalog_changed() {
+        let text = "SELECT date_trunc('hour', e.event_time) AS hour, p.category AS category, count(*) AS n
+                    FROM events AS e LEFT JOIN products AS p ON p.product_id = e.product_id GROUP BY 1, 2";
+        let by_category = shared_schema::view_sql::parse("views/by_category.sql", text).unwrap();
+        let set: &'static [ViewDef] = vec![*product_demand_hourly(), by_category].leak();
+        let refreshes = |catalog_changed| -> Vec<(&str, bool)> {
+            let views = plan(false, &[]).views(set, &hours(1), catalog_changed);
+            views.into_iter().map(|(v, r)| (v.name, matches!(r, Refresh::Replace))).collect()
+        };
+        assert_eq!(refreshes(false), [("product_demand_hourly", false), ("by_category", false)]);
+        assert_eq!(refreshes(true), [("product_demand_hourly", false), ("by_category", true)]);
     }
 
     #[test]

@@ -96,7 +96,9 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
 
     // The owner's one step.
     let migrate = env_file("lambda-migrate", &target);
-    run_ok("serving-layer", &["migrate", "--segment-size", "100"], &migrate).await;
+    let views = integration_tests::fixture::views_dir();
+    let views = views.to_str().unwrap();
+    run_ok("serving-layer", &["migrate", "--segment-size", "100", "--views-dir", views], &migrate).await;
 
     let truth =
         generator::run(Args { backfill_hours: 3, bad_fraction: 0.02, ..Args::for_tests(&target.brokers, &topic, 61) })

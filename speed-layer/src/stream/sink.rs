@@ -34,6 +34,8 @@ use platform::gaps::Gap;
 
 /// How often the forgotten users are re-read.
 const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
+/// How often the published catalog is re-read, when a view reads it.
+const CATALOG_REFRESH: Duration = Duration::from_secs(60);
 
 /// How a flush ended.
 #[derive(Debug)]
@@ -54,10 +56,13 @@ enum Attempt {
     Fenced(Vec<Partition>),
     /// Users were forgotten since the set was read: nothing committed.
     StaleForgotten,
+    /// Views were registered, redefined or dropped since they were loaded:
+    /// nothing committed.
+    StaleViews,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum FlushError {
+pub(super) enum FlushError {
     #[error("decoding: {0}")]
     Decode(#[from] shared_schema::decode::DecodeError),
     #[error("computing deltas: {0}")]
@@ -68,6 +73,10 @@ enum FlushError {
     Forgotten(#[from] platform::forgotten::ForgetError),
     #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("loading the registered views: {0}")]
+    Views(#[from] platform::db::DbError),
+    #[error(transparent)]
+    Catalog(#[from] deltas::CatalogError),
 }
 
 /// Writes micro-batches; owns what a flush needs besides the records.
@@ -85,8 +94,13 @@ pub(super) struct Sink<'a> {
     gap_notices: platform::gaps::GapNotices,
     /// What duplicates are judged against (see [`crate::history`]).
     histories: crate::history::Histories,
-    /// The views' plans, made once.
+    /// The views' plans, made once per set of registered views.
     deltas: deltas::Deltas,
+    /// `ops.views_version` of the views `deltas` computes.
+    views_version: i64,
+    segment_size: shared_schema::cut::SegmentSize,
+    /// When the catalog was last read (views over it only).
+    catalog_at: Instant,
 }
 
 impl<'a> Sink<'a> {
@@ -98,7 +112,8 @@ impl<'a> Sink<'a> {
         forgotten: platform::forgotten::Forgotten,
         ready: platform::ops_http::Readiness,
         notifier: platform::notify::Notifier,
-    ) -> Result<Self, datafusion::error::DataFusionError> {
+    ) -> Result<Self, FlushError> {
+        let (views_version, deltas) = Self::load_views(pool, deployment.segment_size).await?;
         Ok(Self {
             config,
             pool,
@@ -111,8 +126,36 @@ impl<'a> Sink<'a> {
             notifier,
             gap_notices: platform::gaps::GapNotices::default(),
             histories: crate::history::Histories::new(deployment.dedup_window_micros),
-            deltas: deltas::Deltas::new(deployment.segment_size).await?,
+            deltas,
+            views_version,
+            segment_size: deployment.segment_size,
+            catalog_at: Instant::now(),
         })
+    }
+
+    /// The registered views (each checked by this binary's view checker),
+    /// planned, with the catalog when one reads it.
+    async fn load_views(
+        pool: &PgPool,
+        segment_size: shared_schema::cut::SegmentSize,
+    ) -> Result<(i64, deltas::Deltas), FlushError> {
+        let registered = platform::views::registered(pool).await?;
+        let names: Vec<&str> = registered.views.iter().map(|v| v.name).collect();
+        tracing::info!(version = registered.version, views = ?names, "maintaining the registered views");
+        let views = shared_schema::views::install(registered.views);
+        let deltas = deltas::Deltas::new(segment_size, views).await?;
+        if deltas.reads_catalog() {
+            deltas.set_catalog(deltas::load_catalog(pool).await?).await;
+        }
+        Ok((registered.version, deltas))
+    }
+
+    async fn reload_views(&mut self) -> Result<(), FlushError> {
+        let (version, deltas) = Self::load_views(self.pool, self.segment_size).await?;
+        self.views_version = version;
+        self.deltas = deltas;
+        self.catalog_at = Instant::now();
+        Ok(())
     }
 
     /// Flushes `records`, retrying with capped backoff while PostgreSQL or
@@ -134,6 +177,18 @@ impl<'a> Sink<'a> {
                     metrics::counter!("speed_forgotten_refilters_total").increment(1);
                     if let Err(e) = self.reload_forgotten().await {
                         tracing::error!(error = %e, "reloading the forgotten users failed; retrying");
+                        backoff.sleep().await;
+                    }
+                }
+                Ok(Attempt::StaleViews) => {
+                    tracing::info!("the registered views changed; computing this micro-batch again with them");
+                    metrics::counter!("speed_view_reloads_total").increment(1);
+                    if let Err(e) = self.reload_views().await {
+                        // Nothing is committed with an older set: progress
+                        // waits (readiness and the stall alert tell) until
+                        // the views load.
+                        tracing::error!(error = %e, "loading the registered views failed; retrying");
+                        self.ready.set(false);
                         backoff.sleep().await;
                     }
                 }
@@ -243,6 +298,10 @@ impl<'a> Sink<'a> {
             a.newest_event_time =
                 self.histories.newest(a.partition, &changes).and_then(DateTime::<Utc>::from_timestamp_micros);
         }
+        if self.deltas.reads_catalog() && self.catalog_at.elapsed() >= CATALOG_REFRESH {
+            self.deltas.set_catalog(deltas::load_catalog(self.pool).await?).await;
+            self.catalog_at = Instant::now();
+        }
         let deltas = self.deltas.compute(decoded.batch).await?;
 
         let prepared = started.elapsed();
@@ -255,6 +314,12 @@ impl<'a> Sink<'a> {
         if !self.forgotten.still_current(&mut tx).await? {
             tx.rollback().await?;
             return Ok(Attempt::StaleForgotten);
+        }
+        // Held shared until the commit: a registration waits for this flush,
+        // and this flush commits only deltas of the registered views.
+        if platform::views::version(&mut tx).await? != self.views_version {
+            tx.rollback().await?;
+            return Ok(Attempt::StaleViews);
         }
         let advances: Vec<Advance> = advances.into_values().collect();
         let fenced = offsets::advance(&mut tx, &advances).await?;
