@@ -213,10 +213,6 @@ pub async fn register(pool: &PgPool, files: &[ViewSource], drop_removed: bool) -
         match step {
             Step::Keep => {}
             Step::Add { view, existing } => {
-                if !existing {
-                    create_tables(&mut tx, &view.def).await?;
-                    record_speed_start(&mut tx, view.def.name).await?;
-                }
                 sqlx::query(
                     "INSERT INTO ops.views (name, position, sql, fingerprint, shape) VALUES ($1, 0, $2, $3, $4)",
                 )
@@ -226,6 +222,10 @@ pub async fn register(pool: &PgPool, files: &[ViewSource], drop_removed: bool) -
                 .bind(view.def.shape())
                 .execute(&mut *tx)
                 .await?;
+                if !existing {
+                    create_tables(&mut tx, &view.def).await?;
+                    record_speed_start(&mut tx, view.def.name).await?;
+                }
             }
             Step::Update { view, recompute, retable } => {
                 if retable {

@@ -38,4 +38,5 @@ mod serving_faults;
 mod serving_roles;
 mod speed;
 mod speed_faults;
+mod view_files;
 mod watchdog;
