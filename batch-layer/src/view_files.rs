@@ -126,6 +126,21 @@ mod tests {
         );
     }
 
+    /// The examples docs/VIEWS.md shows pass the check and plan.
+    #[tokio::test]
+    async fn the_example_views_plan() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../views/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let view = view_sql::parse(path.to_str().unwrap(), &text).unwrap_or_else(|e| panic!("{e}"));
+            plan(&view).await.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert_eq!(n, 3, "docs/VIEWS.md shows three examples");
+    }
+
     /// What the view checker lets through, DataFusion has, and deterministic.
     #[test]
     fn every_allowed_function_is_a_deterministic_datafusion_function() {

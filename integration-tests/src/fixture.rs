@@ -254,6 +254,35 @@ pub fn views_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../views")
 }
 
+/// The shipped views and the three example view files of
+/// `views/examples/` (a catalog view keyed by day, an hourly one with a
+/// filtered maximum, one with minimums): what the tests that prove the
+/// merge, incremental = full and the Ballista engine register, so they
+/// hold for file-defined views too.
+pub fn example_views() -> Vec<shared_schema::views::ViewSource> {
+    let dir = views_dir().join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("views/examples").map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut views = shared_schema::views::builtin_sources();
+    for path in files {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        let def = shared_schema::view_sql::parse(path.to_str().unwrap(), &sql).unwrap_or_else(|e| panic!("{e}"));
+        views.push(shared_schema::views::ViewSource { def, sql });
+    }
+    views
+}
+
+/// The names of [`example_views`] beyond the shipped ones.
+pub fn example_view_names() -> Vec<&'static str> {
+    example_views().iter().skip(shared_schema::views::builtin().len()).map(|v| v.def.name).collect()
+}
+
+/// Registers [`example_views`] in the database of `pool` (the owner's).
+pub async fn register_examples(pool: &PgPool) {
+    let changes = platform::views::register(pool, &example_views(), false).await.expect("registering the examples");
+    assert_eq!(changes.added, example_view_names(), "the examples are new to this database");
+}
+
 /// Path of a workspace binary (`batch-layer`, `speed-layer`, ...), built
 /// next to the test executables. `make test` builds every binary first.
 pub fn binary(name: &str) -> std::path::PathBuf {

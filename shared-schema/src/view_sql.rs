@@ -47,6 +47,10 @@ pub const FROM_EVENTS: &str = "events AS e";
 /// The `FROM` clause of a view that also reads the product catalog.
 pub const FROM_EVENTS_WITH_CATALOG: &str = "events AS e LEFT JOIN products AS p ON p.product_id = e.product_id";
 
+/// The catalog columns a view may read as `p.<column>`: those published
+/// in `batch.products`, which both the batch and the speed layer join.
+pub const CATALOG_COLUMNS: &[&str] = &["product_id", "name", "category", "price_cents"];
+
 /// Event columns that identify a person or a visit: a view keyed by one is
 /// not an aggregate, and dashboards may not read it.
 const PERSONAL_COLUMNS: &[&str] = &["user_id", "session_id", "event_id"];
@@ -856,10 +860,9 @@ impl Checker {
             "p" if self.catalog => {
                 let schema = catalog_schema();
                 match schema.field_with_name(column) {
-                    Ok(field) => Ok(Ty::of_arrow(field.data_type())),
-                    Err(_) => {
-                        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                        refuse(expr, format!("the catalog has no column `{column}`; it has {}", names.join(", ")))
+                    Ok(field) if CATALOG_COLUMNS.contains(&column) => Ok(Ty::of_arrow(field.data_type())),
+                    _ => {
+                        refuse(expr, format!("views read the catalog's {}; not `{column}`", CATALOG_COLUMNS.join(", ")))
                     }
                 }
             }
@@ -1148,6 +1151,10 @@ mod tests {
             ("SELECT e.product_id AS product_id, count(*) AS n FROM events e2 GROUP BY 1".into(), "a view reads `FROM events AS e`"),
             ("SELECT e.product_id AS product_id, count(*) AS n FROM events AS e JOIN products AS p ON true GROUP BY 1".into(), "with the catalog"),
             ("SELECT count(*) AS n FROM events AS e".into(), "at least one key"),
+            (
+                "SELECT p.updated_at AS u, count(*) AS n FROM events AS e LEFT JOIN products AS p ON p.product_id = e.product_id GROUP BY 1".into(),
+                "views read the catalog's product_id, name, category, price_cents; not `updated_at`",
+            ),
             ("SELECT e.product_id AS product_id FROM events AS e GROUP BY 1".into(), "at least one measure"),
             (format!("{base} GROUP BY ROLLUP (1)"), "ROLLUP"),
             (format!("{base} GROUP BY 2"), "`n` is a measure"),

@@ -100,12 +100,12 @@ impl Deltas {
 }
 
 /// The published catalog (`batch.products`) with the lake's `products`
-/// columns.
+/// columns; `updated_at`, which views may not read, stays empty.
 pub async fn load_catalog(pool: &sqlx::PgPool) -> Result<RecordBatch, CatalogError> {
     use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
     type Row = (String, Option<String>, Option<String>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>);
     let rows: Vec<Row> =
-        sqlx::query_as("SELECT product_id, name, category, price_cents, updated_at FROM batch.products")
+        sqlx::query_as("SELECT product_id, name, category, price_cents, NULL::timestamptz FROM batch.products")
             .fetch_all(pool)
             .await?;
     let text = |f: fn(&Row) -> Option<&str>| Arc::new(rows.iter().map(f).collect::<StringArray>()) as ArrayRef;

@@ -2,10 +2,12 @@
 //! keeps the last good views; overlapping runs cannot both publish; the
 //! published tables equal an independent computation.
 
+use std::collections::BTreeMap;
+
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RUN_LOCK, RunConfig, RunOutcome};
-use integration_tests::checks::{DemandMap, assert_demand_eq, demand};
+use integration_tests::checks::{DemandMap, assert_demand_eq, assert_tables_match, demand, schema_rows};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args};
 use sqlx::PgPool;
@@ -103,14 +105,23 @@ async fn batch_tables(pool: &PgPool) -> Vec<(&'static str, Vec<String>)> {
     out
 }
 
+/// The batch rows of the example view files, by view.
+async fn example_rows(pool: &PgPool) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let names = integration_tests::fixture::example_view_names();
+    schema_rows(pool, "batch").await.into_iter().filter(|(name, _)| names.contains(&name.as_str())).collect()
+}
+
 /// Incremental runs (only the hours new events touched, late events
-/// included) publish exactly what a full recompute publishes.
+/// included) publish exactly what a full recompute publishes, for the
+/// shipped views and for view files.
 #[tokio::test]
 async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     let stack = Stack::from_env();
     let topic = stack.fresh_topic("incremental", 2).await.unwrap();
     let (url, pool) = stack.fresh_database("incremental").await.unwrap();
     platform::db::migrate(&pool, Some(50)).await.unwrap();
+    // The example view files, under the same proof as the shipped views.
+    integration_tests::fixture::register_examples(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 3_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
@@ -141,8 +152,13 @@ async fn incremental_runs_equal_a_full_recompute_with_late_events() {
     // No catalog in this test, so `products` stays empty; the others must not.
     let empty: Vec<_> = tables.iter().filter(|(_, rows)| rows.is_empty()).map(|(name, _)| *name).collect();
     assert_eq!(empty, ["products"]);
+    let files = example_rows(&pool).await;
+    for (name, rows) in &files {
+        assert!(!rows.is_empty(), "batch.{name} is empty");
+    }
     let full = RunConfig { full: true, ..incremental.clone() };
     assert!(matches!(recompute::run(&full).await.unwrap(), RunOutcome::Published { hours: None, .. }));
+    assert_tables_match(&example_rows(&pool).await, &files, "file-defined views: incremental = full");
     assert_eq!(batch_demand(&pool).await, demand, "product_demand_hourly: incremental = full");
     assert_eq!(user_state(&pool).await, users, "user_product_state: incremental = full");
     assert_eq!(batch_tables(&pool).await, tables, "batch tables: incremental = full");

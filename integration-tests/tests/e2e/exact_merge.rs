@@ -3,6 +3,7 @@
 //! views → PostgreSQL with its cut, in one transaction), and no number a
 //! dashboard reads changes, not even for one read in between.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,7 +11,9 @@ use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, Utc};
-use integration_tests::checks::{assert_demand_eq, merged, serving_demand, wait_for_speed, watch_totals};
+use integration_tests::checks::{
+    DemandMap, assert_demand_eq, assert_tables_match, merged, schema_rows, serving_demand, wait_for_speed, watch_totals,
+};
 use integration_tests::fixture::{FreshStream, Stack};
 use integration_tests::generator::{self, Args, Truth};
 use speed_layer::stream::{self, SpeedConfig};
@@ -35,10 +38,40 @@ async fn user_state(pool: &PgPool) -> Vec<(String, String, Option<DateTime<Utc>>
     .unwrap()
 }
 
+/// The served rows of the example view files, by view.
+async fn example_rows(pool: &PgPool) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let names = integration_tests::fixture::example_view_names();
+    schema_rows(pool, "serving").await.into_iter().filter(|(name, _)| names.contains(&name.as_str())).collect()
+}
+
+type Carts = BTreeMap<(DateTime<Utc>, String), (i64, i64, i64)>;
+
+/// `serving.cart_abandonment_hourly` (a view file): adds, removes, purchases.
+async fn carts(pool: &PgPool) -> Carts {
+    let rows: Vec<(DateTime<Utc>, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT hour, product_id, cart_adds, cart_removes, purchases FROM serving.cart_abandonment_hourly",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(h, p, a, r, b)| ((h, p), (a, r, b))).collect()
+}
+
+/// The same from the generator's own count of what it sent.
+fn expected_carts(demand: &DemandMap) -> Carts {
+    demand
+        .iter()
+        .map(|(k, d)| (k.clone(), (d.cart_adds, d.cart_removes, d.purchases)))
+        .filter(|(_, c)| *c != (0, 0, 0))
+        .collect()
+}
+
 #[tokio::test]
 async fn batch_landing_changes_no_serving_number() {
     let stack = Stack::from_env();
     let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("exact_merge", 4, 100).await.unwrap();
+    // The example view files, under the same proof as the shipped views.
+    integration_tests::fixture::register_examples(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
@@ -60,6 +93,8 @@ async fn batch_landing_changes_no_serving_number() {
         let before = serving_demand(&pool).await;
         assert_demand_eq(&before, &expected, "speed layer alone");
         let users_before = user_state(&pool).await;
+        assert_eq!(carts(&pool).await, expected_carts(&expected), "cart_abandonment_hourly, speed layer alone");
+        let files_before = example_rows(&pool).await;
 
         let summary = ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
         assert!(summary.records > 0);
@@ -86,6 +121,8 @@ async fn batch_landing_changes_no_serving_number() {
         let after = serving_demand(&pool).await;
         assert_demand_eq(&after, &expected, "after the batch landed");
         assert_eq!(user_state(&pool).await, users_before, "round {round}: user_product_state moved");
+        assert_tables_match(&example_rows(&pool).await, &files_before, &format!("round {round}: a view file moved"));
+        assert_eq!(carts(&pool).await, expected_carts(&expected), "cart_abandonment_hourly after the landing");
 
         // Speed rows below the cut are gone; the batch holds them now.
         let stale: i64 = sqlx::query_scalar(

@@ -64,6 +64,9 @@ async fn ballista_runs_publish_what_in_process_runs_publish_and_the_merge_stays_
     let (ballista_url, ballista) = stack.fresh_database("scale_out_ballista").await.unwrap();
     platform::db::migrate(&local, Some(100)).await.unwrap();
     platform::db::migrate(&ballista, Some(100)).await.unwrap();
+    // The example view files, under the same proof as the shipped views.
+    integration_tests::fixture::register_examples(&local).await;
+    integration_tests::fixture::register_examples(&ballista).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
     let ingest_config = IngestConfig { flush_records: 5_000, ..IngestConfig::catch_up(stack.brokers(), &topic, &lake) };
@@ -118,6 +121,11 @@ async fn ballista_runs_publish_what_in_process_runs_publish_and_the_merge_stays_
         assert!(
             b["product_demand_hourly"].len() > 100 && !b["item_similarity"].is_empty() && !b["products"].is_empty()
         );
+        for name in integration_tests::fixture::example_view_names() {
+            assert!(!b[name].is_empty(), "batch.{name} is empty");
+        }
+        let categories = &b["purchases_per_category_daily"];
+        assert!(categories.iter().any(|r| r["category"] != "unknown"), "the catalog view reads the catalog");
         assert_tables_match(&a, &b, &format!("round {round}: batch.* of the Ballista run against the in-process run"));
         let cuts = "SELECT jsonb_object_agg(kafka_partition, cut_offset)::text FROM ops.cut";
         let cut_a: String = sqlx::query_scalar(cuts).fetch_one(&ballista).await.unwrap();
