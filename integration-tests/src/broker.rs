@@ -113,6 +113,22 @@ impl OwnBroker {
         self.dir.join("tansu.log")
     }
 
+    /// How long the broker's log is: a mark for [`Self::storage_panicked_since`].
+    pub fn log_mark(&self) -> u64 {
+        std::fs::metadata(self.log()).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether tansu's storage task panicked after `mark`. tansu 0.6's
+    /// sqlite engine can panic on the first idempotent produce after a
+    /// restart (`lite.rs:503 "more or less than one row"`); the broker then
+    /// answers every request with `UnableToSend` while its process stays up.
+    /// A broker bug, not its clients': only another restart cures it.
+    pub fn storage_panicked_since(&self, mark: u64) -> bool {
+        let text = std::fs::read(self.log()).unwrap_or_default();
+        let after = &text[(mark as usize).min(text.len())..];
+        String::from_utf8_lossy(after).contains("more or less than one row")
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log())?;
         let url = format!("tcp://127.0.0.1:{}", self.port);

@@ -152,6 +152,16 @@ impl PrivateStack {
     /// Kills the broker (SIGKILL), keeps it down until `down_until`
     /// completes, starts it again on the same port and storage: topics,
     /// records and group offsets survive.
+    /// See [`OwnBroker::log_mark`].
+    pub fn broker_log_mark(&self) -> u64 {
+        self.broker.log_mark()
+    }
+
+    /// See [`OwnBroker::storage_panicked_since`].
+    pub fn broker_storage_panicked_since(&self, mark: u64) -> bool {
+        self.broker.storage_panicked_since(mark)
+    }
+
     pub async fn restart_broker(&mut self, down_until: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.broker.kill();
         down_until.await;
