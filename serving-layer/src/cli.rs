@@ -120,6 +120,32 @@ pub enum Command {
         #[arg(long, env = "FORGET_KEY", hide_env_values = true)]
         forget_key: Option<String>,
     },
+    /// Write the top k recommendations of every user the platform knows
+    /// (or of --users-file) in bulk, the lists the API answers: to a Parquet
+    /// or CSV file (--out), or into a table of the shop's database (--table),
+    /// replaced whole. Columns: user_id, rank, product_id, score, source,
+    /// model_version, generated_at.
+    ExportRecommendations {
+        /// File to write (`.parquet` or `.csv`), replaced whole.
+        #[arg(long, conflicts_with = "table", required_unless_present = "table")]
+        out: Option<PathBuf>,
+        /// Table to replace in the shop's database, e.g. shop.recommendations
+        /// (created when missing).
+        #[arg(long)]
+        table: Option<String>,
+        /// The shop's database, for --table.
+        #[arg(long, env = "SALES_DATABASE_URL", hide_env_values = true, default_value = shared_schema::defaults::SALES_DATABASE_URL)]
+        sales_database_url: String,
+        /// Products per user (1 to 100).
+        #[arg(long, default_value_t = crate::recommend::DEFAULT_K)]
+        k: u32,
+        /// Only these users, one id per line.
+        #[arg(long, value_name = "PATH")]
+        users_file: Option<PathBuf>,
+        /// Users computed at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +274,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::ExportRecommendations { out, table, sales_database_url, k, users_file, concurrency } => {
+            let k = crate::recommend::K::new(k)
+                .ok_or_else(|| anyhow::anyhow!("--k must be from 1 to {}, e.g. --k 10", crate::recommend::MAX_K))?;
+            let target = match (out, table) {
+                (Some(out), _) => crate::export::Target::file(out)?,
+                (None, Some(table)) => crate::export::Target::table(sales_database_url, table)?,
+                (None, None) => anyhow::bail!("say where to write: --out FILE.parquet|.csv or --table NAME"),
+            };
+            let users = users_file.as_deref().map(crate::export::read_users).transpose()?;
+            let pool =
+                platform::db::connect(&cli.database_url, concurrency.max(1) as u32, Duration::from_secs(30)).await?;
+            platform::db::check(&pool).await?;
+            let s = crate::export::export(&pool, k, users, concurrency, &target).await?;
+            let sources: Vec<String> = s.by_source.iter().map(|(source, n)| format!("{n} {source}")).collect();
+            let place = match &target {
+                crate::export::Target::Parquet(p) | crate::export::Target::Csv(p) => p.display().to_string(),
+                crate::export::Target::Table { table, .. } => format!("table {table} of the shop's database"),
+            };
+            println!(
+                "exported {} recommendations for {} users ({}) generated at {} to {place}",
+                s.rows,
+                s.users,
+                sources.join(", "),
+                s.generated_at.to_rfc3339()
+            );
             Ok(())
         }
         Command::ImportRecommendations { file, model_version, forget_key } => {

@@ -3,6 +3,7 @@
 //! * [`recommend`]: personalised recommendations with the popular fallback;
 //! * [`popular`]: the in-memory popular list that survives database outages;
 //! * [`models`]: imported model outputs (`import-recommendations`);
+//! * [`export`]: every user's top k in bulk (`export-recommendations`);
 //! * [`dashboard`]: the dashboard API and page;
 //! * [`server`]: `serve`, the HTTP server that puts them together;
 //! * [`telemetry`]: `serving_*` metrics;
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod cli;
 pub mod dashboard;
+pub mod export;
 pub mod ids;
 pub mod models;
 pub mod popular;

@@ -82,7 +82,7 @@ pub enum Source {
 }
 
 impl Source {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Source::Model => "model",
             Source::Personalized => "personalized",
@@ -250,6 +250,14 @@ impl Recommender {
         };
         telemetry::recommendation(answer.source.as_str());
         Ok(answer)
+    }
+
+    /// The answer [`Self::recommend`] gives, except that a database error
+    /// is an error (no latency budget, no popular list in its place): what
+    /// a bulk export needs.
+    pub async fn recommend_exact(&self, user: &UserId, k: K) -> Result<Recommendations, crate::export::ExportError> {
+        let personal = self.personal(user, k).await?;
+        self.assemble(user, k, personal).map_err(|e| crate::export::ExportError::Popular(e.to_string()))
     }
 
     async fn personal(&self, user: &UserId, k: K) -> Result<Personal, sqlx::Error> {

@@ -616,3 +616,127 @@ async fn the_edge_wants_a_key_of_the_right_scope_within_its_rate() {
     assert_eq!(preflight.header("access-control-allow-headers"), Some("authorization"));
     stop.cancel();
 }
+
+/// `export-recommendations` writes every user's list as the API answers it,
+/// to Parquet, to CSV and into a table of the shop's database, run as the
+/// recommender's role.
+#[tokio::test]
+async fn exported_recommendations_are_what_the_api_answers() {
+    use arrow::array::{Array, AsArray, RecordBatch};
+    use arrow::datatypes::{Float64Type, Int32Type};
+    let (url, pool) = prepared("export_recommendations").await;
+    // A user the model covers, and one with a comma in the id.
+    sqlx::query(
+        "INSERT INTO serving.model_recommendations (user_id, rank, product_id, score, model_version)
+         VALUES ('u-3', 1, 'p-40', 0.9, 'm-7'), ('u-3', 2, 'p-41', 0.8, 'm-7')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    record(&pool, "u,4", "p-10", Did::Viewed, Utc::now()).await.unwrap();
+    let (sales_url, sales) = Stack::from_env().fresh_database("export_recommendations_shop").await.unwrap();
+
+    // What the API answers, from the same recommender, for every user.
+    let popular = serving_layer::popular::PopularCache::new();
+    popular.reload(&pool).await.unwrap();
+    let recommender = serving_layer::recommend::Recommender::new(pool.clone(), popular, Duration::from_secs(10));
+    let k = serving_layer::recommend::K::new(3).unwrap();
+    let mut expected = Vec::new();
+    for user in ["u,4", "u-1", "u-2", "u-3"] {
+        let a = recommender.recommend(&serving_layer::ids::UserId::parse(user).unwrap(), k).await.unwrap();
+        for (i, p) in a.products.iter().enumerate() {
+            let source = serde_json::to_value(a.source).unwrap().as_str().unwrap().to_string();
+            expected.push((
+                user.to_string(),
+                i as i32 + 1,
+                p.product_id.clone(),
+                p.score,
+                source,
+                a.model_version.clone(),
+            ));
+        }
+    }
+    let sources: Vec<&str> = expected.iter().map(|r| r.4.as_str()).collect();
+    for source in ["model", "personalized", "popular"] {
+        assert!(sources.contains(&source), "the users cover {source} answers: {sources:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let reader_url = url.replacen("postgres://postgres@", "postgres://recommender_reader@", 1);
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(binary("serving-layer"))
+            .args(["export-recommendations", "--k", "3", "--database-url", &reader_url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let parquet = dir.path().join("recs.parquet");
+    let said = run(vec!["--out".into(), parquet.display().to_string()]);
+    assert!(said.starts_with(&format!("exported {} recommendations for 4 users (", expected.len())), "{said}");
+    let file = std::fs::File::open(&parquet).unwrap();
+    let batches: Vec<RecordBatch> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut from_parquet = Vec::new();
+    for b in &batches {
+        let text = |i: usize| b.column(i).as_string::<i32>().clone();
+        let (user, product, source, version) = (text(0), text(2), text(4), text(5));
+        let rank = b.column(1).as_primitive::<Int32Type>();
+        let score = b.column(3).as_primitive::<Float64Type>();
+        for row in 0..b.num_rows() {
+            from_parquet.push((
+                user.value(row).to_string(),
+                rank.value(row),
+                product.value(row).to_string(),
+                score.value(row),
+                source.value(row).to_string(),
+                (!version.is_null(row)).then(|| version.value(row).to_string()),
+            ));
+        }
+    }
+    assert_eq!(from_parquet, expected, "Parquet");
+
+    let csv = dir.path().join("recs.csv");
+    run(vec!["--out".into(), csv.display().to_string()]);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("user_id,rank,product_id,score,source,model_version,generated_at"));
+    let want: Vec<String> = expected
+        .iter()
+        .map(|(u, r, p, s, src, v)| {
+            let u = if u.contains(',') { format!("\"{u}\"") } else { u.clone() };
+            format!("{u},{r},{p},{s},{src},{}", v.clone().unwrap_or_default())
+        })
+        .collect();
+    let got: Vec<String> = lines.map(|l| l.rsplit_once(',').unwrap().0.to_string()).collect();
+    assert_eq!(got, want, "CSV");
+
+    // Into the shop's database, twice: the second export replaces the first.
+    for _ in 0..2 {
+        run(vec!["--table".into(), "shop_recommendations".into(), "--sales-database-url".into(), sales_url.clone()]);
+    }
+    let rows: Vec<(String, i32, String, f64, String, Option<String>)> = sqlx::query_as(
+        "SELECT user_id, rank, product_id, score, source, model_version FROM shop_recommendations ORDER BY 1, 2",
+    )
+    .fetch_all(&sales)
+    .await
+    .unwrap();
+    assert_eq!(rows, expected, "the shop's table");
+
+    // Only some users; a bad request is one line.
+    let some = dir.path().join("users.txt");
+    std::fs::write(&some, "u-2\n").unwrap();
+    let said = run(vec!["--out".into(), csv.display().to_string(), "--users-file".into(), some.display().to_string()]);
+    assert!(said.contains("for 1 users (1 popular)"), "{said}");
+    integration_tests::fixture::assert_one_line_error(
+        "serving-layer",
+        &["export-recommendations", "--out", "recs.json"],
+        &[],
+        "--out recs.json must end in .parquet or .csv (or write a table with --table)",
+    );
+}
