@@ -51,6 +51,10 @@ pub const FROM_EVENTS_WITH_CATALOG: &str = "events AS e LEFT JOIN products AS p 
 /// in `batch.products`, which both the batch and the speed layer join.
 pub const CATALOG_COLUMNS: &[&str] = &["product_id", "name", "category", "price_cents"];
 
+/// The column `forget-user` erases users by, in every table that has it.
+const USER_COLUMN: &str = "user_id";
+const USER_KEY: &str = "a view stores a user id only as the key `e.user_id AS user_id`, the column `forget-user` erases users by; count users per key instead of keeping their ids";
+
 /// Event columns that identify a person or a visit: a view keyed by one is
 /// not an aggregate, and dashboards may not read it.
 const PERSONAL_COLUMNS: &[&str] = &["user_id", "session_id", "event_id"];
@@ -532,6 +536,10 @@ fn check_select(select: &Select) -> Result<Parsed, Refusal> {
             let ty = ty.stored().or_else(|why| refuse(expr, format!("the key `{name}` {why}")))?;
             Key { name: leak(name), expr: leak(expr.to_string()), ty }
         };
+        let reads_user = check.columns.iter().any(|c| c == USER_COLUMN);
+        if reads_user && !(key.name == USER_COLUMN && key.expr == format!("e.{USER_COLUMN}")) {
+            return refuse(expr, USER_KEY);
+        }
         personal |= check.columns.iter().any(|c| PERSONAL_COLUMNS.contains(&c.as_str()));
         keys.push((key, expr.to_string(), expr.span()));
     }
@@ -719,7 +727,11 @@ impl Checker {
                 _ => return refuse(e, format!("sum needs a number, and `{e}` is not one")),
             },
             (_, FunctionArgExpr::Expr(e)) if aggregate != "count" && aggregate != "sum" => {
+                self.columns.clear();
                 let ty = self.scalar(e)?.stored().or_else(|why| refuse(e, format!("`{e}` {why}")))?;
+                if self.columns.iter().any(|c| c == USER_COLUMN) {
+                    return refuse(e, USER_KEY);
+                }
                 (e.to_string(), ty)
             }
             _ => return refuse(f, format!("{aggregate}(*) is not a measure: write {aggregate}(e.<column>)")),
@@ -1126,6 +1138,9 @@ mod tests {
             ("count(*)", "", "name this column", 3, 8),
             ("count(*) AS hour", "", "`hour` is taken", 3, 8),
             ("count(*) AS segment", "", "`segment` is taken", 3, 8),
+            ("e.user_id AS customer, count(*) AS n", "", "only as the key `e.user_id AS user_id`", 3, 8),
+            ("lower(e.user_id) AS user_id, count(*) AS n", "", "only as the key `e.user_id AS user_id`", 3, 8),
+            ("max(e.user_id) AS last_user", "", "only as the key `e.user_id AS user_id`", 3, 12),
             ("count(*) AS n", "\nWHERE my_udf(e.user_id)", "unknown function my_udf", 5, 7),
             ("sum(e.price_cents + e.product_id) AS s", "", "arithmetic needs numbers", 3, 12),
         ];
