@@ -105,6 +105,7 @@ type OutboxRow = (i64, String, i32, i64, Option<Vec<u8>>, Vec<u8>, i64, Option<S
 /// Ships the outbox to the DLQ topic in the background.
 pub struct Shipper {
     producer: FutureProducer,
+    brokers: String,
     topic: String,
     pool: PgPool,
     wake: Arc<Notify>,
@@ -119,21 +120,25 @@ impl std::fmt::Debug for Shipper {
 impl Shipper {
     /// A shipper to `topic`; notify `wake` after a flush enqueued rejects.
     pub fn new(brokers: &str, topic: &str, pool: PgPool, wake: Arc<Notify>) -> Result<Self, KafkaError> {
-        let producer = ClientConfig::new()
+        let producer = Self::producer(brokers)?;
+        Ok(Self { producer, brokers: brokers.to_string(), topic: topic.to_string(), pool, wake })
+    }
+
+    fn producer(brokers: &str) -> Result<FutureProducer, KafkaError> {
+        ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             // A DLQ that is away fails a round within seconds; the outbox
             // keeps the records and the next round tries again.
             .set("message.timeout.ms", "10000")
-            .create()?;
-        Ok(Self { producer, topic: topic.to_string(), pool, wake })
+            .create()
     }
 
     /// Ships until `stop`, then makes a last attempt of at most `last_try`
     /// for what the final flushes enqueued; what is left waits in the
     /// outbox for the next start.
-    pub async fn run(self, stop: CancellationToken, last_try: Duration) {
+    pub async fn run(mut self, stop: CancellationToken, last_try: Duration) {
         let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut failing = false;
         while !stop.is_cancelled() {
@@ -153,6 +158,16 @@ impl Shipper {
                         failing = true;
                     }
                     metrics::counter!("speed_dlq_ship_failures_total").increment(1);
+                    // A fresh producer for the next round: an idempotent
+                    // producer whose broker lost its state (a broker that
+                    // crashed or failed over) can never succeed again, and a
+                    // new one gets a new producer id. The outbox keeps the
+                    // records, so nothing is lost; a record the broker took
+                    // without our seeing the ack may reach the DLQ twice.
+                    match Self::producer(&self.brokers) {
+                        Ok(producer) => self.producer = producer,
+                        Err(e) => tracing::warn!(error = %e, "cannot create a new DLQ producer; keeping the old one"),
+                    }
                     backoff.next_delay()
                 }
             };

@@ -195,7 +195,7 @@ async fn survives(fault: Fault, seed: u64) {
         Fault::Broker => {
             let mark = stack.broker_log_mark();
             stack.restart_broker(tokio::time::sleep(Duration::from_secs(2))).await.unwrap();
-            heal_broker(&mut stack, mark, &pool, total).await;
+            heal_broker(&mut stack, mark, &pool, total, &|| metrics.render()).await;
         }
     }
     let after = consumed(&pool).await;
@@ -224,7 +224,7 @@ async fn survives(fault: Fault, seed: u64) {
 /// `OwnBroker::storage_panicked_since`), restarts it again, which the speed
 /// layer must survive like the first restart. Returns as soon as the broker
 /// serves (the caller then waits for the total).
-async fn heal_broker(stack: &mut PrivateStack, mut mark: u64, pool: &PgPool, total: i64) {
+async fn heal_broker(stack: &mut PrivateStack, mut mark: u64, pool: &PgPool, total: i64, render: &dyn Fn() -> String) {
     let mut restarts = 0;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let outbox = || async {
@@ -239,8 +239,22 @@ async fn heal_broker(stack: &mut PrivateStack, mut mark: u64, pool: &PgPool, tot
             restarts += 1;
             assert!(restarts <= 3, "tansu's storage panicked after {restarts} restarts in a row");
             eprintln!("tansu's storage panicked after the restart (lite.rs:503); restarting the broker again");
+            // Down until the DLQ shipper failed a round, after which it
+            // produces with a new producer id, which the broker's lost
+            // idempotence state does not concern.
+            let failures = metric_sum(&render(), "speed_dlq_ship_failures_total");
             mark = stack.broker_log_mark();
-            stack.restart_broker(tokio::time::sleep(Duration::from_secs(1))).await.unwrap();
+            stack
+                .restart_broker(async {
+                    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+                    while metric_sum(&render(), "speed_dlq_ship_failures_total") <= failures
+                        && tokio::time::Instant::now() < until
+                    {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                })
+                .await
+                .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
