@@ -190,9 +190,17 @@ pub enum Command {
         #[arg(long)]
         out: std::path::PathBuf,
         /// Only interactions strictly before this time (RFC 3339, or a date
-        /// meaning its midnight UTC); default: now.
+        /// meaning its midnight UTC); default: now, or --received-by.
         #[arg(long, value_parser = parse_time)]
         as_of: Option<chrono::DateTime<chrono::Utc>>,
+        /// Cut by arrival: only what the lake had committed by this time, so
+        /// an event that arrived later cannot leak in, whatever its time.
+        #[arg(long, value_parser = parse_time, conflicts_with = "version")]
+        received_by: Option<chrono::DateTime<chrono::Utc>>,
+        /// Read this lake version (a manifest's delta_version) to reproduce
+        /// an earlier export.
+        #[arg(long)]
+        version: Option<u64>,
     },
 }
 
@@ -522,12 +530,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", summary.line(&reason, &topic));
             Ok(())
         }
-        Command::ExportTraining { out, as_of, database_url, forget } => {
-            let as_of = as_of.unwrap_or_else(chrono::Utc::now);
+        Command::ExportTraining { out, as_of, received_by, version, database_url, forget } => {
+            let as_of = as_of.or(received_by).unwrap_or_else(chrono::Utc::now);
+            let snapshot = match (version, received_by) {
+                (Some(v), _) => crate::export::Snapshot::Version(v),
+                (None, Some(t)) => crate::export::Snapshot::ReceivedBy(t),
+                (None, None) => crate::export::Snapshot::Latest,
+            };
             let pool = platform::db::connect(&database_url, 2, Duration::from_secs(30)).await?;
             platform::db::check(&pool).await?;
             let key = forget.optional()?;
-            let m = crate::export::run(&Lake::parse(&cli.lake_uri)?, &out, as_of, &pool, key.as_ref()).await?;
+            let lake = Lake::parse(&cli.lake_uri)?;
+            let m = crate::export::run_at(&lake, &out, as_of, snapshot, &pool, key.as_ref()).await?;
             println!(
                 "exported {} interactions of {} users with {} products before {} (lake version {}) to {}; see {}",
                 m.rows,

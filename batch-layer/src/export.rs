@@ -63,6 +63,8 @@ pub enum ExportError {
     Forgotten(#[from] platform::forgotten::ForgetError),
     #[error("reading the manifest {path}: {source}")]
     Manifest { path: PathBuf, source: serde_json::Error },
+    #[error("the lake has no {what} to export ({source}); versions past the lake's retention are vacuumed")]
+    Snapshot { what: String, source: deltalake::DeltaTableError },
 }
 
 impl From<LakeError> for ExportError {
@@ -94,6 +96,24 @@ pub struct Manifest {
     /// When `forget-user` last removed users' rows from it.
     #[serde(default)]
     pub rewritten_at: Option<DateTime<Utc>>,
+    /// Cut by arrival: only what the lake had committed by this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_by: Option<DateTime<Utc>>,
+}
+
+/// Which lake snapshot an export reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Snapshot {
+    /// The newest.
+    #[default]
+    Latest,
+    /// A Delta version, to reproduce an earlier export (its manifest's
+    /// `delta_version`).
+    Version(u64),
+    /// The newest version committed at or before this time: what the
+    /// platform had received by then, so a late event that arrived after
+    /// it cannot leak in, whatever its event time.
+    ReceivedBy(DateTime<Utc>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -117,6 +137,18 @@ pub async fn run(
     pool: &PgPool,
     key: Option<&ForgetKey>,
 ) -> Result<Manifest, ExportError> {
+    run_at(lake, out, as_of, Snapshot::Latest, pool, key).await
+}
+
+/// [`run`] over the lake `snapshot`.
+pub async fn run_at(
+    lake: &Lake,
+    out: &Path,
+    as_of: DateTime<Utc>,
+    snapshot: Snapshot,
+    pool: &PgPool,
+    key: Option<&ForgetKey>,
+) -> Result<Manifest, ExportError> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     if std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
         return Err(ExportError::NotEmpty(out.to_path_buf()));
@@ -124,7 +156,7 @@ pub async fn run(
     let location = out.canonicalize().map_err(io(out))?;
     let fence = LakeFence::shared(pool).await?;
     let forgotten = Forgotten::load(pool, key).await?;
-    let mut manifest = write(lake, out, as_of, &forgotten).await?;
+    let mut manifest = write(lake, out, as_of, snapshot, &forgotten).await?;
     let export_id: i64 = sqlx::query_scalar(
         "INSERT INTO ops.training_exports (location, as_of, delta_version, forgotten_version, rows)
          VALUES ($1, $2, $3, $4, $5) RETURNING export_id",
@@ -148,8 +180,25 @@ fn write_manifest(out: &Path, manifest: &Manifest) -> Result<(), ExportError> {
     std::fs::write(&path, json).map_err(io(&path))
 }
 
-async fn write(lake: &Lake, out: &Path, as_of: DateTime<Utc>, forgotten: &Forgotten) -> Result<Manifest, ExportError> {
-    let table = lake.open(EVENTS_TABLE).await?.ok_or_else(|| ExportError::EmptyLake(lake.root().to_string()))?;
+async fn write(
+    lake: &Lake,
+    out: &Path,
+    as_of: DateTime<Utc>,
+    snapshot: Snapshot,
+    forgotten: &Forgotten,
+) -> Result<Manifest, ExportError> {
+    let mut table = lake.open(EVENTS_TABLE).await?.ok_or_else(|| ExportError::EmptyLake(lake.root().to_string()))?;
+    match snapshot {
+        Snapshot::Latest => {}
+        Snapshot::Version(v) => table
+            .load_version(v)
+            .await
+            .map_err(|source| ExportError::Snapshot { what: format!("version {v}"), source })?,
+        Snapshot::ReceivedBy(t) => table.load_with_datetime(t).await.map_err(|source| ExportError::Snapshot {
+            what: format!("version committed by {}", t.to_rfc3339()),
+            source,
+        })?,
+    }
     let delta_version = table.version().unwrap_or_default() as i64;
     let ctx = SessionContext::new();
     lake::register(&ctx, scope::LAKE_EVENTS, &table).await?;
@@ -193,6 +242,10 @@ async fn write(lake: &Lake, out: &Path, as_of: DateTime<Utc>, forgotten: &Forgot
         view: view.name.into(),
         as_of,
         lake: lake.table_url(EVENTS_TABLE).to_string(),
+        received_by: match snapshot {
+            Snapshot::ReceivedBy(t) => Some(t),
+            _ => None,
+        },
         delta_version,
         created_at: Utc::now(),
         rows,
