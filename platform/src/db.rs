@@ -14,8 +14,8 @@
 //! 1. apply the workspace's SQL migrations (sqlx takes an advisory lock, so
 //!    several runs at once are safe);
 //! 2. fix the deployment's segment size on first start ([`Deployment`]);
-//! 3. (re)create the `serving.*` views from the view definitions when a
-//!    definition changed, with their grants ([`sync_serving_views`]).
+//! 3. register the views folder and (re)create the `serving.*` views when a
+//!    definition changed, with their grants ([`crate::views::register`]).
 
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use shared_schema::cut::SegmentSize;
 use shared_schema::derived::{ROLLUPS, ServingRelation, latest_hour_function_sql, serving_relations};
 use shared_schema::views::{self, ViewDef, ViewSource};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Executor, PgPool};
+use sqlx::{AssertSqlSafe, PgPool};
 
 /// The migrations of `migrations/`, embedded in every binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -226,23 +226,13 @@ fn batch_relation(name: &str) -> String {
 const GENERATED_SET: &str = "serving.*";
 
 /// Re-creates the generated `serving.*` relations when any definition
-/// changed, in one transaction, so readers see either the old or the new
+/// changed, in the caller's transaction (a registration's, which holds
+/// `ops.generated_views` locked), so readers see either the old or the new
 /// set. The derived views read the merged ones, so the set is dropped and
 /// re-created whole, dependents last; the batch rollups they read
 /// (`shared_schema::derived::Rollup`) are re-created with them and filled
 /// from the batch relations, which reads the history once per change.
-pub async fn sync_serving_views(pool: &PgPool, views: &[ViewDef]) -> Result<(), DbError> {
-    let mut tx = pool.begin().await?;
-    // Serialises concurrent starts; the lock ends with the transaction.
-    tx.execute("LOCK TABLE ops.generated_views IN EXCLUSIVE MODE").await?;
-    sync_serving_views_in(&mut tx, views).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// [`sync_serving_views`] inside the caller's transaction, which holds
-/// `ops.generated_views` locked.
-pub(crate) async fn sync_serving_views_in(tx: &mut sqlx::PgConnection, views: &[ViewDef]) -> Result<(), DbError> {
+pub(crate) async fn sync_serving_views(tx: &mut sqlx::PgConnection, views: &[ViewDef]) -> Result<(), DbError> {
     let relations = serving_relations(views);
     let fingerprint = fingerprint(&relations);
     let stored: Option<String> = sqlx::query_scalar("SELECT fingerprint FROM ops.generated_views WHERE name = $1")

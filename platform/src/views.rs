@@ -34,10 +34,6 @@ pub struct ViewChanges {
 }
 
 impl ViewChanges {
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.changed.is_empty() && self.kept.is_empty() && self.dropped.is_empty()
-    }
-
     /// One line per kind of change, for the migrate command's output.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = Vec::new();
@@ -261,7 +257,7 @@ pub async fn register(pool: &PgPool, files: &[ViewSource], drop_removed: bool) -
             .execute(&mut *tx)
             .await?;
     }
-    crate::db::sync_serving_views_in(&mut tx, &set).await?;
+    crate::db::sync_serving_views(&mut tx, &set).await?;
     tx.commit().await?;
     Ok(changes)
 }
