@@ -55,13 +55,8 @@ impl Target {
     /// A table target; the name must be a plain or schema-qualified
     /// lowercase identifier (it is written into SQL).
     pub fn table(url: String, table: String) -> Result<Self, ExportError> {
-        let ident = |s: &str| {
-            s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && s.len() <= 63
-        };
         let parts: Vec<&str> = table.split('.').collect();
-        if parts.len() > 2 || !parts.iter().all(|p| ident(p)) {
+        if parts.len() > 2 || !parts.iter().all(|p| shared_schema::view_sql::is_identifier(p)) {
             return Err(ExportError::Usage(format!(
                 "--table {table:?} must be a lowercase table name, optionally with its schema (shop.recommendations)"
             )));

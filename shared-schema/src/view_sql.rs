@@ -180,20 +180,27 @@ fn refuse<T>(at: &impl Spanned, reason: impl Into<String>) -> Result<T, Refusal>
     Err(Refusal { span: at.span(), reason: reason.into() })
 }
 
+/// Whether `name` is a lowercase SQL identifier PostgreSQL keeps whole
+/// (letters, digits and `_`, not starting with a digit, at most 63
+/// bytes): what the platform writes into SQL as a name, unquoted.
+pub fn is_identifier(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
 /// The view's name: the file's stem, a lowercase SQL identifier that the
 /// platform's own relations and shadow tables do not use.
 pub fn view_name(file: &str) -> Result<String, String> {
     let stem = Path::new(file).file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-    let valid = stem.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && stem.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !valid {
-        return Err(format!(
-            "the file name `{stem}` is the view's name and must be a lowercase SQL identifier: letters, digits and _"
-        ));
-    }
     if stem.len() > 60 || stem.contains("__") {
         return Err(format!(
             "the view name `{stem}` must be at most 60 characters, without `__` (kept for shadow tables)"
+        ));
+    }
+    if !is_identifier(stem) {
+        return Err(format!(
+            "the file name `{stem}` is the view's name and must be a lowercase SQL identifier: letters, digits and _"
         ));
     }
     Ok(stem.to_string())
@@ -614,10 +621,7 @@ fn group_by(select: &Select, items: &[(String, Span)], keys: &[(Key, String, Spa
 
 fn column_name(ident: &Ident) -> Result<String, Refusal> {
     let name = &ident.value;
-    let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63;
-    if valid {
+    if is_identifier(name) {
         Ok(name.clone())
     } else {
         Err(Refusal {
