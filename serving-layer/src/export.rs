@@ -83,6 +83,8 @@ pub enum ExportError {
     Parquet { path: PathBuf, source: parquet::errors::ParquetError },
     #[error("writing the table {table}: {source}")]
     Table { table: String, source: sqlx::Error },
+    #[error("the shop's database: {0}")]
+    Shop(platform::db::DbError),
     #[error("Arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
@@ -264,10 +266,7 @@ fn write_csv(path: &Path, rows: &[Row<'_>], at: DateTime<Utc>) -> Result<(), Exp
 /// missing), so the shop reads the previous export or this one, whole.
 async fn write_table(url: &str, table: &str, rows: &[Row<'_>], at: DateTime<Utc>) -> Result<(), ExportError> {
     let failed = |source| ExportError::Table { table: table.to_string(), source };
-    let pool = platform::db::connect(url, 1, Duration::from_secs(30)).await.map_err(|e| match e {
-        platform::db::DbError::Connect { source, .. } | platform::db::DbError::Url { source, .. } => failed(source),
-        other => ExportError::Usage(other.to_string()),
-    })?;
+    let pool = platform::db::connect(url, 1, Duration::from_secs(30)).await.map_err(ExportError::Shop)?;
     let mut tx = pool.begin().await.map_err(failed)?;
     let ddl = format!(
         "CREATE TABLE IF NOT EXISTS {table} (
