@@ -40,7 +40,7 @@ pub enum Merge {
 
 impl Merge {
     /// The aggregate that computes the measure and merges partial results.
-    pub fn aggregate(self) -> &'static str {
+    fn aggregate(self) -> &'static str {
         match self {
             Merge::Sum => "sum",
             Merge::Max => "max",
