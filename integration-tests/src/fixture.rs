@@ -249,6 +249,12 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
+/// `owner_url` (the schema owner's, `postgres@`) as platform role `role`,
+/// which logs in without a password on the local stack.
+pub fn role_url(owner_url: &str, role: &str) -> String {
+    owner_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
+}
+
 /// The workspace's views folder (`views/`), as `make up` registers it.
 pub fn views_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../views")

@@ -67,7 +67,7 @@ async fn run_ok(bin: &str, args: &[&str], env: &BTreeMap<String, String>) -> Out
 }
 
 async fn pool_as(owner_url: &str, role: &str) -> PgPool {
-    let url = owner_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let url = integration_tests::fixture::role_url(owner_url, role);
     PgPool::connect(&url).await.unwrap()
 }
 

@@ -99,7 +99,7 @@ async fn serve_on_a_hot_standby_answers_what_the_primary_answers() {
     assert_demand_eq(&serving_demand(&standby).await, &expected, "serving.product_demand_hourly on the standby");
 
     // Each serve under the reader roles: one on the primary, one on the standby.
-    let primary_as = |role: &str| url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let primary_as = |role: &str| integration_tests::fixture::role_url(&url, role);
     let standby_as = |role: &str| stack.replica_url(role, "lambda").unwrap();
     let stop = CancellationToken::new();
     let from_primary = serve(primary_as("recommender_reader"), primary_as("dashboard_reader"), &stop).await;

@@ -662,7 +662,7 @@ async fn exported_recommendations_are_what_the_api_answers() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let reader_url = url.replacen("postgres://postgres@", "postgres://recommender_reader@", 1);
+    let reader_url = integration_tests::fixture::role_url(&url, "recommender_reader");
     let run = |args: Vec<String>| {
         let out = std::process::Command::new(binary("serving-layer"))
             .args(["export-recommendations", "--k", "3", "--database-url", &reader_url])

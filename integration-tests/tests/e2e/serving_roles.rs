@@ -31,7 +31,7 @@ const RECOMMENDER: &[&str] = &[
 ];
 
 async fn as_role(database_url: &str, role: &str) -> PgPool {
-    let url = database_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let url = integration_tests::fixture::role_url(database_url, role);
     assert_ne!(url, database_url, "the test expects a URL of user postgres: {database_url}");
     let pool = PgPool::connect(&url).await.unwrap();
     let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&pool).await.unwrap();

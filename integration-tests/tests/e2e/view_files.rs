@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use integration_tests::checks::{assert_demand_eq, merged, serving_demand, topic_records, wait_for_speed};
-use integration_tests::fixture::{Stack, binary, command, log_tail, views_dir};
+use integration_tests::fixture::{Stack, binary, command, log_tail, role_url, views_dir};
 use integration_tests::generator::{self, Args, Truth};
 use sqlx::{AssertSqlSafe, PgPool};
 
@@ -137,10 +137,6 @@ async fn migrate(url: &str, dir: &Path, extra: &[&str]) -> String {
         .unwrap();
     assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn role_url(owner_url: &str, role: &str) -> String {
-    owner_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
 }
 
 /// Sends one generator run and waits for the speed layer to hold it.

@@ -75,7 +75,7 @@ async fn a_killed_process_is_notified_once_and_its_return_once() {
     generator::run(Args { backfill_hours: 1, ..Args::for_tests(stack.brokers(), &topic, 81) }).await.unwrap();
     let lake = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let as_role = |role: &str| url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let as_role = |role: &str| integration_tests::fixture::role_url(&url, role);
     let spawn = |name: &str| {
         let (role, args): (&str, Vec<&str>) = match name {
             "batch-ingest" => ("batch_writer", vec!["ingest", "--topic", &topic, "--flush-interval", "1s"]),
@@ -150,7 +150,7 @@ async fn postgres_out_of_reach_is_notified_once_and_its_return_once() {
     let (hook, bodies) = receiver().await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("watchdog");
-    let watchdog_url = url.replacen("postgres://postgres@", "postgres://ops_watchdog@", 1);
+    let watchdog_url = integration_tests::fixture::role_url(&url, "ops_watchdog");
     let _watchdog = watchdog(&watchdog_url, &hook, &log);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack
@@ -182,7 +182,7 @@ async fn stale_views_and_speed_lag_are_notified_once_each_way() {
     let (hook, bodies) = receiver().await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("watchdog");
-    let _watchdog = watchdog(&url.replacen("postgres://postgres@", "postgres://ops_watchdog@", 1), &hook, &log);
+    let _watchdog = watchdog(&integration_tests::fixture::role_url(&url, "ops_watchdog"), &hook, &log);
     wait_for(&bodies, "batch_stale", "", Duration::from_secs(30)).await;
     wait_for(&bodies, "speed_lag_high", "", Duration::from_secs(30)).await;
     sqlx::raw_sql(
