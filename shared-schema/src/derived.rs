@@ -394,6 +394,43 @@ $$"
     )
 }
 
+/// Where the expected demand of a product without a baseline comes from:
+/// a product launched (or back) after the last baseline refresh. Its prior
+/// is the typical product of its catalog category: the median share and
+/// the median dispersion of the category's baselines; for a product the
+/// catalog does not know yet, or a category without baselines, those of
+/// the whole shop. `basis` says which (`category` or `shop`). So a launch
+/// that takes off is measured against what a product of its kind usually
+/// draws, and shows as a spike within the hour instead of waiting for the
+/// next refresh. No row while there is no baseline at all.
+pub fn demand_prior_function_sql() -> String {
+    let b = DEMAND_BASELINE.name;
+    let p = PRODUCTS.name;
+    format!(
+        "CREATE OR REPLACE FUNCTION serving.demand_prior(text)
+RETURNS TABLE (share double precision, dispersion double precision, basis text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    WITH own AS (SELECT category FROM batch.{p} WHERE product_id = $1),
+    peers AS (
+        SELECT b.share, b.dispersion, c.category = (SELECT category FROM own) AS same
+        FROM batch.{b} AS b LEFT JOIN batch.{p} AS c ON c.product_id = b.product_id
+    ),
+    basis AS (SELECT CASE WHEN EXISTS (SELECT 1 FROM peers WHERE same) THEN 'category' ELSE 'shop' END AS basis)
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY peers.share),
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY peers.dispersion),
+           min(basis.basis)
+    FROM peers CROSS JOIN basis
+    WHERE peers.same OR basis.basis = 'shop'
+    HAVING count(*) > 0
+$$"
+    )
+}
+
+/// The functions the derived views call, each statement ending in `;`.
+pub fn serving_functions_sql() -> String {
+    format!("{};\n{};\n", latest_hour_function_sql(), demand_prior_function_sql())
+}
+
 /// Product demand summed per category of the catalog; products the catalog
 /// does not know count under `unknown`. The batch rows come summed per
 /// category from [`CATEGORY_DEMAND_ROLLUP`]; the speed rows above the cut
@@ -573,6 +610,11 @@ WHERE score > 0",
 /// the cut (the current ones, and old ones with late events) are computed
 /// on read, each over its own hour's rows. Those hours are found once
 /// (`live`, read twice, so PostgreSQL computes it once).
+///
+/// A product without a baseline (launched after its last refresh) is
+/// measured against its category's prior ([`demand_prior_function_sql`]),
+/// looked up only for such products; `basis` says what the expectation
+/// rests on: `product`, `category` or `shop`.
 fn spike_hours_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY;
     let b = DEMAND_BASELINE.name;
@@ -582,7 +624,8 @@ fn spike_hours_body() -> String {
     format!(
         "SELECT d.hour, d.product_id, d.demand, x.expected, x.z AS score,
        ({spike}) AS is_spike,
-       ({elevated}) AS is_elevated
+       ({elevated}) AS is_elevated,
+       base.basis
 FROM (SELECT hour, product_id, ({INTEREST})::double precision AS demand FROM serving.{v}) AS d
 JOIN (
     WITH live AS (SELECT DISTINCT s.hour FROM ({rows}) AS s)
@@ -593,9 +636,14 @@ JOIN (
     FROM live AS h
     CROSS JOIN LATERAL ({live}) AS x
 ) AS t ON t.hour = d.hour
-JOIN batch.{b} AS b ON b.product_id = d.product_id
-CROSS JOIN LATERAL (SELECT GREATEST(b.share * t.level, 1.0) AS expected) AS e
-CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(b.dispersion * e.expected) AS z) AS x",
+LEFT JOIN batch.{b} AS b ON b.product_id = d.product_id
+CROSS JOIN LATERAL (
+    SELECT b.share, b.dispersion, 'product'::text AS basis WHERE b.product_id IS NOT NULL
+    UNION ALL
+    SELECT f.share, f.dispersion, f.basis FROM serving.demand_prior(d.product_id) AS f WHERE b.product_id IS NULL
+) AS base
+CROSS JOIN LATERAL (SELECT GREATEST(base.share * t.level, 1.0) AS expected) AS e
+CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(base.dispersion * e.expected) AS z) AS x",
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),
         levels = DEMAND_LEVEL_ROLLUP.name,
@@ -771,6 +819,7 @@ mod tests {
             insta::assert_snapshot!(format!("{}_serving", d.name), d.serving_view_sql());
         }
         insta::assert_snapshot!("latest_demand_hour", latest_hour_function_sql());
+        insta::assert_snapshot!("demand_prior", demand_prior_function_sql());
     }
 
     #[test]

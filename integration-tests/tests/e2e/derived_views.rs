@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args, Demand, Truth};
 use shared_schema::derived::{POPULAR_DAYS, POPULAR_HALF_LIFE_HOURS};
@@ -247,7 +247,8 @@ const CATEGORY_OVER_MERGED_ROWS: &str = "
 
 /// Each product-hour's expected demand as spike detection defined it before
 /// the rollups: its baseline share of the hour's level, the level computed
-/// over every merged row of the hour.
+/// over every merged row of the hour. (Products without a baseline, which
+/// are measured against a prior, are the launch test's.)
 const EXPECTED_OVER_MERGED_ROWS: &str = "
     WITH d AS (SELECT hour, product_id, (views + cart_adds + purchases)::double precision AS demand
                FROM serving.product_demand_hourly),
@@ -277,11 +278,13 @@ async fn assert_rollups_match(pool: &PgPool, when: &str) -> (usize, usize) {
     assert_eq!(served, oracle, "serving.category_demand_hourly {when}");
     let categories = served.len();
     let oracle: Vec<ExpectedRow> = sqlx::query_as(EXPECTED_OVER_MERGED_ROWS).fetch_all(pool).await.unwrap();
-    let served: Vec<ExpectedRow> =
-        sqlx::query_as("SELECT hour, product_id, demand, expected FROM serving.demand_spike_hours ORDER BY 1, 2")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let served: Vec<ExpectedRow> = sqlx::query_as(
+        "SELECT hour, product_id, demand, expected FROM serving.demand_spike_hours
+             WHERE basis = 'product' ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     assert_eq!(served, oracle, "serving.demand_spike_hours {when}");
     (categories, served.len())
 }
@@ -459,4 +462,166 @@ async fn freshness_reports_each_layer() {
     assert!(updated.is_some());
     assert_eq!(rows[1].0, "speed");
     assert_eq!(rows[1].2, None, "no speed layer ran");
+}
+
+/// `percentile_cont(0.5)`: the middle value, or the mean of the two middle
+/// ones.
+fn median(mut values: Vec<f64>) -> f64 {
+    assert!(!values.is_empty());
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+/// One product-hour of `serving.demand_spike_hours`: demand, expected,
+/// is_spike, basis.
+type SpikeHour = (f64, f64, bool, String);
+
+async fn spike_hour(pool: &PgPool, product: &str, hour: DateTime<Utc>) -> Option<SpikeHour> {
+    sqlx::query_as(
+        "SELECT demand, expected, is_spike, basis FROM serving.demand_spike_hours WHERE product_id = $1 AND hour = $2",
+    )
+    .bind(product)
+    .bind(hour)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// A product launched after the last baseline refresh (every six hours)
+/// has no baseline of its own. Its launch, flowing through the speed layer
+/// (its default group mode, under its role) and not yet through any batch
+/// run, shows as a spike within seconds, measured against the typical
+/// product of its catalog category; a launch drawing what such a product
+/// draws is not a spike; a product the catalog does not know yet is
+/// measured against the whole shop's typical product.
+#[tokio::test]
+async fn a_new_product_taking_off_live_is_a_spike_within_the_hour() {
+    let s = setup("derived_launch").await;
+    let (sales_url, sales) = s.stack.fresh_database("derived_launch_sales").await.unwrap();
+    let args = Args {
+        backfill_hours: 48,
+        products: 40,
+        spikes: Some(0),
+        rate: 0.5,
+        no_catalog: false,
+        sales_database_url: sales_url.clone(),
+        ..Args::for_tests(s.stack.brokers(), &s.topic, 99)
+    };
+    generator::run(args).await.unwrap();
+    let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
+    let ingest_all = || async {
+        let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
+        ingest::run(config, CancellationToken::new()).await.unwrap();
+    };
+    ingest_all().await;
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+
+    // The launch: two products enter the shop's catalog in the category of
+    // an existing one, and the next (incremental) run copies the catalog
+    // but leaves the baseline, as between two refreshes.
+    let baseline: Vec<(String, f64, Option<String>)> = sqlx::query_as(
+        "SELECT b.product_id, b.share, p.category FROM batch.demand_baseline AS b
+         LEFT JOIN batch.products AS p USING (product_id)",
+    )
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
+    assert!(baseline.len() >= 30 && baseline.iter().all(|b| b.2.is_some()), "{baseline:?}");
+    let category = baseline[0].2.clone().unwrap();
+    sqlx::query(
+        "INSERT INTO products (product_id, name, category, price_cents)
+         VALUES ('p-launch', 'Launch', $1, 4900), ('p-steady', 'Steady', $1, 4900)",
+    )
+    .bind(&category)
+    .execute(&sales)
+    .await
+    .unwrap();
+    let now = Utc::now();
+    let hour = now.duration_trunc(TimeDelta::hours(1)).unwrap();
+    generator::send_records(s.stack.brokers(), &s.topic, &[event("u-x", &baseline[0].0, "page_view", now)]).unwrap();
+    ingest_all().await;
+    let RunOutcome::Published { tables, .. } = recompute::run(&RunConfig { full: false, ..run.clone() }).await.unwrap()
+    else {
+        panic!("the incremental run did not publish");
+    };
+    assert!(tables.contains(&"products") && !tables.contains(&"demand_baseline"), "{tables:?}");
+
+    // The speed layer, as deployed.
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("speed.log");
+    let dlq = s.stack.fresh_topic("derived_launch_dlq", 1).await.unwrap();
+    let speed_url = integration_tests::fixture::role_url(&s.run.database_url, "speed_writer");
+    let _speed = integration_tests::fixture::command(
+        "speed-layer",
+        s.stack.brokers(),
+        &speed_url,
+        std::process::Stdio::from(std::fs::File::create(&log_path).unwrap()),
+    )
+    .args(["run", "--topic", &s.topic, "--dlq-topic", &dlq, "--group-id", &format!("{}.speed", s.topic)])
+    .args(["--ops-addr", "127.0.0.1:0"])
+    .spawn()
+    .unwrap();
+
+    // This hour's traffic: every known product at its baseline share of a
+    // level of 2,000, and the new ones.
+    const LEVEL: f64 = 2000.0;
+    let mut records = Vec::new();
+    let mut views = |product: &str, n: usize| {
+        for i in 0..n {
+            records.push(event(&format!("u-{product}-{i}"), product, "page_view", now));
+        }
+    };
+    for (product, share, _) in &baseline {
+        views(product, (share * LEVEL).round() as usize);
+    }
+    let typical = median(baseline.iter().filter(|b| b.2.as_deref() == Some(&category)).map(|b| b.1).collect());
+    let shop = median(baseline.iter().map(|b| b.1).collect());
+    views("p-launch", 400);
+    views("p-steady", (typical * LEVEL).round().max(1.0) as usize);
+    views("p-unlisted", 3);
+    generator::send_records(s.stack.brokers(), &s.topic, &records).unwrap();
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    let spikes = loop {
+        let spikes: Vec<(String, DateTime<Utc>, f64, f64)> = sqlx::query_as(
+            "SELECT product_id, spike_start, current_demand, baseline_demand FROM serving.demand_spikes",
+        )
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+        let unlisted = spike_hour(&s.pool, "p-unlisted", hour).await;
+        if spikes.iter().any(|s| s.0 == "p-launch") && unlisted.is_some() {
+            break spikes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no launch spike in {spikes:?}; speed layer log:\n{}",
+            integration_tests::fixture::log_tail(&log_path, 30)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    let launch = spikes.iter().find(|s| s.0 == "p-launch").unwrap();
+    assert_eq!((launch.1, launch.2), (hour, 400.0), "{launch:?}");
+    assert!(spikes.iter().all(|s| s.0 != "p-steady"), "a launch at its category's usual level is no spike: {spikes:?}");
+
+    // The expectations: the category's (or the shop's) typical share of the
+    // hour's level, the level read off a product with its own baseline.
+    let reference = baseline.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    let (_, own_expected, _, own_basis) = spike_hour(&s.pool, &reference.0, hour).await.unwrap();
+    assert_eq!(own_basis, "product");
+    let level = own_expected / reference.1;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+    let (demand, expected, is_spike, basis) = spike_hour(&s.pool, "p-launch", hour).await.unwrap();
+    assert_eq!((demand, is_spike, basis.as_str()), (400.0, true, "category"));
+    assert!(
+        close(expected, (typical * level).max(1.0)) && close(launch.3, expected),
+        "{expected} vs {typical} x {level}"
+    );
+    let (_, expected, is_spike, basis) = spike_hour(&s.pool, "p-steady", hour).await.unwrap();
+    assert_eq!((is_spike, basis.as_str()), (false, "category"));
+    assert!(close(expected, (typical * level).max(1.0)), "{expected}");
+    let (demand, expected, is_spike, basis) = spike_hour(&s.pool, "p-unlisted", hour).await.unwrap();
+    assert_eq!((demand, is_spike, basis.as_str()), (3.0, false, "shop"));
+    assert!(close(expected, (shop * level).max(1.0)), "{expected} vs {shop} x {level}");
 }
