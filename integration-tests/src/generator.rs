@@ -340,6 +340,25 @@ fn producer(brokers: &str, delivery: Arc<Delivery>) -> anyhow::Result<ThreadedPr
         .with_context(|| format!("creating a Kafka producer for {brokers}"))
 }
 
+/// One event as a keyed record: `kind` of `product` by `user` at `at`, in
+/// the user's session; with quantity 1 at 100 cents unless a page view.
+pub fn event_record(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, String) {
+    let mut v = serde_json::json!({
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_type": kind,
+        "event_time": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "user_id": user,
+        "session_id": format!("s-{user}"),
+        "product_id": product,
+        "schema_version": 1,
+    });
+    if kind != "page_view" {
+        v["quantity"] = 1.into();
+        v["price_cents"] = 100.into();
+    }
+    (user.to_string(), v.to_string())
+}
+
 /// Sends hand-made records (key, payload) to `topic` and waits until the
 /// broker acknowledged each one: for tests that need exact inputs.
 pub fn send_records(brokers: &str, topic: &str, records: &[(String, String)]) -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! The popular-products list, held in memory.
+//! The popular-products list, held in memory, and what the recommender
+//! knows of new products.
 //!
 //! It is what every recommendation falls back to, so it must not depend on
 //! PostgreSQL answering at request time: a background task reloads it from
@@ -7,6 +8,7 @@
 //! first load succeeds there is nothing to fall back to and the process
 //! reports itself not ready.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,45 @@ use crate::telemetry;
 /// Products held: enough to pad the largest `k` after removing what a user
 /// bought or holds in the cart.
 pub const CACHED_PRODUCTS: i64 = 1_000;
+/// New products held (see [`NewProducts`]), most popular first.
+pub const CACHED_NEW_PRODUCTS: i64 = 1_000;
+/// New products of one category a user may be offered at once: the most
+/// popular ones. They share one prior score, so without a bound a category
+/// with many launches would fill the list.
+pub const NEW_PER_CATEGORY: usize = 2;
+
+/// Products the last similarity refresh did not see (launched since, every
+/// six hours by default), so [`crate::recommend`] cannot reach them through
+/// `serving.item_similarity`. Each is taken as similar to every product of
+/// its catalog category with that category's *prior*: how similar a
+/// product of the category usually is to its closest product of the same
+/// category (the median, over the category's products, of their best
+/// same-category score; over all products and categories, for a category
+/// without such pairs). A strong prior on purpose: a launch is shown to
+/// the users of its category until the next refresh measures it, at most
+/// [`NEW_PER_CATEGORY`] launches per category at once. A product counts as
+/// new when it has demand (it is in `serving.popular_products`, which the
+/// speed layer feeds within a second), a catalog category, and no
+/// similarity row of its own.
+#[derive(Debug, Default)]
+pub struct NewProducts {
+    /// Per category, its new products, most popular first, at most
+    /// [`NEW_PER_CATEGORY`] after the caller's exclusions.
+    pub by_category: HashMap<String, Vec<String>>,
+    /// The category's prior (see above).
+    pub category_prior: HashMap<String, f64>,
+    /// The median best score of any product; `None` while similarity is
+    /// empty (before the first refresh, when every product would be new).
+    pub shop_prior: Option<f64>,
+}
+
+impl NewProducts {
+    /// The prior similarity of a new product of `category` to each of the
+    /// category's products.
+    pub fn prior(&self, category: &str) -> Option<f64> {
+        self.category_prior.get(category).copied().or(self.shop_prior)
+    }
+}
 
 /// Longest a reload may take before it counts as failed.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +78,7 @@ pub enum ReloadError {
 #[derive(Debug)]
 pub struct PopularList {
     pub products: Vec<Scored>,
+    pub new_products: NewProducts,
     pub loaded_at: Instant,
 }
 
@@ -65,21 +107,69 @@ impl PopularCache {
         self.get().map(|l| l.loaded_at.elapsed())
     }
 
-    /// Loads the list from `serving.popular_products` and swaps it in.
+    /// Loads the list from `serving.popular_products`, with the new
+    /// products and their priors, in one statement, and swaps it in.
     pub async fn reload(&self, pool: &PgPool) -> Result<usize, ReloadError> {
-        let query = sqlx::query_as::<_, (String, f64)>(
-            "SELECT product_id, score FROM serving.popular_products ORDER BY rank, product_id LIMIT $1",
-        )
-        .bind(CACHED_PRODUCTS)
-        .fetch_all(pool);
+        let query =
+            sqlx::query_as::<_, ReloadRow>(RELOAD_SQL).bind(CACHED_PRODUCTS).bind(CACHED_NEW_PRODUCTS).fetch_all(pool);
         let rows =
             tokio::time::timeout(LOAD_TIMEOUT, query).await.map_err(|_| ReloadError::Timeout(LOAD_TIMEOUT))??;
-        let products: Vec<Scored> = rows.into_iter().map(|(product_id, score)| Scored { product_id, score }).collect();
+        let mut products: Vec<(i64, Scored)> = Vec::new();
+        let mut fresh: Vec<(i64, String, String)> = Vec::new();
+        let mut new_products = NewProducts::default();
+        for (kind, rank, product_id, score, category) in rows {
+            match (kind.as_str(), product_id, category) {
+                ("popular", Some(product_id), _) => products.push((rank, Scored { product_id, score })),
+                ("new", Some(product_id), Some(category)) => fresh.push((rank, category, product_id)),
+                ("prior", None, Some(category)) => {
+                    new_products.category_prior.insert(category, score);
+                }
+                ("prior", None, None) => new_products.shop_prior = Some(score),
+                _ => {}
+            }
+        }
+        // UNION ALL does not promise order; restore the ranks.
+        products.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.product_id.cmp(&b.1.product_id)));
+        fresh.sort();
+        for (_, category, product_id) in fresh {
+            new_products.by_category.entry(category).or_default().push(product_id);
+        }
+        let products: Vec<Scored> = products.into_iter().map(|(_, s)| s).collect();
         let n = products.len();
-        self.set(PopularList { products, loaded_at: Instant::now() });
+        self.set(PopularList { products, new_products, loaded_at: Instant::now() });
         Ok(n)
     }
 }
+
+/// kind, rank, product, score, category.
+type ReloadRow = (String, i64, Option<String>, f64, Option<String>);
+
+/// The popular list (`$1` products), the new products (`$2`, see
+/// [`NewProducts`]) and the priors: per category, and for the shop (the
+/// row without a category). `popular_products` is computed once.
+const RELOAD_SQL: &str = "
+WITH p AS MATERIALIZED (SELECT rank, product_id, score FROM serving.popular_products),
+pairs AS MATERIALIZED (
+    SELECT s.product_id, a.category, s.score, a.category = b.category AS same
+    FROM serving.item_similarity AS s
+    JOIN serving.products AS a ON a.product_id = s.product_id
+    JOIN serving.products AS b ON b.product_id = s.similar_product_id
+),
+best AS (SELECT product_id, category, max(score) AS score FROM pairs WHERE same GROUP BY product_id, category),
+best_any AS (SELECT product_id, max(score) AS score FROM pairs GROUP BY product_id)
+(SELECT 'popular' AS kind, rank, product_id, score, NULL::text AS category
+ FROM p ORDER BY rank, product_id LIMIT $1)
+UNION ALL
+(SELECT 'new', p.rank, p.product_id, p.score, c.category
+ FROM p JOIN serving.products AS c ON c.product_id = p.product_id
+ WHERE NOT EXISTS (SELECT 1 FROM serving.item_similarity AS s WHERE s.product_id = p.product_id)
+ ORDER BY p.rank, p.product_id LIMIT $2)
+UNION ALL
+SELECT 'prior', 0, NULL, percentile_cont(0.5) WITHIN GROUP (ORDER BY score), category
+FROM best GROUP BY category
+UNION ALL
+SELECT 'prior', 0, NULL, percentile_cont(0.5) WITHIN GROUP (ORDER BY score), NULL
+FROM best_any HAVING count(*) > 0";
 
 /// Keeps `cache` fresh until `shutdown`: reloads every `every` (sooner,
 /// with capped backoff, after a failure), sets `ready` once a list is held,

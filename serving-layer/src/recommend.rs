@@ -6,11 +6,16 @@
 //! 1. **model**: the latest imported model outputs for the user
 //!    (`serving.model_recommendations`, see [`crate::models`]);
 //! 2. **personalized**: products similar (`serving.item_similarity`) to the
-//!    user's most recently viewed or carted products
+//!    user's most recently viewed, carted or bought products
 //!    (`serving.user_product_state`, which the speed layer keeps current
 //!    within a second of a click). A candidate scores the sum over those
-//!    seeds of `weight × similarity`, weight 2 for a product in the cart and
-//!    1 otherwise;
+//!    seeds of `weight × similarity`, weight 2 for a product in the cart or
+//!    bought and 1 otherwise. So a user who only bought gets what is bought
+//!    or viewed with it. Products launched since the last similarity
+//!    refresh have no similarity yet; each is taken as similar to every seed
+//!    of its category with the category's prior
+//!    ([`crate::popular::NewProducts`]), so a launch reaches the users of
+//!    its category within a minute of its first demand;
 //! 3. **popular**: the in-memory popular list ([`crate::popular`]).
 //!
 //! Products the user bought or holds in the cart are never recommended. A
@@ -141,6 +146,8 @@ struct Personal {
     model_version: Option<String>,
     /// Similar products, best first, without excluded products.
     similar: Vec<Scored>,
+    /// The seeds' catalog categories, each with the sum of its seeds' weights.
+    categories: Vec<(String, f64)>,
 }
 
 /// One statement, one round trip. `state` is the user's rows (the view's
@@ -157,11 +164,12 @@ WITH state AS MATERIALIZED (
     WHERE user_id = $1
 ), excluded AS (
     SELECT product_id FROM state WHERE in_cart OR last_purchased_at IS NOT NULL
-), seeds AS (
-    SELECT product_id, CASE WHEN in_cart THEN 2.0::float8 ELSE 1.0::float8 END AS weight
+), seeds AS MATERIALIZED (
+    SELECT product_id,
+           CASE WHEN in_cart OR last_purchased_at IS NOT NULL THEN 2.0::float8 ELSE 1.0::float8 END AS weight
     FROM state
-    WHERE last_viewed_at IS NOT NULL OR last_carted_at IS NOT NULL
-    ORDER BY GREATEST(last_viewed_at, last_carted_at) DESC, product_id
+    WHERE last_viewed_at IS NOT NULL OR last_carted_at IS NOT NULL OR last_purchased_at IS NOT NULL
+    ORDER BY GREATEST(last_viewed_at, last_carted_at, last_purchased_at) DESC, product_id
     LIMIT $3
 )
 SELECT 'known' AS kind, NULL::text AS product_id, NULL::float8 AS score, NULL::bigint AS rank, NULL::text AS version
@@ -180,7 +188,11 @@ UNION ALL
  WHERE s.similar_product_id NOT IN (SELECT product_id FROM excluded)
  GROUP BY s.similar_product_id
  ORDER BY 3 DESC, 2
- LIMIT $2)";
+ LIMIT $2)
+UNION ALL
+SELECT 'category', c.category, sum(seeds.weight), NULL, NULL
+FROM seeds JOIN serving.products AS c ON c.product_id = seeds.product_id
+GROUP BY c.category";
 
 type Row = (String, Option<String>, Option<f64>, Option<i64>, Option<String>);
 
@@ -280,6 +292,7 @@ impl Recommender {
                     model.push((rank.unwrap_or(i64::MAX), Scored { product_id, score: score.unwrap_or(0.0) }));
                 }
                 ("similar", Some(product_id)) => p.similar.push(Scored { product_id, score: score.unwrap_or(0.0) }),
+                ("category", Some(category)) => p.categories.push((category, score.unwrap_or(0.0))),
                 _ => {}
             }
         }
@@ -290,11 +303,38 @@ impl Recommender {
         Ok(p)
     }
 
-    fn assemble(&self, user: &UserId, k: K, p: Personal) -> Result<Recommendations, Unavailable> {
+    /// The similar products, and the new products of the seeds' categories
+    /// scored with their priors, best first.
+    fn personalized(&self, p: &mut Personal) -> Vec<Scored> {
+        let mut similar = std::mem::take(&mut p.similar);
+        let Some(popular) = self.popular.get() else { return similar };
+        let fresh = &popular.new_products;
+        let mut added = false;
+        for (category, weight) in &p.categories {
+            let (Some(prior), Some(products)) = (fresh.prior(category), fresh.by_category.get(category)) else {
+                continue;
+            };
+            let offered = products
+                .iter()
+                .filter(|id| !p.excluded.contains(*id) && !similar.iter().any(|s| &s.product_id == *id))
+                .take(crate::popular::NEW_PER_CATEGORY);
+            let scored: Vec<Scored> =
+                offered.map(|id| Scored { product_id: id.clone(), score: weight * prior }).collect();
+            added |= !scored.is_empty();
+            similar.extend(scored);
+        }
+        if added {
+            similar.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.product_id.cmp(&b.product_id)));
+        }
+        similar
+    }
+
+    fn assemble(&self, user: &UserId, k: K, mut p: Personal) -> Result<Recommendations, Unavailable> {
+        let personalized = if p.model.is_empty() { self.personalized(&mut p) } else { Vec::new() };
         let (source, mut products) = if !p.model.is_empty() {
-            (Source::Model, p.model)
-        } else if !p.similar.is_empty() {
-            (Source::Personalized, p.similar)
+            (Source::Model, std::mem::take(&mut p.model))
+        } else if !personalized.is_empty() {
+            (Source::Personalized, personalized)
         } else {
             let reason = if p.known { Fallback::Empty } else { Fallback::UnknownUser };
             return self.popular_answer(user, k, &p.excluded, reason);

@@ -158,23 +158,6 @@ async fn category_demand_and_popularity_equal_independent_computations() {
     assert_eq!(renamed, 1);
 }
 
-fn event(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, String) {
-    let mut v = serde_json::json!({
-        "event_id": uuid::Uuid::new_v4().to_string(),
-        "event_type": kind,
-        "event_time": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "user_id": user,
-        "session_id": format!("s-{user}"),
-        "product_id": product,
-        "schema_version": 1,
-    });
-    if kind != "page_view" {
-        v["quantity"] = 1.into();
-        v["price_cents"] = 100.into();
-    }
-    (user.to_string(), v.to_string())
-}
-
 async fn similarity(pool: &PgPool) -> BTreeMap<(String, String), (f64, i64)> {
     sqlx::query_as::<_, (String, String, f64, i64)>(
         "SELECT product_id, similar_product_id, score, rank FROM serving.item_similarity",
@@ -195,19 +178,19 @@ async fn item_similarity_scores_shared_users_of_recent_activity() {
     let s = setup("derived_similarity").await;
     let t0 = Utc::now() - TimeDelta::hours(3);
     let mut records = vec![
-        event("u1", "p1", "page_view", t0),
-        event("u1", "p2", "page_view", t0),
-        event("u2", "p1", "page_view", t0),
-        event("u2", "p2", "add_to_cart", t0),
-        event("u3", "p1", "page_view", t0),
-        event("u3", "p3", "purchase", t0),
+        generator::event_record("u1", "p1", "page_view", t0),
+        generator::event_record("u1", "p2", "page_view", t0),
+        generator::event_record("u2", "p1", "page_view", t0),
+        generator::event_record("u2", "p2", "add_to_cart", t0),
+        generator::event_record("u3", "p1", "page_view", t0),
+        generator::event_record("u3", "p3", "purchase", t0),
         // A removal alone is no interest: u5 pairs p9 with nothing.
-        event("u5", "p1", "remove_from_cart", t0),
-        event("u5", "p9", "page_view", t0),
+        generator::event_record("u5", "p1", "remove_from_cart", t0),
+        generator::event_record("u5", "p9", "page_view", t0),
     ];
     // A heavy user: 35 products, one a minute; only the latest 30 count.
     for i in 0..35 {
-        records.push(event("u4", &format!("q{i:02}"), "page_view", t0 + TimeDelta::minutes(i)));
+        records.push(generator::event_record("u4", &format!("q{i:02}"), "page_view", t0 + TimeDelta::minutes(i)));
     }
     generator::send_records(s.stack.brokers(), &s.topic, &records).unwrap();
     s.ingest_and_run().await;
@@ -539,7 +522,12 @@ async fn a_new_product_taking_off_live_is_a_spike_within_the_hour() {
     .unwrap();
     let now = Utc::now();
     let hour = now.duration_trunc(TimeDelta::hours(1)).unwrap();
-    generator::send_records(s.stack.brokers(), &s.topic, &[event("u-x", &baseline[0].0, "page_view", now)]).unwrap();
+    generator::send_records(
+        s.stack.brokers(),
+        &s.topic,
+        &[generator::event_record("u-x", &baseline[0].0, "page_view", now)],
+    )
+    .unwrap();
     ingest_all().await;
     let RunOutcome::Published { tables, .. } = recompute::run(&RunConfig { full: false, ..run.clone() }).await.unwrap()
     else {
@@ -569,7 +557,7 @@ async fn a_new_product_taking_off_live_is_a_spike_within_the_hour() {
     let mut records = Vec::new();
     let mut views = |product: &str, n: usize| {
         for i in 0..n {
-            records.push(event(&format!("u-{product}-{i}"), product, "page_view", now));
+            records.push(generator::event_record(&format!("u-{product}-{i}"), product, "page_view", now));
         }
     };
     for (product, share, _) in &baseline {

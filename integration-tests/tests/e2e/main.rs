@@ -29,6 +29,7 @@ mod least_privilege;
 mod maintain;
 mod notifications;
 mod publish;
+mod recommendations;
 mod recovery;
 mod replica;
 mod scale_out;

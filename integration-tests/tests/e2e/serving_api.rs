@@ -25,7 +25,8 @@ async fn prepared(test: &str) -> (String, PgPool) {
 
 /// Popular: p-20, p-1, ..., p-5. Similarities of p-10, p-20, p-30. User u-1
 /// viewed p-10, holds p-20 in the cart, bought p-21 and p-30, and carted then
-/// removed p-3. User u-2 only bought p-20.
+/// removed p-3. User u-2 only bought p-20. User u-3 viewed p-99 and bought
+/// p-1, which nothing is similar to.
 async fn seed(pool: &PgPool) {
     serving::insert_popular(pool, &["p-20", "p-1", "p-2", "p-3", "p-4", "p-5"]).await.unwrap();
     serving::insert_similarity(
@@ -53,6 +54,8 @@ async fn seed(pool: &PgPool) {
     record(pool, "u-1", "p-3", Did::Carted, ago(4)).await.unwrap();
     record(pool, "u-1", "p-3", Did::Removed, ago(3) - TimeDelta::minutes(30)).await.unwrap();
     record(pool, "u-2", "p-20", Did::Purchased, ago(1)).await.unwrap();
+    record(pool, "u-3", "p-99", Did::Viewed, ago(1)).await.unwrap();
+    record(pool, "u-3", "p-1", Did::Purchased, ago(2)).await.unwrap();
 }
 
 /// The tests' server. Its budget is generous, so a busy CI machine does
@@ -127,18 +130,24 @@ async fn personalized_from_views_and_cart_without_bought_or_carted_padded_with_p
     let (url, _pool) = prepared("serving_personalized").await;
     let (addr, stop) = serve(&url).await;
 
-    // Seeds: p-20 (in the cart, weight 2), p-10 (viewed), p-3 (removed from
-    // the cart, weight 1). p-12 = 0.5·1 + 0.6·2; p-21 is bought, so never.
+    // Seeds: p-20 (in the cart) and p-21, p-30 (bought), weight 2; p-10
+    // (viewed) and p-3 (removed from the cart), weight 1. p-12 = 0.5·1 +
+    // 0.6·2, p-31 = 0.8·2; p-21 is bought, so never recommended.
     let v = recommend(addr, "u-1", 6).await;
     assert_eq!(v["source"], "personalized");
     assert_eq!(v["user_id"], "u-1");
     assert!(v.get("model_version").is_none());
     // Padding skips p-20 (in the cart) and p-2, p-3 (already listed).
-    assert_products(&v, &[("p-12", 1.7), ("p-11", 0.9), ("p-2", 0.6), ("p-3", 0.4), ("p-1", 0.0), ("p-4", 0.0)]);
-    assert_products(&recommend(addr, "u-1", 2).await, &[("p-12", 1.7), ("p-11", 0.9)]);
-    // Four personal products, and the popular ones left: p-1, p-4, p-5.
+    assert_products(&v, &[("p-12", 1.7), ("p-31", 1.6), ("p-11", 0.9), ("p-2", 0.6), ("p-3", 0.4), ("p-1", 0.0)]);
+    assert_products(&recommend(addr, "u-1", 2).await, &[("p-12", 1.7), ("p-31", 1.6)]);
+    // Five personal products, and the popular ones left: p-1, p-4, p-5.
     let all = recommend(addr, "u-1", 10).await;
-    assert_eq!(products(&all).len(), 7, "{all}");
+    assert_eq!(products(&all).len(), 8, "{all}");
+    // A user who only bought is served what goes with the purchase (p-20,
+    // weight 2), the purchase itself left out.
+    let v = recommend(addr, "u-2", 3).await;
+    assert_eq!(v["source"], "personalized", "{v}");
+    assert_products(&v, &[("p-21", 1.4), ("p-12", 1.2), ("p-2", 0.6)]);
     stop.cancel();
 }
 
@@ -150,11 +159,11 @@ async fn unknown_users_and_empty_results_get_the_popular_list() {
     let v = recommend(addr, "u-404", 3).await;
     assert_eq!(v["source"], "popular");
     assert_products(&v, &[("p-20", 1000.0), ("p-1", 999.0), ("p-2", 998.0)]);
-    // u-2 is known but only bought p-20: nothing to base similarity on, and
-    // the popular list leaves out what they bought.
-    let v = recommend(addr, "u-2", 3).await;
+    // u-3 is known but nothing is similar to what they viewed or bought,
+    // and the popular list leaves out what they bought (p-1).
+    let v = recommend(addr, "u-3", 3).await;
     assert_eq!(v["source"], "popular");
-    assert_products(&v, &[("p-1", 999.0), ("p-2", 998.0), ("p-3", 997.0)]);
+    assert_products(&v, &[("p-20", 1000.0), ("p-2", 998.0), ("p-3", 997.0)]);
     stop.cancel();
 }
 
@@ -628,7 +637,7 @@ async fn exported_recommendations_are_what_the_api_answers() {
     // A user the model covers, and one with a comma in the id.
     sqlx::query(
         "INSERT INTO serving.model_recommendations (user_id, rank, product_id, score, model_version)
-         VALUES ('u-3', 1, 'p-40', 0.9, 'm-7'), ('u-3', 2, 'p-41', 0.8, 'm-7')",
+         VALUES ('u-5', 1, 'p-40', 0.9, 'm-7'), ('u-5', 2, 'p-41', 0.8, 'm-7')",
     )
     .execute(&pool)
     .await
@@ -642,7 +651,7 @@ async fn exported_recommendations_are_what_the_api_answers() {
     let recommender = serving_layer::recommend::Recommender::new(pool.clone(), popular, Duration::from_secs(10));
     let k = serving_layer::recommend::K::new(3).unwrap();
     let mut expected = Vec::new();
-    for user in ["u,4", "u-1", "u-2", "u-3"] {
+    for user in ["u,4", "u-1", "u-2", "u-3", "u-5"] {
         let a = recommender.recommend(&serving_layer::ids::UserId::parse(user).unwrap(), k).await.unwrap();
         for (i, p) in a.products.iter().enumerate() {
             let source = serde_json::to_value(a.source).unwrap().as_str().unwrap().to_string();
@@ -674,7 +683,7 @@ async fn exported_recommendations_are_what_the_api_answers() {
     };
     let parquet = dir.path().join("recs.parquet");
     let said = run(vec!["--out".into(), parquet.display().to_string()]);
-    assert!(said.starts_with(&format!("exported {} recommendations for 4 users (", expected.len())), "{said}");
+    assert!(said.starts_with(&format!("exported {} recommendations for 5 users (", expected.len())), "{said}");
     let file = std::fs::File::open(&parquet).unwrap();
     let batches: Vec<RecordBatch> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()
@@ -730,7 +739,7 @@ async fn exported_recommendations_are_what_the_api_answers() {
 
     // Only some users; a bad request is one line.
     let some = dir.path().join("users.txt");
-    std::fs::write(&some, "u-2\n").unwrap();
+    std::fs::write(&some, "u-3\n").unwrap();
     let said = run(vec!["--out".into(), csv.display().to_string(), "--users-file".into(), some.display().to_string()]);
     assert!(said.contains("for 1 users (1 popular)"), "{said}");
     integration_tests::fixture::assert_one_line_error(
