@@ -114,6 +114,11 @@ pub enum Command {
         /// Version label of the model that produced the file.
         #[arg(long)]
         model_version: String,
+        /// How long the rows are served (e.g. 7d, 36h). Past that, users
+        /// get recommendations from live signals again until the next
+        /// import: a model nobody refreshes stops overriding what they do.
+        #[arg(long, default_value = crate::models::DEFAULT_VALIDITY, value_parser = humantime::parse_duration)]
+        valid_for: Duration,
         /// Secret (at least 16 characters) that `batch-layer forget-user`
         /// hashed forgotten user ids with: their rows are left out. Needed
         /// once any user is forgotten.
@@ -303,11 +308,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::ImportRecommendations { file, model_version, forget_key } => {
+        Command::ImportRecommendations { file, model_version, valid_for, forget_key } => {
             let key = platform::forgotten::ForgetKey::optional(forget_key.as_deref())?;
+            crate::models::check_validity(valid_for)?;
             let pool = platform::db::connect(&cli.database_url, 2, Duration::from_secs(30)).await?;
             platform::db::check(&pool).await?;
-            let summary = crate::models::import(&pool, &file, &model_version, key.as_ref()).await?;
+            let summary = crate::models::import(&pool, &file, &model_version, valid_for, key.as_ref()).await?;
             tracing::info!(
                 file = %file.display(),
                 model_version,
@@ -315,11 +321,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 users = summary.users,
                 dropped_rows = summary.dropped_rows,
                 dropped_users = summary.dropped_users,
+                valid_until = %summary.valid_until,
                 "imported model recommendations"
             );
             println!(
-                "imported {} recommendations for {} users as model {model_version}; left out {} rows of {} forgotten users",
-                summary.rows, summary.users, summary.dropped_rows, summary.dropped_users
+                "imported {} recommendations for {} users as model {model_version}, served until {}; left out {} rows of {} forgotten users",
+                summary.rows,
+                summary.users,
+                summary.valid_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                summary.dropped_rows,
+                summary.dropped_users
             );
             Ok(())
         }

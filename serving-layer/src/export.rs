@@ -94,7 +94,7 @@ pub enum ExportError {
 pub struct ExportSummary {
     pub users: usize,
     pub rows: usize,
-    /// Users per answer source (`model`, `personalized`, `popular`).
+    /// Users per answer source (`model`, `blended`, `personalized`, `popular`).
     pub by_source: BTreeMap<&'static str, usize>,
     pub generated_at: DateTime<Utc>,
 }

@@ -24,6 +24,15 @@ use crate::ids;
 
 /// Longest accepted model version label.
 pub const MAX_VERSION_BYTES: usize = 128;
+/// Longest validity an import may give its rows.
+pub const MAX_VALIDITY: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+/// Validity of an import's rows when `--valid-for` is not given.
+pub const DEFAULT_VALIDITY: &str = "7d";
+
+/// [`DEFAULT_VALIDITY`] as a duration.
+pub fn default_validity() -> std::time::Duration {
+    humantime::parse_duration(DEFAULT_VALIDITY).expect("the default validity parses")
+}
 /// Rows per INSERT statement into the staging table.
 const CHUNK: usize = 20_000;
 
@@ -31,6 +40,8 @@ const CHUNK: usize = 20_000;
 pub enum ImportError {
     #[error("--model-version must be 1 to {MAX_VERSION_BYTES} bytes without control characters")]
     Version,
+    #[error("--valid-for must be more than 0 and at most 366 days (e.g. 7d, 36h)")]
+    Validity,
     #[error("cannot open {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a readable Parquet file: {source}")]
@@ -60,6 +71,8 @@ pub struct ImportSummary {
     /// Rows and users of the file left out because the users are forgotten.
     pub dropped_rows: usize,
     pub dropped_users: usize,
+    /// When the recommender stops serving the rows.
+    pub valid_until: chrono::DateTime<chrono::Utc>,
 }
 
 impl Rows {
@@ -205,6 +218,11 @@ fn truncate(s: &str) -> String {
     s.chars().take(40).collect()
 }
 
+/// Refuses a validity of zero or past [`MAX_VALIDITY`].
+pub fn check_validity(valid_for: std::time::Duration) -> Result<(), ImportError> {
+    if valid_for.is_zero() || valid_for > MAX_VALIDITY { Err(ImportError::Validity) } else { Ok(()) }
+}
+
 /// Imports `path` as model `version`, replacing the previous model's rows
 /// atomically, without the users forgotten in `pool` (hashed with `key`):
 /// a model trained before a `forget-user` cannot bring them back. The
@@ -215,11 +233,13 @@ pub async fn import(
     pool: &PgPool,
     path: &Path,
     version: &str,
+    valid_for: std::time::Duration,
     key: Option<&platform::forgotten::ForgetKey>,
 ) -> Result<ImportSummary, ImportError> {
     if version.is_empty() || version.len() > MAX_VERSION_BYTES || version.chars().any(char::is_control) {
         return Err(ImportError::Version);
     }
+    check_validity(valid_for)?;
     let owned = path.to_owned();
     let mut rows = tokio::task::spawn_blocking(move || read(&owned))
         .await
@@ -258,13 +278,15 @@ pub async fn import(
     }
     sqlx::query("DELETE FROM serving.model_recommendations").execute(&mut *tx).await?;
     let inserted = sqlx::query(
-        "INSERT INTO serving.model_recommendations (user_id, rank, product_id, score, model_version)
+        "INSERT INTO serving.model_recommendations
+             (user_id, rank, product_id, score, model_version, imported_at, valid_until)
          SELECT user_id,
                 COALESCE(rank, row_number() OVER (PARTITION BY user_id ORDER BY score DESC, product_id)),
-                product_id, score, $1
+                product_id, score, $1, now(), now() + make_interval(secs => $2)
          FROM model_import",
     )
     .bind(version)
+    .bind(valid_for.as_secs_f64())
     .execute(&mut *tx)
     .await;
     if let Err(sqlx::Error::Database(db)) = &inserted
@@ -280,19 +302,74 @@ pub async fn import(
     }
     inserted?;
     let users: i64 = sqlx::query_scalar("SELECT count(DISTINCT user_id) FROM model_import").fetch_one(&mut *tx).await?;
-    sqlx::query("INSERT INTO ops.model_imports (model_version, source_file, users, rows) VALUES ($1, $2, $3, $4)")
-        .bind(version)
-        .bind(path.display().to_string())
-        .bind(users)
-        .bind(n as i64)
-        .execute(&mut *tx)
-        .await?;
+    let valid_until: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "INSERT INTO ops.model_imports (model_version, source_file, users, rows, valid_until)
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+         RETURNING valid_until",
+    )
+    .bind(version)
+    .bind(path.display().to_string())
+    .bind(users)
+    .bind(n as i64)
+    .bind(valid_for.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
     tx.commit().await?;
     // Fresh statistics now, not whenever autovacuum gets to it: readers
     // use generic plans, which are re-planned with them (an empty table's
     // plan would scan instead of using the key).
     sqlx::query("ANALYZE serving.model_recommendations").execute(pool).await?;
-    Ok(ImportSummary { rows: n, users: users as usize, dropped_rows, dropped_users })
+    Ok(ImportSummary { rows: n, users: users as usize, dropped_rows, dropped_users, valid_until })
+}
+
+/// How often [`export_status`] reads the current model's status.
+pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Exports the current model's coverage, age and remaining validity as
+/// metrics (see [`crate::telemetry`]) every [`STATUS_EVERY`] until
+/// `shutdown`, from `serving.model_status()` (what the last import
+/// recorded; nothing per user). A failed read keeps the last figures.
+pub async fn export_status(pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+    type Status =
+        (Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>, Option<i64>);
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let status = sqlx::query_as::<_, Status>(
+            "SELECT model_version, imported_at, valid_until, users FROM serving.model_status()",
+        )
+        .fetch_optional(&pool)
+        .await;
+        match status {
+            Ok(row) => {
+                failing = false;
+                let now = chrono::Utc::now();
+                let (users, imported, valid) = match row {
+                    Some((Some(_), Some(imported), Some(valid), users)) => {
+                        (users.unwrap_or(0), Some(imported), Some(valid))
+                    }
+                    _ => (0, None, None),
+                };
+                let seconds = |d: chrono::TimeDelta| d.num_milliseconds() as f64 / 1000.0;
+                crate::telemetry::model_status(
+                    users,
+                    imported.map(|t| seconds(now - t)),
+                    valid.map(|t| seconds(t - now)),
+                );
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the model's status; its metrics keep their last values");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,13 @@
 //! In order of preference:
 //!
 //! 1. **model**: the latest imported model outputs for the user
-//!    (`serving.model_recommendations`, see [`crate::models`]);
+//!    (`serving.model_recommendations`, see [`crate::models`]) while they
+//!    are valid (`import-recommendations --valid-for`; past that the user
+//!    is served from live signals as if there were no model). What the user
+//!    did since the import, which the model cannot know, complements them:
+//!    the model's list and the personal list from those interactions alone
+//!    are fused by reciprocal rank (each product scores `Σ 1 / (60 +
+//!    rank)` over the lists holding it), marked **blended**;
 //! 2. **personalized**: products similar (`serving.item_similarity`) to the
 //!    user's most recently viewed, carted or bought products
 //!    (`serving.user_product_state`, which the speed layer keeps current
@@ -82,6 +88,9 @@ pub struct Scored {
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Model,
+    /// The model's list fused with the personal list of what the user did
+    /// since the model's import.
+    Blended,
     Personalized,
     Popular,
 }
@@ -90,6 +99,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Model => "model",
+            Source::Blended => "blended",
             Source::Personalized => "personalized",
             Source::Popular => "popular",
         }
@@ -102,7 +112,7 @@ pub struct Recommendations {
     pub user_id: String,
     pub products: Vec<Scored>,
     pub source: Source,
-    /// The imported model's version, when `source` is `model`.
+    /// The imported model's version, when `source` is `model` or `blended`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_version: Option<String>,
 }
@@ -153,7 +163,9 @@ struct Personal {
 /// One statement, one round trip. `state` is the user's rows (the view's
 /// `user_id` predicate reaches both the batch and the speed table's primary
 /// key); a product is "in the cart" when it was added after its last
-/// removal, and "bought" when it was ever purchased.
+/// removal, and "bought" when it was ever purchased. `model` is the user's
+/// valid model rows; `seeds` the latest interactions, only those since the
+/// model's import when one covers the user.
 const PERSONAL_SQL: &str = "
 WITH state AS MATERIALIZED (
     SELECT product_id, last_viewed_at, last_carted_at, last_removed_at, last_purchased_at,
@@ -164,11 +176,18 @@ WITH state AS MATERIALIZED (
     WHERE user_id = $1
 ), excluded AS (
     SELECT product_id FROM state WHERE in_cart OR last_purchased_at IS NOT NULL
+), model AS MATERIALIZED (
+    SELECT m.product_id, m.score, m.rank, m.model_version, m.imported_at
+    FROM serving.model_recommendations AS m
+    WHERE m.user_id = $1 AND m.valid_until > now() AND m.product_id NOT IN (SELECT product_id FROM excluded)
+    ORDER BY m.rank
+    LIMIT $2
 ), seeds AS MATERIALIZED (
     SELECT product_id,
            CASE WHEN in_cart OR last_purchased_at IS NOT NULL THEN 2.0::float8 ELSE 1.0::float8 END AS weight
     FROM state
-    WHERE last_viewed_at IS NOT NULL OR last_carted_at IS NOT NULL OR last_purchased_at IS NOT NULL
+    WHERE GREATEST(last_viewed_at, last_carted_at, last_purchased_at)
+          > COALESCE((SELECT max(imported_at) FROM model), '-infinity'::timestamptz)
     ORDER BY GREATEST(last_viewed_at, last_carted_at, last_purchased_at) DESC, product_id
     LIMIT $3
 )
@@ -177,11 +196,7 @@ WHERE EXISTS (SELECT 1 FROM state)
 UNION ALL
 SELECT 'excluded', product_id, NULL, NULL, NULL FROM excluded
 UNION ALL
-(SELECT 'model', m.product_id, m.score, m.rank::bigint, m.model_version
- FROM serving.model_recommendations AS m
- WHERE m.user_id = $1 AND m.product_id NOT IN (SELECT product_id FROM excluded)
- ORDER BY m.rank
- LIMIT $2)
+SELECT 'model', product_id, score, rank::bigint, model_version FROM model
 UNION ALL
 (SELECT 'similar', s.similar_product_id, sum(seeds.weight * s.score), NULL, NULL
  FROM seeds JOIN serving.item_similarity AS s ON s.product_id = seeds.product_id
@@ -330,8 +345,10 @@ impl Recommender {
     }
 
     fn assemble(&self, user: &UserId, k: K, mut p: Personal) -> Result<Recommendations, Unavailable> {
-        let personalized = if p.model.is_empty() { self.personalized(&mut p) } else { Vec::new() };
-        let (source, mut products) = if !p.model.is_empty() {
+        let personalized = self.personalized(&mut p);
+        let (source, mut products) = if !p.model.is_empty() && !personalized.is_empty() {
+            (Source::Blended, fuse(&[&p.model, &personalized], k.get()))
+        } else if !p.model.is_empty() {
             (Source::Model, std::mem::take(&mut p.model))
         } else if !personalized.is_empty() {
             (Source::Personalized, personalized)
@@ -356,7 +373,7 @@ impl Recommender {
                 products.extend(pad);
             }
         }
-        let model_version = if source == Source::Model { p.model_version } else { None };
+        let model_version = if matches!(source, Source::Model | Source::Blended) { p.model_version } else { None };
         Ok(Recommendations { user_id: user.as_str().to_owned(), products, source, model_version })
     }
 
@@ -380,9 +397,48 @@ impl Recommender {
     }
 }
 
+/// Reciprocal-rank fusion: the constant of [`fuse`]. 60 is the usual
+/// choice: a product high in one list and absent from the other ranks
+/// about as well as one in the middle of both.
+pub const FUSION_K: f64 = 60.0;
+
+/// `lists` (each best first) fused into one of at most `k`: each product
+/// scores `Σ 1 / (FUSION_K + rank)` over the lists holding it (rank from
+/// 1), best first, ties by product id.
+fn fuse(lists: &[&[Scored]], k: usize) -> Vec<Scored> {
+    let mut scores: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+    for list in lists {
+        for (i, s) in list.iter().enumerate() {
+            *scores.entry(s.product_id.as_str()).or_default() += 1.0 / (FUSION_K + (i + 1) as f64);
+        }
+    }
+    let mut fused: Vec<Scored> =
+        scores.into_iter().map(|(product_id, score)| Scored { product_id: product_id.to_owned(), score }).collect();
+    fused.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.product_id.cmp(&b.product_id)));
+    fused.truncate(k);
+    fused
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scored(ids: &[&str]) -> Vec<Scored> {
+        ids.iter().enumerate().map(|(i, id)| Scored { product_id: (*id).into(), score: 10.0 - i as f64 }).collect()
+    }
+
+    #[test]
+    fn fusion_ranks_by_reciprocal_rank_over_both_lists() {
+        let model = scored(&["a", "b", "c"]);
+        let live = scored(&["c", "d"]);
+        let fused = fuse(&[&model, &live], 10);
+        let ids: Vec<&str> = fused.iter().map(|s| s.product_id.as_str()).collect();
+        // c: 1/63 + 1/61; a: 1/61; b and d: 1/62 each, by id.
+        assert_eq!(ids, ["c", "a", "b", "d"]);
+        assert!((fused[0].score - (1.0 / 63.0 + 1.0 / 61.0)).abs() < 1e-12);
+        assert_eq!(fuse(&[&model, &live], 2).len(), 2);
+        assert!(fused.windows(2).all(|w| w[0].score >= w[1].score));
+    }
 
     #[test]
     fn k_is_bounded_and_defaults_to_ten() {

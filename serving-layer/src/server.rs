@@ -365,7 +365,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 
     let popular = PopularCache::new();
     let ready = Readiness::default();
-    let recommender = Recommender::new(recommender_pool, popular.clone(), config.budget);
+    let recommender = Recommender::new(recommender_pool.clone(), popular.clone(), config.budget);
     // Ready before the port opens: the popular list loaded (the refresher
     // below retries if this fails) and the recommender's connections warm.
     let (loaded, ()) = tokio::join!(popular.reload(&dashboard_pool), recommender.warm_up(config.max_connections));
@@ -385,6 +385,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         ready.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::models::export_status(recommender_pool.clone(), shutdown.clone()));
     let keys = Keys::new(dashboard_pool.clone(), config.rate_limit, config.session_secret.as_deref());
     if config.session_secret.is_none() {
         tracing::info!("no SERVING_SESSION_SECRET: dashboard sessions end when this process does");

@@ -17,7 +17,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS: &str = "serving_requests_total";
 /// Request latency by route.
 pub const REQUEST_SECONDS: &str = "serving_request_seconds";
-/// Recommendations answered, by source (`personalized`, `model`, `popular`).
+/// Recommendations answered, by source (`model`, `blended`, `personalized`,
+/// `popular`): the share answered from the model is its coverage in use.
 pub const RECOMMENDATIONS: &str = "serving_recommendations_total";
 /// Popular fallbacks served, by reason.
 pub const FALLBACKS: &str = "serving_fallbacks_total";
@@ -27,6 +28,12 @@ pub const POPULAR_AGE: &str = "serving_popular_cache_age_seconds";
 pub const POPULAR_PRODUCTS: &str = "serving_popular_cache_products";
 /// Failed reloads of the popular list.
 pub const POPULAR_RELOAD_FAILURES: &str = "serving_popular_reload_failures_total";
+/// Users the current model covered when it was imported (0: no model).
+pub const MODEL_USERS: &str = "serving_model_users";
+/// Seconds since the current model was imported.
+pub const MODEL_AGE: &str = "serving_model_age_seconds";
+/// Seconds the current model is still served; negative once it expired.
+pub const MODEL_VALID: &str = "serving_model_valid_seconds";
 
 /// Latency buckets: the recommender's budget is well under a second and
 /// the goal is a p99 of a few milliseconds.
@@ -81,4 +88,12 @@ pub(crate) fn popular_products(n: usize) {
 
 pub(crate) fn popular_reload_failed() {
     metrics::counter!(POPULAR_RELOAD_FAILURES).increment(1);
+}
+
+pub(crate) fn model_status(users: i64, age: Option<f64>, valid: Option<f64>) {
+    metrics::gauge!(MODEL_USERS).set(users as f64);
+    if let (Some(age), Some(valid)) = (age, valid) {
+        metrics::gauge!(MODEL_AGE).set(age);
+        metrics::gauge!(MODEL_VALID).set(valid);
+    }
 }

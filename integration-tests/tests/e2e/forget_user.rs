@@ -317,9 +317,15 @@ async fn forgotten_user_leaves_no_trace_and_never_comes_back() {
     // Re-importing a model trained before the request cannot bring the user back.
     let model = exports.path().join("model.parquet");
     write_model(&model, &[(&victim, "p-1"), (&victim, "p-2"), (control, "p-3")]);
-    let e = serving_layer::models::import(&pool, &model, "m2", None).await.unwrap_err().to_string();
+    let e = serving_layer::models::import(&pool, &model, "m2", serving_layer::models::default_validity(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no FORGET_KEY"), "an import without the key must refuse: {e}");
-    let imported = serving_layer::models::import(&pool, &model, "m2", Some(&key)).await.unwrap();
+    let imported =
+        serving_layer::models::import(&pool, &model, "m2", serving_layer::models::default_validity(), Some(&key))
+            .await
+            .unwrap();
     assert_eq!(
         (imported.rows, imported.users, imported.dropped_rows, imported.dropped_users),
         (1, 1, 2, 1),

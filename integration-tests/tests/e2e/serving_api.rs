@@ -269,7 +269,9 @@ async fn imported_model_outputs_are_served_first_and_replaced_atomically() {
     let mut v1 = vec![("u-1", "p-5", 0.9, Some(1)), ("u-1", "p-20", 0.8, Some(2)), ("u-1", "p-6", 0.7, Some(3))];
     v1.push(("u-9", "p-7", 0.5, Some(1)));
     let file = model_file(dir.path(), "v1.parquet", &v1);
-    let summary = serving_layer::models::import(&pool, &file, "v1", None).await.unwrap();
+    let summary = serving_layer::models::import(&pool, &file, "v1", serving_layer::models::default_validity(), None)
+        .await
+        .unwrap();
     assert_eq!((summary.rows, summary.users), (4, 2));
     let v = recommend(addr, "u-1", 4).await;
     assert_eq!(v["source"], "model");
@@ -300,7 +302,9 @@ async fn imported_model_outputs_are_served_first_and_replaced_atomically() {
             }
         }
     });
-    let summary = serving_layer::models::import(&pool, &file2, "v2", None).await.unwrap();
+    let summary = serving_layer::models::import(&pool, &file2, "v2", serving_layer::models::default_validity(), None)
+        .await
+        .unwrap();
     assert_eq!((summary.rows, summary.users), (60_002, 20_001));
     let seen = poll.await.unwrap();
     for v in &seen {
@@ -345,7 +349,7 @@ async fn import_errors_are_one_line_and_keep_the_current_model() {
     let (url, pool) = prepared("serving_import_errors").await;
     let dir = tempfile::tempdir().unwrap();
     let good = model_file(dir.path(), "good.parquet", &[("u-1", "p-5", 0.9, Some(1))]);
-    serving_layer::models::import(&pool, &good, "v1", None).await.unwrap();
+    serving_layer::models::import(&pool, &good, "v1", serving_layer::models::default_validity(), None).await.unwrap();
 
     let not_parquet = dir.path().join("model.csv");
     std::fs::write(&not_parquet, "user_id,product_id,score\nu-1,p-1,1\n").unwrap();
@@ -380,6 +384,14 @@ async fn import_errors_are_one_line_and_keep_the_current_model() {
         assert_eq!(lines.len(), 1, "not one line: {stderr:?}");
         assert!(lines[0].starts_with("error: "), "{stderr:?}");
         assert!(lines[0].contains(&expected), "{stderr:?} does not say {expected:?}");
+    }
+    for validity in ["0s", "400d"] {
+        integration_tests::fixture::assert_one_line_error(
+            "serving-layer",
+            &["import-recommendations", good.to_str().unwrap(), "--model-version", "v2", "--valid-for", validity],
+            &[],
+            "--valid-for must be more than 0 and at most 366 days (e.g. 7d, 36h)",
+        );
     }
     let still: Vec<(String, String)> =
         sqlx::query_as("SELECT model_version, product_id FROM serving.model_recommendations")

@@ -132,7 +132,9 @@ async fn serving_writer_imports_model_outputs_and_writes_nothing_else() {
         .unwrap();
 
     let writer = as_role(&url, "serving_writer").await;
-    let summary = serving_layer::models::import(&writer, &path, "v1", None).await.unwrap();
+    let summary = serving_layer::models::import(&writer, &path, "v1", serving_layer::models::default_validity(), None)
+        .await
+        .unwrap();
     assert_eq!((summary.rows, summary.users), (2, 1));
     let reader = as_role(&url, "recommender_reader").await;
     let rows: Vec<(String, i32)> =
