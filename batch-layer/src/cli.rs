@@ -542,14 +542,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let key = forget.optional()?;
             let lake = Lake::parse(&cli.lake_uri)?;
             let m = crate::export::run_at(&lake, &out, as_of, snapshot, &pool, key.as_ref()).await?;
+            let (events, sessions) = m.sessions.as_ref().map_or((0, 0), |s| (s.rows, s.sessions));
             println!(
-                "exported {} interactions of {} users with {} products before {} (lake version {}) to {}; see {}",
+                "exported {} interactions of {} users with {} products, and {events} events in {sessions} sessions, before {} (lake version {}) to {}; see {}",
                 m.rows,
                 m.users,
                 m.products,
                 m.as_of.to_rfc3339(),
                 m.delta_version,
-                out.join(&m.file).display(),
+                out.display(),
                 out.join(crate::export::MANIFEST_FILE).display()
             );
             Ok(())

@@ -3,9 +3,11 @@
 //!
 //! One pinned snapshot of the lake; per user and product, the interactions
 //! with `event_time` before `--as-of`, computed by the one view definition
-//! [`USER_PRODUCT_INTERACTIONS`]. Nothing at or after the cut-off time
-//! enters, so a model trained on the file and evaluated on later events sees
-//! no leakage. A `manifest.json` beside the data says what is in it: the
+//! [`USER_PRODUCT_INTERACTIONS`]; and beside them the same events as
+//! session sequences ([`SESSIONS_FILE`]: one row per event, numbered in its
+//! session, the format session-based models train on). Nothing at or after
+//! the cut-off time enters, so a model trained on the files and evaluated on
+//! later events sees no leakage. A `manifest.json` beside the data says what is in it: the
 //! cut-off, the lake version (so the export can be reproduced), the row
 //! counts and every column's meaning.
 //!
@@ -40,6 +42,30 @@ use crate::scope;
 pub const DATA_FILE: &str = "interactions.parquet";
 /// Name of the manifest in the output folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Name of the session sequences in the output folder.
+pub const SESSIONS_FILE: &str = "sessions.parquet";
+
+/// The session sequences: every event of the snapshot before the cut-off,
+/// numbered within its (user, session) by event time, then arrival (the
+/// Kafka position), in that order.
+const SESSIONS_SQL: &str = "SELECT user_id, session_id,
+       CAST(row_number() OVER (PARTITION BY user_id, session_id
+                               ORDER BY event_time, kafka_partition, kafka_offset) AS BIGINT) AS position,
+       event_time, event_type, product_id, quantity, price_cents
+FROM events
+ORDER BY user_id, session_id, position";
+
+/// What each column of [`SESSIONS_FILE`] holds.
+const SESSION_COLUMNS: &[(&str, &str)] = &[
+    ("user_id", "the event's user"),
+    ("session_id", "the event's session, as the shop sent it"),
+    ("position", "1-based place of the event in its session: by event_time, then arrival order"),
+    ("event_time", "when it happened (UTC)"),
+    ("event_type", "page_view, add_to_cart, remove_from_cart or purchase"),
+    ("product_id", "the product"),
+    ("quantity", "units, for cart and purchase events"),
+    ("price_cents", "unit price in cents, for cart and purchase events"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -99,6 +125,20 @@ pub struct Manifest {
     /// Cut by arrival: only what the lake had committed by this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub received_by: Option<DateTime<Utc>>,
+    /// The session sequences beside the interactions (absent from exports
+    /// written before they were added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<SessionsPart>,
+}
+
+/// The session sequences' file, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct SessionsPart {
+    pub file: String,
+    /// Events, and sessions (rows with position 1).
+    pub rows: u64,
+    pub sessions: u64,
+    pub columns: Vec<ManifestColumn>,
 }
 
 /// Which lake snapshot an export reads.
@@ -217,20 +257,8 @@ async fn write(
         None => plain_schema(ctx.sql(&sql).await?.schema().as_arrow()),
     };
 
-    let data = out.join(DATA_FILE);
-    let file = std::fs::File::create(&data).map_err(io(&data))?;
-    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
-    let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
-    let mut users = std::collections::HashSet::new();
-    let mut products = std::collections::HashSet::new();
-    let mut rows = 0u64;
-    for b in &batches {
-        writer.write(b)?;
-        rows += b.num_rows() as u64;
-        collect_distinct(b, "user_id", &mut users);
-        collect_distinct(b, "product_id", &mut products);
-    }
-    writer.close()?;
+    let (rows, users, products) = write_parquet(&out.join(DATA_FILE), schema, &batches)?;
+    let sessions = write_sessions(&ctx, out, forgotten).await?;
 
     let columns = view
         .keys
@@ -249,16 +277,70 @@ async fn write(
         delta_version,
         created_at: Utc::now(),
         rows,
-        users: users.len() as u64,
-        products: products.len() as u64,
+        users,
+        products,
         file: DATA_FILE.into(),
         columns,
         export_id: None,
         forgotten_version: forgotten.version(),
         rewritten_at: None,
+        sessions: Some(sessions),
     };
     write_manifest(out, &manifest)?;
     Ok(manifest)
+}
+
+/// Writes `batches` to a new Parquet file at `path` (zstd); returns its
+/// rows and its distinct users and products.
+fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch]) -> Result<(u64, u64, u64), ExportError> {
+    let file = std::fs::File::create(path).map_err(io(path))?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
+    let (mut users, mut products, mut rows) = (HashSet::new(), HashSet::new(), 0u64);
+    for b in batches {
+        writer.write(b)?;
+        rows += b.num_rows() as u64;
+        collect_distinct(b, "user_id", &mut users);
+        collect_distinct(b, "product_id", &mut products);
+    }
+    writer.close()?;
+    Ok((rows, users.len() as u64, products.len() as u64))
+}
+
+/// Sessions in `batches`: rows whose `position` is 1.
+fn count_sessions(batches: &[RecordBatch]) -> u64 {
+    use arrow::array::AsArray;
+    batches
+        .iter()
+        .filter_map(|b| b.column_by_name("position"))
+        .map(|c| c.as_primitive::<arrow::datatypes::Int64Type>().iter().filter(|p| *p == Some(1)).count() as u64)
+        .sum()
+}
+
+/// Writes [`SESSIONS_FILE`] from the `events` registered in `ctx`, without
+/// forgotten users, streaming the sorted events into the file.
+async fn write_sessions(ctx: &SessionContext, out: &Path, forgotten: &Forgotten) -> Result<SessionsPart, ExportError> {
+    use futures::StreamExt;
+    let df = ctx.sql(SESSIONS_SQL).await?;
+    let schema = plain_schema(df.schema().as_arrow());
+    let path = out.join(SESSIONS_FILE);
+    let file = std::fs::File::create(&path).map_err(io(&path))?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
+    let (mut rows, mut sessions) = (0u64, 0u64);
+    let mut stream = df.execute_stream().await?;
+    while let Some(b) = stream.next().await {
+        let (kept, _) = forgotten.filter_events(plain_strings(&b?)?)?;
+        rows += kept.num_rows() as u64;
+        sessions += count_sessions(std::slice::from_ref(&kept));
+        writer.write(&kept)?;
+    }
+    writer.close()?;
+    let columns = SESSION_COLUMNS
+        .iter()
+        .map(|(name, definition)| ManifestColumn { name: (*name).into(), definition: (*definition).into() })
+        .collect();
+    Ok(SessionsPart { file: SESSIONS_FILE.into(), rows, sessions, columns })
 }
 
 /// What [`scrub`] found among the registered exports.
@@ -292,8 +374,11 @@ pub async fn scrub(pool: &PgPool, ids: &[String], version: i64) -> Result<Scrubb
         }
         let (kept, removed) = read_without(&data, &users)?;
         let rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
-        if removed > 0 {
-            rewrite(&dir, &kept, version)?;
+        let sessions = dir.join(SESSIONS_FILE);
+        let (sessions_kept, sessions_removed) =
+            if sessions.exists() { read_without(&sessions, &users)? } else { (Vec::new(), 0) };
+        if removed > 0 || sessions_removed > 0 {
+            rewrite(&dir, &kept, (sessions_removed > 0).then_some(sessions_kept.as_slice()), version)?;
         }
         sqlx::query(
             "UPDATE ops.training_exports SET forgotten_version = $2, rows = $3,
@@ -324,7 +409,9 @@ pub async fn holding(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, u64)>
         let data = PathBuf::from(&location).join(DATA_FILE);
         if data.exists() {
             let (_, held) = read_without(&data, &users)?;
-            out.push((location, held));
+            let sessions = PathBuf::from(&location).join(SESSIONS_FILE);
+            let (_, in_sessions) = if sessions.exists() { read_without(&sessions, &users)? } else { (Vec::new(), 0) };
+            out.push((location, held + in_sessions));
         }
     }
     Ok(out)
@@ -355,33 +442,40 @@ fn read_without(path: &Path, users: &HashSet<&str>) -> Result<(Vec<RecordBatch>,
     Ok((kept, removed))
 }
 
-/// Replaces an export's data file with `batches` (written aside, then
-/// renamed over it) and updates its manifest.
-fn rewrite(dir: &Path, batches: &[RecordBatch], version: i64) -> Result<(), ExportError> {
-    let data = dir.join(DATA_FILE);
-    let aside = dir.join(format!("{DATA_FILE}.rewrite"));
-    let Some(schema) = batches.first().map(RecordBatch::schema) else {
-        return Ok(());
+/// Replaces an export's data file with `batches`, and its session
+/// sequences with `sessions` when given (each written aside, then renamed
+/// over the old one), and updates its manifest.
+fn rewrite(
+    dir: &Path,
+    batches: &[RecordBatch],
+    sessions: Option<&[RecordBatch]>,
+    version: i64,
+) -> Result<(), ExportError> {
+    let replace = |name: &str, batches: &[RecordBatch]| -> Result<Option<(u64, u64, u64)>, ExportError> {
+        let Some(schema) = batches.first().map(RecordBatch::schema) else { return Ok(None) };
+        let (path, aside) = (dir.join(name), dir.join(format!("{name}.rewrite")));
+        let counts = write_parquet(&aside, schema, batches)?;
+        std::fs::rename(&aside, &path).map_err(io(&path))?;
+        Ok(Some(counts))
     };
-    let file = std::fs::File::create(&aside).map_err(io(&aside))?;
-    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
-    let mut writer = ArrowWriter::try_new(file, schema, Some(props))?;
-    let (mut users, mut products, mut rows) = (HashSet::new(), HashSet::new(), 0u64);
-    for b in batches {
-        writer.write(b)?;
-        rows += b.num_rows() as u64;
-        collect_distinct(b, "user_id", &mut users);
-        collect_distinct(b, "product_id", &mut products);
-    }
-    writer.close()?;
-    std::fs::rename(&aside, &data).map_err(io(&data))?;
+    let data = replace(DATA_FILE, batches)?;
+    let sessions = match sessions {
+        Some(s) => replace(SESSIONS_FILE, s)?.map(|(rows, _, _)| (rows, count_sessions(s))),
+        None => None,
+    };
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&path).map_err(io(&path))?;
     let mut manifest: Manifest =
         serde_json::from_slice(&text).map_err(|source| ExportError::Manifest { path: path.clone(), source })?;
-    manifest.rows = rows;
-    manifest.users = users.len() as u64;
-    manifest.products = products.len() as u64;
+    if let Some((rows, users, products)) = data {
+        manifest.rows = rows;
+        manifest.users = users;
+        manifest.products = products;
+    }
+    if let (Some((rows, sessions)), Some(part)) = (sessions, manifest.sessions.as_mut()) {
+        part.rows = rows;
+        part.sessions = sessions;
+    }
     manifest.forgotten_version = version;
     manifest.rewritten_at = Some(Utc::now());
     write_manifest(dir, &manifest)

@@ -1,10 +1,11 @@
-//! `batch-layer export-training`: the interactions before a point in time,
-//! nothing after it, with a manifest that says so.
+//! `batch-layer export-training`: the interactions and the session
+//! sequences before a point in time, nothing after it, with a manifest that
+//! says so.
 
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use batch_layer::export::{DATA_FILE, MANIFEST_FILE, Manifest};
+use batch_layer::export::{DATA_FILE, MANIFEST_FILE, Manifest, SESSIONS_FILE};
 use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Timelike, Utc};
@@ -30,6 +31,9 @@ fn event(user: &str, product: &str, kind: &str, at: DateTime<Utc>) -> (String, S
     }
     (user.to_string(), v.to_string())
 }
+
+/// One row of the session sequences: position, event type, product, time (µs).
+type SessionEvent = (i64, String, String, i64);
 
 /// Views, purchases, units and the last time of any interaction (µs).
 type Interactions = (i64, i64, i64, Option<i64>);
@@ -118,6 +122,49 @@ async fn export_holds_exactly_the_interactions_before_the_cutoff() {
     let (got_views, got_purchases) = generated.fold((0, 0), |(v, p), (_, r)| (v + r.0, p + r.1));
     assert_eq!((got_views, got_purchases), (views, purchases));
     assert!(views > 0);
+
+    // The session sequences: every event before the cut-off, numbered in
+    // its session by time.
+    let part = manifest.sessions.clone().expect("the manifest lists the session sequences");
+    assert_eq!(part.file, SESSIONS_FILE);
+    let mut sessions: BTreeMap<(String, String), Vec<SessionEvent>> = BTreeMap::new();
+    for b in read_parquet(&out.join(SESSIONS_FILE)) {
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let (user, session, kind, product) = (s("user_id"), s("session_id"), s("event_type"), s("product_id"));
+        let position = b.column_by_name("position").unwrap().as_primitive::<Int64Type>().clone();
+        let at = b.column_by_name("event_time").unwrap().as_primitive::<TimestampMicrosecondType>().clone();
+        for r in 0..b.num_rows() {
+            let key = (user.value(r).to_string(), session.value(r).to_string());
+            let event = (position.value(r), kind.value(r).to_string(), product.value(r).to_string(), at.value(r));
+            sessions.entry(key).or_default().push(event);
+        }
+    }
+    let events: usize = sessions.values().map(Vec::len).sum();
+    assert_eq!((events as u64, sessions.len() as u64), (part.rows, part.sessions));
+    for (key, seq) in &sessions {
+        let positions: Vec<i64> = seq.iter().map(|e| e.0).collect();
+        assert_eq!(positions, (1..=seq.len() as i64).collect::<Vec<_>>(), "{key:?} in order, numbered from 1");
+        assert!(seq.windows(2).all(|w| w[0].3 <= w[1].3), "{key:?} by time: {seq:?}");
+        assert!(seq.iter().all(|e| e.3 < as_of.timestamp_micros()), "nothing at or after the cut-off: {key:?}");
+    }
+    let session = |u: &str| sessions[&(u.to_string(), "s-x".to_string())].clone();
+    let micros = |t: DateTime<Utc>| t.timestamp_micros();
+    assert_eq!(
+        session("x-1"),
+        [
+            (1, "purchase".into(), "p-x".into(), micros(before - TimeDelta::minutes(5))),
+            (2, "page_view".into(), "p-x".into(), micros(before))
+        ]
+    );
+    assert_eq!(session("x-2"), [(1, "add_to_cart".into(), "p-x".into(), micros(before - TimeDelta::hours(2)))]);
+    let generated: usize = sessions.iter().filter(|((u, _), _)| !u.starts_with("x-")).map(|(_, s)| s.len()).sum();
+    let truth_events: i64 = truth
+        .demand_map()
+        .iter()
+        .filter(|((hour, _), _)| *hour < as_of)
+        .map(|(_, d)| d.views + d.cart_adds + d.cart_removes + d.purchases)
+        .sum();
+    assert_eq!(generated as i64, truth_events, "every generated event before the cut-off, once");
 
     // A second export into the same folder is refused, not mixed in.
     let again = Command::new(binary("batch-layer"))
