@@ -12,8 +12,13 @@
 //!   definitions) into a second database, and the real serving layer is
 //!   asked for each user who buys in the held-out hours; a hit is a
 //!   recommended product they bought then (and had not carted or bought
-//!   before: the recommender leaves those out on purpose). The popular list,
-//!   what everyone gets without personalisation, is the baseline.
+//!   before: the recommender leaves those out on purpose). Two baselines:
+//!   the popular list, what everyone gets without personalisation, and the
+//!   previous release's recommender ([`PREVIOUS_SQL`]: seeds from views and
+//!   carts only, no launches), asked over the same database.
+//!
+//! `--seeds 7,8,9` repeats all of it per seed (each its own shop, spikes
+//! and traffic) and ends with the median and the worst of each figure.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -56,9 +61,9 @@ struct Args {
     /// Average events per second of generated time.
     #[arg(long, default_value_t = 2.0)]
     rate: f64,
-    /// Random seed.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    /// Random seeds, one whole measurement each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "7")]
+    seeds: Vec<u64>,
     /// Hours at the end held out for the recommendation hit-rate.
     #[arg(long, default_value_t = 12)]
     holdout_hours: i64,
@@ -79,10 +84,49 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// One seed's figures.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    precision: f64,
+    recall: f64,
+    current: f64,
+    previous: f64,
+    popular: f64,
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for &seed in &args.seeds {
+        all.push(measure(&args, seed).await?);
+    }
+    if all.len() > 1 {
+        let summary = |what: fn(&Figures) -> f64| {
+            let mut v: Vec<f64> = all.iter().map(what).collect();
+            v.sort_by(f64::total_cmp);
+            let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+            (median, v[0])
+        };
+        let (p, pw) = summary(|f| f.precision);
+        let (r, rw) = summary(|f| f.recall);
+        println!(
+            "summary over {} seeds: spike precision median {p:.3}, worst {pw:.3}; recall median {r:.3}, worst {rw:.3} (goal: at least 0.9 each)",
+            all.len()
+        );
+        let (c, cw) = summary(|f| f.current);
+        let (v, vw) = summary(|f| f.previous);
+        let (o, ow) = summary(|f| f.popular);
+        println!(
+            "summary over {} seeds: hit-rate@10 median {c:.3} (worst {cw:.3}) this release, {v:.3} ({vw:.3}) previous release, {o:.3} ({ow:.3}) popular-only",
+            all.len()
+        );
+    }
+    Ok(())
+}
+
+async fn measure(args: &Args, seed: u64) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let stack = Stack::local();
-    let name = format!("quality_{}", args.seed);
+    let name = format!("quality_{seed}");
     let topic = stack.fresh_topic(&name, 4).await?;
     let (url, pool) = stack.fresh_database(&name).await?;
     platform::db::migrate(&pool, Some(1)).await?;
@@ -97,7 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         users: args.users,
         rate: args.rate,
         quiet: true,
-        ..GeneratorArgs::for_tests(stack.brokers(), &topic, args.seed)
+        ..GeneratorArgs::for_tests(stack.brokers(), &topic, seed)
     };
     let truth = generator::run(generated).await?;
     ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await?;
@@ -109,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     errors.sort_by_key(|e| e.abs());
     let median = errors.get(errors.len() / 2).copied().unwrap_or(0);
     println!(
-        "spikes: {} events over {} h, {} products; {} injected spikes ({} detectable), {} detected",
+        "seed {seed}: spikes: {} events over {} h, {} products; {} injected spikes ({} detectable), {} detected",
         truth.events_sent,
         args.hours,
         args.products,
@@ -118,7 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         score.detected
     );
     println!(
-        "spikes: precision {:.3} ({}/{}), recall {:.3} ({}/{}), median start error {median} h; took {:.0} s",
+        "seed {seed}: spikes: precision {:.3} ({}/{}), recall {:.3} ({}/{}), median start error {median} h; took {:.0} s",
         score.precision(),
         score.correct,
         score.detected,
@@ -134,25 +178,93 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("  missed: {} x{} from {} to {}", s.product_id, s.multiplier, s.start, s.end);
     }
 
-    let hits = recommendation_hits(&stack, &lake, &name, &args).await?;
+    let hits = recommendation_hits(&stack, &lake, &name, args).await?;
+    let rate = |n: usize| n as f64 / hits.users.max(1) as f64;
     println!(
-        "recommendations: hit-rate@10 {:.3} personalised vs {:.3} popular-only, over {} users who bought in the last {} h \
-         ({} answers personalised)",
-        hits.personal as f64 / hits.users.max(1) as f64,
-        hits.popular as f64 / hits.users.max(1) as f64,
+        "seed {seed}: recommendations: hit-rate@10 {:.3} this release vs {:.3} previous release vs {:.3} popular-only, \
+         over {} users who bought in the last {} h ({} answers personalised now, {} before)",
+        rate(hits.personal),
+        rate(hits.previous),
+        rate(hits.popular),
         hits.users,
         args.holdout_hours,
         hits.personalised_answers,
+        hits.previous_personalised,
     );
-    Ok(())
+    Ok(Figures {
+        precision: score.precision(),
+        recall: score.recall(),
+        current: rate(hits.personal),
+        previous: rate(hits.previous),
+        popular: rate(hits.popular),
+    })
+}
+
+/// The previous release's personal list (before purchases seeded it and
+/// launches reached it): similar products to the latest viewed or carted
+/// products, weight 2 in the cart, without what is in the cart or bought;
+/// then the popular list. `$1` user, `$2` k, `$3` seeds. Rows: `excluded`
+/// products and `similar` ones with their scores.
+const PREVIOUS_SQL: &str = "
+WITH state AS MATERIALIZED (
+    SELECT product_id, last_viewed_at, last_carted_at, last_purchased_at,
+           last_carted_at IS NOT NULL
+             AND last_carted_at > COALESCE(last_removed_at, '-infinity'::timestamptz)
+             AND last_carted_at > COALESCE(last_purchased_at, '-infinity'::timestamptz) AS in_cart
+    FROM serving.user_product_state
+    WHERE user_id = $1
+), excluded AS (
+    SELECT product_id FROM state WHERE in_cart OR last_purchased_at IS NOT NULL
+), seeds AS (
+    SELECT product_id, CASE WHEN in_cart THEN 2.0::float8 ELSE 1.0::float8 END AS weight
+    FROM state
+    WHERE last_viewed_at IS NOT NULL OR last_carted_at IS NOT NULL
+    ORDER BY GREATEST(last_viewed_at, last_carted_at) DESC, product_id
+    LIMIT $3
+)
+SELECT 'excluded' AS kind, product_id, NULL::float8 AS score FROM excluded
+UNION ALL
+(SELECT 'similar', s.similar_product_id, sum(seeds.weight * s.score)
+ FROM seeds JOIN serving.item_similarity AS s ON s.product_id = seeds.product_id
+ WHERE s.similar_product_id NOT IN (SELECT product_id FROM excluded)
+ GROUP BY s.similar_product_id
+ ORDER BY 3 DESC, 2
+ LIMIT $2)";
+
+/// The previous release's top 10 for `user`: its personal list, padded (or
+/// replaced) by `popular` without excluded or listed products.
+async fn previous_answer(pool: &sqlx::PgPool, user: &str, popular: &[String]) -> anyhow::Result<(Vec<String>, bool)> {
+    let rows: Vec<(String, String, Option<f64>)> = sqlx::query_as(PREVIOUS_SQL)
+        .bind(user)
+        .bind(10_i64)
+        .bind(serving_layer::recommend::SEEDS)
+        .fetch_all(pool)
+        .await?;
+    let excluded: HashSet<&str> = rows.iter().filter(|r| r.0 == "excluded").map(|r| r.1.as_str()).collect();
+    let mut similar: Vec<(&str, f64)> =
+        rows.iter().filter(|r| r.0 == "similar").map(|r| (r.1.as_str(), r.2.unwrap_or(0.0))).collect();
+    similar.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let personal = !similar.is_empty();
+    let mut list: Vec<String> = similar.iter().map(|s| s.0.to_string()).collect();
+    for p in popular {
+        if list.len() >= 10 {
+            break;
+        }
+        if !excluded.contains(p.as_str()) && !list.contains(p) {
+            list.push(p.clone());
+        }
+    }
+    Ok((list, personal))
 }
 
 #[derive(Debug, Default)]
 struct Hits {
     users: usize,
     personal: usize,
+    previous: usize,
     popular: usize,
     personalised_answers: usize,
+    previous_personalised: usize,
 }
 
 async fn query(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
@@ -188,8 +300,13 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
     for (table, sql, events) in views {
         scope::register_events(&ctx, events).await?;
         let batches = query(&ctx, &sql).await?;
+        // `batch.<table>` is a view over the active one of its pair.
+        let active: String = sqlx::query_scalar("SELECT active FROM ops.batch_shadows WHERE name = $1")
+            .bind(table)
+            .fetch_one(&pool)
+            .await?;
         let mut conn = pool.acquire().await?;
-        let mut copy = conn.copy_in_raw(&format!("COPY batch.{table} FROM STDIN (FORMAT binary)")).await?;
+        let mut copy = conn.copy_in_raw(&format!("COPY batch.{table}__{active} FROM STDIN (FORMAT binary)")).await?;
         copy.send(platform::pgcopy::encode(&batches)?).await?;
         copy.finish().await?;
     }
@@ -242,7 +359,7 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
     };
     let mut popular = Vec::new();
     for _ in 0..100 {
-        popular = ids(&get(addr, "/api/recommendations/quality-nobody?k=10").await?.json());
+        popular = ids(&get(addr, "/api/recommendations/quality-nobody?k=100").await?.json());
         if !popular.is_empty() {
             break;
         }
@@ -252,9 +369,12 @@ async fn recommendation_hits(stack: &Stack, lake: &Lake, name: &str, args: &Args
     for (user, bought) in purchases.iter().take(args.max_users) {
         let answer = get(addr, &format!("/api/recommendations/{user}?k=10")).await?.json();
         hits.users += 1;
-        hits.personalised_answers += usize::from(answer["source"] == "personalized");
+        hits.personalised_answers += usize::from(answer["source"] != "popular");
         hits.personal += usize::from(ids(&answer).iter().any(|p| bought.contains(p)));
-        hits.popular += usize::from(popular.iter().any(|p| bought.contains(p)));
+        hits.popular += usize::from(popular.iter().take(10).any(|p| bought.contains(p)));
+        let (previous, personal) = previous_answer(&pool, user, &popular).await?;
+        hits.previous += usize::from(previous.iter().any(|p| bought.contains(p)));
+        hits.previous_personalised += usize::from(personal);
     }
     stop.cancel();
     Ok(hits)
