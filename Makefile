@@ -87,7 +87,13 @@ bench-serving: ## recommendation latency under wrk, 100k users; writes docs/BENC
 bench-dashboard: ## dashboard API latency under wrk with one and four weeks of history
 	@scripts/bench-dashboard.sh
 
-.PHONY: chaos quality bench-quality
+.PHONY: chaos quality bench-quality screenshots
+
+screenshots: ## the dashboard's pages against a running pipeline, as PNGs in docs/screenshots/ (needs `make up`)
+	@scripts/stack.sh tools
+	cargo build --workspace --bins --locked
+	DASHBOARD_SCREENSHOTS=$(CURDIR)/docs/screenshots \
+		cargo nextest run --workspace -E 'binary(e2e) & test(/analyst_pages_work_against_a_running_pipeline/)' --locked
 
 chaos: ## the chaos test at full size: kills and restarts under live traffic (CHAOS_ROUNDS, CHAOS_RATE, CHAOS_SECONDS)
 	@scripts/stack.sh tools

@@ -125,6 +125,9 @@ offset cut; serving.* merges both exactly.
 
   Dashboard          http://localhost:${ADDR##*:}/#key=$DASHBOARD_KEY
                      (the link signs the page in; or paste the key into its form)
+  A product's page   http://localhost:${ADDR##*:}/#key=$DASHBOARD_KEY&view=product&product=${found:-p-00001}&range=72
+                     (its curve against the baseline, spike periods shaded; search, category
+                     filter, ranges, the previous period and "export CSV" are on every page)
   Recommendations    curl -s -H 'Authorization: Bearer $RECOMMEND_KEY' \\
                        http://$ADDR/api/recommendations/$user?k=5
   API keys           $BIN/serving-layer keys list | keys create --scope dashboard --name NAME | keys revoke ID
@@ -134,7 +137,9 @@ offset cut; serving.* merges both exactly.
   Batch runs         psql "\$DATABASE_URL" -c 'TABLE ops.batch_runs'
   Notifications      psql "\$DATABASE_URL" -c 'TABLE ops.notifications'   (the watchdog's, the runs', the ingest's)
   Heartbeats         psql "\$DATABASE_URL" -c 'TABLE ops.heartbeats'
-  Training data      $BIN/batch-layer export-training --out .local/training
+  Training data      $BIN/batch-layer export-training --out .local/training-\$(date +%s)
+  Recommendations    $BIN/serving-layer export-recommendations --database-url postgres://recommender_reader@127.0.0.1:5433/lambda \\
+   for the shop        --out .local/recommendations.csv   (or .parquet, or --table NAME in the shop database)
   Logs               $LOGS/
   Stop               make demo-stop      (make clean also deletes the data)
 

@@ -366,10 +366,17 @@ pub struct ServedBinary {
 /// `database_url`, with keys of both scopes for [`get`], and waits until it
 /// is ready.
 pub async fn serve_binary(database_url: &str) -> ServedBinary {
+    serve_binary_with(database_url, &[]).await
+}
+
+/// [`serve_binary`] with more arguments (`--currency EUR`, the reader
+/// roles' URLs); `database_url` is the owner's, which creates the keys.
+pub async fn serve_binary_with(database_url: &str, args: &[&str]) -> ServedBinary {
     let port = || SocketAddr::from(([127, 0, 0, 1], crate::fixture::free_port().expect("a free port")));
     let (addr, ops_addr) = (port(), port());
     let child = tokio::process::Command::new(crate::fixture::binary("serving-layer"))
         .args(["serve", "--addr", &addr.to_string(), "--ops-addr", &ops_addr.to_string()])
+        .args(args)
         .env("DATABASE_URL", database_url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -77,6 +77,10 @@ pub enum Command {
         /// e.g. https://shop.example.com [default: none].
         #[arg(long, env = "SERVING_CORS_ORIGINS", value_delimiter = ',')]
         cors_origins: Vec<String>,
+        /// The shop's currency (ISO 4217, e.g. EUR): the dashboard shows
+        /// revenue and prices in it.
+        #[arg(long, env = "SERVING_CURRENCY", default_value = "USD")]
+        currency: String,
     },
     /// Dead-man alerts that do not depend on the dead process: notify when a
     /// process's heartbeat goes silent (and returns), when the batch views
@@ -198,7 +202,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             rate_limit,
             session_secret,
             cors_origins,
+            currency,
         } => {
+            let Some(currency) = crate::server::Currency::parse(&currency) else {
+                anyhow::bail!(
+                    "--currency must be an ISO 4217 code of three capital letters, e.g. EUR, not {currency:?}"
+                );
+            };
             if !(rate_limit.is_finite() && rate_limit > 0.0) {
                 anyhow::bail!("--rate-limit must be a positive number of requests per second, e.g. 50");
             }
@@ -229,6 +239,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_limit,
                 session_secret,
                 cors_origins,
+                currency,
             };
             server::run(config, shutdown).await?;
             tracing::info!("stopped");

@@ -92,20 +92,7 @@ pub async fn demand_hourly(
     query: Result<Query<DemandQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DemandAnswer>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let to = match &q.to {
-        Some(raw) => parse_time("to", raw)?,
-        None => Utc::now(),
-    };
-    let from = match &q.from {
-        Some(raw) => parse_time("from", raw)?,
-        None => to - TimeDelta::hours(24),
-    };
-    if from >= to {
-        return Err(ApiError::bad_request("from must be before to"));
-    }
-    if to - from > TimeDelta::hours(MAX_RANGE_HOURS) {
-        return Err(ApiError::bad_request(format!("the range from..to may cover at most {MAX_RANGE_HOURS} hours")));
-    }
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
     let rows = match (&q.product_id, &q.category) {
         (Some(_), Some(_)) => return Err(ApiError::bad_request("give product_id or category, not both")),
         (Some(product), None) => {
@@ -237,6 +224,234 @@ pub async fn popular(
          LIMIT $1",
     )
     .await
+}
+
+/// What the page needs to know about the deployment.
+#[derive(Debug, Serialize)]
+pub struct Meta {
+    /// ISO 4217 code of the shop's prices (`--currency`).
+    pub currency: String,
+    /// Longest range one demand request may cover, in hours.
+    pub max_range_hours: i64,
+}
+
+/// `GET /api/meta`: the shop's currency and the API's limits.
+pub async fn meta(State(currency): State<crate::server::Currency>) -> Json<Meta> {
+    Json(Meta { currency: currency.0, max_range_hours: MAX_RANGE_HOURS })
+}
+
+/// A product of the catalog.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Product {
+    pub product_id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub price_cents: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SearchQuery {
+    q: Option<String>,
+    limit: Option<String>,
+}
+
+/// Longest search text.
+const MAX_SEARCH_CHARS: usize = 100;
+
+/// `GET /api/products?q=..&limit=`: catalog products whose id is `q`, or
+/// whose name or id holds it (case-insensitive); the exact id first, then
+/// by name.
+pub async fn search_products(
+    State(pool): State<PgPool>,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Product>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let text = q.q.as_deref().map(str::trim).unwrap_or_default();
+    if text.is_empty() || text.chars().count() > MAX_SEARCH_CHARS || text.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "q must be 1 to {MAX_SEARCH_CHARS} characters of a product's name or id"
+        )));
+    }
+    let limit = parse_limit(q.limit.as_deref(), 20)?;
+    let pattern = format!("%{}%", text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    let rows = sqlx::query_as::<_, Product>(
+        "SELECT product_id, name, category, price_cents FROM serving.products
+         WHERE product_id = $1 OR name ILIKE $2 OR product_id ILIKE $2
+         ORDER BY product_id = $1 DESC, name, product_id
+         LIMIT $3",
+    )
+    .bind(text)
+    .bind(pattern)
+    .bind(limit)
+    .fetch_all(&pool)
+    .await
+    .map_err(ApiError::database)?;
+    Ok(Json(rows))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+    category: Option<String>,
+}
+
+/// `[from, to)` of a query: the last 24 hours by default, at most
+/// [`MAX_RANGE_HOURS`].
+fn range(from: Option<&str>, to: Option<&str>) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let to = match to {
+        Some(raw) => parse_time("to", raw)?,
+        None => Utc::now(),
+    };
+    let from = match from {
+        Some(raw) => parse_time("from", raw)?,
+        None => to - TimeDelta::hours(24),
+    };
+    if from >= to {
+        return Err(ApiError::bad_request("from must be before to"));
+    }
+    if to - from > TimeDelta::hours(MAX_RANGE_HOURS) {
+        return Err(ApiError::bad_request(format!("the range from..to may cover at most {MAX_RANGE_HOURS} hours")));
+    }
+    Ok((from, to))
+}
+
+/// One hour of one product: its demand measures, and what spike detection
+/// made of it (absent before any baseline exists).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ProductHour {
+    pub hour: DateTime<Utc>,
+    pub views: i64,
+    pub cart_adds: i64,
+    pub purchases: i64,
+    pub units: i64,
+    pub revenue_cents: i64,
+    /// Interest as spike detection counts it: views + cart adds + purchases.
+    pub demand: i64,
+    pub expected: Option<f64>,
+    pub is_spike: Option<bool>,
+    pub is_elevated: Option<bool>,
+    /// What `expected` rests on: `product`, `category` or `shop`.
+    pub basis: Option<String>,
+}
+
+/// A spike, from its first elevated hour to its latest, with its peak.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct SpikeEpisode {
+    pub product_id: String,
+    pub name: Option<String>,
+    pub category: Option<String>,
+    pub spike_start: DateTime<Utc>,
+    pub latest_hour: DateTime<Utc>,
+    /// Hours from the first to the latest elevated hour, both counted.
+    pub duration_hours: i64,
+    /// The highest hourly demand during the spike, and what was expected then.
+    pub peak_demand: Option<f64>,
+    pub peak_expected: Option<f64>,
+    pub peak_score: f64,
+    /// The stronger spike this one echoes (`null`: a spike of its own).
+    pub driven_by: Option<String>,
+}
+
+/// The spikes overlapping `[$1, $2)`, of product `$3` or category `$4`
+/// when given, newest first, with their peaks.
+const SPIKE_HISTORY_SQL: &str = "
+SELECT h.product_id, p.name, COALESCE(h.category, p.category) AS category, h.spike_start, h.latest_hour,
+       (extract(epoch FROM h.latest_hour - h.spike_start) / 3600)::bigint + 1 AS duration_hours,
+       peak.demand AS peak_demand, peak.expected AS peak_expected, h.peak_score, h.driven_by
+FROM serving.demand_spike_history AS h
+LEFT JOIN serving.products AS p ON p.product_id = h.product_id
+LEFT JOIN LATERAL (
+    SELECT x.demand, x.expected FROM serving.demand_spike_hours AS x
+    WHERE x.product_id = h.product_id AND x.hour >= h.spike_start AND x.hour <= h.latest_hour
+    ORDER BY x.demand DESC, x.hour LIMIT 1
+) AS peak ON true
+WHERE h.latest_hour >= $1 AND h.spike_start < $2
+  AND ($3::text IS NULL OR h.product_id = $3)
+  AND ($4::text IS NULL OR COALESCE(h.category, p.category) = $4)
+ORDER BY h.spike_start DESC, h.product_id
+LIMIT 500";
+
+/// `GET /api/spikes/history?from=..&to=..&category=..`: every spike that
+/// overlaps the range (echoes included, marked by `driven_by`), newest
+/// first, at most 500.
+pub async fn spike_history(
+    State(pool): State<PgPool>,
+    query: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<SpikeEpisode>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    if let Some(c) = &q.category {
+        check_category(c)?;
+    }
+    let rows = sqlx::query_as::<_, SpikeEpisode>(SPIKE_HISTORY_SQL)
+        .bind(from)
+        .bind(to)
+        .bind(None::<String>)
+        .bind(q.category.as_deref())
+        .fetch_all(&pool)
+        .await
+        .map_err(ApiError::database)?;
+    Ok(Json(rows))
+}
+
+/// The answer of `GET /api/products/{product_id}`.
+#[derive(Debug, Serialize)]
+pub struct ProductPage {
+    /// The catalog entry; `null` for a product the catalog does not know.
+    pub product: Option<Product>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Hours with demand, oldest first.
+    pub hours: Vec<ProductHour>,
+    /// Its spikes overlapping the range, newest first.
+    pub spikes: Vec<SpikeEpisode>,
+}
+
+/// `GET /api/products/{product_id}?from=..&to=..`: one product's page: its
+/// catalog entry, its hourly demand against the baseline's expectation, and
+/// its spikes.
+pub async fn product_page(
+    State(pool): State<PgPool>,
+    axum::extract::Path(product_id): axum::extract::Path<String>,
+    query: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ProductPage>, ApiError> {
+    crate::ids::check(&product_id).map_err(|e| ApiError::bad_request(format!("product_id {e}")))?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (from, to) = range(q.from.as_deref(), q.to.as_deref())?;
+    let product = sqlx::query_as::<_, Product>(
+        "SELECT product_id, name, category, price_cents FROM serving.products WHERE product_id = $1",
+    )
+    .bind(&product_id)
+    .fetch_optional(&pool)
+    .await
+    .map_err(ApiError::database)?;
+    let hours = sqlx::query_as::<_, ProductHour>(
+        "SELECT d.hour, d.views, d.cart_adds, d.purchases, d.units, d.revenue_cents,
+                d.views + d.cart_adds + d.purchases AS demand,
+                s.expected, s.is_spike, s.is_elevated, s.basis
+         FROM serving.product_demand_hourly AS d
+         LEFT JOIN serving.demand_spike_hours AS s
+           ON s.product_id = d.product_id AND s.hour = d.hour AND s.hour >= $2 AND s.hour < $3
+              AND s.product_id = $1
+         WHERE d.product_id = $1 AND d.hour >= $2 AND d.hour < $3
+         ORDER BY d.hour",
+    )
+    .bind(&product_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(&pool)
+    .await
+    .map_err(ApiError::database)?;
+    let spikes = sqlx::query_as::<_, SpikeEpisode>(SPIKE_HISTORY_SQL)
+        .bind(from)
+        .bind(to)
+        .bind(&product_id)
+        .bind(None::<String>)
+        .fetch_all(&pool)
+        .await
+        .map_err(ApiError::database)?;
+    Ok(Json(ProductPage { product, from, to, hours, spikes }))
 }
 
 /// How current one layer is.

@@ -66,6 +66,8 @@ pub struct ServeConfig {
     pub session_secret: Option<String>,
     /// Origins whose pages may call the API from a browser (CORS); none by default.
     pub cors_origins: Vec<String>,
+    /// The shop's currency, for the dashboard.
+    pub currency: Currency,
 }
 
 impl ServeConfig {
@@ -84,6 +86,7 @@ impl ServeConfig {
             rate_limit: 1000.0,
             session_secret: None,
             cors_origins: Vec::new(),
+            currency: Currency::default(),
         }
     }
 }
@@ -139,6 +142,30 @@ pub struct AppState {
     pub recommender: Recommender,
     /// The dashboard's pool.
     pub dashboard: PgPool,
+    pub currency: Currency,
+}
+
+/// The ISO 4217 code of the shop's prices, which the dashboard shows money in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Currency(pub String);
+
+impl Currency {
+    /// Three ASCII capital letters, such as `EUR`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        (raw.len() == 3 && raw.bytes().all(|b| b.is_ascii_uppercase())).then(|| Self(raw.to_owned()))
+    }
+}
+
+impl Default for Currency {
+    fn default() -> Self {
+        Self("USD".into())
+    }
+}
+
+impl FromRef<AppState> for Currency {
+    fn from_ref(state: &AppState) -> Currency {
+        state.currency.clone()
+    }
 }
 
 impl FromRef<AppState> for PgPool {
@@ -303,6 +330,10 @@ pub fn router(state: AppState, keys: Keys, cors_origins: Vec<String>) -> Router 
         .route("/api/spikes", get(dashboard::spikes))
         .route("/api/popular", get(dashboard::popular))
         .route("/api/freshness", get(dashboard::freshness))
+        .route("/api/meta", get(dashboard::meta))
+        .route("/api/products", get(dashboard::search_products))
+        .route("/api/products/{product_id}", get(dashboard::product_page))
+        .route("/api/spikes/history", get(dashboard::spike_history))
         .route_layer(axum::middleware::from_fn_with_state(keys.clone(), require_key))
         .with_state(state);
     let page = Router::new()
@@ -390,7 +421,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     if config.session_secret.is_none() {
         tracing::info!("no SERVING_SESSION_SECRET: dashboard sessions end when this process does");
     }
-    let state = AppState { recommender, dashboard: dashboard_pool };
+    let state = AppState { recommender, dashboard: dashboard_pool, currency: config.currency.clone() };
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
     };

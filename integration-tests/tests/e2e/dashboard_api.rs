@@ -165,3 +165,86 @@ async fn the_page_and_its_assets_are_served_by_the_binary() {
     }
     stop.cancel();
 }
+
+/// Product search, a product's page and the spike history (issue 19,
+/// item 2): what the analyst's pages read.
+#[tokio::test]
+async fn search_product_pages_and_spike_history() {
+    let (addr, stop, data) = serve("dashboard_products").await;
+    let h = data.hour;
+    assert_eq!(json_at(addr, "/api/meta").await["currency"], "USD");
+
+    // Search: by part of a name (any case) or the exact id first; LIKE's
+    // wildcards are plain characters.
+    let ids = |v: Value| -> Vec<String> {
+        v.as_array().unwrap().iter().map(|p| p["product_id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(ids(json_at(addr, "/api/products?q=TRAIN").await), ["p-3"]);
+    assert_eq!(ids(json_at(addr, "/api/products?q=garden").await), ["p-2"]);
+    assert_eq!(ids(json_at(addr, "/api/products?q=p-4").await), ["p-4"]);
+    assert!(ids(json_at(addr, "/api/products?q=%25").await).is_empty(), "% matches itself only");
+    let hit = &json_at(addr, "/api/products?q=Kite").await[0];
+    assert_eq!((hit["name"].as_str(), hit["category"].as_str()), (Some("Kite"), Some("Toys")));
+
+    // p-3's page: six hours of views against its baseline (share 0.1 of a
+    // level of 100: 10 expected), spiking for the last four.
+    let range = format!("from={}&to={}", ts(h - TimeDelta::hours(6)), ts(h + TimeDelta::hours(1)));
+    let page = json_at(addr, &format!("/api/products/p-3?{range}")).await;
+    assert_eq!(page["product"]["name"], "Wooden train");
+    let hours = page["hours"].as_array().unwrap();
+    assert_eq!(hours.len(), 6, "{page}");
+    for (i, hour) in hours.iter().enumerate() {
+        let ago = 5 - i as i64;
+        assert_eq!(hour["hour"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), h - TimeDelta::hours(ago));
+        assert_eq!(hour["views"].as_i64(), Some(dashboard_views("p-3", ago)));
+        assert_eq!(hour["demand"].as_i64(), Some(dashboard_views("p-3", ago)));
+        assert_eq!(hour["basis"], "product");
+        assert!(hour["expected"].as_f64().unwrap() > 0.0, "{hour}");
+    }
+    let spiking: Vec<bool> = hours.iter().map(|h| h["is_spike"].as_bool().unwrap()).collect();
+    assert_eq!(spiking, [false, false, true, true, true, true]);
+    let spikes = page["spikes"].as_array().unwrap();
+    assert_eq!(spikes.len(), 1, "{page}");
+    let spike = &spikes[0];
+    assert_eq!(spike["spike_start"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap(), h - TimeDelta::hours(3));
+    assert_eq!((spike["duration_hours"].as_i64(), spike["peak_demand"].as_f64()), (Some(4), Some(100.0)));
+    assert!(spike["peak_expected"].as_f64().unwrap() > 0.0);
+
+    // A product nobody viewed: no hours, no spikes, its catalog entry.
+    let quiet = json_at(
+        addr,
+        &format!("/api/products/p-4?from={}&to={}", ts(h - TimeDelta::days(30)), ts(h - TimeDelta::days(29))),
+    )
+    .await;
+    assert_eq!((quiet["product"]["name"].as_str(), quiet["hours"].as_array().unwrap().len()), (Some("Kite"), 0));
+    // A product the catalog does not know: no entry, still a page.
+    assert_eq!(json_at(addr, "/api/products/p-unknown").await["product"], Value::Null);
+
+    // The history of the range: both spikes, with their peaks; by category.
+    let history = json_at(addr, &format!("/api/spikes/history?{range}")).await;
+    let mut products: Vec<&str> =
+        history.as_array().unwrap().iter().map(|s| s["product_id"].as_str().unwrap()).collect();
+    products.sort_unstable();
+    assert_eq!(products, ["p-3", "p-5"]);
+    let toys = json_at(addr, &format!("/api/spikes/history?{range}&category=Toys")).await;
+    assert_eq!(toys.as_array().unwrap().len(), 1);
+    assert_eq!(toys[0]["name"], "Wooden train");
+
+    // Bad input is a 400 with one line.
+    for (path, message) in [
+        ("/api/products?q=", "q must be 1 to 100 characters"),
+        ("/api/products", "q must be 1 to 100 characters"),
+        ("/api/products/p-3?from=yesterday", "from must be an RFC 3339 time"),
+        ("/api/spikes/history?from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z", "from must be before to"),
+        (
+            "/api/spikes/history?from=2026-01-01T00:00:00Z&to=2026-12-01T00:00:00Z",
+            "the range from..to may cover at most",
+        ),
+    ] {
+        let a = get(addr, path).await.unwrap();
+        assert_eq!(a.status, 400, "{path}: {}", a.body);
+        let error = a.json()["error"].as_str().unwrap().to_string();
+        assert!(error.starts_with(message) && !error.contains('\n'), "{path}: {error}");
+    }
+    stop.cancel();
+}

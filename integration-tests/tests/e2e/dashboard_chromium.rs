@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use integration_tests::fixture::Stack;
 use integration_tests::serving::{seed_dashboard, serve_binary};
+use tokio_util::sync::CancellationToken;
 
 fn chromium() -> std::path::PathBuf {
     for candidate in ["chromium", "chromium-browser"] {
@@ -30,10 +31,19 @@ fn chromium() -> std::path::PathBuf {
 /// The page's DOM after its scripts ran for `virtual_ms` of virtual time
 /// (fetches complete; the 15 s refresh timer fires only in a longer budget).
 async fn dump_dom(url: &str, virtual_ms: u32) -> String {
+    let out = headless(url, virtual_ms, &["--dump-dom"], "UTC").await;
+    String::from_utf8(out).unwrap()
+}
+
+/// Chromium, headless, on `url` for `virtual_ms` of virtual time with
+/// `args` (`--dump-dom`, `--screenshot=…`) in time zone `tz`; its output.
+async fn headless(url: &str, virtual_ms: u32, args: &[&str], tz: &str) -> Vec<u8> {
     let profile = tempfile::tempdir().unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(chromium())
+            .env("TZ", tz)
+            .current_dir(profile.path())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -46,7 +56,8 @@ async fn dump_dom(url: &str, virtual_ms: u32) -> String {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(format!("--virtual-time-budget={virtual_ms}"))
-            .args(["--dump-dom", url])
+            .args(args)
+            .arg(url)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
@@ -55,7 +66,7 @@ async fn dump_dom(url: &str, virtual_ms: u32) -> String {
     .expect("chromium finished within 90 s")
     .unwrap();
     assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    out.stdout
 }
 
 /// The opening tags in `dom` that carry `data-testid="id"`.
@@ -125,12 +136,12 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     let spike_rows = tags_with(&dom, "spike-row");
     let spiking: Vec<&str> = spike_rows.iter().filter_map(|t| attr(t, "data-product-id")).collect();
     assert_eq!(spiking, data.spikes);
-    assert!(dom.contains("<td>Wooden train</td>"), "spike product name missing");
+    assert!(dom.contains(">Wooden train</a></td>"), "spike product name missing");
 
     // Top products, by rank; names are text, never markup.
     let popular: Vec<&str> = tags_with(&dom, "popular-row").iter().filter_map(|t| attr(t, "data-product-id")).collect();
     assert_eq!(popular, data.popular);
-    assert!(dom.contains("<td>Garden hose &lt;20 m&gt;</td>"), "names must be escaped text");
+    assert!(dom.contains(">Garden hose &lt;20 m&gt;</a></td>"), "names must be escaped text");
 
     // A badge per layer, fresh.
     for layer in ["speed", "batch"] {
@@ -144,4 +155,317 @@ async fn the_dashboard_renders_chart_tables_and_badges_in_chromium() {
     let later = dump_dom(&format!("{page}#key={key}"), 35_000).await;
     let body = later.find("<body").map(|at| &later[at..at + later[at..].find('>').unwrap()]).unwrap();
     assert_eq!(attr(body, "data-refreshes"), Some("3"), "{body}");
+}
+
+/// `%XX` escapes of a data URL decoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// The fields of one CSV line (RFC 4180 quoting).
+fn csv_fields(line: &str) -> Vec<String> {
+    let (mut fields, mut field, mut quoted, mut chars) = (Vec::new(), String::new(), false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
+/// The body's opening tag.
+fn body_tag(dom: &str) -> &str {
+    let at = dom.find("<body").unwrap();
+    &dom[at..at + dom[at..].find('>').unwrap()]
+}
+
+fn assert_loaded(dom: &str, what: &str) {
+    assert!(dom.contains("data-signed-in=\"true\""), "{what}: the page did not sign in:\n{dom}");
+    assert!(dom.contains("data-loaded=\"true\""), "{what}: no refresh finished:\n{dom}");
+    let error = tags_with(dom, "error");
+    assert_eq!(error.first().and_then(|t| attr(t, "hidden")), Some(""), "{what}: an error shows:\n{dom}");
+}
+
+/// The analyst's pages against a running pipeline (issue 19, item 2): three
+/// days of generated history published by a batch run, a live burst of
+/// demand for one product flowing through the speed layer (group mode,
+/// under its role), and `serve` under the reader roles with prices in
+/// euros. Headless Chromium renders each page from its link and the DOM
+/// must show: one line per category in colours that never repeat, the
+/// previous period beside the current one and the totals of both equal to
+/// the database's, the current hour as a dashed projection (not a fall to
+/// zero), a CSV export of exactly what is shown, times in the viewer's time
+/// zone, a category filter, product search, and a product page with its
+/// curve against the baseline, its spike periods and its spike history.
+/// Screenshots go to `DASHBOARD_SCREENSHOTS` (`make screenshots` writes
+/// them into `docs/screenshots/`), else to a temporary folder.
+#[tokio::test]
+async fn the_analyst_pages_work_against_a_running_pipeline() {
+    use batch_layer::ingest::{self, IngestConfig};
+    use batch_layer::lake::Lake;
+    use batch_layer::recompute::{self, RunConfig, RunOutcome};
+    use integration_tests::fixture::{command, role_url};
+    use integration_tests::generator::{self, Args, event_record};
+
+    chromium();
+    let stack = Stack::from_env();
+    let topic = stack.fresh_topic("dash_live", 2).await.unwrap();
+    let dlq = stack.fresh_topic("dash_live_dlq", 1).await.unwrap();
+    let (url, pool) = stack.migrated_database("dashboard_live", Some(1)).await.unwrap();
+    let (sales_url, _sales) = stack.fresh_database("dashboard_live_sales").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().join("lake").to_str().unwrap()).unwrap();
+    let args = Args {
+        backfill_hours: 72,
+        products: 30,
+        users: 300,
+        rate: 1.0,
+        spikes: Some(2),
+        no_catalog: false,
+        sales_database_url: sales_url.clone(),
+        ..Args::for_tests(stack.brokers(), &topic, 71)
+    };
+    generator::run(args).await.unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    let run = RunConfig {
+        full: true,
+        sales_database_url: Some(sales_url),
+        ..RunConfig::new(url.clone(), lake, topic.clone())
+    };
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+
+    // The speed layer brings a burst on the product with the smallest
+    // baseline share: a spike of this hour.
+    let logs = tempfile::tempdir().unwrap();
+    let _speed = command(
+        "speed-layer",
+        stack.brokers(),
+        &role_url(&url, "speed_writer"),
+        Stdio::from(std::fs::File::create(logs.path().join("speed.log")).unwrap()),
+    )
+    .args([
+        "run",
+        "--topic",
+        &topic,
+        "--dlq-topic",
+        &dlq,
+        "--group-id",
+        &format!("{topic}.speed"),
+        "--ops-addr",
+        "127.0.0.1:0",
+    ])
+    .spawn()
+    .unwrap();
+    let (burst, name, category): (String, String, String) = sqlx::query_as(
+        "SELECT b.product_id, p.name, p.category FROM batch.demand_baseline AS b JOIN batch.products AS p USING (product_id)
+         ORDER BY b.share, b.product_id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    let records: Vec<_> = (0..300).map(|i| event_record(&format!("u-burst-{i}"), &burst, "page_view", now)).collect();
+    generator::send_records(stack.brokers(), &topic, &records).unwrap();
+    integration_tests::checks::wait_for_speed(&pool, stack.topic_size(&topic).unwrap()).await;
+
+    let served = integration_tests::serving::serve_binary_with(
+        &url,
+        &[
+            "--currency",
+            "EUR",
+            "--recommender-database-url",
+            &role_url(&url, "recommender_reader"),
+            "--dashboard-database-url",
+            &role_url(&url, "dashboard_reader"),
+        ],
+    )
+    .await;
+    let key = integration_tests::serving::key_for(served.addr, "/api/spikes").expect("a dashboard key");
+    let page = format!("http://localhost:{}/#key={key}", served.addr.port());
+    let sum = |from: &str, to: &str| {
+        let pool = pool.clone();
+        let (from, to) = (from.to_string(), to.to_string());
+        async move {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT category, sum(views)::bigint FROM serving.category_demand_hourly
+                 WHERE hour >= $1::timestamptz AND hour < $2::timestamptz GROUP BY 1 ORDER BY 1",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // The overview, compared with the previous 24 hours.
+    let dom = dump_dom(&format!("{page}&compare=1"), 8000).await;
+    assert_loaded(&dom, "overview");
+    let body = body_tag(&dom);
+    let (from, to, previous) = (
+        attr(body, "data-range-from").unwrap(),
+        attr(body, "data-range-to").unwrap(),
+        attr(body, "data-previous-from").unwrap(),
+    );
+    let now_totals = sum(from, to).await;
+    let then_totals = sum(previous, from).await;
+    let series: Vec<&str> = tags_with(&dom, "demand-series").iter().filter_map(|t| attr(t, "data-category")).collect();
+    let categories: Vec<&str> = now_totals.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(series, categories, "one line per category");
+    assert!(categories.len() >= 3, "{categories:?}");
+    let colours: std::collections::HashSet<&str> =
+        tags_with(&dom, "legend-item").iter().filter_map(|t| attr(t, "data-colour")).collect();
+    assert_eq!(colours.len(), categories.len(), "a colour per category, none repeated");
+    assert!(!tags_with(&dom, "previous-series").is_empty(), "the previous period is drawn");
+    let totals = tags_with(&dom, "totals-row");
+    let total = |tag: &&str, key: &str| attr(tag, key).map(|v| v.parse::<i64>().unwrap());
+    for (category, views) in &now_totals {
+        let row =
+            totals.iter().find(|t| attr(t, "data-category") == Some(category)).expect("a totals row per category");
+        let then = then_totals.iter().find(|(c, _)| c == category).map_or(0, |(_, v)| *v);
+        assert_eq!((total(row, "data-now"), total(row, "data-then")), (Some(*views), Some(then)), "{category}");
+    }
+    let all = totals.iter().find(|t| attr(t, "data-category") == Some("all")).unwrap();
+    assert_eq!(total(all, "data-now"), Some(now_totals.iter().map(|(_, v)| v).sum::<i64>()));
+    // The current hour: a dashed projection of the burst's category, above what came so far.
+    let partial: Vec<&str> = tags_with(&dom, "partial-hour");
+    let burst_hour = partial
+        .iter()
+        .find(|t| attr(t, "data-category") == Some(category.as_str()))
+        .expect("the current hour drawn as partial");
+    let (actual, projected): (f64, f64) = (
+        attr(burst_hour, "data-actual").unwrap().parse().unwrap(),
+        attr(burst_hour, "data-projected").unwrap().parse().unwrap(),
+    );
+    assert!(actual >= 300.0 && projected >= actual, "{burst_hour}");
+    // The export holds what the chart shows, and the previous period's.
+    let export = tags_with(&dom, "export")[0];
+    let href = attr(export, "href").unwrap();
+    let csv = percent_decode(href.strip_prefix("data:text/csv;charset=utf-8,").expect("a CSV data link"));
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("hour_utc,hour_local,category,views,previous_period_views"));
+    let rows: Vec<Vec<String>> = lines.map(csv_fields).collect();
+    assert_eq!(Some(rows.len().to_string().as_str()), attr(export, "data-rows"));
+    for (category, views) in &now_totals {
+        let exported: i64 = rows.iter().filter(|r| r[2] == *category).map(|r| r[3].parse::<i64>().unwrap()).sum();
+        assert_eq!(exported, *views, "exported views of {category}");
+    }
+
+    // Times in the viewer's time zone.
+    let kolkata = String::from_utf8(headless(&page, 8000, &["--dump-dom"], "Asia/Kolkata").await).unwrap();
+    assert_loaded(&kolkata, "overview in Kolkata");
+    let zone = text_after(&kolkata, tags_with(&kolkata, "timezone")[0]);
+    // ICU may name it by its older alias, Asia/Calcutta.
+    assert!(zone.starts_with("Asia/") && zone.ends_with(" (UTC+05:30)"), "{zone}");
+    let labels: Vec<&str> = tags_with(&kolkata, "x-label").iter().map(|t| text_after(&kolkata, t)).collect();
+    assert!(!labels.is_empty() && labels.iter().all(|l| l.contains(":30")), "hours in Kolkata: {labels:?}");
+
+    // Revenue in the shop's currency.
+    let revenue = dump_dom(&format!("{page}&measure=revenue_cents"), 8000).await;
+    assert_loaded(&revenue, "revenue");
+    assert!(revenue.contains("€"), "money in euros");
+
+    // One category: its line, its spikes and top products only.
+    let only = dump_dom(&format!("{page}&category={}", category.replace('&', "%26").replace(' ', "%20")), 8000).await;
+    assert_loaded(&only, "one category");
+    let lines: Vec<&str> = tags_with(&only, "demand-series").iter().filter_map(|t| attr(t, "data-category")).collect();
+    assert_eq!(lines, [category.replace('&', "&amp;").as_str()]);
+    let top: Vec<String> =
+        tags_with(&only, "popular-row").iter().filter_map(|t| attr(t, "data-product-id")).map(String::from).collect();
+    let in_category: Vec<String> = sqlx::query_scalar("SELECT product_id FROM serving.products WHERE category = $1")
+        .bind(&category)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(!top.is_empty() && top.iter().all(|p| in_category.contains(p)), "{top:?}");
+    let spiking: Vec<&str> = tags_with(&only, "spike-row").iter().filter_map(|t| attr(t, "data-product-id")).collect();
+    assert!(spiking.contains(&burst.as_str()), "the burst is a spike now: {spiking:?}");
+
+    // Search by part of a name.
+    let part: String = name.split_whitespace().next().unwrap().to_string();
+    let found = dump_dom(&format!("{page}&q={}", part.replace(' ', "%20")), 8000).await;
+    let results: Vec<&str> =
+        tags_with(&found, "search-result").iter().filter_map(|t| attr(t, "data-product-id")).collect();
+    let expected: Vec<String> = sqlx::query_scalar(
+        "SELECT product_id FROM serving.products WHERE name ILIKE '%' || $1 || '%' OR product_id ILIKE '%' || $1 || '%'
+         ORDER BY product_id = $1 DESC, name, product_id LIMIT 12",
+    )
+    .bind(&part)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(results.contains(&burst.as_str()) && results == expected, "search {part:?}: {results:?} vs {expected:?}");
+
+    // The product's page: its curve against the baseline, its spike periods, its history.
+    let product_link = format!("{page}&view=product&product={burst}&range=72");
+    let dom = dump_dom(&product_link, 8000).await;
+    assert_loaded(&dom, "product page");
+    assert_eq!(text_after(&dom, tags_with(&dom, "product-title")[0]), name.replace('&', "&amp;"));
+    let facts = text_after(&dom, tags_with(&dom, "product-facts")[0]);
+    assert!(facts.contains(&format!("category {}", category.replace('&', "&amp;"))) && facts.contains('€'), "{facts}");
+    assert_eq!(tags_with(&dom, "product-demand").len(), 1);
+    assert_eq!(tags_with(&dom, "product-expected").len(), 1, "the baseline's expectation is drawn");
+    let api = integration_tests::serving::get(
+        served.addr,
+        &format!(
+            "/api/products/{burst}?from={}&to={}",
+            attr(body_tag(&dom), "data-range-from").unwrap(),
+            attr(body_tag(&dom), "data-range-to").unwrap()
+        ),
+    )
+    .await
+    .unwrap()
+    .json();
+    let spikes = api["spikes"].as_array().unwrap();
+    assert!(!spikes.is_empty(), "the burst is in its spike history: {api}");
+    assert_eq!(tags_with(&dom, "product-spike-row").len(), spikes.len());
+    assert_eq!(tags_with(&dom, "spike-period").len(), spikes.len(), "each spike period is shaded");
+    assert!(!tags_with(&dom, "partial-hour").is_empty(), "the current hour is partial on the product page too");
+    let export = percent_decode(
+        attr(tags_with(&dom, "export")[0], "href").unwrap().strip_prefix("data:text/csv;charset=utf-8,").unwrap(),
+    );
+    assert!(
+        export.starts_with("hour_utc,hour_local,views,cart_adds,purchases,units,revenue_EUR,demand,expected,is_spike"),
+        "{export}"
+    );
+
+    // Screenshots of the two pages.
+    let shots = std::env::var_os("DASHBOARD_SCREENSHOTS").map(std::path::PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let shots = shots.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&shots).unwrap();
+    for (file, link) in
+        [("dashboard-overview.png", format!("{page}&compare=1")), ("dashboard-product.png", product_link)]
+    {
+        let path = shots.join(file);
+        headless(
+            &link,
+            8000,
+            &[&format!("--screenshot={}", path.display()), "--window-size=1280,1500", "--hide-scrollbars"],
+            "Europe/Berlin",
+        )
+        .await;
+        let png = std::fs::read(&path).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} is no screenshot", path.display());
+    }
 }
