@@ -332,6 +332,24 @@ pub fn command(name: &str, brokers: &str, database_url: &str, log: std::process:
     command
 }
 
+/// `speed-layer run` as deployed: its default consumer-group mode (group
+/// `<topic>.speed`), as role `speed_writer` of the database `owner_url`
+/// reaches, its log at `log`; killed when dropped.
+pub fn speed_layer(
+    brokers: &str,
+    owner_url: &str,
+    topic: &str,
+    dlq: &str,
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    let log = std::fs::File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    command("speed-layer", brokers, &role_url(owner_url, "speed_writer"), log.into())
+        .args(["run", "--topic", topic, "--dlq-topic", dlq, "--group-id", &format!("{topic}.speed")])
+        .args(["--ops-addr", "127.0.0.1:0"])
+        .spawn()
+        .expect("starting speed-layer run")
+}
+
 /// The last `lines` lines of the log at `path`, for a failure message.
 pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -73,6 +73,15 @@ pub const SPIKE_GAP_HOURS: i64 = 2;
 /// as a spike of its own.
 pub const SPIKE_DRIVER_RANK: i64 = 10;
 pub const SPIKE_ECHO_RATIO: f64 = 1.5;
+/// A spike is also an echo when it lies within a similar product's spike
+/// (from an hour before its start to an hour after its end) that drew at
+/// least this many times its excess demand at the peak (demand above
+/// expected): a complement gets a fraction of the driver's extra shoppers,
+/// however high that lifts it above its own small baseline, and may cross
+/// the thresholds hours after the driver did, or in several episodes.
+/// Measured by `make bench-quality` (docs/BENCHMARKS.md): the ratio rule
+/// alone let such complements through as false alarms.
+pub const SPIKE_ECHO_EXCESS: f64 = 5.0;
 /// How far back an active spike's start is looked for (spikes last up to
 /// 1-2 days).
 pub const SPIKE_LOOKBACK_HOURS: i64 = 72;
@@ -674,7 +683,8 @@ numbered AS (
 ),
 episodes AS (
     SELECT product_id, spike, min(hour) AS spike_start, max(hour) AS latest_hour, max(score) AS peak_score,
-           max(demand / expected) FILTER (WHERE is_spike) AS peak_ratio
+           max(demand / expected) FILTER (WHERE is_spike) AS peak_ratio,
+           max(demand - expected) FILTER (WHERE is_spike) AS peak_excess
     FROM numbered GROUP BY product_id, spike
     HAVING count(*) FILTER (WHERE is_spike) >= {SPIKE_MIN_HOURS}
         OR max(score) FILTER (WHERE is_spike) >= {SPIKE_STRONG_Z}
@@ -682,9 +692,12 @@ episodes AS (
 driven AS (
     SELECT e.product_id, e.spike, min(f.product_id) AS driven_by
     FROM episodes AS e
-    JOIN episodes AS f ON f.product_id <> e.product_id AND f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
-                      AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
+    JOIN episodes AS f ON f.product_id <> e.product_id
                       AND e.latest_hour <= f.latest_hour + interval '1 hour'
+                      AND ((f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
+                            AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600)
+                           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
+                               AND e.spike_start >= f.spike_start - interval '1 hour'))
     JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
                          AND s.rank <= {SPIKE_DRIVER_RANK}
     GROUP BY e.product_id, e.spike

@@ -202,8 +202,8 @@ fn body_tag(dom: &str) -> &str {
 fn assert_loaded(dom: &str, what: &str) {
     assert!(dom.contains("data-signed-in=\"true\""), "{what}: the page did not sign in:\n{dom}");
     assert!(dom.contains("data-loaded=\"true\""), "{what}: no refresh finished:\n{dom}");
-    let error = tags_with(dom, "error");
-    assert_eq!(error.first().and_then(|t| attr(t, "hidden")), Some(""), "{what}: an error shows:\n{dom}");
+    let error = tags_with(dom, "error")[0];
+    assert_eq!(attr(error, "hidden"), Some(""), "{what}: an error shows: {}", text_after(dom, error));
 }
 
 /// The analyst's pages against a running pipeline (issue 19, item 2): three
@@ -224,7 +224,7 @@ async fn the_analyst_pages_work_against_a_running_pipeline() {
     use batch_layer::ingest::{self, IngestConfig};
     use batch_layer::lake::Lake;
     use batch_layer::recompute::{self, RunConfig, RunOutcome};
-    use integration_tests::fixture::{command, role_url};
+    use integration_tests::fixture::role_url;
     use integration_tests::generator::{self, Args, event_record};
 
     chromium();
@@ -257,25 +257,8 @@ async fn the_analyst_pages_work_against_a_running_pipeline() {
     // The speed layer brings a burst on the product with the smallest
     // baseline share: a spike of this hour.
     let logs = tempfile::tempdir().unwrap();
-    let _speed = command(
-        "speed-layer",
-        stack.brokers(),
-        &role_url(&url, "speed_writer"),
-        Stdio::from(std::fs::File::create(logs.path().join("speed.log")).unwrap()),
-    )
-    .args([
-        "run",
-        "--topic",
-        &topic,
-        "--dlq-topic",
-        &dlq,
-        "--group-id",
-        &format!("{topic}.speed"),
-        "--ops-addr",
-        "127.0.0.1:0",
-    ])
-    .spawn()
-    .unwrap();
+    let _speed =
+        integration_tests::fixture::speed_layer(stack.brokers(), &url, &topic, &dlq, &logs.path().join("speed.log"));
     let (burst, name, category): (String, String, String) = sqlx::query_as(
         "SELECT b.product_id, p.name, p.category FROM batch.demand_baseline AS b JOIN batch.products AS p USING (product_id)
          ORDER BY b.share, b.product_id LIMIT 1",

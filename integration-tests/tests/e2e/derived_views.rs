@@ -37,12 +37,30 @@ async fn setup(name: &str) -> Setup {
 }
 
 impl Setup {
-    /// Ingests everything sent so far and publishes a full batch run.
-    async fn ingest_and_run(&self) {
+    /// Ingests everything sent so far.
+    async fn ingest(&self) {
         let config = IngestConfig::catch_up(self.stack.brokers(), &self.topic, &self.lake);
         ingest::run(config, CancellationToken::new()).await.unwrap();
+    }
+
+    /// Ingests everything sent so far and publishes a full batch run.
+    async fn ingest_and_run(&self) {
+        self.ingest().await;
         let outcome = recompute::run(&self.run).await.unwrap();
         assert!(matches!(outcome, RunOutcome::Published { .. }), "{outcome:?}");
+    }
+
+    /// A shop database `name` whose catalog the batch runs copy; returns
+    /// it, and generator arguments (`seed`) that seed its catalog.
+    async fn with_catalog(&mut self, name: &str, seed: u64) -> (PgPool, Args) {
+        let (sales_url, sales) = self.stack.fresh_database(name).await.unwrap();
+        self.run.sales_database_url = Some(sales_url.clone());
+        let args = Args {
+            no_catalog: false,
+            sales_database_url: sales_url,
+            ..Args::for_tests(self.stack.brokers(), &self.topic, seed)
+        };
+        (sales, args)
     }
 }
 
@@ -280,22 +298,12 @@ async fn assert_rollups_match(pool: &PgPool, when: &str) -> (usize, usize) {
 /// views over the merged product rows give.
 #[tokio::test]
 async fn rollups_give_what_the_views_over_merged_rows_give() {
-    let s = setup("derived_rollups").await;
-    let (sales_url, sales) = s.stack.fresh_database("derived_rollups_sales").await.unwrap();
-    let args = Args {
-        backfill_hours: 30,
-        no_catalog: false,
-        sales_database_url: sales_url.clone(),
-        ..Args::for_tests(s.stack.brokers(), &s.topic, 97)
-    };
-    generator::run(args).await.unwrap();
-    let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
-    let ingest_all = || async {
-        let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
-        ingest::run(config, CancellationToken::new()).await.unwrap();
-    };
-    ingest_all().await;
-    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    let mut s = setup("derived_rollups").await;
+    let (sales, args) = s.with_catalog("derived_rollups_sales", 97).await;
+    generator::run(Args { backfill_hours: 30, ..args }).await.unwrap();
+    s.ingest_and_run().await;
+    let run = s.run.clone();
+    let ingest_all = || s.ingest();
     let rollup_rows = |table: &'static str| {
         let pool = s.pool.clone();
         async move {
@@ -480,25 +488,12 @@ async fn spike_hour(pool: &PgPool, product: &str, hour: DateTime<Utc>) -> Option
 /// measured against the whole shop's typical product.
 #[tokio::test]
 async fn a_new_product_taking_off_live_is_a_spike_within_the_hour() {
-    let s = setup("derived_launch").await;
-    let (sales_url, sales) = s.stack.fresh_database("derived_launch_sales").await.unwrap();
-    let args = Args {
-        backfill_hours: 48,
-        products: 40,
-        spikes: Some(0),
-        rate: 0.5,
-        no_catalog: false,
-        sales_database_url: sales_url.clone(),
-        ..Args::for_tests(s.stack.brokers(), &s.topic, 99)
-    };
-    generator::run(args).await.unwrap();
-    let run = RunConfig { sales_database_url: Some(sales_url), ..s.run.clone() };
-    let ingest_all = || async {
-        let config = IngestConfig::catch_up(s.stack.brokers(), &s.topic, &s.lake);
-        ingest::run(config, CancellationToken::new()).await.unwrap();
-    };
-    ingest_all().await;
-    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    let mut s = setup("derived_launch").await;
+    let (sales, args) = s.with_catalog("derived_launch_sales", 99).await;
+    generator::run(Args { backfill_hours: 48, products: 40, spikes: Some(0), rate: 0.5, ..args }).await.unwrap();
+    s.ingest_and_run().await;
+    let run = s.run.clone();
+    let ingest_all = || s.ingest();
 
     // The launch: two products enter the shop's catalog in the category of
     // an existing one, and the next (incremental) run copies the catalog
@@ -539,17 +534,8 @@ async fn a_new_product_taking_off_live_is_a_spike_within_the_hour() {
     let logs = tempfile::tempdir().unwrap();
     let log_path = logs.path().join("speed.log");
     let dlq = s.stack.fresh_topic("derived_launch_dlq", 1).await.unwrap();
-    let speed_url = integration_tests::fixture::role_url(&s.run.database_url, "speed_writer");
-    let _speed = integration_tests::fixture::command(
-        "speed-layer",
-        s.stack.brokers(),
-        &speed_url,
-        std::process::Stdio::from(std::fs::File::create(&log_path).unwrap()),
-    )
-    .args(["run", "--topic", &s.topic, "--dlq-topic", &dlq, "--group-id", &format!("{}.speed", s.topic)])
-    .args(["--ops-addr", "127.0.0.1:0"])
-    .spawn()
-    .unwrap();
+    let _speed =
+        integration_tests::fixture::speed_layer(s.stack.brokers(), &s.run.database_url, &s.topic, &dlq, &log_path);
 
     // This hour's traffic: every known product at its baseline share of a
     // level of 2,000, and the new ones.

@@ -11,7 +11,7 @@ use batch_layer::ingest::{self, IngestConfig};
 use batch_layer::lake::Lake;
 use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::Utc;
-use integration_tests::fixture::{Stack, command, log_tail, role_url};
+use integration_tests::fixture::{Stack, log_tail, role_url, speed_layer};
 use integration_tests::generator::{self, Args, event_record};
 use integration_tests::serving::{get, sign_requests, wait_ready};
 use serde_json::Value;
@@ -124,12 +124,8 @@ impl Platform {
     /// Starts the speed layer (group mode) and the API, each under its role.
     async fn serve(&mut self) {
         let dlq = self.stack.fresh_topic(&format!("{}_dlq", self.topic.replace('.', "_")), 1).await.unwrap();
-        let log = std::fs::File::create(self.logs.path().join("speed.log")).unwrap();
-        let speed = command("speed-layer", self.stack.brokers(), &role_url(&self.url, "speed_writer"), log.into())
-            .args(["run", "--topic", &self.topic, "--dlq-topic", &dlq, "--group-id", &format!("{}.speed", self.topic)])
-            .args(["--ops-addr", "127.0.0.1:0"])
-            .spawn()
-            .unwrap();
+        let speed =
+            speed_layer(self.stack.brokers(), &self.url, &self.topic, &dlq, &self.logs.path().join("speed.log"));
         self.services.push(speed);
         let config = ServeConfig {
             recommender_url: role_url(&self.url, "recommender_reader"),
