@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use shared_schema::cut::SegmentSize;
-use shared_schema::derived::{ROLLUPS, ServingRelation, serving_functions_sql, serving_relations};
+use shared_schema::derived::{ROLLUPS, ServingRelation, latest_hour_function_sql, serving_relations};
 use shared_schema::views::{self, ViewDef, ViewSource};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -189,7 +189,7 @@ pub async fn dedup_window_micros(pool: &PgPool) -> Result<Option<i64>, sqlx::Err
 
 /// A stable fingerprint of every generated relation and grant (FNV-1a).
 fn fingerprint(relations: &[ServingRelation]) -> String {
-    let mut text = serving_functions_sql();
+    let mut text = latest_hour_function_sql();
     for r in ROLLUPS {
         text.push_str(&r.table_ddl());
         text.push_str(&r.fill_sql(&batch_relation, false));
@@ -262,7 +262,8 @@ pub(crate) async fn sync_serving_views(tx: &mut sqlx::PgConnection, views: &[Vie
         ddl.push_str(&r.fill_sql(&batch_relation, false));
         ddl.push_str(";\n");
     }
-    ddl.push_str(&serving_functions_sql());
+    ddl.push_str(&latest_hour_function_sql());
+    ddl.push_str(";\n");
     for r in &relations {
         ddl.push_str(&r.sql);
         ddl.push_str(";\n");

@@ -392,7 +392,10 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     let dashboard_pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options(&config.dashboard_url)?.options([("statement_timeout", "10s")]));
+        // No JIT: the dashboard's queries are bounded by their hours, and
+        // compiling their expressions (chosen past a cost that a few weeks
+        // of history reach) took up to a second, many times the query.
+        .connect_lazy_with(options(&config.dashboard_url)?.options([("statement_timeout", "10s"), ("jit", "off")]));
 
     let popular = PopularCache::new();
     let ready = Readiness::default();

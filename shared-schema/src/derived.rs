@@ -406,38 +406,24 @@ $$"
 /// Where the expected demand of a product without a baseline comes from:
 /// a product launched (or back) after the last baseline refresh. Its prior
 /// is the typical product of its catalog category: the median share and
-/// the median dispersion of the category's baselines; for a product the
-/// catalog does not know yet, or a category without baselines, those of
-/// the whole shop. `basis` says which (`category` or `shop`). So a launch
-/// that takes off is measured against what a product of its kind usually
-/// draws, and shows as a spike within the hour instead of waiting for the
-/// next refresh. No row while there is no baseline at all.
-pub fn demand_prior_function_sql() -> String {
-    let b = DEMAND_BASELINE.name;
-    let p = PRODUCTS.name;
-    format!(
-        "CREATE OR REPLACE FUNCTION serving.demand_prior(text)
-RETURNS TABLE (share double precision, dispersion double precision, basis text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
-    WITH own AS (SELECT category FROM batch.{p} WHERE product_id = $1),
-    peers AS (
-        SELECT b.share, b.dispersion, c.category = (SELECT category FROM own) AS same
-        FROM batch.{b} AS b LEFT JOIN batch.{p} AS c ON c.product_id = b.product_id
-    ),
-    basis AS (SELECT CASE WHEN EXISTS (SELECT 1 FROM peers WHERE same) THEN 'category' ELSE 'shop' END AS basis)
-    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY peers.share),
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY peers.dispersion),
-           min(basis.basis)
-    FROM peers CROSS JOIN basis
-    WHERE peers.same OR basis.basis = 'shop'
-    HAVING count(*) > 0
-$$"
-    )
-}
-
-/// The functions the derived views call, each statement ending in `;`.
-pub fn serving_functions_sql() -> String {
-    format!("{};\n{};\n", latest_hour_function_sql(), demand_prior_function_sql())
+/// the median dispersion of the category's baselines (per category, with
+/// `by_category`); for a product the catalog does not know yet, or a
+/// category without baselines, those of the whole shop. So a launch that
+/// takes off is measured against what a product of its kind usually draws,
+/// and shows as a spike within the hour instead of waiting for the next
+/// refresh. Read once per query, not per row: the baseline holds a row per
+/// product.
+fn prior_sql(by_category: bool) -> String {
+    let (b, p) = (DEMAND_BASELINE.name, PRODUCTS.name);
+    let medians = "percentile_cont(0.5) WITHIN GROUP (ORDER BY x.share) AS share,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY x.dispersion) AS dispersion";
+    if by_category {
+        format!(
+            "SELECT y.category, {medians}\n    FROM batch.{b} AS x JOIN batch.{p} AS y ON y.product_id = x.product_id\n    GROUP BY y.category"
+        )
+    } else {
+        format!("SELECT {medians}\n    FROM batch.{b} AS x")
+    }
 }
 
 /// Product demand summed per category of the catalog; products the catalog
@@ -621,9 +607,8 @@ WHERE score > 0",
 /// (`live`, read twice, so PostgreSQL computes it once).
 ///
 /// A product without a baseline (launched after its last refresh) is
-/// measured against its category's prior ([`demand_prior_function_sql`]),
-/// looked up only for such products; `basis` says what the expectation
-/// rests on: `product`, `category` or `shop`.
+/// measured against its category's prior ([`prior_sql`]); `basis` says
+/// what the expectation rests on: `product`, `category` or `shop`.
 fn spike_hours_body() -> String {
     let v = PRODUCT_DEMAND_HOURLY;
     let b = DEMAND_BASELINE.name;
@@ -646,18 +631,26 @@ JOIN (
     CROSS JOIN LATERAL ({live}) AS x
 ) AS t ON t.hour = d.hour
 LEFT JOIN batch.{b} AS b ON b.product_id = d.product_id
+LEFT JOIN batch.{products} AS c ON b.product_id IS NULL AND c.product_id = d.product_id
+LEFT JOIN ({category_prior}) AS pc ON pc.category = c.category
+CROSS JOIN ({shop_prior}) AS ps
 CROSS JOIN LATERAL (
-    SELECT b.share, b.dispersion, 'product'::text AS basis WHERE b.product_id IS NOT NULL
-    UNION ALL
-    SELECT f.share, f.dispersion, f.basis FROM serving.demand_prior(d.product_id) AS f WHERE b.product_id IS NULL
+    SELECT CASE WHEN b.product_id IS NOT NULL THEN b.share WHEN pc.category IS NOT NULL THEN pc.share ELSE ps.share END AS share,
+           CASE WHEN b.product_id IS NOT NULL THEN b.dispersion
+                WHEN pc.category IS NOT NULL THEN pc.dispersion ELSE ps.dispersion END AS dispersion,
+           CASE WHEN b.product_id IS NOT NULL THEN 'product' WHEN pc.category IS NOT NULL THEN 'category' ELSE 'shop' END AS basis
 ) AS base
 CROSS JOIN LATERAL (SELECT GREATEST(base.share * t.level, 1.0) AS expected) AS e
-CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(base.dispersion * e.expected) AS z) AS x",
+CROSS JOIN LATERAL (SELECT e.expected, (d.demand - e.expected) / sqrt(base.dispersion * e.expected) AS z) AS x
+WHERE base.share IS NOT NULL",
         spike = above(SPIKE_RATIO, SPIKE_Z),
         elevated = above(ELEVATED_RATIO, ELEVATED_Z),
         levels = DEMAND_LEVEL_ROLLUP.name,
         rows = product_demand_hourly().speed_rows_sql(),
         live = hour_level_sql(&demand_rows(&format!("serving.{v}"), " WHERE hour = h.hour"), &format!("batch.{b}")),
+        products = PRODUCTS.name,
+        category_prior = prior_sql(true),
+        shop_prior = prior_sql(false),
     )
 }
 
@@ -832,7 +825,6 @@ mod tests {
             insta::assert_snapshot!(format!("{}_serving", d.name), d.serving_view_sql());
         }
         insta::assert_snapshot!("latest_demand_hour", latest_hour_function_sql());
-        insta::assert_snapshot!("demand_prior", demand_prior_function_sql());
     }
 
     #[test]
