@@ -80,6 +80,11 @@ pub struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// End the history at this time (RFC 3339) instead of now: the same
+    /// seed then sends the same events, so measurements can be compared
+    /// run to run. Not with --duration (live traffic happens now).
+    #[arg(long)]
+    pub history_end: Option<DateTime<Utc>>,
 }
 
 impl Args {
@@ -104,6 +109,7 @@ impl Args {
             late_fraction: 0.0,
             truth: std::env::temp_dir().join(format!("truth-{topic}-{seed}-{}.json", std::process::id())),
             quiet: true,
+            history_end: None,
         }
     }
 }
@@ -410,7 +416,10 @@ pub async fn run(args: Args) -> anyhow::Result<Truth> {
         tracing::info!(products = shop.products.len(), "seeded sales.products");
     }
 
-    let now = Utc::now();
+    if args.history_end.is_some() && !args.duration.is_zero() {
+        anyhow::bail!("--history-end and --duration exclude each other: live traffic is sent now");
+    }
+    let now = args.history_end.unwrap_or_else(Utc::now);
     let mut rng = StdRng::seed_from_u64(traffic_seed(args.seed, now));
     let history_start =
         now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now) - TimeDelta::hours(i64::from(args.backfill_hours));

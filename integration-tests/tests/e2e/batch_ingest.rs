@@ -254,3 +254,34 @@ async fn replaying_the_dlq_counts_each_fixed_record_once() {
     let (rows, distinct) = counts(&lake, EVENTS_TABLE).await;
     assert_eq!((rows, distinct), (6, 6));
 }
+
+/// `generate --history-end T`: the same seed and end send the same events
+/// (what lets `make bench-quality` compare two versions on the same week);
+/// another end sends others, and live traffic cannot be combined with it.
+#[tokio::test]
+async fn a_history_anchored_in_time_is_the_same_on_every_run() {
+    let stack = Stack::from_env();
+    let end: chrono::DateTime<chrono::Utc> = "2026-11-30T00:00:00Z".parse().unwrap();
+    let mut sent = Vec::new();
+    for (name, end) in [("anchored_a", end), ("anchored_b", end), ("anchored_c", end + chrono::TimeDelta::hours(1))] {
+        let topic = stack.fresh_topic(name, 1).await.unwrap();
+        let args = Args { backfill_hours: 3, history_end: Some(end), ..Args::for_tests(stack.brokers(), &topic, 5) };
+        let truth = generator::run(args).await.unwrap();
+        let mut payloads: Vec<Vec<u8>> =
+            integration_tests::checks::topic_records(stack.brokers(), &topic).into_iter().map(|r| r.payload).collect();
+        payloads.sort();
+        assert_eq!(payloads.len() as u64, truth.events_sent, "{name}");
+        sent.push((payloads, truth.spikes));
+    }
+    assert!(!sent[0].0.is_empty());
+    assert_eq!(sent[0], sent[1], "the same seed and end send the same events and spikes");
+    assert_ne!(sent[0].0, sent[2].0, "another end sends another week");
+    let live = Args {
+        backfill_hours: 1,
+        duration: Duration::from_secs(1),
+        history_end: Some(end),
+        ..Args::for_tests(stack.brokers(), "unused", 5)
+    };
+    let e = generator::run(live).await.unwrap_err().to_string();
+    assert!(e.contains("--history-end and --duration exclude each other"), "{e}");
+}

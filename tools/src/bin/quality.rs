@@ -18,7 +18,9 @@
 //!   carts only, no launches), asked over the same database.
 //!
 //! `--seeds 7,8,9` repeats all of it per seed (each its own shop, spikes
-//! and traffic) and ends with the median and the worst of each figure.
+//! and traffic) and ends with the median and the worst of each figure. The
+//! week ends at `--history-end`, a fixed time by default, so a seed's data
+//! is the same on every run and two versions compare on the same spikes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -73,6 +75,11 @@ struct Args {
     /// Print only the figures, not each false alarm and missed spike.
     #[arg(long)]
     quiet_spikes: bool,
+    /// End of the generated week (RFC 3339), or `now`. A fixed time (the
+    /// default) makes each seed's week the same on every run, so two
+    /// versions of the platform are measured on the same data.
+    #[arg(long, default_value = "2026-11-30T00:00:00Z")]
+    history_end: String,
 }
 
 #[tokio::main]
@@ -141,6 +148,10 @@ async fn measure(args: &Args, seed: u64) -> anyhow::Result<Figures> {
         users: args.users,
         rate: args.rate,
         quiet: true,
+        history_end: match args.history_end.as_str() {
+            "now" => None,
+            t => Some(t.parse().with_context(|| format!("--history-end {t:?} is not an RFC 3339 time or `now`"))?),
+        },
         ..GeneratorArgs::for_tests(stack.brokers(), &topic, seed)
     };
     let truth = generator::run(generated).await?;
