@@ -82,9 +82,12 @@ pub const SPIKE_ECHO_RATIO: f64 = 1.5;
 /// Measured by `make bench-quality` (docs/BENCHMARKS.md): the ratio rule
 /// alone let such complements through as false alarms.
 pub const SPIKE_ECHO_EXCESS: f64 = 5.0;
-/// ...unless its own peak is this many standard deviations above expected:
-/// evidence too strong for the spill-over of another spike.
-pub const SPIKE_OWN_Z: f64 = 15.0;
+/// (Unless its own peak reaches [`SPIKE_STRONG_Z`]: evidence too strong for
+/// the spill-over of another spike.) A spike that starts and ends within
+/// the same hours as a similar product's is its echo already when that one
+/// drew this many times its excess: shoppers drawn to the one brought it
+/// along from start to end, however strong that made it.
+pub const SPIKE_ECHO_EXCESS_ALIGNED: f64 = 2.0;
 /// How far back an active spike's start is looked for (spikes last up to
 /// 1-2 days).
 pub const SPIKE_LOOKBACK_HOURS: i64 = 72;
@@ -692,8 +695,11 @@ driven AS (
                       AND e.latest_hour <= f.latest_hour + interval '1 hour'
                       AND ((f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
                             AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600)
+                           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS_ALIGNED} * e.peak_excess
+                               AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
+                               AND e.latest_hour >= f.latest_hour - interval '1 hour')
                            OR (f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
-                               AND e.peak_score < {SPIKE_OWN_Z}
+                               AND e.peak_score < {SPIKE_STRONG_Z}
                                AND e.spike_start >= f.spike_start - interval '1 hour'))
     JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
                          AND s.rank <= {SPIKE_DRIVER_RANK}
