@@ -59,7 +59,11 @@ a fixed time (\`--history-end\`, 2026-11-30 00:00 UTC by default), so
 every run measures the same five weeks: on them, the inside rule alone
 with a strength guard measured precision 1.000 / 0.833 and recall
 0.929 / 0.929, and adding the rule for spikes that start and end with a
-stronger one gives the figures below.
+stronger one gives the figures below. Those rules were chosen on these
+five weeks; on three other seeds (\`--seeds 6,7,8\`, same day and machine)
+they measured precision 1.000 / 0.923 and recall 0.923 / 0.857 (median /
+worst): seed 8 misses two of its 14 spikes, so the recall goal does not
+yet hold beyond the seeds it was tuned on.
 
 \`\`\`
 $result
