@@ -22,6 +22,12 @@ use crate::telemetry;
 /// Products held: enough to pad the largest `k` after removing what a user
 /// bought or holds in the cart.
 pub const CACHED_PRODUCTS: i64 = 1_000;
+/// How long the new products' priors are reused before they are computed
+/// again: they are a statistic of the whole of `serving.item_similarity`,
+/// which changes at a similarity refresh (every six hours by default), so
+/// computing them at every reload of the popular list (seconds apart)
+/// would read all similarity for nothing.
+pub const PRIOR_REFRESH: Duration = Duration::from_secs(600);
 /// New products held (see [`NewProducts`]), most popular first.
 pub const CACHED_NEW_PRODUCTS: i64 = 1_000;
 /// New products of one category a user may be offered at once: the most
@@ -80,6 +86,9 @@ pub struct PopularList {
     pub products: Vec<Scored>,
     pub new_products: NewProducts,
     pub loaded_at: Instant,
+    /// When the priors of `new_products` were computed (they are carried
+    /// over between, see [`PRIOR_REFRESH`]).
+    pub priors_loaded_at: Instant,
 }
 
 /// The shared cache; cheap to clone.
@@ -108,10 +117,16 @@ impl PopularCache {
     }
 
     /// Loads the list from `serving.popular_products`, with the new
-    /// products and their priors, in one statement, and swaps it in.
+    /// products and (once per [`PRIOR_REFRESH`]) their priors, in one
+    /// statement, and swaps it in.
     pub async fn reload(&self, pool: &PgPool) -> Result<usize, ReloadError> {
-        let query =
-            sqlx::query_as::<_, ReloadRow>(RELOAD_SQL).bind(CACHED_PRODUCTS).bind(CACHED_NEW_PRODUCTS).fetch_all(pool);
+        let previous = self.get();
+        let reused = previous.as_ref().filter(|l| l.priors_loaded_at.elapsed() < PRIOR_REFRESH);
+        let query = sqlx::query_as::<_, ReloadRow>(RELOAD_SQL)
+            .bind(CACHED_PRODUCTS)
+            .bind(CACHED_NEW_PRODUCTS)
+            .bind(reused.is_none())
+            .fetch_all(pool);
         let rows =
             tokio::time::timeout(LOAD_TIMEOUT, query).await.map_err(|_| ReloadError::Timeout(LOAD_TIMEOUT))??;
         let mut products: Vec<(i64, Scored)> = Vec::new();
@@ -134,9 +149,17 @@ impl PopularCache {
         for (_, category, product_id) in fresh {
             new_products.by_category.entry(category).or_default().push(product_id);
         }
+        let priors_loaded_at = match reused {
+            Some(l) => {
+                new_products.category_prior = l.new_products.category_prior.clone();
+                new_products.shop_prior = l.new_products.shop_prior;
+                l.priors_loaded_at
+            }
+            None => Instant::now(),
+        };
         let products: Vec<Scored> = products.into_iter().map(|(_, s)| s).collect();
         let n = products.len();
-        self.set(PopularList { products, new_products, loaded_at: Instant::now() });
+        self.set(PopularList { products, new_products, loaded_at: Instant::now(), priors_loaded_at });
         Ok(n)
     }
 }
@@ -145,8 +168,10 @@ impl PopularCache {
 type ReloadRow = (String, i64, Option<String>, f64, Option<String>);
 
 /// The popular list (`$1` products), the new products (`$2`, see
-/// [`NewProducts`]) and the priors: per category, and for the shop (the
-/// row without a category). `popular_products` is computed once.
+/// [`NewProducts`]) and, when `$3`, the priors: per category, and for the
+/// shop (the row without a category). `popular_products` is computed once;
+/// similarity is read only for the priors (a CTE is computed when first
+/// read, and a false `$3` keeps those branches from reading it).
 const RELOAD_SQL: &str = "
 WITH p AS MATERIALIZED (SELECT rank, product_id, score FROM serving.popular_products),
 pairs AS MATERIALIZED (
@@ -166,10 +191,10 @@ UNION ALL
  ORDER BY p.rank, p.product_id LIMIT $2)
 UNION ALL
 SELECT 'prior', 0, NULL, percentile_cont(0.5) WITHIN GROUP (ORDER BY score), category
-FROM best GROUP BY category
+FROM best WHERE $3 GROUP BY category
 UNION ALL
 SELECT 'prior', 0, NULL, percentile_cont(0.5) WITHIN GROUP (ORDER BY score), NULL
-FROM best_any HAVING count(*) > 0";
+FROM best_any WHERE $3 HAVING count(*) > 0";
 
 /// Keeps `cache` fresh until `shutdown`: reloads every `every` (sooner,
 /// with capped backoff, after a failure), sets `ready` once a list is held,
