@@ -80,12 +80,17 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Records the speed layer has committed: its stored next offsets, summed.
+/// Records the speed layer has accounted for: per partition its stored next
+/// offset, else the batch's cut (where it starts a partition it never had
+/// to store: a cut at the end of the partition leaves it nothing to read).
 pub async fn speed_consumed(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM ops.speed_offsets")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(COALESCE(o.next_offset, c.cut_offset)), 0)::bigint
+         FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Waits until the speed layer's stored offsets add up to `total` records

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use platform::notify::{Notification, Notifier, Severity};
 use serde_json::json;
 use sqlx::PgPool;
@@ -118,12 +118,7 @@ pub(crate) async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(alerts.check_every) => {}
         }
-        let Ok(stored) = sqlx::query_as::<_, (i32, i64, DateTime<Utc>)>(
-            "SELECT kafka_partition, next_offset, updated_at FROM ops.speed_offsets",
-        )
-        .fetch_all(&pool)
-        .await
-        else {
+        let Ok(stored) = crate::offsets::standings(&pool).await else {
             continue; // PostgreSQL away: the flush loop reports it
         };
         let ends = crate::lag::topic_ends(&consumer, &topic).await;
@@ -135,7 +130,10 @@ pub(crate) async fn watch(
         let mut total_lag = 0;
         let mut stuck = Vec::new();
         for (p, high) in ends {
-            let (next, updated) = stored.iter().find(|(sp, _, _)| *sp == p).map_or((0, started), |(_, n, u)| (*n, *u));
+            let (next, updated) = stored
+                .iter()
+                .find(|s| s.partition == p)
+                .map_or((0, started), |s| (s.next_offset, s.updated_at.unwrap_or(started)));
             let lag = (high - next).max(0);
             total_lag += lag;
             if lag > 0 && now - updated.max(started) > stall {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -21,20 +21,15 @@ pub async fn watch(brokers: String, topic: String, pool: PgPool, every: Duration
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let stored: Vec<(i32, i64, Option<DateTime<Utc>>)> =
-            match sqlx::query_as("SELECT kafka_partition, next_offset, last_event_time FROM ops.speed_offsets")
-                .fetch_all(&pool)
-                .await
-            {
-                Ok(rows) => rows,
-                Err(_) => continue, // PostgreSQL away: the flush loop reports it
-            };
-        if let Some(newest) = stored.iter().filter_map(|(_, _, t)| *t).max() {
+        let Ok(stored) = crate::offsets::standings(&pool).await else {
+            continue; // PostgreSQL away: the flush loop reports it
+        };
+        if let Some(newest) = stored.iter().filter_map(|s| s.last_event_time).max() {
             metrics::gauge!("speed_event_age_seconds").set((Utc::now() - newest).num_milliseconds() as f64 / 1000.0);
         }
         let ends = topic_ends(&consumer, &topic).await;
         for (p, high) in ends {
-            let next = stored.iter().find(|(sp, _, _)| *sp == p).map_or(0, |(_, n, _)| *n);
+            let next = stored.iter().find(|s| s.partition == p).map_or(0, |s| s.next_offset);
             metrics::gauge!("speed_partition_lag_records", "partition" => p.to_string())
                 .set((high - next).max(0) as f64);
             // Best effort: a failed write is retried at the next tick.

@@ -29,6 +29,32 @@ pub async fn load(pool: &PgPool, partitions: &[Partition]) -> Result<BTreeMap<Pa
     Ok(rows.into_iter().map(|(p, o)| (Partition(p), Offset(o))).collect())
 }
 
+/// Where the speed layer stands in one partition, as operators judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Standing {
+    pub partition: i32,
+    /// The next offset not yet counted by either layer: the stored offset,
+    /// else the batch's cut (where [`load`] starts the partition).
+    pub next_offset: i64,
+    /// When a flush last moved the stored offset; `None` before the first.
+    pub updated_at: Option<DateTime<Utc>>,
+    pub last_event_time: Option<DateTime<Utc>>,
+}
+
+/// Every partition's [`Standing`]. A partition without a stored offset
+/// stands at the batch's cut, not at 0: when the cut reaches the end of the
+/// partition, nothing is left for the speed layer to read or store, and it
+/// is neither lagging nor stalled.
+pub async fn standings(pool: &PgPool) -> Result<Vec<Standing>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT kafka_partition AS partition, COALESCE(o.next_offset, c.cut_offset, 0) AS next_offset,
+                o.updated_at, o.last_event_time
+         FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// One partition's advance in a flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Advance {

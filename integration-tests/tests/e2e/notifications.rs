@@ -228,3 +228,70 @@ async fn a_redirecting_webhook_is_not_followed() {
     assert!(hook.kinds().is_empty(), "the redirect was followed: {:?}", hook.kinds());
     assert_eq!(hook.unsigned.load(Ordering::SeqCst), 0);
 }
+
+/// A partition whose records the batch's cut covers to the end leaves the
+/// speed layer nothing to read, so it never stores an offset there. It
+/// stands at the cut, not at 0: no lag, no stall alert, no lagging alert.
+/// (A CI run of `least_privilege` once waited on such a partition for four
+/// minutes while the layer called it stalled.)
+#[tokio::test]
+async fn a_partition_the_cut_covers_to_its_end_is_neither_lagging_nor_stalled() {
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("notify_cut_end", 1, 100).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let at = chrono::Utc::now() - chrono::Duration::hours(2);
+    let records: Vec<_> =
+        (0..200).map(|i| generator::event_record(&format!("u-{i}"), "p-00001", "page_view", at)).collect();
+    generator::send_records(stack.brokers(), &topic, &records).unwrap();
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    let run = RunConfig { full: true, ..RunConfig::new(url.clone(), lake.clone(), topic.clone()) };
+    assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
+    let cut: i64 =
+        sqlx::query_scalar("SELECT cut_offset FROM ops.cut WHERE kafka_partition = 0").fetch_one(&pool).await.unwrap();
+    assert_eq!(cut, 200, "the cut is at the partition's end (a multiple of the segment size)");
+
+    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], integration_tests::fixture::free_port().unwrap()));
+    let shutdown = CancellationToken::new();
+    let speed = tokio::spawn(stream::run(
+        SpeedConfig {
+            ops_addr: ops,
+            assignment: stream::Assignment::Group,
+            alerts: Alerts {
+                lag_threshold: 0,
+                stall_after: Duration::from_secs(1),
+                check_every: Duration::from_millis(100),
+                ..Alerts::default()
+            },
+            ..SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url)
+        },
+        shutdown.clone(),
+    ));
+    // The lag gauge is first set after five seconds; by then the alerts
+    // were checked dozens of times past the one-second stall bound.
+    let metrics =
+        || async { integration_tests::serving::get(ops, "/metrics").await.map(|a| a.body).unwrap_or_default() };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !metrics().await.contains("speed_partition_lag_records{") {
+        assert!(tokio::time::Instant::now() < deadline, "no lag gauge in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(integration_tests::checks::metric_sum(&metrics().await, "speed_partition_lag_records"), 0.0);
+    assert_eq!(recorded(&pool).await, [], "nothing waits, so nothing is lagging or stalled");
+    assert_eq!(integration_tests::checks::speed_consumed(&pool).await, 200);
+
+    // Records after the cut are read and stored as usual.
+    let more: Vec<_> =
+        (0..30).map(|i| generator::event_record(&format!("v-{i}"), "p-00002", "page_view", at)).collect();
+    generator::send_records(stack.brokers(), &topic, &more).unwrap();
+    integration_tests::checks::wait_for_speed_within(&pool, 230, Duration::from_secs(60)).await;
+    let stored: i64 = sqlx::query_scalar("SELECT next_offset FROM ops.speed_offsets WHERE kafka_partition = 0")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 230);
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+    assert_eq!(recorded(&pool).await, [], "{:?}", recorded(&pool).await);
+}
