@@ -5,10 +5,10 @@
 //! it ends, never on every check, so a webhook is not flooded while an
 //! outage lasts.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use platform::notify::{Notification, Notifier, Severity};
 use serde_json::json;
 use sqlx::PgPool;
@@ -41,6 +41,29 @@ impl Default for Alerts {
             dlq_min_records: 100,
             check_every: Duration::from_secs(15),
         }
+    }
+}
+
+/// Per partition, since when records have waited at an unmoved position.
+/// A partition is stalled when that lasts longer than the stall bound:
+/// not merely when its position is old, since a partition idle for an hour
+/// whose first new record arrived a moment ago has an old position too.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(BTreeMap<i32, (i64, DateTime<Utc>)>);
+
+impl Waiting {
+    /// Records that `partition` stands at `next` with `lag` records
+    /// waiting at `now`; returns since when they have waited there.
+    pub(crate) fn observe(&mut self, partition: i32, next: i64, lag: i64, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if lag <= 0 {
+            self.0.remove(&partition);
+            return None;
+        }
+        let entry = self.0.entry(partition).or_insert((next, now));
+        if entry.0 != next {
+            *entry = (next, now);
+        }
+        Some(entry.1)
     }
 }
 
@@ -111,7 +134,7 @@ pub(crate) async fn watch(
     shutdown: CancellationToken,
 ) {
     let Some(consumer) = crate::lag::metadata_client(&brokers, "stall and lag alerts") else { return };
-    let started = Utc::now();
+    let mut waiting = Waiting::default();
     let (mut stalled, mut lagging) = (false, false);
     loop {
         tokio::select! {
@@ -130,14 +153,13 @@ pub(crate) async fn watch(
         let mut total_lag = 0;
         let mut stuck = Vec::new();
         for (p, high) in ends {
-            let (next, updated) = stored
-                .iter()
-                .find(|s| s.partition == p)
-                .map_or((0, started), |s| (s.next_offset, s.updated_at.unwrap_or(started)));
+            let next = stored.iter().find(|s| s.partition == p).map_or(0, |s| s.next_offset);
             let lag = (high - next).max(0);
             total_lag += lag;
-            if lag > 0 && now - updated.max(started) > stall {
-                stuck.push(json!({"partition": p, "lag": lag, "since": updated}));
+            if let Some(since) = waiting.observe(p, next, lag, now)
+                && now - since > stall
+            {
+                stuck.push(json!({"partition": p, "lag": lag, "since": since}));
             }
         }
         let now_stalled = !stuck.is_empty();
@@ -194,5 +216,19 @@ mod tests {
         assert!(rate.observe(100, 50).is_none(), "still high: no repeat");
         let n = rate.observe(10_000, 0).expect("back below");
         assert_eq!(n.kind, "dlq_rate_normal");
+    }
+
+    #[test]
+    fn records_wait_from_their_first_sight_at_an_unmoved_position() {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let mut waiting = Waiting::default();
+        assert_eq!(waiting.observe(0, 100, 0, t(0)), None, "nothing waits");
+        // Idle for an hour, then records arrive: they wait from now.
+        assert_eq!(waiting.observe(0, 100, 5, t(3600)), Some(t(3600)));
+        assert_eq!(waiting.observe(0, 100, 9, t(3700)), Some(t(3600)), "still at 100: waiting on");
+        assert_eq!(waiting.observe(0, 105, 4, t(3710)), Some(t(3710)), "moved: waits afresh");
+        assert_eq!(waiting.observe(0, 109, 0, t(3720)), None, "caught up");
+        assert_eq!(waiting.observe(0, 109, 1, t(3800)), Some(t(3800)));
+        assert_eq!(waiting.observe(1, 0, 1, t(3800)), Some(t(3800)), "partitions apart");
     }
 }

@@ -36,8 +36,6 @@ pub struct Standing {
     /// The next offset not yet counted by either layer: the stored offset,
     /// else the batch's cut (where [`load`] starts the partition).
     pub next_offset: i64,
-    /// When a flush last moved the stored offset; `None` before the first.
-    pub updated_at: Option<DateTime<Utc>>,
     pub last_event_time: Option<DateTime<Utc>>,
 }
 
@@ -48,7 +46,7 @@ pub struct Standing {
 pub async fn standings(pool: &PgPool) -> Result<Vec<Standing>, sqlx::Error> {
     sqlx::query_as(
         "SELECT kafka_partition AS partition, COALESCE(o.next_offset, c.cut_offset, 0) AS next_offset,
-                o.updated_at, o.last_event_time
+                o.last_event_time
          FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
     )
     .fetch_all(pool)
