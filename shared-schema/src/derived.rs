@@ -70,7 +70,11 @@ pub const SPIKE_GAP_HOURS: i64 = 2;
 /// that started within the same hour and lasts at least as long, is that
 /// spike's echo (shoppers drawn to the one also look
 /// at its complements): it is recorded with `driven_by`, and not reported
-/// as a spike of its own.
+/// as a spike of its own. Under every echo rule below, the echo's first
+/// hour must show at least as much excess demand (demand above expected)
+/// in the driver as in the echo: the driver's extra shoppers bring the
+/// echo's, so an echo never leads its driver, whereas a spike of its own
+/// under way an hour before a similar product's began is no echo of it.
 pub const SPIKE_DRIVER_RANK: i64 = 10;
 pub const SPIKE_ECHO_RATIO: f64 = 1.5;
 /// A spike is also an echo when it lies within a similar product's spike
@@ -683,7 +687,8 @@ numbered AS (
 episodes AS (
     SELECT product_id, spike, min(hour) AS spike_start, max(hour) AS latest_hour, max(score) AS peak_score,
            max(demand / expected) FILTER (WHERE is_spike) AS peak_ratio,
-           max(demand - expected) FILTER (WHERE is_spike) AS peak_excess
+           max(demand - expected) FILTER (WHERE is_spike) AS peak_excess,
+           (array_agg(demand - expected ORDER BY hour))[1] AS start_excess
     FROM numbered GROUP BY product_id, spike
     HAVING count(*) FILTER (WHERE is_spike) >= {SPIKE_MIN_HOURS}
         OR max(score) FILTER (WHERE is_spike) >= {SPIKE_STRONG_Z}
@@ -703,6 +708,8 @@ driven AS (
                                AND e.spike_start >= f.spike_start - interval '1 hour'))
     JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
                          AND s.rank <= {SPIKE_DRIVER_RANK}
+    LEFT JOIN hours AS fh ON fh.product_id = f.product_id AND fh.hour = e.spike_start
+    WHERE COALESCE(fh.demand - fh.expected, 0) >= e.start_excess
     GROUP BY e.product_id, e.spike
 )
 SELECT e.product_id, p.category, e.spike_start, e.latest_hour,
