@@ -86,8 +86,17 @@ pub const SPIKE_ECHO_RATIO: f64 = 1.5;
 /// Measured by `make bench-quality` (docs/BENCHMARKS.md): the ratio rule
 /// alone let such complements through as false alarms.
 pub const SPIKE_ECHO_EXCESS: f64 = 5.0;
-/// (Unless its own peak reaches [`SPIKE_STRONG_Z`]: evidence too strong for
-/// the spill-over of another spike.) A spike that starts and ends within
+/// Under every echo rule, a spike that starts in a later hour than its
+/// driver is its echo only if it was already riding it: in the
+/// [`SPIKE_ECHO_RIDE_HOURS`] before its start (those of the driver's
+/// spike), its excess was at least
+/// [`SPIKE_ECHO_RIDE`] times the share of the driver's excess it took in
+/// its first hour. A complement moves with its driver before and after it
+/// crosses the thresholds; a spike of its own jumps from nothing while the
+/// driver goes on as before.
+pub const SPIKE_ECHO_RIDE_HOURS: i64 = 3;
+pub const SPIKE_ECHO_RIDE: f64 = 0.25;
+/// A spike that starts and ends within
 /// the same hours as a similar product's is its echo already when that one
 /// drew this many times its excess: shoppers drawn to the one brought it
 /// along from start to end, however strong that made it.
@@ -693,24 +702,44 @@ episodes AS (
     HAVING count(*) FILTER (WHERE is_spike) >= {SPIKE_MIN_HOURS}
         OR max(score) FILTER (WHERE is_spike) >= {SPIKE_STRONG_Z}
 ),
-driven AS (
-    SELECT e.product_id, e.spike, min(f.product_id) AS driven_by
+candidates AS (
+    SELECT e.product_id, e.spike, f.product_id AS driver, f.spike_start AS driver_start, e.spike_start, e.start_excess,
+           COALESCE(fh.demand - fh.expected, 0) AS driver_start_excess,
+           e.spike_start <= f.spike_start AS together,
+           (f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
+            AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600)
+           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS_ALIGNED} * e.peak_excess
+               AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
+               AND e.latest_hour >= f.latest_hour - interval '1 hour') AS started_with,
+           f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
+           AND e.spike_start >= f.spike_start - interval '1 hour' AS inside
     FROM episodes AS e
-    JOIN episodes AS f ON f.product_id <> e.product_id
-                      AND e.latest_hour <= f.latest_hour + interval '1 hour'
-                      AND ((f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
-                            AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600)
-                           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS_ALIGNED} * e.peak_excess
-                               AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
-                               AND e.latest_hour >= f.latest_hour - interval '1 hour')
-                           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
-                               AND e.peak_score < {SPIKE_STRONG_Z}
-                               AND e.spike_start >= f.spike_start - interval '1 hour'))
+    JOIN episodes AS f ON f.product_id <> e.product_id AND e.latest_hour <= f.latest_hour + interval '1 hour'
     JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
                          AND s.rank <= {SPIKE_DRIVER_RANK}
     LEFT JOIN hours AS fh ON fh.product_id = f.product_id AND fh.hour = e.spike_start
     WHERE COALESCE(fh.demand - fh.expected, 0) >= e.start_excess
-    GROUP BY e.product_id, e.spike
+),
+ridden AS (
+    SELECT c.product_id, c.spike, c.driver,
+           sum(he.demand - he.expected) AS echo_before, sum(hf.demand - hf.expected) AS driver_before
+    FROM candidates AS c
+    JOIN hours AS he ON he.product_id = c.product_id
+                    AND he.hour >= c.spike_start - interval '{SPIKE_ECHO_RIDE_HOURS} hours' AND he.hour < c.spike_start
+                    AND he.hour >= c.driver_start
+    JOIN hours AS hf ON hf.product_id = c.driver AND hf.hour = he.hour
+    WHERE NOT c.together
+    GROUP BY c.product_id, c.spike, c.driver
+),
+driven AS (
+    SELECT c.product_id, c.spike, min(c.driver) AS driven_by
+    FROM candidates AS c
+    LEFT JOIN ridden AS r USING (product_id, spike, driver)
+    WHERE (c.started_with OR c.inside)
+      AND (c.together
+           OR (r.driver_before > 0
+               AND r.echo_before * c.driver_start_excess >= {SPIKE_ECHO_RIDE} * c.start_excess * r.driver_before))
+    GROUP BY c.product_id, c.spike
 )
 SELECT e.product_id, p.category, e.spike_start, e.latest_hour,
        n.demand AS current_demand, n.expected AS baseline_demand, n.score, e.peak_score, d.driven_by
