@@ -84,13 +84,17 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 /// offset, else the batch's cut (where it starts a partition it never had
 /// to store: a cut at the end of the partition leaves it nothing to read).
 pub async fn speed_consumed(pool: &PgPool) -> i64 {
+    try_speed_consumed(pool).await.unwrap()
+}
+
+/// [`speed_consumed`], for tests that stop PostgreSQL meanwhile.
+pub async fn try_speed_consumed(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COALESCE(sum(COALESCE(o.next_offset, c.cut_offset)), 0)::bigint
          FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
     )
     .fetch_one(pool)
     .await
-    .unwrap()
 }
 
 /// Waits until the speed layer's stored offsets add up to `total` records

@@ -153,13 +153,7 @@ async fn complete_a_run(args: &[String]) {
 }
 
 async fn consumed(pool: &PgPool) -> Option<i64> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(COALESCE(o.next_offset, c.cut_offset)), 0)::bigint
-         FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
-    )
-    .fetch_one(pool)
-    .await
-    .ok()
+    integration_tests::checks::try_speed_consumed(pool).await.ok()
 }
 
 /// `(rows, distinct (partition, offset))` of a lake table.
