@@ -71,10 +71,12 @@ pub const SPIKE_GAP_HOURS: i64 = 2;
 /// spike's echo (shoppers drawn to the one also look
 /// at its complements): it is recorded with `driven_by`, and not reported
 /// as a spike of its own. Under every echo rule below, the echo's first
-/// hour must show at least as much excess demand (demand above expected)
-/// in the driver as in the echo: the driver's extra shoppers bring the
-/// echo's, so an echo never leads its driver, whereas a spike of its own
-/// under way an hour before a similar product's began is no echo of it.
+/// hour and each of its spike hours must show at least as much excess
+/// demand (demand above expected) in the driver as in the echo: the
+/// driver's extra shoppers bring the echo's, so an echo never leads or
+/// outdraws its driver, whereas a spike of its own under way an hour
+/// before a similar product's began, or a burst of its own on top of an
+/// echo, is no echo of it.
 pub const SPIKE_DRIVER_RANK: i64 = 10;
 pub const SPIKE_ECHO_RATIO: f64 = 1.5;
 /// A spike is also an echo when it lies within a similar product's spike
@@ -719,6 +721,11 @@ candidates AS (
                          AND s.rank <= {SPIKE_DRIVER_RANK}
     LEFT JOIN hours AS fh ON fh.product_id = f.product_id AND fh.hour = e.spike_start
     WHERE COALESCE(fh.demand - fh.expected, 0) >= e.start_excess
+      AND NOT EXISTS (
+          SELECT 1 FROM numbered AS ne
+          LEFT JOIN hours AS hf ON hf.product_id = f.product_id AND hf.hour = ne.hour
+          WHERE ne.product_id = e.product_id AND ne.spike = e.spike AND ne.is_spike
+            AND COALESCE(hf.demand - hf.expected, 0) < ne.demand - ne.expected)
 ),
 ridden AS (
     SELECT c.product_id, c.spike, c.driver,
