@@ -87,14 +87,11 @@ pub async fn speed_consumed(pool: &PgPool) -> i64 {
     try_speed_consumed(pool).await.unwrap()
 }
 
-/// [`speed_consumed`], for tests that stop PostgreSQL meanwhile.
+/// [`speed_consumed`], for tests that stop PostgreSQL meanwhile: the
+/// speed layer's own [`speed_layer::offsets::standings`], summed.
 pub async fn try_speed_consumed(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(COALESCE(o.next_offset, c.cut_offset)), 0)::bigint
-         FROM ops.speed_offsets AS o FULL JOIN ops.cut AS c USING (kafka_partition)",
-    )
-    .fetch_one(pool)
-    .await
+    let standings = speed_layer::offsets::standings(pool).await?;
+    Ok(standings.iter().map(|s| s.next_offset).sum())
 }
 
 /// Waits until the speed layer's stored offsets add up to `total` records

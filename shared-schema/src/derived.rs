@@ -707,24 +707,23 @@ episodes AS (
 candidates AS (
     SELECT e.product_id, e.spike, f.product_id AS driver, f.spike_start AS driver_start, e.spike_start, e.start_excess,
            COALESCE(fh.demand - fh.expected, 0) AS driver_start_excess,
-           e.spike_start <= f.spike_start AS together,
-           (f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
-            AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600)
-           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS_ALIGNED} * e.peak_excess
-               AND abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
-               AND e.latest_hour >= f.latest_hour - interval '1 hour') AS started_with,
-           f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
-           AND e.spike_start >= f.spike_start - interval '1 hour' AS inside
+           e.spike_start <= f.spike_start AS together
     FROM episodes AS e
     JOIN episodes AS f ON f.product_id <> e.product_id AND e.latest_hour <= f.latest_hour + interval '1 hour'
     JOIN batch.{sim} AS s ON s.product_id = e.product_id AND s.similar_product_id = f.product_id
                          AND s.rank <= {SPIKE_DRIVER_RANK}
     LEFT JOIN hours AS fh ON fh.product_id = f.product_id AND fh.hour = e.spike_start
-    WHERE COALESCE(fh.demand - fh.expected, 0) >= e.start_excess
+    WHERE ((abs(extract(epoch FROM e.spike_start - f.spike_start)) <= 3600
+            AND (f.peak_ratio >= {SPIKE_ECHO_RATIO} * e.peak_ratio
+                 OR (f.peak_excess >= {SPIKE_ECHO_EXCESS_ALIGNED} * e.peak_excess
+                     AND e.latest_hour >= f.latest_hour - interval '1 hour')))
+           OR (f.peak_excess >= {SPIKE_ECHO_EXCESS} * e.peak_excess
+               AND e.spike_start >= f.spike_start - interval '1 hour'))
       AND NOT EXISTS (
           SELECT 1 FROM numbered AS ne
           LEFT JOIN hours AS hf ON hf.product_id = f.product_id AND hf.hour = ne.hour
-          WHERE ne.product_id = e.product_id AND ne.spike = e.spike AND ne.is_spike
+          WHERE ne.product_id = e.product_id AND ne.spike = e.spike
+            AND (ne.is_spike OR ne.hour = e.spike_start)
             AND COALESCE(hf.demand - hf.expected, 0) < ne.demand - ne.expected)
 ),
 ridden AS (
@@ -742,10 +741,9 @@ driven AS (
     SELECT c.product_id, c.spike, min(c.driver) AS driven_by
     FROM candidates AS c
     LEFT JOIN ridden AS r USING (product_id, spike, driver)
-    WHERE (c.started_with OR c.inside)
-      AND (c.together
-           OR (r.driver_before > 0
-               AND r.echo_before * c.driver_start_excess >= {SPIKE_ECHO_RIDE} * c.start_excess * r.driver_before))
+    WHERE c.together
+       OR (r.driver_before > 0
+           AND r.echo_before * c.driver_start_excess >= {SPIKE_ECHO_RIDE} * c.start_excess * r.driver_before)
     GROUP BY c.product_id, c.spike
 )
 SELECT e.product_id, p.category, e.spike_start, e.latest_hour,
