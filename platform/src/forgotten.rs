@@ -167,8 +167,7 @@ impl Forgotten {
     /// whether the set is still the one this writer filtered with. When it
     /// is not, the writer must roll back, reload and filter again.
     pub async fn still_current(&self, tx: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(FORGET_FENCE).execute(&mut *tx).await?;
-        Ok(current_version(tx).await? == self.version)
+        still_at(tx, self.version).await
     }
 
     pub fn len(&self) -> usize {
@@ -242,6 +241,14 @@ impl LakeFence {
 }
 
 /// The set's version now.
+/// [`Forgotten::still_current`] for a writer that filtered with the set at
+/// `version` and commits elsewhere (the speed layer commits one micro-batch
+/// while it filters the next).
+pub async fn still_at(tx: &mut sqlx::PgConnection, version: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(FORGET_FENCE).execute(&mut *tx).await?;
+    Ok(current_version(tx).await? == version)
+}
+
 pub async fn current_version(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM ops.forgotten_set").fetch_one(conn).await
 }

@@ -12,6 +12,11 @@
 //! is known above it. The first flush of the partition writes those keys
 //! into `speed.event_keys`: from then on the layer needs no seed.
 //!
+//! A flush's verdicts become the history as soon as it is prepared, so the
+//! micro-batch after it is judged against them while it commits; when it
+//! does not commit, every partition's history is loaded again
+//! ([`Histories::forget_all`]).
+//!
 //! The history is loaded lazily, by the flush, for each partition whose
 //! micro-batch does not start where the loaded history ends (a start, a
 //! rebalance, a fenced flush), in one snapshot with the offsets it must
@@ -97,20 +102,16 @@ impl Histories {
         committed.max(changes.partitions.get(&p.0).and_then(|c| c.newest))
     }
 
-    /// Writes what a flush over `partitions` judged (and a seed not written
-    /// yet) inside its transaction, and prunes keys that fell out of the
-    /// window: one statement for each, whatever the number of partitions.
-    /// The keys are appended, never merged into an index of keys (see
-    /// migration 0022).
-    pub async fn persist(
-        &self,
-        conn: &mut PgConnection,
-        partitions: &[Partition],
-        changes: &Changes,
-    ) -> Result<(), sqlx::Error> {
+    /// Takes what a flush over `partitions` judged as the history, exact
+    /// below each partition's offset in `next`, before that flush commits:
+    /// the micro-batch after it is judged against it while it commits.
+    /// Returns the rows the flush must write in its transaction (its keys, a
+    /// seed not written yet, and the keys that fell out of the window to
+    /// prune). If the flush does not commit, [`Histories::forget_all`] makes
+    /// every partition load again from what PostgreSQL holds.
+    pub fn stage(&mut self, partitions: &[Partition], changes: Changes, next: &[(Partition, Offset)]) -> KeyWrites {
         let window = self.history.window_micros();
-        let (mut key_partitions, mut keys, mut times) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut pruned, mut floors) = (Vec::new(), Vec::new());
+        let mut writes = KeyWrites::default();
         for &p in partitions {
             let seed = self.unsaved.get(&p).map(Vec::as_slice).unwrap_or_default();
             let added = changes.partitions.get(&p.0).map(|c| c.added.as_slice()).unwrap_or_default();
@@ -118,47 +119,63 @@ impl Histories {
             // first copy once the seed's fell out of the window).
             let rows: HashMap<EventKey, i64> = seed.iter().chain(added).copied().collect();
             let (k, t) = shared_schema::dedup::key_columns(&rows);
-            key_partitions.extend(std::iter::repeat_n(p.0, k.len()));
-            keys.extend(k);
-            times.extend(t);
-            let floor = self.newest(p, changes).and_then(|n| DateTime::from_timestamp_micros(n - window));
+            writes.partitions.extend(std::iter::repeat_n(p.0, k.len()));
+            writes.keys.extend(k);
+            writes.times.extend(t);
+            let floor = self.newest(p, &changes).and_then(|n| DateTime::from_timestamp_micros(n - window));
             if let (Some(floor), true) = (floor, !added.is_empty()) {
-                pruned.push(p.0);
-                floors.push(floor);
+                writes.pruned.push(p.0);
+                writes.floors.push(floor);
             }
         }
-        if !keys.is_empty() {
-            sqlx::query(
-                "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
-                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)",
-            )
-            .bind(&key_partitions)
-            .bind(&keys)
-            .bind(&times)
-            .execute(&mut *conn)
-            .await?;
-        }
-        if !pruned.is_empty() {
-            sqlx::query(
-                "DELETE FROM speed.event_keys AS k USING unnest($1::int[], $2::timestamptz[]) AS f(p, floor)
-                 WHERE k.kafka_partition = f.p AND k.event_time < f.floor",
-            )
-            .bind(&pruned)
-            .bind(&floors)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// After the flush committed: its changes are the history, exact below
-    /// each partition's new offset.
-    pub fn committed(&mut self, changes: Changes, next: &[(Partition, Offset)]) {
         for (p, _) in next {
             self.unsaved.remove(p);
         }
         self.history.apply(changes);
         self.valid_at.extend(next.iter().copied());
+        writes
+    }
+}
+
+/// What a flush writes of the duplicates history: the keys it judged first
+/// copies (and a seed not written yet), appended, never merged into an
+/// index of keys (see migration 0022), and per partition the time below
+/// which keys fell out of the window.
+#[derive(Debug, Default)]
+pub struct KeyWrites {
+    partitions: Vec<i32>,
+    keys: Vec<Vec<u8>>,
+    times: Vec<DateTime<Utc>>,
+    pruned: Vec<i32>,
+    floors: Vec<DateTime<Utc>>,
+}
+
+impl KeyWrites {
+    /// Writes them inside the flush's transaction: one statement for the
+    /// keys and one for the pruning, whatever the number of partitions.
+    pub async fn write(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if !self.keys.is_empty() {
+            sqlx::query(
+                "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
+                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)",
+            )
+            .bind(&self.partitions)
+            .bind(&self.keys)
+            .bind(&self.times)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !self.pruned.is_empty() {
+            sqlx::query(
+                "DELETE FROM speed.event_keys AS k USING unnest($1::int[], $2::timestamptz[]) AS f(p, floor)
+                 WHERE k.kafka_partition = f.p AND k.event_time < f.floor",
+            )
+            .bind(&self.pruned)
+            .bind(&self.floors)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 }
 

@@ -1,5 +1,6 @@
 //! The speed layer's loop: consume, gather a micro-batch, flush it in one
-//! PostgreSQL transaction, reading on during the flush.
+//! PostgreSQL transaction, reading on during the flush and preparing the
+//! next micro-batch while it commits.
 //!
 //! Positions come from PostgreSQL, never from the broker's group offsets:
 //! the first record seen of a partition (after start or a rebalance) makes
@@ -35,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::intake::{Edge, FlushEnd, Intake};
 use self::micro_batch::{FlushPolicy, Hold, Record};
-use self::sink::{Flushed, Sink};
+use self::sink::{Outcome, Prep, Prepared, Sink};
 use crate::dlq::Shipper;
 use crate::offsets;
 
@@ -349,6 +350,7 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
     tracing::info!(topic = %config.topic, group = %config.group_id, instance = ?instance_id, segment_size = deployment.segment_size.get(), "speed layer started");
 
     let mut state = Loop {
+        source: KafkaSource(&consumer),
         edge: KafkaEdge { topic: &config.topic, pool: &pool, consumer: &consumer, rebalances: &log },
         policy: FlushPolicy {
             interval: config.flush_interval,
@@ -359,31 +361,9 @@ pub async fn run(config: SpeedConfig, shutdown: CancellationToken) -> Result<(),
         sink: Sink::new(&config, &pool, &dlq_wake, deployment, forgotten, ready.clone(), notifier.clone())
             .await
             .map_err(|e| SpeedError::Views(e.to_string()))?,
+        ended: false,
     };
-    loop {
-        state.intake.apply_rebalances(&mut state.edge);
-        if state.intake.batch.flush_due(state.policy, Instant::now(), shutdown.is_cancelled()) {
-            state.flush_while_receiving(&shutdown).await;
-        }
-        // What was read during a last flush is flushed before stopping.
-        if shutdown.is_cancelled() && state.intake.batch.is_empty() {
-            break;
-        }
-        let wait = state.intake.batch.wait(state.policy, Instant::now());
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            received = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()) => match received {
-                Err(_) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Ok(Ok(m)) => {
-                    state.intake.accept(record_of(&m), Instant::now(), &mut state.edge).await;
-                }
-            }
-        }
-    }
+    state.drive(&shutdown).await;
     ready.set(false);
     tracing::info!("speed layer stopped cleanly");
     drop(consumer);
@@ -423,47 +403,66 @@ pub async fn replay(config: &SpeedConfig, records: Vec<ReplayRecord>) -> Result<
     let notifier =
         platform::notify::Notifier::spawn(platform::notify::NotifyConfig::new(None, "speed-layer"), Some(pool.clone()));
     let dlq_wake = tokio::sync::Notify::new();
-    let mut sink = Sink::new(config, &pool, &dlq_wake, deployment, forgotten, Default::default(), notifier)
+    let sink = Sink::new(config, &pool, &dlq_wake, deployment, forgotten, Default::default(), notifier)
         .await
         .map_err(|e| SpeedError::Views(e.to_string()))?;
-    // Records are all there at once: a micro-batch is flushed when full.
-    let policy =
-        FlushPolicy { interval: Duration::MAX, max_batch: config.max_batch, max_bytes: config.max_batch_bytes };
-    let (mut intake, mut edge, never) = (Intake::default(), MemoryEdge(&pool), CancellationToken::new());
-    let mut records = records.into_iter().peekable();
-    while records.peek().is_some() {
-        for r in records.by_ref() {
-            let record = Record {
-                partition: r.partition,
-                offset: r.offset,
-                timestamp: shared_schema::decode::kafka_time(r.timestamp_ms),
-                key: r.key,
-                payload: r.payload,
-                gap_from: None,
-            };
-            let (partition, offset) = (record.partition, record.offset);
-            let accepted = intake.accept(record, Instant::now(), &mut edge).await;
-            if !matches!(accepted, intake::Accepted::Buffered) {
-                return Err(SpeedError::Replay(format!(
-                    "partition {partition} offset {offset} is not the next record ({accepted:?})"
-                )));
-            }
-            if intake.batch.flush_due(policy, Instant::now(), false) {
-                break;
-            }
-        }
-        let batch = intake.batch.take();
-        match sink.flush(&batch, &never).await {
-            Flushed::Committed(_) => intake.after_flush(FlushEnd::Kept, Hold::new(policy), &mut edge).await,
-            other => return Err(SpeedError::Replay(format!("a flush did not commit: {other:?}"))),
-        }
-    }
+    let mut state = Loop {
+        source: MemorySource { records: records.into_iter(), next: BTreeMap::new(), disorder: None },
+        edge: MemoryEdge { pool: &pool, sought: None },
+        // Records are all there at once: a micro-batch is flushed when full.
+        policy: FlushPolicy { interval: Duration::MAX, max_batch: config.max_batch, max_bytes: config.max_batch_bytes },
+        intake: Intake::default(),
+        sink,
+        ended: false,
+    };
+    state.drive(&CancellationToken::new()).await;
     pool.close().await;
+    if let Some(disorder) = state.source.disorder.or(state.edge.sought) {
+        return Err(SpeedError::Replay(disorder));
+    }
     Ok(())
 }
 
-/// PostgreSQL alone: what [`replay`]'s intake needs.
-struct MemoryEdge<'a>(&'a PgPool);
+/// The records of [`replay`], checked to follow each other in every
+/// partition.
+struct MemorySource {
+    records: std::vec::IntoIter<ReplayRecord>,
+    /// Per partition, the offset of the next record.
+    next: BTreeMap<Partition, Offset>,
+    /// Set (and the records end) at the first record out of order.
+    disorder: Option<String>,
+}
+
+impl Source for MemorySource {
+    async fn recv(&mut self) -> Received {
+        if self.disorder.is_some() {
+            return Received::End;
+        }
+        let Some(r) = self.records.next() else { return Received::End };
+        let expected = *self.next.entry(r.partition).or_insert(r.offset);
+        if r.offset != expected {
+            self.disorder =
+                Some(format!("partition {} offset {} follows offset {}", r.partition, r.offset, expected.0 - 1));
+            return Received::End;
+        }
+        self.next.insert(r.partition, Offset(r.offset.0 + 1));
+        Received::Record(Record {
+            partition: r.partition,
+            offset: r.offset,
+            timestamp: shared_schema::decode::kafka_time(r.timestamp_ms),
+            key: r.key,
+            payload: r.payload,
+            gap_from: None,
+        })
+    }
+}
+
+/// PostgreSQL alone: what [`replay`]'s intake needs. A seek means the
+/// records did not start at the stored offsets or a flush was fenced.
+struct MemoryEdge<'a> {
+    pool: &'a PgPool,
+    sought: Option<String>,
+}
 
 impl Edge for MemoryEdge<'_> {
     type Error = sqlx::Error;
@@ -473,62 +472,211 @@ impl Edge for MemoryEdge<'_> {
     }
 
     async fn load(&mut self, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, sqlx::Error> {
-        offsets::load(self.0, partitions).await
+        offsets::load(self.pool, partitions).await
     }
 
-    fn seek(&mut self, _: Partition, _: Offset) -> bool {
+    fn seek(&mut self, partition: Partition, offset: Offset) -> bool {
+        self.sought.get_or_insert_with(|| {
+            format!(
+                "partition {partition} would be read again from offset {offset}: the records must start at the \
+                 stored offsets, and no other instance may write them"
+            )
+        });
         false
     }
 }
 
+/// Where records come from: the Kafka consumer, or memory ([`replay`]).
+trait Source {
+    async fn recv(&mut self) -> Received;
+}
+
+enum Received {
+    Record(Record),
+    /// The consumer failed; librdkafka retries.
+    Failed(KafkaError),
+    /// No more records (memory only).
+    End,
+}
+
+/// The speed layer's consumer as a [`Source`].
+struct KafkaSource<'a>(&'a StreamConsumer<Context>);
+
+impl Source for KafkaSource<'_> {
+    async fn recv(&mut self) -> Received {
+        match self.0.recv().await {
+            Ok(m) => Received::Record(record_of(&m)),
+            Err(e) => Received::Failed(e),
+        }
+    }
+}
+
+/// The micro-batch after the one committing.
+#[derive(Default)]
+enum Next {
+    #[default]
+    None,
+    Prepared(Box<Prepared>),
+    /// To be prepared once the one committing has committed.
+    Records(Vec<Record>),
+    /// To be re-read from PostgreSQL's offsets (see [`Prep::Fenced`]).
+    Fenced(Vec<Record>),
+}
+
+impl Next {
+    fn records(&self) -> &[Record] {
+        match self {
+            Next::None => &[],
+            Next::Prepared(p) => &p.records,
+            Next::Records(r) | Next::Fenced(r) => r,
+        }
+    }
+
+    /// Prepared with what changed since: to be prepared again.
+    fn unprepared(self) -> Self {
+        match self {
+            Next::Prepared(p) => Next::Records(p.records),
+            other => other,
+        }
+    }
+}
+
+/// What a discarded flush held, per partition (see [`FlushEnd::Fenced`]):
+/// the micro-batch and the one prepared after it.
+fn discarded(records: &[Record], next: &Next) -> BTreeMap<Partition, (Offset, Offset)> {
+    micro_batch::spans(records.iter().chain(next.records()))
+}
+
 /// The loop's state between iterations.
-struct Loop<'a> {
-    edge: KafkaEdge<'a>,
+struct Loop<'a, S, E> {
+    source: S,
+    edge: E,
     policy: FlushPolicy,
     intake: Intake,
     sink: Sink<'a>,
+    /// The source has no more records ([`replay`]).
+    ended: bool,
 }
 
-impl Loop<'_> {
-    /// Flushes the micro-batch while the consumer goes on receiving, so
-    /// records that arrive during a flush wait only for their own
-    /// micro-batch, not for the previous one's commit too. What arrives is
-    /// held and accepted once the flush is over, when the positions it
-    /// leaves are known: at most a micro-batch of it (a flush retrying
-    /// against a dead database stops the reading; memory peaks at about
-    /// twice `max_batch`), nothing after shutdown began or after a consumer
-    /// error. Records of partitions reassigned meanwhile are dropped and
-    /// re-read from the offset PostgreSQL holds.
-    async fn flush_while_receiving(&mut self, shutdown: &CancellationToken) {
-        let consumer = self.edge.consumer;
-        let records = self.intake.batch.take();
-        let mut held = Hold::new(self.policy);
-        let flushed = {
-            let flush = self.sink.flush(&records, shutdown);
-            tokio::pin!(flush);
-            loop {
-                tokio::select! {
-                    biased;
-                    flushed = &mut flush => break flushed,
-                    received = consumer.recv(), if held.wants_more(shutdown.is_cancelled()) => {
-                        match received {
-                            Ok(m) => held.push(record_of(&m), Instant::now()),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
-                                held.close();
-                            }
-                        }
+impl<S: Source, E: Edge> Loop<'_, S, E> {
+    /// Receives and flushes until `shutdown` (or the end of the records);
+    /// what it holds is flushed before it returns.
+    async fn drive(&mut self, shutdown: &CancellationToken) {
+        loop {
+            self.intake.apply_rebalances(&mut self.edge);
+            let stopping = shutdown.is_cancelled() || self.ended;
+            if self.intake.batch.flush_due(self.policy, Instant::now(), stopping) {
+                self.flush(shutdown).await;
+            }
+            // What was read during a last flush is flushed before stopping.
+            if (shutdown.is_cancelled() || self.ended) && self.intake.batch.is_empty() {
+                return;
+            }
+            let wait = self.intake.batch.wait(self.policy, Instant::now());
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                received = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.source.recv()) => match received {
+                    Err(_) => {}
+                    Ok(Received::Record(r)) => {
+                        self.intake.accept(r, Instant::now(), &mut self.edge).await;
                     }
+                    Ok(Received::Failed(e)) => {
+                        tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(Received::End) => self.ended = true,
                 }
             }
-        };
-        let end = match flushed {
-            Flushed::Committed(next) => {
-                self.edge.commit(&next);
-                FlushEnd::Kept
+        }
+    }
+
+    /// Flushes the micro-batch while receiving on, and the micro-batches
+    /// that come due meanwhile: each is prepared (decode, duplicates,
+    /// deltas: this process's CPU) while the one before it commits (a task
+    /// of its own, mostly PostgreSQL's time), so a flush costs the slower of
+    /// the two rather than their sum.
+    ///
+    /// Records that arrive during a commit are held; once they make a
+    /// micro-batch ([`Hold::due`]) they are accepted through the positions
+    /// the committing one leaves, as if it had committed, and prepared
+    /// against the duplicates history it staged. Its commit carries the
+    /// offsets on from where the committing one ends, so it commits only
+    /// after it. When the committing one is fenced, both are discarded and
+    /// re-read from the offsets PostgreSQL holds; when the forgotten users
+    /// or the registered views changed under it, both are prepared again.
+    /// At most a micro-batch more is held (a commit retrying against a dead
+    /// database stops the reading; memory peaks at about three times
+    /// `max_batch`), nothing after shutdown began or after a consumer
+    /// error. Records of partitions reassigned meanwhile are dropped and
+    /// re-read from the offset PostgreSQL holds, and a micro-batch that
+    /// holds some of them commits only if no other instance moved them
+    /// (the fence).
+    async fn flush(&mut self, shutdown: &CancellationToken) {
+        let records = self.intake.batch.take();
+        let mut current = self.sink.prepare(records, shutdown).await;
+        let mut held = Hold::new(self.policy);
+        let mut next = Next::None;
+        let end = loop {
+            let prepared = match current {
+                Prep::Ready(prepared) => prepared,
+                Prep::Fenced(records) => break FlushEnd::Fenced(discarded(&records, &next)),
+                Prep::Abandoned => break FlushEnd::Kept,
+            };
+            let mut commit = tokio::spawn(self.sink.committer().commit(prepared, shutdown.clone()));
+            let done = loop {
+                let now = Instant::now();
+                if matches!(next, Next::None) && held.due(self.policy, now) {
+                    let due = std::mem::replace(&mut held, Hold::new(self.policy));
+                    self.intake.after_flush(FlushEnd::Kept, due, &mut self.edge).await;
+                    let records = self.intake.batch.take();
+                    if !records.is_empty() {
+                        metrics::counter!("speed_prepared_ahead_total").increment(1);
+                        next = match self.sink.prepare(records, shutdown).await {
+                            Prep::Ready(prepared) => Next::Prepared(prepared),
+                            Prep::Fenced(records) => Next::Fenced(records),
+                            // Only at shutdown: the next start re-reads it.
+                            Prep::Abandoned => Next::None,
+                        };
+                    }
+                    continue;
+                }
+                let age = held.until_due(self.policy, now).filter(|_| matches!(next, Next::None));
+                tokio::select! {
+                    biased;
+                    done = &mut commit => break done,
+                    received = self.source.recv(), if held.wants_more(shutdown.is_cancelled()) => match received {
+                        Received::Record(r) => held.push(r, Instant::now()),
+                        Received::Failed(e) => {
+                            tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries");
+                            held.close();
+                        }
+                        Received::End => {
+                            self.ended = true;
+                            held.close();
+                        }
+                    },
+                    () = tokio::time::sleep(age.unwrap_or_default()), if age.is_some() => {}
+                }
+            };
+            let done = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            self.sink.after_commit(&done);
+            match &done.outcome {
+                Outcome::Committed(offsets) => {
+                    self.edge.committed(offsets);
+                    current = match std::mem::take(&mut next) {
+                        Next::None => break FlushEnd::Kept,
+                        Next::Prepared(prepared) => Prep::Ready(prepared),
+                        Next::Records(records) => self.sink.prepare(records, shutdown).await,
+                        Next::Fenced(records) => Prep::Fenced(records),
+                    };
+                }
+                Outcome::Fenced(_) => break FlushEnd::Fenced(discarded(&done.prepared.records, &next)),
+                Outcome::StaleForgotten | Outcome::StaleViews => {
+                    next = std::mem::take(&mut next).unprepared();
+                    current = self.sink.prepare(done.prepared.records, shutdown).await;
+                }
+                Outcome::Abandoned => break FlushEnd::Kept,
             }
-            Flushed::Fenced => FlushEnd::Fenced(micro_batch::spans(&records)),
-            Flushed::Abandoned => FlushEnd::Kept,
         };
         self.intake.after_flush(end, held, &mut self.edge).await;
     }
@@ -576,12 +724,10 @@ impl Edge for KafkaEdge<'_> {
             }
         }
     }
-}
 
-impl KafkaEdge<'_> {
     /// Informational only (positions live in PostgreSQL): lets Kafka
     /// tooling show the group's lag.
-    fn commit(&self, next: &[(Partition, Offset)]) {
+    fn committed(&mut self, next: &[(Partition, Offset)]) {
         if let Ok(tpl) = partition_list(self.topic, next.iter().copied()) {
             let _ = self.consumer.commit(&tpl, CommitMode::Async);
         }

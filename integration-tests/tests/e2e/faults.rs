@@ -640,7 +640,9 @@ async fn a_flood_of_large_rejects_costs_bounded_memory() {
 /// read the same stream into one database. Each flush advances offsets only
 /// from the offset it started at, so one of any two overlapping flushes is
 /// fenced (`speed_fenced_flushes_total`), rolls back and re-reads: the
-/// totals end exact.
+/// totals end exact. Micro-batches are prepared while the one before them
+/// commits (`speed_prepared_ahead_total`), so a fenced commit also
+/// discards the micro-batch prepared on top of it.
 #[tokio::test]
 async fn competing_instances_are_fenced_and_totals_stay_exact() {
     let stack = Stack::from_env();
@@ -663,18 +665,20 @@ async fn competing_instances_are_fenced_and_totals_stay_exact() {
     let (mut a, ops_a) = spawn(1);
     let (mut b, ops_b) = spawn(2);
     wait_for_speed_within(&pool, total, Duration::from_secs(300)).await;
-    let mut fenced = 0.0;
+    let (mut fenced, mut ahead) = (0.0, 0.0);
     for ops in [ops_a, ops_b] {
         let page = integration_tests::serving::get(ops, "/metrics").await.unwrap().body;
         fenced += metric_sum(&page, "speed_fenced_flushes_total");
+        ahead += metric_sum(&page, "speed_prepared_ahead_total");
     }
     for child in [&mut a, &mut b] {
         assert!(child.try_wait().unwrap().is_none(), "an instance exited; see {}", logs.path().display());
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
-    eprintln!("{fenced} flushes fenced off while two instances read {total} records");
+    eprintln!("{fenced} flushes fenced off, {ahead} prepared ahead, while two instances read {total} records");
     assert!(fenced > 0.0, "the two instances never overlapped: the fence was not exercised");
+    assert!(ahead > 0.0, "no micro-batch was prepared while another committed");
     assert_demand_eq(&serving_demand(&pool).await, &truth.demand_map(), "serving after competing instances");
 }
 

@@ -35,6 +35,8 @@ pub(super) trait Edge {
     async fn load(&mut self, partitions: &[Partition]) -> Result<BTreeMap<Partition, Offset>, Self::Error>;
     /// Reads `partition` again from `offset`; false when the seek failed.
     fn seek(&mut self, partition: Partition, offset: Offset) -> bool;
+    /// A flush committed: per partition, the next offset.
+    fn committed(&mut self, _next: &[(Partition, Offset)]) {}
 }
 
 /// What [`Intake::accept`] did with a record.

@@ -1,5 +1,5 @@
 //! The micro-batch being gathered, and the records held while the previous
-//! one flushes.
+//! one flushes (from which the next is prepared while it commits).
 //!
 //! A micro-batch is flushed at the latest `flush_interval` after its first
 //! record arrived, as soon as it holds `max_batch` records or `max_bytes`
@@ -36,7 +36,7 @@ pub(super) struct Record {
 
 /// Per partition, the offsets `records` span: from the first (or the
 /// start of the gap before it) to just after the last.
-pub(super) fn spans(records: &[Record]) -> BTreeMap<Partition, (Offset, Offset)> {
+pub(super) fn spans<'r>(records: impl IntoIterator<Item = &'r Record>) -> BTreeMap<Partition, (Offset, Offset)> {
     let mut spans: BTreeMap<Partition, (Offset, Offset)> = BTreeMap::new();
     for r in records {
         let (first, end) = (r.gap_from.unwrap_or(r.offset), Offset(r.offset.0 + 1));
@@ -164,6 +164,26 @@ impl Hold {
         self.records.push((record, at));
     }
 
+    /// Whether the held records already make the next micro-batch, to be
+    /// prepared while the flush before them commits: full (by records or
+    /// bytes), or older than a non-zero flush interval. With group commit
+    /// (a zero interval) a micro-batch that is not full waits for the
+    /// commit to end, gathering what arrives meanwhile: preparing it at its
+    /// first record would cut it short and make later records wait for two
+    /// commits.
+    pub(super) fn due(&self, policy: FlushPolicy, now: Instant) -> bool {
+        let Some((_, first)) = self.records.first() else { return false };
+        let old = !policy.interval.is_zero() && now.saturating_duration_since(*first) >= policy.interval;
+        old || self.records.len() >= self.max || self.bytes >= self.max_bytes
+    }
+
+    /// How long until the held records are due by age; `None` when age
+    /// cannot make them due (nothing held, or group commit).
+    pub(super) fn until_due(&self, policy: FlushPolicy, now: Instant) -> Option<Duration> {
+        let (_, first) = self.records.first()?;
+        (!policy.interval.is_zero()).then(|| policy.interval.saturating_sub(now.saturating_duration_since(*first)))
+    }
+
     /// Stops holding (the consumer failed; librdkafka retries, the records
     /// come again later).
     pub(super) fn close(&mut self) {
@@ -240,6 +260,30 @@ mod tests {
         assert!(!hold.wants_more(false), "full at max_bytes with room for records");
         hold.drop_partitions(&BTreeSet::from([Partition(0)]));
         assert!(hold.wants_more(false));
+    }
+
+    #[test]
+    fn held_records_are_prepared_ahead_when_full_or_old_but_not_by_group_commit() {
+        let t0 = Instant::now();
+        let mut hold = Hold::new(POLICY);
+        assert!(!hold.due(POLICY, t0 + Duration::from_secs(60)), "nothing held");
+        assert_eq!(hold.until_due(POLICY, t0), None);
+        hold.push(record(0, 0), t0);
+        assert!(!hold.due(POLICY, t0 + Duration::from_millis(99)));
+        assert_eq!(hold.until_due(POLICY, t0 + Duration::from_millis(60)), Some(Duration::from_millis(40)));
+        assert!(hold.due(POLICY, t0 + Duration::from_millis(100)), "as old as the interval");
+
+        let group_commit = FlushPolicy { interval: Duration::ZERO, ..POLICY };
+        let mut hold = Hold::new(group_commit);
+        hold.push(record(0, 0), t0);
+        hold.push(record(0, 1), t0);
+        assert!(!hold.due(group_commit, t0 + Duration::from_secs(60)), "waits for the commit to end");
+        assert_eq!(hold.until_due(group_commit, t0), None);
+        hold.push(record(0, 2), t0);
+        assert!(hold.due(group_commit, t0), "full at max_batch");
+        let mut hold = Hold::new(group_commit);
+        hold.push(sized(0, 0, 1000), t0);
+        assert!(hold.due(group_commit, t0), "full at max_bytes");
     }
 
     #[test]

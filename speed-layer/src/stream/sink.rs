@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use shared_schema::cut::{Offset, Partition};
+use shared_schema::decode::RejectedRecord;
 use shared_schema::views::SqlType;
 use shared_schema::{EventDecoder, RawRecord};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -29,6 +30,7 @@ use super::SpeedConfig;
 use super::micro_batch::Record;
 use crate::deltas::{self, ViewDelta};
 use crate::dlq::{self, DeadLetter};
+use crate::history::KeyWrites;
 use crate::offsets::{self, Advance};
 use platform::gaps::Gap;
 
@@ -37,28 +39,55 @@ const FORGOTTEN_REFRESH: Duration = Duration::from_secs(5);
 /// How often the published catalog is re-read, when a view reads it.
 const CATALOG_REFRESH: Duration = Duration::from_secs(60);
 
-/// How a flush ended.
-#[derive(Debug)]
-pub(super) enum Flushed {
+/// A micro-batch ready to commit: everything computed, nothing written.
+pub(super) struct Prepared {
+    /// The records, kept to be read again if the commit does not happen.
+    pub(super) records: Vec<Record>,
+    advances: Vec<Advance>,
+    gaps: Vec<Gap>,
+    rejected: Vec<RejectedRecord>,
+    /// The duplicates history it judged, to write with it.
+    keys: KeyWrites,
+    deltas: Vec<ViewDelta>,
+    /// The forgotten users it was filtered with.
+    forgotten_version: i64,
+    /// The registered views it was computed with.
+    views_version: i64,
+    duplicates: usize,
+    prepare_secs: f64,
+}
+
+/// How preparing a micro-batch ended.
+pub(super) enum Prep {
+    Ready(Box<Prepared>),
+    /// Nothing to commit: the micro-batch must be re-read from PostgreSQL's
+    /// offsets (it was not contiguous, or another instance moved them).
+    Fenced(Vec<Record>),
+    /// Given up at shutdown while PostgreSQL was away; the next start re-reads it.
+    Abandoned,
+}
+
+/// How a commit ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
     /// Deltas and offsets committed: per partition, the next offset.
     Committed(Vec<(Partition, Offset)>),
-    /// Nothing committed: the micro-batch must be re-read from PostgreSQL's
-    /// offsets (another instance moved these partitions, or the micro-batch
-    /// was not contiguous).
-    Fenced,
+    /// Nothing committed: another instance moved these partitions; the
+    /// micro-batch must be re-read from PostgreSQL's offsets.
+    Fenced(Vec<Partition>),
+    /// Nothing committed: users were forgotten since it was prepared.
+    StaleForgotten,
+    /// Nothing committed: views were registered, redefined or dropped since
+    /// it was prepared.
+    StaleViews,
     /// Nothing committed, given up at shutdown; the next start re-reads it.
     Abandoned,
 }
 
-/// How one attempt ended.
-enum Attempt {
-    Committed(Vec<(Partition, Offset)>),
-    Fenced(Vec<Partition>),
-    /// Users were forgotten since the set was read: nothing committed.
-    StaleForgotten,
-    /// Views were registered, redefined or dropped since they were loaded:
-    /// nothing committed.
-    StaleViews,
+/// A commit's micro-batch and how it ended.
+pub(super) struct Commit {
+    pub(super) prepared: Box<Prepared>,
+    pub(super) outcome: Outcome,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +130,10 @@ pub(super) struct Sink<'a> {
     segment_size: shared_schema::cut::SegmentSize,
     /// When the catalog was last read (views over it only).
     catalog_at: Instant,
+    /// A commit found the forgotten users or the registered views changed:
+    /// reloaded before the next micro-batch is prepared.
+    forgotten_stale: bool,
+    views_stale: bool,
 }
 
 impl<'a> Sink<'a> {
@@ -130,6 +163,8 @@ impl<'a> Sink<'a> {
             views_version,
             segment_size: deployment.segment_size,
             catalog_at: Instant::now(),
+            forgotten_stale: false,
+            views_stale: false,
         })
     }
 
@@ -158,60 +193,41 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
-    /// Flushes `records`, retrying with capped backoff while PostgreSQL or
-    /// the broker is away (progress stops, the process does not).
-    pub(super) async fn flush(&mut self, records: &[Record], shutdown: &CancellationToken) -> Flushed {
+    /// Prepares `records` for their commit (decode, duplicates, forgotten
+    /// users, deltas), retrying with capped backoff while PostgreSQL is
+    /// away. What it judged becomes the duplicates history at once, so the
+    /// next micro-batch can be prepared while this one commits; whatever
+    /// does not commit makes the history load again ([`Sink::after_commit`]).
+    pub(super) async fn prepare(&mut self, records: Vec<Record>, shutdown: &CancellationToken) -> Prep {
         let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut failing = false;
         loop {
-            match self.try_flush(records).await {
-                Ok(Attempt::Committed(next)) => {
+            match self.try_prepare(&records).await {
+                Ok(Ok(mut prepared)) => {
                     if failing {
-                        tracing::info!("flushing works again");
+                        tracing::info!("preparing micro-batches works again");
                     }
-                    self.ready.set(true);
-                    return Flushed::Committed(next);
+                    prepared.records = records;
+                    return Prep::Ready(Box::new(prepared));
                 }
-                Ok(Attempt::StaleForgotten) => {
-                    tracing::debug!("users were forgotten while this micro-batch was prepared; filtering it again");
-                    metrics::counter!("speed_forgotten_refilters_total").increment(1);
-                    if let Err(e) = self.reload_forgotten().await {
-                        tracing::error!(error = %e, "reloading the forgotten users failed; retrying");
-                        backoff.sleep().await;
-                    }
-                }
-                Ok(Attempt::StaleViews) => {
-                    tracing::info!("the registered views changed; computing this micro-batch again with them");
-                    metrics::counter!("speed_view_reloads_total").increment(1);
-                    if let Err(e) = self.reload_views().await {
-                        // Nothing is committed with an older set: progress
-                        // waits (readiness and the stall alert tell) until
-                        // the views load.
-                        tracing::error!(error = %e, "loading the registered views failed; retrying");
-                        self.ready.set(false);
-                        backoff.sleep().await;
-                    }
-                }
-                Ok(Attempt::Fenced(partitions)) => {
-                    // Another instance moved these partitions: drop the whole
-                    // micro-batch (the caller re-reads every partition from
-                    // PostgreSQL).
-                    tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
+                Ok(Err(partitions)) => {
+                    tracing::warn!(?partitions, "stored offsets moved or records missing; re-reading this micro-batch");
                     metrics::counter!("speed_fenced_flushes_total").increment(1);
                     self.histories.forget_all();
-                    return Flushed::Fenced;
+                    return Prep::Fenced(records);
                 }
                 Err(e) => {
                     if !failing {
-                        tracing::error!(error = %e, "flush failed; retrying with backoff until it succeeds");
+                        tracing::error!(error = %e, "preparing a micro-batch failed; retrying with backoff");
                         failing = true;
                     }
+                    // Nothing is committed with an older set of views:
+                    // progress waits (readiness and the stall alert tell).
                     self.ready.set(false);
                     metrics::counter!("speed_flush_failures_total").increment(1);
                     if shutdown.is_cancelled() && backoff.at_cap() {
-                        // Nothing was committed; the next start resumes from PostgreSQL.
-                        tracing::warn!("shutting down with an uncommitted micro-batch; it will be re-read");
-                        return Flushed::Abandoned;
+                        tracing::warn!("shutting down with an unprepared micro-batch; it will be re-read");
+                        return Prep::Abandoned;
                     }
                     backoff.sleep().await;
                 }
@@ -222,12 +238,22 @@ impl<'a> Sink<'a> {
     async fn reload_forgotten(&mut self) -> Result<(), platform::forgotten::ForgetError> {
         self.forgotten = platform::forgotten::Forgotten::load(self.pool, self.config.forget_key.as_ref()).await?;
         self.forgotten_at = Instant::now();
+        self.forgotten_stale = false;
         Ok(())
     }
 
-    /// One attempt.
-    async fn try_flush(&mut self, buffer: &[Record]) -> Result<Attempt, FlushError> {
+    /// One attempt: the prepared micro-batch without its records, or the
+    /// partitions to re-read from PostgreSQL's offsets.
+    async fn try_prepare(&mut self, buffer: &[Record]) -> Result<Result<Prepared, Vec<Partition>>, FlushError> {
         let started = Instant::now();
+        if self.views_stale {
+            tracing::info!("the registered views changed; preparing micro-batches with them");
+            self.reload_views().await?;
+            self.views_stale = false;
+        }
+        if self.forgotten_stale || self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
+            self.reload_forgotten().await?;
+        }
         let records: Vec<RawRecord<'_>> = buffer
             .iter()
             .map(|b| RawRecord {
@@ -243,7 +269,7 @@ impl<'a> Sink<'a> {
                 // Never commit a micro-batch with a gap or a repeat: start over
                 // from what PostgreSQL holds.
                 tracing::error!("micro-batch offsets are not contiguous; discarding it and re-reading");
-                return Ok(Attempt::Fenced(partitions));
+                return Ok(Err(partitions));
             }
         };
         // Duplicates are judged against the history exact where each
@@ -252,7 +278,7 @@ impl<'a> Sink<'a> {
         let starts: Vec<(Partition, Offset)> = advances.values().map(|a| (a.partition, a.from)).collect();
         if let Err(crate::history::Moved(p)) = self.histories.ensure(self.pool, &starts).await? {
             tracing::warn!(partition = p.0, "the stored offset moved before the history was loaded; re-reading");
-            return Ok(Attempt::Fenced(vec![p]));
+            return Ok(Err(vec![p]));
         }
         let mut judging = self.histories.history().judging();
         let mut decoded = self.decoder.decode_judged(&records, &mut judging)?;
@@ -262,9 +288,6 @@ impl<'a> Sink<'a> {
             .iter()
             .filter(|r| r.rejection.reason == shared_schema::RejectReason::DuplicateEvent)
             .count();
-        if self.forgotten_at.elapsed() >= FORGOTTEN_REFRESH {
-            self.reload_forgotten().await?;
-        }
         if !self.forgotten.is_empty() {
             let (kept, events) = self.forgotten.filter_events(decoded.batch)?;
             decoded.batch = kept;
@@ -279,15 +302,6 @@ impl<'a> Sink<'a> {
                 tracing::debug!(dropped, "dropped records of forgotten users");
             }
         }
-
-        let rejected: Vec<_> = decoded
-            .rejected
-            .iter()
-            .map(|r| {
-                let b = &buffer[r.index];
-                DeadLetter { record: r, key: b.key.as_deref(), payload: b.payload.as_slice() }
-            })
-            .collect();
 
         for (p, t) in last_event_times(&decoded.batch) {
             if let Some(a) = advances.get_mut(&p) {
@@ -304,74 +318,190 @@ impl<'a> Sink<'a> {
         }
         let deltas = self.deltas.compute(decoded.batch).await?;
 
-        let prepared = started.elapsed();
+        // Nothing after this fails: the history takes what was judged.
+        let partitions: Vec<Partition> = advances.keys().copied().collect();
+        let next: Vec<(Partition, Offset)> = advances.values().map(|a| (a.partition, a.to)).collect();
+        let keys = self.histories.stage(&partitions, changes, &next);
+        let prepare_secs = started.elapsed().as_secs_f64();
+        metrics::histogram!("speed_flush_prepare_seconds").record(prepare_secs);
+        Ok(Ok(Prepared {
+            records: Vec::new(),
+            advances: advances.into_values().collect(),
+            gaps,
+            rejected: decoded.rejected,
+            keys,
+            deltas,
+            forgotten_version: self.forgotten.version(),
+            views_version: self.views_version,
+            duplicates,
+            prepare_secs,
+        }))
+    }
+
+    /// What commits prepared micro-batches, apart from the preparing.
+    pub(super) fn committer(&self) -> Committer {
+        Committer { pool: self.pool.clone(), topic: self.config.topic.clone(), ready: self.ready.clone() }
+    }
+
+    /// Takes note of how a commit ended: what a committed micro-batch
+    /// tells (metrics, DLQ shipping, gap notices), and otherwise a history
+    /// to load again (and the forgotten users or the views to reload
+    /// before the next micro-batch is prepared).
+    pub(super) fn after_commit(&mut self, commit: &Commit) {
+        let prepared = &commit.prepared;
+        if !matches!(commit.outcome, Outcome::Committed(_)) {
+            // What it staged is not PostgreSQL's: every partition loads again.
+            self.histories.forget_all();
+        }
+        match &commit.outcome {
+            Outcome::Committed(_) => {}
+            Outcome::Fenced(partitions) => {
+                // Another instance moved these partitions: the caller drops
+                // the micro-batch and re-reads every partition from PostgreSQL.
+                tracing::warn!(?partitions, "offsets moved by another instance; discarding this micro-batch");
+                metrics::counter!("speed_fenced_flushes_total").increment(1);
+                return;
+            }
+            Outcome::StaleForgotten => {
+                tracing::debug!("users were forgotten while this micro-batch was prepared; filtering it again");
+                metrics::counter!("speed_forgotten_refilters_total").increment(1);
+                self.forgotten_stale = true;
+                return;
+            }
+            Outcome::StaleViews => {
+                tracing::info!("the registered views changed; computing this micro-batch again with them");
+                metrics::counter!("speed_view_reloads_total").increment(1);
+                self.views_stale = true;
+                return;
+            }
+            Outcome::Abandoned => return,
+        }
+        if prepared.duplicates > 0 {
+            metrics::counter!("speed_duplicate_records_total").increment(prepared.duplicates as u64);
+        }
+        if !prepared.rejected.is_empty() {
+            self.dlq_wake.notify_one();
+        }
+        let gaps = &prepared.gaps;
+        if !gaps.is_empty() {
+            metrics::counter!("speed_gap_records_total").increment(gaps.iter().map(platform::gaps::Gap::len).sum());
+            let notice =
+                self.gap_notices.notice(platform::gaps::Layer::Speed, &self.config.topic, gaps, Instant::now());
+            if let Some(n) = notice {
+                self.notifier.send(n);
+            }
+        }
+        metrics::counter!("speed_rejected_total").increment(prepared.rejected.len() as u64);
+        if let Some(n) = self.dlq_rate.observe(prepared.records.len() as u64, prepared.rejected.len() as u64) {
+            self.notifier.send(n);
+        }
+        for a in &prepared.advances {
+            if let Some(t) = a.last_event_time {
+                metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
+                    .set(t.timestamp_millis() as f64 / 1000.0);
+            }
+        }
+    }
+}
+
+/// Commits prepared micro-batches: owns what a commit needs, so it runs as
+/// a task of its own while the next micro-batch is prepared.
+pub(super) struct Committer {
+    pool: PgPool,
+    topic: String,
+    ready: platform::ops_http::Readiness,
+}
+
+impl Committer {
+    /// Commits `prepared` in one transaction, retrying with capped backoff
+    /// while PostgreSQL is away (progress stops, the process does not).
+    pub(super) async fn commit(self, prepared: Box<Prepared>, shutdown: CancellationToken) -> Commit {
+        let mut backoff = platform::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failing = false;
+        loop {
+            match self.try_commit(&prepared).await {
+                Ok(outcome) => {
+                    if failing {
+                        tracing::info!("flushing works again");
+                    }
+                    if matches!(outcome, Outcome::Committed(_)) {
+                        self.ready.set(true);
+                    }
+                    return Commit { prepared, outcome };
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "flush failed; retrying with backoff until it succeeds");
+                        failing = true;
+                    }
+                    self.ready.set(false);
+                    metrics::counter!("speed_flush_failures_total").increment(1);
+                    if shutdown.is_cancelled() && backoff.at_cap() {
+                        // Nothing was committed; the next start resumes from PostgreSQL.
+                        tracing::warn!("shutting down with an uncommitted micro-batch; it will be re-read");
+                        return Commit { prepared, outcome: Outcome::Abandoned };
+                    }
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+
+    /// One attempt.
+    async fn try_commit(&self, prepared: &Prepared) -> Result<Outcome, FlushError> {
+        let started = Instant::now();
         // A synchronous commit: with `synchronous_commit = off` a PostgreSQL
         // crash loses the last commits whole and they are read again, so
         // totals stay exact, but readers may already have seen them, and
         // the dashboards' totals would go back (the chaos test caught it).
         let mut tx = self.pool.begin().await?;
         // First, so the fence is held until the commit.
-        if !self.forgotten.still_current(&mut tx).await? {
+        if !platform::forgotten::still_at(&mut tx, prepared.forgotten_version).await? {
             tx.rollback().await?;
-            return Ok(Attempt::StaleForgotten);
+            return Ok(Outcome::StaleForgotten);
         }
         // Held shared until the commit: a registration waits for this flush,
         // and this flush commits only deltas of the registered views.
-        if platform::views::version(&mut tx).await? != self.views_version {
+        if platform::views::version(&mut tx).await? != prepared.views_version {
             tx.rollback().await?;
-            return Ok(Attempt::StaleViews);
+            return Ok(Outcome::StaleViews);
         }
-        let advances: Vec<Advance> = advances.into_values().collect();
-        let fenced = offsets::advance(&mut tx, &advances).await?;
+        let fenced = offsets::advance(&mut tx, &prepared.advances).await?;
         if !fenced.is_empty() {
             tx.rollback().await?;
-            return Ok(Attempt::Fenced(fenced));
+            return Ok(Outcome::Fenced(fenced));
         }
-        let partitions: Vec<Partition> = advances.iter().map(|a| a.partition).collect();
-        self.histories.persist(&mut tx, &partitions, &changes).await?;
+        prepared.keys.write(&mut tx).await?;
         // The gaps passed are recorded with the offsets that pass them.
-        platform::gaps::record(&mut tx, platform::gaps::Layer::Speed, &self.config.topic, &gaps).await?;
-        dlq::enqueue(&mut tx, &self.config.topic, &rejected).await?;
+        platform::gaps::record(&mut tx, platform::gaps::Layer::Speed, &self.topic, &prepared.gaps).await?;
+        let rejected: Vec<DeadLetter<'_>> = prepared
+            .rejected
+            .iter()
+            .map(|r| {
+                let b = &prepared.records[r.index];
+                DeadLetter { record: r, key: b.key.as_deref(), payload: b.payload.as_slice() }
+            })
+            .collect();
+        dlq::enqueue(&mut tx, &self.topic, &rejected).await?;
         let mut rows = 0;
-        for delta in &deltas {
+        for delta in &prepared.deltas {
             rows += write_delta(&mut tx, delta).await?;
         }
         tx.commit().await?;
-        let next: Vec<(Partition, Offset)> = advances.iter().map(|a| (a.partition, a.to)).collect();
-        self.histories.committed(changes, &next);
-        if duplicates > 0 {
-            metrics::counter!("speed_duplicate_records_total").increment(duplicates as u64);
-        }
-        if !rejected.is_empty() {
-            self.dlq_wake.notify_one();
-        }
-        if !gaps.is_empty() {
-            metrics::counter!("speed_gap_records_total").increment(gaps.iter().map(platform::gaps::Gap::len).sum());
-            let notice =
-                self.gap_notices.notice(platform::gaps::Layer::Speed, &self.config.topic, &gaps, Instant::now());
-            if let Some(n) = notice {
-                self.notifier.send(n);
-            }
-        }
 
         let secs = started.elapsed().as_secs_f64();
-        metrics::histogram!("speed_flush_seconds").record(secs);
+        metrics::histogram!("speed_flush_commit_seconds").record(secs);
         // Decode and deltas (this process's CPU), then the transaction.
-        metrics::histogram!("speed_flush_prepare_seconds").record(prepared.as_secs_f64());
-        metrics::histogram!("speed_flush_commit_seconds").record(secs - prepared.as_secs_f64());
+        metrics::histogram!("speed_flush_seconds").record(prepared.prepare_secs + secs);
         metrics::counter!("speed_rows_written_total").increment(rows);
-        metrics::counter!("speed_rejected_total").increment(rejected.len() as u64);
-        if let Some(n) = self.dlq_rate.observe(buffer.len() as u64, rejected.len() as u64) {
-            self.notifier.send(n);
-        }
-        for a in &advances {
-            if let Some(t) = a.last_event_time {
-                metrics::gauge!("speed_last_event_time_seconds", "partition" => a.partition.to_string())
-                    .set(t.timestamp_millis() as f64 / 1000.0);
-            }
-        }
-        tracing::debug!(records = buffer.len(), rejected = rejected.len(), rows, ms = secs * 1000.0, "flushed");
-        Ok(Attempt::Committed(next))
+        tracing::debug!(
+            records = prepared.records.len(),
+            rejected = rejected.len(),
+            rows,
+            ms = (prepared.prepare_secs + secs) * 1000.0,
+            "flushed"
+        );
+        Ok(Outcome::Committed(prepared.advances.iter().map(|a| (a.partition, a.to)).collect()))
     }
 }
 
