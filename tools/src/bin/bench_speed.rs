@@ -434,8 +434,13 @@ async fn from_memory(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<(u
     let metrics = platform::ops_http::install_metrics();
     let sums = || {
         let text = metrics.render();
-        ["speed_flush_seconds_count", "speed_flush_prepare_seconds_sum", "speed_flush_commit_seconds_sum"]
-            .map(|name| integration_tests::checks::metric_sum(&text, name))
+        [
+            "speed_flush_seconds_count",
+            "speed_flush_prepare_seconds_sum",
+            "speed_flush_commit_seconds_sum",
+            "speed_prepared_ahead_total",
+        ]
+        .map(|name| integration_tests::checks::metric_sum(&text, name))
     };
     let before = sums();
     let started = Instant::now();
@@ -444,10 +449,11 @@ async fn from_memory(args: &Args, stack: &Stack, dlq: &str) -> anyhow::Result<(u
     let after = sums();
     let flushes = after[0] - before[0];
     println!(
-        "    {flushes:.0} flushes of {:.0} events on average; per flush {:.1} ms preparing (decode, duplicates, deltas), {:.1} ms committing",
+        "    {flushes:.0} flushes of {:.0} events on average; per flush {:.1} ms preparing (decode, duplicates, deltas), {:.1} ms committing; {:.0} prepared while the previous committed",
         events as f64 / flushes.max(1.0),
         (after[1] - before[1]) * 1000.0 / flushes.max(1.0),
-        (after[2] - before[2]) * 1000.0 / flushes.max(1.0)
+        (after[2] - before[2]) * 1000.0 / flushes.max(1.0),
+        after[3] - before[3]
     );
     let counted: i64 = sqlx::query_scalar(
         "SELECT COALESCE(sum(views + cart_adds + cart_removes + purchases), 0)::bigint FROM serving.product_demand_hourly",
