@@ -308,7 +308,10 @@ impl ViewDef {
         fnv1a(&format!("{}\n{}", self.batch_table_ddl("batch"), self.speed_table_ddl()))
     }
 
-    fn speed_key_names(&self) -> Vec<&'static str> {
+    /// The primary key of `speed.<view>`: the view's keys, and for a
+    /// segmented view the partition and segment; the first columns of
+    /// [`ViewDef::speed_columns`].
+    pub fn speed_key_names(&self) -> Vec<&'static str> {
         let mut pk: Vec<_> = self.key_names().collect();
         if self.segmented() {
             pk.extend([PARTITION_COLUMN, SEGMENT_COLUMN]);

@@ -555,7 +555,10 @@ async fn write_delta(conn: &mut sqlx::PgConnection, delta: &ViewDelta) -> Result
         return Ok(0);
     }
     let columns = delta.view.speed_columns();
-    let rows = arrow::compute::concat_batches(&delta.batches[0].schema(), &delta.batches)?;
+    let rows = match delta.batches.as_slice() {
+        [one] => one.clone(),
+        many => arrow::compute::concat_batches(&many[0].schema(), many)?,
+    };
     let arrays: Vec<String> =
         columns.iter().enumerate().map(|(i, (_, ty))| format!("${}::{}[]", i + 1, ty.postgres())).collect();
     let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
