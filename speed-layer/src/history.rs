@@ -109,9 +109,15 @@ impl Histories {
     /// seed not written yet, and the keys that fell out of the window to
     /// prune). If the flush does not commit, [`Histories::forget_all`] makes
     /// every partition load again from what PostgreSQL holds.
-    pub fn stage(&mut self, partitions: &[Partition], changes: Changes, next: &[(Partition, Offset)]) -> KeyWrites {
+    pub fn stage(
+        &mut self,
+        partitions: &[Partition],
+        changes: Changes,
+        next: &[(Partition, Offset)],
+    ) -> Result<KeyWrites, KeyWritesError> {
         let window = self.history.window_micros();
-        let mut writes = KeyWrites::default();
+        let (mut key_partitions, mut keys, mut times) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pruned, mut floors) = (Vec::new(), Vec::new());
         for &p in partitions {
             let seed = self.unsaved.get(&p).map(Vec::as_slice).unwrap_or_default();
             let added = changes.partitions.get(&p.0).map(|c| c.added.as_slice()).unwrap_or_default();
@@ -119,51 +125,75 @@ impl Histories {
             // first copy once the seed's fell out of the window).
             let rows: HashMap<EventKey, i64> = seed.iter().chain(added).copied().collect();
             let (k, t) = shared_schema::dedup::key_columns(&rows);
-            writes.partitions.extend(std::iter::repeat_n(p.0, k.len()));
-            writes.keys.extend(k);
-            writes.times.extend(t);
+            key_partitions.extend(std::iter::repeat_n(p.0, k.len()));
+            keys.extend(k);
+            times.extend(t);
             let floor = self.newest(p, &changes).and_then(|n| DateTime::from_timestamp_micros(n - window));
             if let (Some(floor), true) = (floor, !added.is_empty()) {
-                writes.pruned.push(p.0);
-                writes.floors.push(floor);
+                pruned.push(p.0);
+                floors.push(floor);
             }
         }
+        let copy = if keys.is_empty() { None } else { Some(copy_payload(key_partitions, &keys, &times)?) };
         for (p, _) in next {
             self.unsaved.remove(p);
         }
         self.history.apply(changes);
         self.valid_at.extend(next.iter().copied());
-        writes
+        Ok(KeyWrites { copy, pruned, floors })
     }
 }
 
+/// The keys as a binary `COPY` payload of `speed.event_keys`' columns.
+fn copy_payload(partitions: Vec<i32>, keys: &[Vec<u8>], times: &[DateTime<Utc>]) -> Result<Vec<u8>, KeyWritesError> {
+    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
+    use std::sync::Arc;
+    let batch = arrow::array::RecordBatch::try_from_iter([
+        ("kafka_partition", Arc::new(Int32Array::from(partitions)) as arrow::array::ArrayRef),
+        ("event_key", Arc::new(BinaryArray::from_iter_values(keys))),
+        (
+            "event_time",
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(times.iter().map(DateTime::timestamp_micros))
+                    .with_timezone("UTC"),
+            ),
+        ),
+    ])?;
+    Ok(platform::pgcopy::encode(&[batch])?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyWritesError {
+    #[error("the keys as Arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("the keys as COPY: {0}")]
+    Copy(#[from] platform::pgcopy::CopyError),
+}
+
 /// What a flush writes of the duplicates history: the keys it judged first
-/// copies (and a seed not written yet), appended, never merged into an
-/// index of keys (see migration 0022), and per partition the time below
-/// which keys fell out of the window.
+/// copies (and a seed not written yet), appended with one binary `COPY`,
+/// never merged into an index of keys (see migration 0022), and per
+/// partition the time below which keys fell out of the window. Encoded
+/// when staged, so the commit only sends it.
 #[derive(Debug, Default)]
 pub struct KeyWrites {
-    partitions: Vec<i32>,
-    keys: Vec<Vec<u8>>,
-    times: Vec<DateTime<Utc>>,
+    copy: Option<Vec<u8>>,
     pruned: Vec<i32>,
     floors: Vec<DateTime<Utc>>,
 }
 
 impl KeyWrites {
-    /// Writes them inside the flush's transaction: one statement for the
-    /// keys and one for the pruning, whatever the number of partitions.
+    /// Writes them inside the flush's transaction: one `COPY` for the keys
+    /// and one statement for the pruning, whatever the number of partitions.
     pub async fn write(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        if !self.keys.is_empty() {
-            sqlx::query(
-                "INSERT INTO speed.event_keys (kafka_partition, event_key, event_time)
-                 SELECT p, k, t FROM unnest($1::int[], $2::bytea[], $3::timestamptz[]) AS x(p, k, t)",
-            )
-            .bind(&self.partitions)
-            .bind(&self.keys)
-            .bind(&self.times)
-            .execute(&mut *conn)
-            .await?;
+        if let Some(payload) = &self.copy {
+            let mut copy = conn
+                .copy_in_raw(
+                    "COPY speed.event_keys (kafka_partition, event_key, event_time) FROM STDIN (FORMAT binary)",
+                )
+                .await?;
+            copy.send(payload.as_slice()).await?;
+            copy.finish().await?;
         }
         if !self.pruned.is_empty() {
             sqlx::query(

@@ -106,6 +106,8 @@ pub(super) enum FlushError {
     Views(#[from] platform::db::DbError),
     #[error(transparent)]
     Catalog(#[from] deltas::CatalogError),
+    #[error("the duplicates history: {0}")]
+    Keys(#[from] crate::history::KeyWritesError),
 }
 
 /// Writes micro-batches; owns what a flush needs besides the records.
@@ -321,7 +323,7 @@ impl<'a> Sink<'a> {
         // Nothing after this fails: the history takes what was judged.
         let partitions: Vec<Partition> = advances.keys().copied().collect();
         let next: Vec<(Partition, Offset)> = advances.values().map(|a| (a.partition, a.to)).collect();
-        let keys = self.histories.stage(&partitions, changes, &next);
+        let keys = self.histories.stage(&partitions, changes, &next)?;
         let prepare_secs = started.elapsed().as_secs_f64();
         metrics::histogram!("speed_flush_prepare_seconds").record(prepare_secs);
         Ok(Ok(Prepared {
