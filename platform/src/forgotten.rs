@@ -16,7 +16,7 @@
 //! (`ops.forgotten_set`), bumped by [`record_forgotten`] in the transaction
 //! that adds the hashes, under the exclusive [`FORGET_FENCE`]. Every
 //! PostgreSQL writer checks, inside its own commit, that the set has not
-//! changed since it filtered ([`Forgotten::still_current`], which takes the
+//! changed since it filtered ([`still_at`], which takes the
 //! fence shared): a write that filtered with the old set either commits
 //! before the request (and the request's deletes remove it) or sees the new
 //! version and filters again. The lake ingest, whose commits are Delta
@@ -161,15 +161,6 @@ impl Forgotten {
         self.version
     }
 
-    /// Inside a writer's transaction, just before it commits: takes the
-    /// forget fence shared for the rest of the transaction (a request being
-    /// recorded finishes first; the next waits for this commit) and says
-    /// whether the set is still the one this writer filtered with. When it
-    /// is not, the writer must roll back, reload and filter again.
-    pub async fn still_current(&self, tx: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-        still_at(tx, self.version).await
-    }
-
     pub fn len(&self) -> usize {
         self.hashes.len()
     }
@@ -240,15 +231,19 @@ impl LakeFence {
     }
 }
 
-/// The set's version now.
-/// [`Forgotten::still_current`] for a writer that filtered with the set at
-/// `version` and commits elsewhere (the speed layer commits one micro-batch
-/// while it filters the next).
+/// Inside a writer's transaction, just before it commits: takes the forget
+/// fence shared for the rest of the transaction (a request being recorded
+/// finishes first; the next waits for this commit) and says whether the set
+/// is still at `version`, the [`Forgotten::version`] this writer filtered
+/// with (the speed layer commits one micro-batch while it filters the
+/// next). When it is not, the writer must roll back, reload and filter
+/// again.
 pub async fn still_at(tx: &mut sqlx::PgConnection, version: i64) -> Result<bool, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)").bind(FORGET_FENCE).execute(&mut *tx).await?;
     Ok(current_version(tx).await? == version)
 }
 
+/// The set's version now.
 pub async fn current_version(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM ops.forgotten_set").fetch_one(conn).await
 }
