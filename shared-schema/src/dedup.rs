@@ -61,6 +61,36 @@ pub fn oldest_first<'k>(keys: impl IntoIterator<Item = (&'k EventKey, &'k i64)>)
     rows
 }
 
+/// Keys with their partition and time (microseconds since the epoch) as the
+/// columns of both key tables, `speed.event_keys` and `ops.dedup_seed`
+/// (`kafka_partition`, `event_key`, `event_time`), for a binary `COPY`; in
+/// the order given.
+pub fn key_batch(
+    rows: impl IntoIterator<Item = (i32, EventKey, i64)>,
+) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError> {
+    use std::sync::Arc;
+
+    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("event_key", DataType::Binary, false),
+        Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+    ]));
+    let (mut partitions, mut keys, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, k, t) in rows {
+        partitions.push(p);
+        keys.push(k);
+        times.push(t);
+    }
+    let event_keys = BinaryArray::from_iter_values(keys.iter().map(|k| k.0.as_slice()));
+    let times = TimestampMicrosecondArray::from(times).with_timezone("UTC");
+    arrow::array::RecordBatch::try_new(
+        schema,
+        vec![Arc::new(Int32Array::from(partitions)), Arc::new(event_keys), Arc::new(times)],
+    )
+}
+
 /// `keys` as the two columns PostgreSQL stores them in (`bytea` keys,
 /// `timestamptz` event times), [`oldest_first`]; a time out of range is
 /// left out.

@@ -116,25 +116,29 @@ impl Histories {
         next: &[(Partition, Offset)],
     ) -> Result<KeyWrites, KeyWritesError> {
         let window = self.history.window_micros();
-        let (mut key_partitions, mut keys, mut times) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut pruned, mut floors) = (Vec::new(), Vec::new());
+        let (mut keys, mut pruned, mut floors) = (Vec::new(), Vec::new(), Vec::new());
         for &p in partitions {
             let seed = self.unsaved.get(&p).map(Vec::as_slice).unwrap_or_default();
             let added = changes.partitions.get(&p.0).map(|c| c.added.as_slice()).unwrap_or_default();
             // One row per key (a key of the seed may come again as a new
             // first copy once the seed's fell out of the window).
             let rows: HashMap<EventKey, i64> = seed.iter().chain(added).copied().collect();
-            let (k, t) = shared_schema::dedup::key_columns(&rows);
-            key_partitions.extend(std::iter::repeat_n(p.0, k.len()));
-            keys.extend(k);
-            times.extend(t);
+            // A time PostgreSQL cannot hold is left out.
+            let valid = shared_schema::dedup::oldest_first(&rows)
+                .into_iter()
+                .filter(|(_, t)| DateTime::from_timestamp_micros(*t).is_some());
+            keys.extend(valid.map(|(k, t)| (p.0, *k, t)));
             let floor = self.newest(p, &changes).and_then(|n| DateTime::from_timestamp_micros(n - window));
             if let (Some(floor), true) = (floor, !added.is_empty()) {
                 pruned.push(p.0);
                 floors.push(floor);
             }
         }
-        let copy = if keys.is_empty() { None } else { Some(copy_payload(key_partitions, &keys, &times)?) };
+        let copy = if keys.is_empty() {
+            None
+        } else {
+            Some(platform::pgcopy::encode(&[shared_schema::dedup::key_batch(keys)?])?)
+        };
         for (p, _) in next {
             self.unsaved.remove(p);
         }
@@ -142,24 +146,6 @@ impl Histories {
         self.valid_at.extend(next.iter().copied());
         Ok(KeyWrites { copy, pruned, floors })
     }
-}
-
-/// The keys as a binary `COPY` payload of `speed.event_keys`' columns.
-fn copy_payload(partitions: Vec<i32>, keys: &[Vec<u8>], times: &[DateTime<Utc>]) -> Result<Vec<u8>, KeyWritesError> {
-    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
-    use std::sync::Arc;
-    let batch = arrow::array::RecordBatch::try_from_iter([
-        ("kafka_partition", Arc::new(Int32Array::from(partitions)) as arrow::array::ArrayRef),
-        ("event_key", Arc::new(BinaryArray::from_iter_values(keys))),
-        (
-            "event_time",
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(times.iter().map(DateTime::timestamp_micros))
-                    .with_timezone("UTC"),
-            ),
-        ),
-    ])?;
-    Ok(platform::pgcopy::encode(&[batch])?)
 }
 
 #[derive(Debug, thiserror::Error)]

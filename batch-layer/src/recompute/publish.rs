@@ -301,20 +301,8 @@ fn seed_batch(
     p: shared_schema::cut::Partition,
     keys: &[(shared_schema::dedup::EventKey, i64)],
 ) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError> {
-    use std::sync::Arc;
-
-    use arrow::array::{BinaryArray, Int32Array, TimestampMicrosecondArray};
-    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("kafka_partition", DataType::Int32, false),
-        Field::new("event_key", DataType::Binary, false),
-        Field::new("event_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
-    ]));
     let keys = shared_schema::dedup::oldest_first(keys.iter().map(|(k, t)| (k, t)));
-    let partitions = Int32Array::from(vec![p.0; keys.len()]);
-    let event_keys = BinaryArray::from_iter_values(keys.iter().map(|(k, _)| k.0.as_slice()));
-    let times = TimestampMicrosecondArray::from_iter_values(keys.iter().map(|(_, t)| *t)).with_timezone("UTC");
-    arrow::array::RecordBatch::try_new(schema, vec![Arc::new(partitions), Arc::new(event_keys), Arc::new(times)])
+    shared_schema::dedup::key_batch(keys.into_iter().map(|(k, t)| (p.0, *k, t)))
 }
 
 /// The columns of `batches` by name (a column a migration appended may sit
