@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::intake::{Edge, FlushEnd, Intake};
 use self::micro_batch::{FlushPolicy, Hold, Record};
-use self::sink::{Outcome, Prep, Prepared, Sink};
+use self::sink::{Outcome, Prep, Sink};
 use crate::dlq::Shipper;
 use crate::offsets;
 
@@ -516,26 +516,25 @@ impl Source for KafkaSource<'_> {
 enum Next {
     #[default]
     None,
-    Prepared(Box<Prepared>),
+    /// Prepared while the one before it committed.
+    Prep(Prep),
     /// To be prepared once the one committing has committed.
     Records(Vec<Record>),
-    /// To be re-read from PostgreSQL's offsets (see [`Prep::Fenced`]).
-    Fenced(Vec<Record>),
 }
 
 impl Next {
     fn records(&self) -> &[Record] {
         match self {
-            Next::None => &[],
-            Next::Prepared(p) => &p.records,
-            Next::Records(r) | Next::Fenced(r) => r,
+            Next::None | Next::Prep(Prep::Abandoned) => &[],
+            Next::Prep(Prep::Ready(p)) => &p.records,
+            Next::Prep(Prep::Fenced(r)) | Next::Records(r) => r,
         }
     }
 
     /// Prepared with what changed since: to be prepared again.
     fn unprepared(self) -> Self {
         match self {
-            Next::Prepared(p) => Next::Records(p.records),
+            Next::Prep(Prep::Ready(p)) => Next::Records(p.records),
             other => other,
         }
     }
@@ -631,12 +630,7 @@ impl<S: Source, E: Edge> Loop<'_, S, E> {
                     let records = self.intake.batch.take();
                     if !records.is_empty() {
                         metrics::counter!("speed_prepared_ahead_total").increment(1);
-                        next = match self.sink.prepare(records, shutdown).await {
-                            Prep::Ready(prepared) => Next::Prepared(prepared),
-                            Prep::Fenced(records) => Next::Fenced(records),
-                            // Only at shutdown: the next start re-reads it.
-                            Prep::Abandoned => Next::None,
-                        };
+                        next = Next::Prep(self.sink.prepare(records, shutdown).await);
                     }
                     continue;
                 }
@@ -665,9 +659,8 @@ impl<S: Source, E: Edge> Loop<'_, S, E> {
                     self.edge.committed(offsets);
                     current = match std::mem::take(&mut next) {
                         Next::None => break FlushEnd::Kept,
-                        Next::Prepared(prepared) => Prep::Ready(prepared),
+                        Next::Prep(prep) => prep,
                         Next::Records(records) => self.sink.prepare(records, shutdown).await,
-                        Next::Fenced(records) => Prep::Fenced(records),
                     };
                 }
                 Outcome::Fenced(_) => break FlushEnd::Fenced(discarded(&done.prepared.records, &next)),
