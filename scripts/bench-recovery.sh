@@ -27,7 +27,7 @@ ensure_stack
 step "build (release profile)"
 cargo build --release --locked -p batch-layer --bin batch-layer -p serving-layer --bin serving-layer -p tools --bin generate
 
-LAKE=$(ls -d "$LAMBDA_CACHE"/bench/lake-v2-e20000000-* 2>/dev/null | head -n1 || true)
+LAKE=$(ls -d "$LAMBDA_CACHE"/bench/lake-v3-e20000000-* 2>/dev/null | head -n1 || true)
 [ -n "$LAKE" ] || { echo "no benchmark lake under $LAMBDA_CACHE/bench: run \`make bench-batch\` first" >&2; exit 1; }
 
 fresh_db() {

@@ -714,11 +714,10 @@ async fn flush(
             .filter_map(|p| tables.history.partition(p.0).and_then(|h| h.newest).map(|n| (*p, n)))
             .collect();
         let counted = tables.pending.take(offsets.keys().copied());
-        let mut actions = ledger::Counts::txns(&tables.ledger, &counted);
-        let partitions = next.keys().map(|p| i64::from(p.0) + 1).max().unwrap_or(0);
-        actions.push(Transaction::new(crate::lake::partitions_app_id(&config.topic), partitions));
-        actions.extend(crate::dedup::newest_txns(&config.topic, &newest));
-        tables.events = append_judged(tables.events.clone(), decoded.batch.clone(), &config.topic, &offsets, actions)
+        let partitions = next.keys().map(|p| p.0 + 1).max().unwrap_or(0);
+        let mut actions = events_txns(&config.topic, &offsets, partitions, &newest);
+        actions.extend(ledger::Counts::txns(&tables.ledger, &counted));
+        tables.events = append_with(tables.events.clone(), decoded.batch.clone(), actions)
             .await
             .map_err(|source| IngestError::Commit { table: EVENTS_TABLE, source: Box::new(source) })?;
         tables.events_next.extend(offsets);
@@ -742,32 +741,37 @@ async fn flush(
 }
 
 /// Appends decoded `events` (in [`events_schema`]) to the `events` table in
-/// one Delta commit that records `offsets` (per partition of `topic`, the
-/// next offset) as its `txn` actions: the one way events enter the lake.
-/// Returns the table at the new version.
+/// one Delta commit, the one way events enter the lake, with the `txn`
+/// actions the ingest records ([`events_txns`]): `offsets` (per partition
+/// of `topic`, the next offset), how many `partitions` the topic has, and
+/// each partition's `newest` event time. Returns the table at the new
+/// version.
 pub async fn append_events(
     table: DeltaTable,
     events: RecordBatch,
     topic: &str,
     offsets: &BTreeMap<Partition, Offset>,
+    partitions: i32,
+    newest: &BTreeMap<Partition, i64>,
 ) -> Result<DeltaTable, deltalake::DeltaTableError> {
-    append_with(table, events, txns(topic, offsets)).await
+    append_with(table, events, events_txns(topic, offsets, partitions, newest)).await
 }
 
-/// [`append_events`] for the ingest: the commit also records `more`:
-/// each partition's newest time, from which a restart rebuilds its
-/// duplicates history ([`crate::dedup`]), and the ledger of offsets without
-/// a row ([`crate::ledger`]).
-async fn append_judged(
-    table: DeltaTable,
-    events: RecordBatch,
+/// The `txn` actions of a commit to `events` (besides the ledger's): the
+/// next offset of each partition written, the topic's partition count
+/// ([`crate::lake::recorded_partitions`]), and each partition's newest
+/// time, from which a restart rebuilds its duplicates history
+/// ([`crate::dedup`]). Readers find all of them in the newest commit.
+fn events_txns(
     topic: &str,
     offsets: &BTreeMap<Partition, Offset>,
-    more: Vec<Transaction>,
-) -> Result<DeltaTable, deltalake::DeltaTableError> {
+    partitions: i32,
+    newest: &BTreeMap<Partition, i64>,
+) -> Vec<Transaction> {
     let mut actions = txns(topic, offsets);
-    actions.extend(more);
-    append_with(table, events, actions).await
+    actions.push(Transaction::new(crate::lake::partitions_app_id(topic), i64::from(partitions)));
+    actions.extend(crate::dedup::newest_txns(topic, newest));
+    actions
 }
 
 /// Rows per Kafka partition of a batch in [`events_schema`].

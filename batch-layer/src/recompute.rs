@@ -326,6 +326,7 @@ async fn locked_run(
     }
 
     let compute_started = Instant::now();
+    let prepare_ms = started.elapsed().as_millis() as u64;
     let progress = progress_bar(config.progress, (views::all().len() + BATCH_TABLES.len() + 2) as u64);
     progress.set_message("finding the hours new events touched");
     let touched = if plan.needs_touched_hours() {
@@ -354,7 +355,9 @@ async fn locked_run(
     let cut_history = dedup_history(pool, &ctx, &table, &plan, deployment.dedup_window_micros).await?;
     let compute_ms = compute_started.elapsed().as_millis() as u64;
 
+    let check_started = Instant::now();
     let report = gate::check(pool, run_id, &computed, config.max_shrink).await?;
+    let check_ms = check_started.elapsed().as_millis() as u64;
     if !report.passed() {
         return Ok(RunOutcome::Rejected { run_id, report });
     }
@@ -403,7 +406,13 @@ async fn locked_run(
     )
     .bind(run_id)
     .bind(json!(rows))
-    .bind(json!({"compute": compute_ms, "publish": publish_ms, "total": started.elapsed().as_millis() as u64}))
+    .bind(json!({
+        "prepare": prepare_ms,
+        "compute": compute_ms,
+        "check": check_ms,
+        "publish": publish_ms,
+        "total": started.elapsed().as_millis() as u64
+    }))
     .bind(match (plan.full, plan.redefined.is_empty()) {
         (true, _) => "full: every hour recomputed".to_string(),
         (false, true) => format!("incremental: {} hours recomputed", touched.len()),
@@ -416,8 +425,13 @@ async fn locked_run(
     .execute(pool)
     .await?;
     progress.set_message("checking the complete hours");
+    let watch_started = Instant::now();
     match watch::hours(pool, &ctx, &files, config.findings, notifier).await {
-        Ok(checked) if !checked.is_empty() => tracing::info!(hours = checked.len(), "complete hours checked"),
+        Ok(checked) if !checked.is_empty() => tracing::info!(
+            hours = checked.len(),
+            ms = watch_started.elapsed().as_millis() as u64,
+            "complete hours checked"
+        ),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "the complete hours were not checked this run"),
     }
