@@ -190,24 +190,26 @@ pub async fn committed_offsets(
 }
 
 /// Per partition, the version of the `txn` action `app_id(partition)` in
-/// `table`'s snapshot; partitions without one are absent.
+/// `table`'s snapshot; partitions without one are absent. The lookups run
+/// at once: each one replays the log back to the newest commit holding its
+/// action (the whole log for an action never written, as the ledger's
+/// usually are).
 pub async fn txn_versions(
     table: &DeltaTable,
     partitions: impl IntoIterator<Item = Partition>,
     app_id: impl Fn(Partition) -> String,
 ) -> Result<BTreeMap<Partition, i64>, DeltaTableError> {
-    let mut out = BTreeMap::new();
     if table.version().is_none() {
-        return Ok(out);
+        return Ok(BTreeMap::new());
     }
     let state = table.snapshot()?;
     let log_store = table.log_store();
-    for p in partitions {
-        if let Some(v) = state.transaction_version(log_store.as_ref(), app_id(p)).await? {
-            out.insert(p, v);
-        }
-    }
-    Ok(out)
+    let lookups = partitions.into_iter().map(|p| {
+        let (state, log_store, id) = (&state, &log_store, app_id(p));
+        async move { Ok::<_, DeltaTableError>((p, state.transaction_version(log_store.as_ref(), id).await?)) }
+    });
+    let found = futures::future::try_join_all(lookups).await?;
+    Ok(found.into_iter().filter_map(|(p, v)| v.map(|v| (p, v))).collect())
 }
 
 #[cfg(test)]

@@ -102,9 +102,16 @@ pub async fn committed(
     table: &DeltaTable,
     partitions: impl IntoIterator<Item = Partition> + Clone,
 ) -> Result<Counts, DeltaTableError> {
+    let kinds =
+        Kind::ALL.map(|kind| {
+            let partitions = partitions.clone();
+            async move {
+                Ok::<_, DeltaTableError>((kind, lake::txn_versions(table, partitions, |p| app_id(kind, p)).await?))
+            }
+        });
     let mut counts = Counts::default();
-    for kind in Kind::ALL {
-        for (p, n) in lake::txn_versions(table, partitions.clone(), |p| app_id(kind, p)).await? {
+    for (kind, found) in futures::future::try_join_all(kinds).await? {
+        for (p, n) in found {
             counts.add(p, kind, n);
         }
     }
