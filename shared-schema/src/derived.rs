@@ -483,6 +483,10 @@ pub struct Rollup {
     pub reads: &'static [&'static str],
     /// The first `key` columns are the primary key, [`ROLLUP_HOUR`] first.
     pub key: usize,
+    /// Recomputed whole whenever a publish writes what it reads, whichever
+    /// hours: its rows are not per hour of demand but as of the newest
+    /// batch hour ([`POPULAR_ROLLUP`]); its statements take no hours.
+    pub whole: bool,
     columns: fn() -> Vec<(&'static str, SqlType)>,
     select: RollupSelect,
 }
@@ -517,7 +521,7 @@ impl Rollup {
     /// Deletes its rows: all of them, or (`hours`) those of the hours bound
     /// as `$1` (`timestamptz[]`).
     pub fn clear_sql(&self, hours: bool) -> String {
-        let filter = if hours { format!(" WHERE {ROLLUP_HOUR} = ANY($1)") } else { String::new() };
+        let filter = if hours && !self.whole { format!(" WHERE {ROLLUP_HOUR} = ANY($1)") } else { String::new() };
         format!("DELETE FROM batch.{}{filter}", self.name)
     }
 
@@ -525,7 +529,12 @@ impl Rollup {
     /// (`hours`) those bound as `$1`. Run after [`Self::clear_sql`].
     pub fn fill_sql(&self, source: &dyn Fn(&str) -> String, hours: bool) -> String {
         let cols: Vec<_> = self.columns().iter().map(|(n, _)| *n).collect();
-        format!("INSERT INTO batch.{} ({})\n{}", self.name, cols.join(", "), (self.select)(source, hours))
+        format!(
+            "INSERT INTO batch.{} ({})\n{}",
+            self.name,
+            cols.join(", "),
+            (self.select)(source, hours && !self.whole)
+        )
     }
 }
 
@@ -572,11 +581,36 @@ fn level_rollup_select(source: &dyn Fn(&str) -> String, hours: bool) -> String {
     hour_level_sql(&demand_rows(&source(PRODUCT_DEMAND_HOURLY), filter), &source(DEMAND_BASELINE.name))
 }
 
+/// The factor by which an hour's popularity has decayed at `at`.
+fn popular_decay(at: &str, hour: &str) -> String {
+    format!("power(0.5, extract(epoch FROM {at} - {hour})::double precision / ({POPULAR_HALF_LIFE_HOURS} * 3600.0))")
+}
+
+fn popular_rollup_columns() -> Vec<(&'static str, SqlType)> {
+    vec![(ROLLUP_HOUR, SqlType::TimestampTz), ("product_id", SqlType::Text), ("score", SqlType::Double)]
+}
+
+/// Each product's popularity over the batch rows as of the newest batch
+/// hour (the anchor, in [`ROLLUP_HOUR`]): its demand of the
+/// [`POPULAR_DAYS`] up to the anchor, decayed to the anchor.
+fn popular_rollup_select(source: &dyn Fn(&str) -> String, _hours: bool) -> String {
+    format!(
+        "SELECT a.anchor, d.product_id, sum(({POPULAR_SCORE}) * {decay})::double precision
+FROM {v} AS d
+CROSS JOIN (SELECT max(hour) AS anchor FROM {v}) AS a
+WHERE d.hour > a.anchor - interval '{POPULAR_DAYS} days'
+GROUP BY a.anchor, d.product_id",
+        decay = popular_decay("a.anchor", "d.hour"),
+        v = source(PRODUCT_DEMAND_HOURLY),
+    )
+}
+
 /// Category demand of the batch rows, per hour and category.
 pub const CATEGORY_DEMAND_ROLLUP: Rollup = Rollup {
     name: "category_demand_hourly",
     reads: &[PRODUCT_DEMAND_HOURLY, PRODUCTS.name],
     key: 2,
+    whole: false,
     columns: category_rollup_columns,
     select: category_rollup_select,
 };
@@ -586,30 +620,65 @@ pub const DEMAND_LEVEL_ROLLUP: Rollup = Rollup {
     name: "demand_levels",
     reads: &[PRODUCT_DEMAND_HOURLY, DEMAND_BASELINE.name],
     key: 1,
+    whole: false,
     columns: level_rollup_columns,
     select: level_rollup_select,
 };
 
-pub const ROLLUPS: &[Rollup] = &[CATEGORY_DEMAND_ROLLUP, DEMAND_LEVEL_ROLLUP];
+/// Popularity of the batch rows as of the newest batch hour.
+pub const POPULAR_ROLLUP: Rollup = Rollup {
+    name: "popular_scores",
+    reads: &[PRODUCT_DEMAND_HOURLY],
+    key: 2,
+    whole: true,
+    columns: popular_rollup_columns,
+    select: popular_rollup_select,
+};
 
-/// Demand of the last [`POPULAR_DAYS`], decayed by age. The newest hour is
-/// taken once (`OFFSET 0` keeps PostgreSQL from calling the function for
-/// every row it weighs); the hour bound calls it too, as an index bound,
-/// which PostgreSQL evaluates once per scan. The decay is in double
-/// precision: `extract` gives `numeric`, whose `power` is many times slower.
+pub const ROLLUPS: &[Rollup] = &[CATEGORY_DEMAND_ROLLUP, DEMAND_LEVEL_ROLLUP, POPULAR_ROLLUP];
+
+/// Demand of the last [`POPULAR_DAYS`], decayed by age to the newest hour.
+///
+/// The score is linear in the measures and the decay factors, so the
+/// batch rows' part comes from [`POPULAR_ROLLUP`], decayed once more from
+/// its anchor (the newest batch hour) to the newest hour, less the batch
+/// hours that left the window since the anchor (none while the batch is
+/// within an hour or two of the speed layer); the speed rows above the cut
+/// are weighed here. A read weighs a row per product plus the hours the
+/// speed layer holds, not seven days of product-hours; the scores equal
+/// those of the merged rows up to floating-point rounding. The newest
+/// hour is taken once (`OFFSET 0` keeps PostgreSQL from calling the
+/// function for every row it weighs). The decay is in double precision:
+/// `extract` gives `numeric`, whose `power` is many times slower.
 fn popular_body() -> String {
+    let v = product_demand_hourly();
     format!(
         "SELECT (row_number() OVER (ORDER BY score DESC, product_id))::bigint AS rank, product_id, score
 FROM (
-    SELECT product_id,
-           sum(({POPULAR_SCORE}) * power(0.5, extract(epoch FROM n.latest - hour)::double precision / ({POPULAR_HALF_LIFE_HOURS} * 3600.0)))::double precision AS score
-    FROM serving.{v}
-    CROSS JOIN (SELECT serving.latest_demand_hour() AS latest OFFSET 0) AS n
-    WHERE hour > serving.latest_demand_hour() - interval '{POPULAR_DAYS} days'
-    GROUP BY product_id
+    SELECT x.product_id, sum(x.score)::double precision AS score
+    FROM (SELECT serving.latest_demand_hour() AS latest OFFSET 0) AS n
+    CROSS JOIN LATERAL (
+        SELECT r.product_id, r.score * {rollup_decay} AS score
+        FROM batch.{rollup} AS r
+        UNION ALL
+        SELECT d.product_id, -({POPULAR_SCORE}) * {batch_decay}
+        FROM batch.{name} AS d
+        WHERE d.hour > (SELECT max(hour) FROM batch.{rollup}) - interval '{POPULAR_DAYS} days'
+          AND d.hour <= n.latest - interval '{POPULAR_DAYS} days'
+        UNION ALL
+        SELECT s.product_id, ({POPULAR_SCORE}) * {speed_decay}
+        FROM ({rows}) AS s
+        WHERE s.hour > n.latest - interval '{POPULAR_DAYS} days'
+    ) AS x
+    GROUP BY x.product_id
 ) AS s
 WHERE score > 0",
-        v = PRODUCT_DEMAND_HOURLY
+        rollup_decay = popular_decay("n.latest", "r.hour"),
+        batch_decay = popular_decay("n.latest", "d.hour"),
+        speed_decay = popular_decay("n.latest", "s.hour"),
+        rollup = POPULAR_ROLLUP.name,
+        name = v.name,
+        rows = v.speed_rows_sql(),
     )
 }
 
@@ -862,10 +931,14 @@ mod tests {
         for r in ROLLUPS {
             assert_eq!(r.columns()[0], (ROLLUP_HOUR, SqlType::TimestampTz), "{}", r.name);
             assert!(r.reads.contains(&PRODUCT_DEMAND_HOURLY), "{}", r.name);
-            // The hour filter binds one parameter, in both statements.
-            assert!(
-                r.clear_sql(true).contains("= ANY($1)") && r.fill_sql(&|n| n.to_string(), true).contains("= ANY($1)")
-            );
+            // The hour filter binds one parameter, in both statements; a
+            // rollup recomputed whole has none.
+            let filtered = [r.clear_sql(true), r.fill_sql(&|n| n.to_string(), true)];
+            if r.whole {
+                assert!(filtered.iter().all(|sql| !sql.contains('$')), "{}", r.name);
+            } else {
+                assert!(filtered.iter().all(|sql| sql.contains("= ANY($1)")), "{}", r.name);
+            }
             assert!(!r.clear_sql(false).contains('$') && !r.fill_sql(&|n| n.to_string(), false).contains('$'));
         }
     }

@@ -284,6 +284,9 @@ enum RollupScope {
 /// `None` when the publish wrote nothing the rollup reads.
 fn rollup_scope(rollup: &Rollup, computed: &[Computed]) -> Option<RollupScope> {
     let read: Vec<&Computed> = computed.iter().filter(|c| rollup.reads.contains(&c.name)).collect();
+    if rollup.whole {
+        return (!read.is_empty()).then_some(RollupScope::All);
+    }
     let mut starts = Vec::new();
     for c in &read {
         match &c.refresh {
@@ -382,7 +385,9 @@ async fn fence(tx: &mut PgConnection, record: &Record<'_>) -> Result<(), RunErro
 
 #[cfg(test)]
 mod tests {
-    use shared_schema::derived::{CATEGORY_DEMAND_ROLLUP, DEMAND_BASELINE, DEMAND_LEVEL_ROLLUP, PRODUCTS};
+    use shared_schema::derived::{
+        CATEGORY_DEMAND_ROLLUP, DEMAND_BASELINE, DEMAND_LEVEL_ROLLUP, POPULAR_ROLLUP, PRODUCTS,
+    };
     use shared_schema::schema::Hour;
     use shared_schema::views::{product_demand_hourly, user_product_state};
 
@@ -423,5 +428,8 @@ mod tests {
         let full = [view(product_demand_hourly(), Refresh::Replace)];
         assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &full), Some(RollupScope::All));
         assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &[view(user_product_state(), Refresh::Upsert)]), None);
+        // Popularity is as of the newest hour: whole whenever demand was written.
+        assert_eq!(rollup_scope(&POPULAR_ROLLUP, &written), Some(RollupScope::All));
+        assert_eq!(rollup_scope(&POPULAR_ROLLUP, &baseline), None);
     }
 }

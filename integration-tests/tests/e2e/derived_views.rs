@@ -10,7 +10,7 @@ use batch_layer::recompute::{self, RunConfig, RunOutcome};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use integration_tests::fixture::Stack;
 use integration_tests::generator::{self, Args, Demand, Truth};
-use shared_schema::derived::{POPULAR_DAYS, POPULAR_HALF_LIFE_HOURS};
+use shared_schema::derived::{POPULAR_DAYS, POPULAR_HALF_LIFE_HOURS, POPULAR_SCORE};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -264,6 +264,44 @@ const EXPECTED_OVER_MERGED_ROWS: &str = "
 type CategoryRow = (DateTime<Utc>, String, i64, i64, i64, i64, i64, i64);
 type ExpectedRow = (DateTime<Utc>, String, f64, f64);
 
+/// Popularity as it was defined before its rollup: the merged product rows
+/// of the last days, decayed to the newest hour, ranked.
+fn popular_over_merged_rows() -> String {
+    format!(
+        "SELECT product_id, score FROM (
+             SELECT product_id,
+                    sum(({POPULAR_SCORE}) * power(0.5, extract(epoch FROM n.latest - hour)::double precision
+                        / ({POPULAR_HALF_LIFE_HOURS} * 3600.0)))::double precision AS score
+             FROM serving.product_demand_hourly
+             CROSS JOIN (SELECT serving.latest_demand_hour() AS latest) AS n
+             WHERE hour > n.latest - interval '{POPULAR_DAYS} days'
+             GROUP BY product_id) AS s
+         WHERE score > 0 ORDER BY score DESC, product_id"
+    )
+}
+
+/// `serving.popular_products` equals [`popular_over_merged_rows`]: the
+/// same products in the same order, each score within rounding; returns
+/// how many products it ranks.
+async fn assert_popularity_matches(pool: &PgPool, when: &str) -> usize {
+    let oracle: Vec<(String, f64)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(popular_over_merged_rows())).fetch_all(pool).await.unwrap();
+    let served: Vec<(i64, String, f64)> =
+        sqlx::query_as("SELECT rank, product_id, score FROM serving.popular_products ORDER BY rank")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(served.len(), oracle.len(), "serving.popular_products {when}: {served:?} against {oracle:?}");
+    for ((rank, product, score), (i, (want_product, want_score))) in served.iter().zip(oracle.iter().enumerate()) {
+        assert_eq!((*rank, product), (i as i64 + 1, want_product), "serving.popular_products {when}: rank {rank}");
+        assert!(
+            (score - want_score).abs() <= 1e-9 * want_score,
+            "serving.popular_products {when}: {product} scores {score}, the merged rows {want_score}"
+        );
+    }
+    served.len()
+}
+
 /// `serving.category_demand_hourly` and the expected demand of
 /// `serving.demand_spike_hours` equal the oracles; returns how many rows
 /// each has.
@@ -287,7 +325,72 @@ async fn assert_rollups_match(pool: &PgPool, when: &str) -> (usize, usize) {
     .await
     .unwrap();
     assert_eq!(served, oracle, "serving.demand_spike_hours {when}");
+    assert!(assert_popularity_matches(pool, when).await > 0, "popularity ranks products {when}");
     (categories, served.len())
+}
+
+/// Popularity reads the batch's part from its rollup, as of the newest
+/// batch hour, and takes out the batch hours that left its window since
+/// when the speed layer holds newer hours. However far ahead the speed
+/// layer is (none to 30 hours, with late rows in an old hour and rows
+/// below the cut it must ignore), the scores are those of the merged rows.
+#[tokio::test]
+async fn popularity_from_its_rollup_equals_popularity_over_merged_rows() {
+    let s = setup("derived_popular").await;
+    // Nine days of batch demand for three products, each its own pattern,
+    // and a fourth whose demand is all at the window's far end, so the
+    // ranking changes as hours leave the window.
+    sqlx::query(
+        "INSERT INTO batch.product_demand_hourly
+             (hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents)
+         SELECT date_trunc('hour', now()) - make_interval(hours => h), 'p-' || p,
+                1 + (h * (p + 3) + p * 11) % 40, (h + p) % 5, 0, (h * p) % 3, (h * p) % 3, 999 * ((h * p) % 3)
+         FROM generate_series(0, 215) AS h CROSS JOIN generate_series(1, 4) AS p
+         WHERE p < 4 OR h BETWEEN 160 AND 169",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    platform::db::refill_rollups(&s.pool).await.unwrap();
+    sqlx::query("INSERT INTO ops.cut (kafka_partition, cut_offset) VALUES (0, 100)").execute(&s.pool).await.unwrap();
+    let rolled_up: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batch.popular_scores").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(rolled_up, 4, "one row per product of the window");
+    assert_eq!(assert_popularity_matches(&s.pool, "with the batch alone").await, 4);
+
+    for ahead in [1, 5, 30] {
+        sqlx::query("DELETE FROM speed.product_demand_hourly").execute(&s.pool).await.unwrap();
+        // Above the cut (segment 1000): every hour after the batch's newest
+        // up to `ahead`, and a late row in a batch hour; below it (segment
+        // 10, already in the batch): a row that must not count.
+        sqlx::query(
+            "WITH b AS (SELECT max(hour) AS newest FROM batch.product_demand_hourly)
+             INSERT INTO speed.product_demand_hourly
+                 (hour, product_id, kafka_partition, segment, views, cart_adds, cart_removes, purchases, units,
+                  revenue_cents)
+             SELECT b.newest + make_interval(hours => k), 'p-' || (1 + k % 4), 0, 1000, 5 * k, k % 3, 0, k % 2,
+                    k % 2, 999 * (k % 2)
+             FROM b CROSS JOIN generate_series(1, $1) AS k
+             UNION ALL
+             SELECT b.newest - interval '30 hours', 'p-4', 0, 1000, 400, 0, 0, 0, 0, 0 FROM b
+             UNION ALL
+             SELECT b.newest - interval '2 hours', 'p-1', 0, 10, 100000, 0, 0, 0, 0, 0 FROM b",
+        )
+        .bind(ahead)
+        .execute(&s.pool)
+        .await
+        .unwrap();
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM batch.product_demand_hourly
+             WHERE hour > (SELECT max(hour) FROM batch.popular_scores) - interval '7 days'
+               AND hour <= serving.latest_demand_hour() - interval '7 days'",
+        )
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+        assert!(left > 0, "{ahead} hours ahead: batch hours left the window since the rollup's anchor");
+        assert_popularity_matches(&s.pool, &format!("with the speed layer {ahead} hours ahead")).await;
+    }
 }
 
 /// The category and spike views read the batch's per-hour rollups instead
