@@ -139,7 +139,8 @@ $table
 Reads cost the hours they ask for, not the history: category demand and
 spike detection read the batch's per-hour rollups
 (\`batch.category_demand_hourly\`, \`batch.demand_levels\`) and compute
-only the hours the speed layer holds; popularity reads its seven days.
+only the hours the speed layer holds; popularity reads its rollup (a row
+per product) and the speed layer's hours.
 MD
 )
 echo
