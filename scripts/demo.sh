@@ -10,6 +10,11 @@ LOGS=$ROOT/.local/logs
 mkdir -p "$LOGS"
 BIN=$CARGO_TARGET_DIR/debug
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5433/lambda}
+# Each service connects as the role it runs as in production (deploy/env,
+# docs/OPERATIONS.md "Roles and the schema owner"); the schema owner
+# (DATABASE_URL) only migrates, makes the API keys and answers the
+# demo's own queries. The local server trusts local connections.
+as_role() { echo "${DATABASE_URL/\/\/postgres@/\/\/$1@}"; }
 
 current=""
 trap 'rc=$?; if [ $rc -ne 0 ]; then printf "\nerror: demo step \"%s\" failed (exit %s); see the output above and %s/\n" "$current" "$rc" "$LOGS" >&2; fi' EXIT
@@ -37,7 +42,7 @@ else
 fi
 
 step "batch layer: drain 'events' into the Delta lake (.local/lake)"
-"$BIN/batch-layer" ingest --until-caught-up --lake-uri "$LAKE"
+DATABASE_URL=$(as_role batch_writer) "$BIN/batch-layer" ingest --until-caught-up --lake-uri "$LAKE"
 
 # start_bg NAME CMD...: (re)start a background process, log in .local/logs/NAME.log
 start_bg() {
@@ -55,16 +60,17 @@ start_bg() {
 alive() { kill -0 "$(cat "$ROOT/.local/run/$1.pid" 2>/dev/null)" 2>/dev/null || { echo "$1 exited; see $LOGS/$1.log" >&2; exit 1; }; }
 
 step "batch layer: the first full run (views, baseline, similarity) over the lake"
-"$BIN/batch-layer" run --full --lake-uri "$LAKE"
+DATABASE_URL=$(as_role batch_writer) "$BIN/batch-layer" run --full --lake-uri "$LAKE"
 
 step "start in the background: speed layer, lake ingest, batch every ${DEMO_BATCH_EVERY:-5m}, serving layer, watchdog"
 # The default mode: a static member of the consumer group.
-start_bg speed-layer "$BIN/speed-layer" run
-start_bg ingest "$BIN/batch-layer" ingest --lake-uri "$LAKE" --flush-interval 10s
-start_bg batch-schedule "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$LAKE"
-start_bg serving-layer "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}" --ops-addr "${SERVING_OPS_ADDR:-127.0.0.1:9102}"
+start_bg speed-layer env DATABASE_URL="$(as_role speed_writer)" "$BIN/speed-layer" run
+start_bg ingest env DATABASE_URL="$(as_role batch_writer)" "$BIN/batch-layer" ingest --lake-uri "$LAKE" --flush-interval 10s
+start_bg batch-schedule env DATABASE_URL="$(as_role batch_writer)" "$BIN/batch-layer" schedule --every "${DEMO_BATCH_EVERY:-5m}" --lake-uri "$LAKE"
+start_bg serving-layer env RECOMMENDER_DATABASE_URL="$(as_role recommender_reader)" \
+    DASHBOARD_DATABASE_URL="$(as_role dashboard_reader)" "$BIN/serving-layer" serve --addr "${SERVING_ADDR:-127.0.0.1:8080}" --ops-addr "${SERVING_OPS_ADDR:-127.0.0.1:9102}"
 # Dead-man alerts: a process of its own, watching the others' heartbeats.
-start_bg watchdog "$BIN/serving-layer" watchdog
+start_bg watchdog env DATABASE_URL="$(as_role ops_watchdog)" "$BIN/serving-layer" watchdog
 echo "logs: $LOGS/{speed-layer,ingest,batch-schedule,serving-layer,watchdog}.log"
 
 # Wait until the speed layer has stopped moving (three equal readings):
