@@ -347,6 +347,23 @@ impl ViewDef {
         self.upsert_sql(&format!("batch.{}", self.name), &cols, &keys, &ordered)
     }
 
+    /// [`Self::batch_upsert_sql`], and in the same statement the speed
+    /// rows that the batch rows as written now dominate deleted (see
+    /// [`Self::speed_prune_sql`]): the prune meets only the keys folded in,
+    /// each with its whole new batch row (neither the rows folded in nor
+    /// the old batch row alone dominates a speed row that holds the newer
+    /// value of each), and never reads the rest of the batch table.
+    pub fn batch_fold_sql(&self, source: &str) -> String {
+        let upsert = self.batch_upsert_sql(source);
+        match self.speed_prune_sql("written") {
+            Some(prune) => {
+                let cols: Vec<_> = self.key_names().chain(self.measure_names()).map(|c| format!("t.{c}")).collect();
+                format!("WITH written AS (\n{upsert}\nRETURNING {}\n)\n{prune}", cols.join(", "))
+            }
+            None => upsert,
+        }
+    }
+
     /// For a view whose measures all merge by `max` or `min` (no segments),
     /// the statement that deletes the speed rows the batch rows dominate:
     /// every measure absent or no further out than the batch's. Such a row
@@ -651,6 +668,7 @@ mod tests {
             }
         }
         insta::assert_snapshot!("user_product_state_batch_upsert", user_product_state().batch_upsert_sql("staging"));
+        insta::assert_snapshot!("user_product_state_batch_fold", user_product_state().batch_fold_sql("staging"));
     }
 
     #[test]

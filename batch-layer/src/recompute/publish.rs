@@ -122,7 +122,8 @@ pub(crate) async fn publish(
                 sqlx::raw_sql(AssertSqlSafe(insert)).execute(&mut *tx).await?;
             }
             (Refresh::Upsert, Relation::View(view)) => {
-                sqlx::raw_sql(AssertSqlSafe(view.batch_upsert_sql(&staging))).execute(&mut *tx).await?;
+                // Prunes the speed rows it makes dominated (`prune_against`).
+                sqlx::raw_sql(AssertSqlSafe(view.batch_fold_sql(&staging))).execute(&mut *tx).await?;
             }
             (Refresh::Replace, _) | (Refresh::Upsert, Relation::Table(_)) => {
                 unreachable!("relations replaced whole are loaded into their shadow; batch tables are replaced")
@@ -246,10 +247,9 @@ pub(crate) async fn publish(
     }
     // The speed rows of the other views that the new batch rows dominate
     // add nothing to the merge: the speed tables keep only what the batch
-    // does not hold yet (a forgotten user's and everyone's stale state go).
-    for view in views::all() {
-        let batch = shadows.get(view.name).cloned().unwrap_or_else(|| format!("batch.{}", view.name));
-        if let Some(sql) = view.speed_prune_sql(&batch) {
+    // does not hold yet.
+    for (view, rows) in prune_against(computed, &shadows) {
+        if let Some(sql) = view.speed_prune_sql(&rows) {
             sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
         }
     }
@@ -269,6 +269,34 @@ pub(crate) async fn publish(
     swap(&mut tx, &shadows.keys().copied().collect::<Vec<_>>()).await?;
     tx.commit().await?;
     Ok(written)
+}
+
+/// For each view this publish wrote, the relation whose rows its speed
+/// rows are pruned against (see `ViewDef::speed_prune_sql`): the whole new
+/// relation when it was replaced; the rows written (the staging table)
+/// when it rewrote hours, which are then the hours' whole batch rows. A
+/// folded view is pruned by its fold itself (`ViewDef::batch_fold_sql`),
+/// against the batch rows it wrote. A batch row the publish did not write
+/// dominates no speed row it did not dominate before, so an incremental
+/// publish reads what it wrote, not the batch table (a hash join over all
+/// of `batch.user_product_state` took 0.7 s at one week,
+/// docs/BENCHMARKS.md). A speed row that was dominated already (folded by
+/// a speed layer catching up below the cut) stays until a full run; it
+/// changes nothing readers see.
+fn prune_against(
+    computed: &[Computed],
+    shadows: &BTreeMap<&str, String>,
+) -> Vec<(&'static shared_schema::ViewDef, String)> {
+    computed
+        .iter()
+        .filter_map(|c| match (c.relation, &c.refresh) {
+            (Relation::View(view), Refresh::Replace) => {
+                Some((view, shadows.get(c.name).cloned().unwrap_or_else(|| format!("batch.{}", c.name))))
+            }
+            (Relation::View(view), Refresh::Hours { .. }) => Some((view, staging_table(c.name))),
+            (Relation::View(_), Refresh::Upsert) | (Relation::Table(_), _) => None,
+        })
+        .collect()
 }
 
 /// Which hours of a rollup a publish recomputes.
@@ -403,6 +431,24 @@ mod tests {
 
     fn table(table: &'static shared_schema::derived::BatchTable) -> Computed {
         Computed { name: table.name, relation: Relation::Table(table), refresh: Refresh::Replace, batches: Vec::new() }
+    }
+
+    #[test]
+    fn speed_rows_are_pruned_against_what_the_publish_wrote() {
+        let hours = Refresh::Hours { key: "hour", hours: vec![hour(5)] };
+        let shadows = BTreeMap::from([(user_product_state().name, "batch.user_product_state__b".to_string())]);
+        let names = |computed: &[Computed]| -> Vec<(&str, String)> {
+            prune_against(computed, &shadows).into_iter().map(|(v, rows)| (v.name, rows)).collect()
+        };
+        // Rewritten hours: against the rows written, never the batch table;
+        // folded: by the fold itself.
+        let incremental = [view(product_demand_hourly(), hours), view(user_product_state(), Refresh::Upsert)];
+        assert_eq!(names(&incremental), [("product_demand_hourly", "batch_staging_product_demand_hourly".to_string())]);
+        // Replaced: against the whole new relation, the shadow about to be swapped in.
+        let full = [view(user_product_state(), Refresh::Replace), table(&DEMAND_BASELINE)];
+        assert_eq!(names(&full), [("user_product_state", "batch.user_product_state__b".to_string())]);
+        // Not written: not pruned.
+        assert_eq!(names(&[table(&PRODUCTS)]), []);
     }
 
     #[test]

@@ -696,6 +696,36 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     assert_eq!(new, 5, "the new user's five products");
     let (rows, _) = served(pool.clone()).await;
     assert_eq!(rows, before.0 + 5);
+
+    // An incremental publish prunes against the rows it folded in: fifteen
+    // more events of one product put the cut past the new user's first six,
+    // so the batch now holds its other four products and their speed rows go.
+    for n in (10..85).step_by(5) {
+        send(&producer, &topic, Some("u-new"), &event("u-new", n)).await;
+    }
+    wait_for_speed(&stack, &topic, &pool).await;
+    let before = served(pool.clone()).await;
+    ingest::run(IngestConfig::catch_up(stack.brokers(), &topic, &lake), CancellationToken::new()).await.unwrap();
+    let outcome = recompute::run(&run).await.unwrap();
+    assert!(matches!(outcome, RunOutcome::Published { hours: Some(_), .. }), "an incremental publish: {outcome:?}");
+    assert_eq!(served(pool.clone()).await, before, "the incremental prune changes nothing readers see");
+    let dominated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM speed.user_product_state s JOIN batch.user_product_state b USING (user_id, product_id)
+         WHERE (s.last_viewed_at IS NULL OR s.last_viewed_at <= b.last_viewed_at)
+           AND (s.last_carted_at IS NULL OR s.last_carted_at <= b.last_carted_at)
+           AND (s.last_removed_at IS NULL OR s.last_removed_at <= b.last_removed_at)
+           AND (s.last_purchased_at IS NULL OR s.last_purchased_at <= b.last_purchased_at)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dominated, 0, "no speed row the batch holds is left after an incremental publish");
+    let kept: Vec<String> =
+        sqlx::query_scalar("SELECT product_id FROM speed.user_product_state WHERE user_id = 'u-new' ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(kept.iter().all(|p| p == "p-0"), "only the product with events above the cut stays: {kept:?}");
     shutdown.cancel();
     speed.await.unwrap().unwrap();
 }
