@@ -17,7 +17,9 @@
 //!    DuckDB over the same Parquet files (the snapshot's current files),
 //!    interleaved repetitions; both results must agree.
 //! 3. **Full against incremental.** `batch-layer run --full` end to end into
-//!    a fresh database, then one new hour of events appended and an
+//!    a fresh database, then, `--incremental-runs` times, one new hour of
+//!    events appended, what a running speed layer would hold of it written
+//!    (its `user_product_state`, its positions), a `CHECKPOINT`, and an
 //!    incremental `batch-layer run`.
 
 use std::collections::BTreeMap;
@@ -113,6 +115,13 @@ struct Args {
     /// change often moves them).
     #[arg(long, default_value_t = 3)]
     incremental_runs: u32,
+    /// Leave the speed layer out of the incremental runs: empty speed
+    /// tables and no positions (so each publish writes the duplicates seed
+    /// and prunes nothing). By default the runs meet what a running speed
+    /// layer leaves: each appended hour's `(user, product)` state folded
+    /// into `speed.user_product_state`, and its positions at the lake's end.
+    #[arg(long)]
+    without_speed_layer: bool,
 }
 
 /// First hour of the generated history: fixed, so a cached lake is the
@@ -301,7 +310,7 @@ async fn ensure_lake(args: &Args, traffic: &Traffic, bench_dir: &Path) -> anyhow
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let events = append_hours(traffic, table, &args.topic, 0..args.hours, args.flushes_per_hour, &bar).await?;
+    let events = append_hours(traffic, table, &args.topic, 0..args.hours, args.flushes_per_hour, &bar, None).await?;
     bar.finish_and_clear();
     if events < args.events {
         println!("note: the shop model made {} events, fewer than the {} asked for", group(events), group(args.events));
@@ -329,6 +338,7 @@ async fn append_hours(
     hours: std::ops::Range<u32>,
     flushes: u32,
     bar: &ProgressBar,
+    mut speed: Option<&mut SpeedState>,
 ) -> anyhow::Result<u64> {
     let partitions = (0..traffic.partitions).map(Partition);
     let mut next = lake::committed_offsets(&table, topic, partitions.clone()).await?;
@@ -362,6 +372,9 @@ async fn append_hours(
                 advance(&mut reached, &part)?;
             }
             newest_times(&mut newest, &part)?;
+            if let Some(state) = speed.as_deref_mut() {
+                state.fold(&part)?;
+            }
             table = append_events(table, part, topic, &reached, partition_count, &newest).await?;
         }
         bar.inc(1);
@@ -369,6 +382,68 @@ async fn append_hours(
     }
     maker.await?;
     Ok(events)
+}
+
+/// What the speed layer folds of `user_product_state` from the events it
+/// reads: per `(user, product)`, the newest time (µs) of each event type
+/// the view keeps (`views/user_product_state.sql`).
+#[derive(Default)]
+struct SpeedState(std::collections::HashMap<(String, String), [Option<i64>; 4]>);
+
+impl SpeedState {
+    const TYPES: [&'static str; 4] = ["page_view", "add_to_cart", "remove_from_cart", "purchase"];
+
+    fn fold(&mut self, batch: &RecordBatch) -> anyhow::Result<()> {
+        use datafusion::arrow::array::AsArray;
+        use datafusion::arrow::datatypes::TimestampMicrosecondType;
+        use shared_schema::schema::col;
+        let text = |name: &str| batch.column_by_name(name).map(|c| c.as_string::<i32>()).context(name.to_string());
+        let (users, products, kinds) = (text(col::USER_ID)?, text(col::PRODUCT_ID)?, text(col::EVENT_TYPE)?);
+        let times =
+            batch.column_by_name(col::EVENT_TIME).context("no event_time")?.as_primitive::<TimestampMicrosecondType>();
+        for i in 0..batch.num_rows() {
+            let Some(k) = Self::TYPES.iter().position(|t| *t == kinds.value(i)) else { continue };
+            let row = self.0.entry((users.value(i).to_string(), products.value(i).to_string())).or_default();
+            row[k] = row[k].max(Some(times.value(i)));
+        }
+        Ok(())
+    }
+
+    /// Folds the state into `speed.user_product_state` (greatest wins, as
+    /// the speed layer's upsert does) and empties it.
+    async fn write(&mut self, pool: &sqlx::PgPool) -> anyhow::Result<usize> {
+        let time = |t: Option<i64>| t.and_then(DateTime::<Utc>::from_timestamp_micros);
+        let (mut users, mut products) = (Vec::new(), Vec::new());
+        let mut times: [Vec<Option<DateTime<Utc>>>; 4] = Default::default();
+        for ((user, product), row) in self.0.drain() {
+            users.push(user);
+            products.push(product);
+            for (column, t) in times.iter_mut().zip(row) {
+                column.push(time(t));
+            }
+        }
+        let [viewed, carted, removed, purchased] = times;
+        sqlx::query(
+            "INSERT INTO speed.user_product_state AS t
+                 (user_id, product_id, last_viewed_at, last_carted_at, last_removed_at, last_purchased_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],
+                                  $6::timestamptz[])
+             ON CONFLICT (user_id, product_id) DO UPDATE SET
+                 last_viewed_at = GREATEST(t.last_viewed_at, EXCLUDED.last_viewed_at),
+                 last_carted_at = GREATEST(t.last_carted_at, EXCLUDED.last_carted_at),
+                 last_removed_at = GREATEST(t.last_removed_at, EXCLUDED.last_removed_at),
+                 last_purchased_at = GREATEST(t.last_purchased_at, EXCLUDED.last_purchased_at)",
+        )
+        .bind(&users)
+        .bind(&products)
+        .bind(viewed)
+        .bind(carted)
+        .bind(removed)
+        .bind(purchased)
+        .execute(pool)
+        .await?;
+        Ok(users.len())
+    }
 }
 
 /// Raises each partition's newest event time (µs) to the newest in
@@ -798,9 +873,31 @@ async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expec
         let started = Instant::now();
         let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
         let hour = args.hours + i;
+        let mut speed = SpeedState::default();
         let appended_events =
-            append_hours(traffic, table, &args.topic, hour..hour + 1, 1, &ProgressBar::hidden()).await?;
+            append_hours(traffic, table, &args.topic, hour..hour + 1, 1, &ProgressBar::hidden(), Some(&mut speed))
+                .await?;
         let append = started.elapsed();
+        if !args.without_speed_layer {
+            // What the speed layer, caught up, holds by now: the hour's
+            // state folded in, its positions at the lake's end.
+            let pairs = speed.write(&pool).await?;
+            let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
+            let partitions = (0..args.partitions).map(Partition);
+            for (p, o) in lake::committed_offsets(&table, &args.topic, partitions).await? {
+                sqlx::query(
+                    "INSERT INTO ops.speed_offsets (kafka_partition, next_offset) VALUES ($1, $2)
+                     ON CONFLICT (kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                )
+                .bind(p.0)
+                .bind(o.0)
+                .execute(&pool)
+                .await?;
+            }
+            let held: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM speed.user_product_state").fetch_one(&pool).await?;
+            println!("  the speed layer folded {} pairs; it holds {} rows", group(pairs as u64), group(held as u64));
+        }
 
         // Runs an hour apart each follow a checkpoint (every 5 min by
         // default): the first change to a page after one writes the whole
