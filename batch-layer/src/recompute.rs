@@ -165,8 +165,11 @@ pub enum RunOutcome {
         /// Views recomputed over all history by an incremental run because
         /// their definition changed since they were last published.
         backfilled: Vec<&'static str>,
-        /// Milliseconds spent computing, publishing, and in all.
+        /// Milliseconds spent preparing (the lock, the snapshot, the lake's
+        /// reconciliation), computing, checking, publishing, and in all.
+        prepare_ms: u64,
         compute_ms: u64,
+        check_ms: u64,
         publish_ms: u64,
         total_ms: u64,
     },
@@ -444,7 +447,9 @@ async fn locked_run(
         backfilled: plan.redefined,
         cut: plan.cut,
         rows,
+        prepare_ms,
         compute_ms,
+        check_ms,
         publish_ms,
         total_ms: started.elapsed().as_millis() as u64,
     })
@@ -550,6 +555,7 @@ pub fn summary(outcome: &RunOutcome) -> String {
             compute_ms,
             publish_ms,
             total_ms,
+            ..
         } => {
             let what = match hours {
                 Some(h) if backfilled.is_empty() => format!("incremental run recomputed {h} hours"),

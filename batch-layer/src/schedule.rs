@@ -149,8 +149,15 @@ fn record(outcome: &Result<RunOutcome, recompute::RunError>) {
     metrics::counter!("batch_runs_total", "outcome" => label).increment(1);
     let now = Utc::now().timestamp_millis() as f64 / 1000.0;
     match outcome {
-        Ok(RunOutcome::Published { cut, rows, compute_ms, publish_ms, total_ms, .. }) => {
-            for (phase, ms) in [("compute", compute_ms), ("publish", publish_ms), ("total", total_ms)] {
+        Ok(RunOutcome::Published { cut, rows, prepare_ms, compute_ms, check_ms, publish_ms, total_ms, .. }) => {
+            let phases = [
+                ("prepare", prepare_ms),
+                ("compute", compute_ms),
+                ("check", check_ms),
+                ("publish", publish_ms),
+                ("total", total_ms),
+            ];
+            for (phase, ms) in phases {
                 metrics::histogram!("batch_run_seconds", "phase" => phase).record(*ms as f64 / 1000.0);
             }
             for (table, n) in rows {

@@ -204,7 +204,9 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
     }
     let page = get(schedule_ops, "/metrics").await.unwrap().body;
     assert!(page.contains("batch_runs_total{outcome=\"published\"} 1"), "{page}");
-    assert!(page.contains("batch_run_seconds_count{phase=\"publish\"} 1"), "{page}");
+    for phase in ["prepare", "compute", "check", "publish", "total"] {
+        assert!(page.contains(&format!("batch_run_seconds_count{{phase=\"{phase}\"}} 1")), "{phase}: {page}");
+    }
     assert!(integration_tests::checks::metric_sum(&page, "batch_rows_published") > 0.0, "{page}");
     let cut: f64 =
         sqlx::query_scalar::<_, i64>("SELECT sum(cut_offset)::bigint FROM ops.cut").fetch_one(&owner).await.unwrap()
