@@ -654,6 +654,20 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     let speed_rows = |pool: PgPool| async move {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM speed.user_product_state").fetch_one(&pool).await.unwrap()
     };
+    // Speed rows the batch row of their key dominates (every measure absent
+    // or no newer than the batch's).
+    let dominated = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM speed.user_product_state s JOIN batch.user_product_state b USING (user_id, product_id)
+             WHERE (s.last_viewed_at IS NULL OR s.last_viewed_at <= b.last_viewed_at)
+               AND (s.last_carted_at IS NULL OR s.last_carted_at <= b.last_carted_at)
+               AND (s.last_removed_at IS NULL OR s.last_removed_at <= b.last_removed_at)
+               AND (s.last_purchased_at IS NULL OR s.last_purchased_at <= b.last_purchased_at)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
     let before = served(pool.clone()).await;
     assert!(speed_rows(pool.clone()).await > 100);
 
@@ -662,17 +676,7 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }));
     assert_eq!(served(pool.clone()).await, before, "the prune changes nothing readers see");
     let left = speed_rows(pool.clone()).await;
-    let dominated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM speed.user_product_state s JOIN batch.user_product_state b USING (user_id, product_id)
-         WHERE (s.last_viewed_at IS NULL OR s.last_viewed_at <= b.last_viewed_at)
-           AND (s.last_carted_at IS NULL OR s.last_carted_at <= b.last_carted_at)
-           AND (s.last_removed_at IS NULL OR s.last_removed_at <= b.last_removed_at)
-           AND (s.last_purchased_at IS NULL OR s.last_purchased_at <= b.last_purchased_at)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(dominated, 0, "no speed row the batch holds is left");
+    assert_eq!(dominated(pool.clone()).await, 0, "no speed row the batch holds is left");
     // The cut stops at a segment boundary: what is left comes from above it.
     let above_cut: i64 = sqlx::query_scalar(
         "SELECT COALESCE(sum(s.next_offset - c.cut_offset), 0)::bigint
@@ -709,17 +713,7 @@ async fn speed_state_the_batch_holds_is_pruned_without_changing_what_readers_see
     let outcome = recompute::run(&run).await.unwrap();
     assert!(matches!(outcome, RunOutcome::Published { hours: Some(_), .. }), "an incremental publish: {outcome:?}");
     assert_eq!(served(pool.clone()).await, before, "the incremental prune changes nothing readers see");
-    let dominated: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM speed.user_product_state s JOIN batch.user_product_state b USING (user_id, product_id)
-         WHERE (s.last_viewed_at IS NULL OR s.last_viewed_at <= b.last_viewed_at)
-           AND (s.last_carted_at IS NULL OR s.last_carted_at <= b.last_carted_at)
-           AND (s.last_removed_at IS NULL OR s.last_removed_at <= b.last_removed_at)
-           AND (s.last_purchased_at IS NULL OR s.last_purchased_at <= b.last_purchased_at)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(dominated, 0, "no speed row the batch holds is left after an incremental publish");
+    assert_eq!(dominated(pool.clone()).await, 0, "no speed row the batch holds is left after an incremental publish");
     let kept: Vec<String> =
         sqlx::query_scalar("SELECT product_id FROM speed.user_product_state WHERE user_id = 'u-new' ORDER BY 1")
             .fetch_all(&pool)

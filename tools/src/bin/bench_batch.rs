@@ -449,40 +449,38 @@ impl SpeedState {
 /// Raises each partition's newest event time (µs) to the newest in
 /// `batch` (lake schema), as the ingest's duplicates history does.
 fn newest_times(newest: &mut BTreeMap<Partition, i64>, batch: &RecordBatch) -> anyhow::Result<()> {
-    use datafusion::arrow::array::AsArray;
-    use datafusion::arrow::datatypes::{Int32Type, TimestampMicrosecondType};
-    let partitions = batch
-        .column_by_name(shared_schema::schema::col::KAFKA_PARTITION)
-        .context("no kafka_partition column")?
-        .as_primitive::<Int32Type>();
-    let times = batch
-        .column_by_name(shared_schema::schema::col::EVENT_TIME)
-        .context("no event_time column")?
-        .as_primitive::<TimestampMicrosecondType>();
-    for (p, t) in partitions.values().iter().zip(times.values()) {
-        let n = newest.entry(Partition(*p)).or_insert(*t);
-        *n = (*n).max(*t);
+    use datafusion::arrow::datatypes::TimestampMicrosecondType;
+    for (p, t) in by_partition::<TimestampMicrosecondType>(batch, shared_schema::schema::col::EVENT_TIME)? {
+        let n = newest.entry(p).or_insert(t);
+        *n = (*n).max(t);
     }
     Ok(())
 }
 
 /// Moves `next` past the Kafka offsets of `batch` (lake schema).
 fn advance(next: &mut BTreeMap<Partition, Offset>, batch: &RecordBatch) -> anyhow::Result<()> {
+    use datafusion::arrow::datatypes::Int64Type;
+    for (p, o) in by_partition::<Int64Type>(batch, shared_schema::schema::col::KAFKA_OFFSET)? {
+        let n = next.entry(p).or_insert(Offset(0));
+        n.0 = n.0.max(o + 1);
+    }
+    Ok(())
+}
+
+/// Each row's Kafka partition with its value of the primitive `column`
+/// (lake schema).
+fn by_partition<'b, T: datafusion::arrow::datatypes::ArrowPrimitiveType>(
+    batch: &'b RecordBatch,
+    column: &str,
+) -> anyhow::Result<impl Iterator<Item = (Partition, T::Native)> + 'b> {
     use datafusion::arrow::array::AsArray;
-    use datafusion::arrow::datatypes::{Int32Type, Int64Type};
+    use datafusion::arrow::datatypes::Int32Type;
     let partitions = batch
         .column_by_name(shared_schema::schema::col::KAFKA_PARTITION)
         .context("no kafka_partition column")?
         .as_primitive::<Int32Type>();
-    let offsets = batch
-        .column_by_name(shared_schema::schema::col::KAFKA_OFFSET)
-        .context("no kafka_offset column")?
-        .as_primitive::<Int64Type>();
-    for (p, o) in partitions.values().iter().zip(offsets.values()) {
-        let n = next.entry(Partition(*p)).or_insert(Offset(0));
-        n.0 = n.0.max(o + 1);
-    }
-    Ok(())
+    let values = batch.column_by_name(column).with_context(|| format!("no {column} column"))?.as_primitive::<T>();
+    Ok(partitions.values().iter().zip(values.values()).map(|(p, v)| (Partition(*p), *v)))
 }
 
 /// `run --full` into a fresh database before and after `maintain`
@@ -873,12 +871,12 @@ async fn full_and_incremental(args: &Args, traffic: &Traffic, lake: &Lake, expec
         let started = Instant::now();
         let table = lake.open(EVENTS_TABLE).await?.context("the events table vanished")?;
         let hour = args.hours + i;
-        let mut speed = SpeedState::default();
+        let mut speed = (!args.without_speed_layer).then(SpeedState::default);
         let appended_events =
-            append_hours(traffic, table, &args.topic, hour..hour + 1, 1, &ProgressBar::hidden(), Some(&mut speed))
+            append_hours(traffic, table, &args.topic, hour..hour + 1, 1, &ProgressBar::hidden(), speed.as_mut())
                 .await?;
         let append = started.elapsed();
-        if !args.without_speed_layer {
+        if let Some(speed) = &mut speed {
             // What the speed layer, caught up, holds by now: the hour's
             // state folded in, its positions at the lake's end.
             let pairs = speed.write(&pool).await?;
