@@ -76,7 +76,9 @@ pub struct Advance {
 /// row that disappeared while this process ran (committed flushes lost by
 /// PostgreSQL, a database restored from an older backup) would be inserted
 /// again at the offset this process believes committed, skipping records;
-/// with the check the flush is fenced and the partition read again.
+/// with the check the flush is fenced and the partition read again. The
+/// row records where it started (`started_offset`): the batch defers a
+/// fold to the speed layer only over records it holds (migration 0026).
 pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Vec<Partition>, sqlx::Error> {
     if advances.is_empty() {
         return Ok(Vec::new());
@@ -101,8 +103,8 @@ pub async fn advance(conn: &mut PgConnection, advances: &[Advance]) -> Result<Ve
             RETURNING o.kafka_partition
          ), inserted AS (
             INSERT INTO ops.speed_offsets
-                (kafka_partition, next_offset, last_event_time, newest_event_time, updated_at)
-            SELECT a.kafka_partition, a.to_offset, a.last_event_time, a.newest_event_time, now()
+                (kafka_partition, next_offset, last_event_time, newest_event_time, updated_at, started_offset)
+            SELECT a.kafka_partition, a.to_offset, a.last_event_time, a.newest_event_time, now(), a.from_offset
             FROM a LEFT JOIN ops.cut AS c USING (kafka_partition)
             WHERE a.from_offset = COALESCE(c.cut_offset, 0)
               AND NOT EXISTS (SELECT 1 FROM ops.speed_offsets AS o WHERE o.kafka_partition = a.kafka_partition)
