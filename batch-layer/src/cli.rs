@@ -298,6 +298,11 @@ pub struct RunArgs {
     /// incremental run once they are this old (a full run always does).
     #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
     model_refresh: Duration,
+    /// Fold the user-product state's new records into `batch.*` at least
+    /// this often; until then an incremental run leaves them to the speed
+    /// layer, which holds them (only while it does; `0s`: every run folds).
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    fold_every: Duration,
     #[command(flatten)]
     catalog: CatalogArgs,
     #[command(flatten)]
@@ -329,6 +334,7 @@ impl RunArgs {
             full,
             sales_database_url: self.catalog.url(),
             model_refresh: self.model_refresh,
+            fold_every: self.fold_every,
             notify_webhook: self.notify.webhook()?,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             engine: crate::engine::Engine::parse(&self.engine)?,

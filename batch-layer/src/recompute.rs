@@ -75,6 +75,11 @@ pub struct RunConfig {
     pub notify_webhook: Option<platform::notify::Webhook>,
     /// Where the SQL runs: in this process, or on a Ballista cluster.
     pub engine: Engine,
+    /// How long an incremental run may leave the new records of a view
+    /// whose measures all merge by `max` or `min` (user_product_state) to
+    /// the speed layer before it folds them into `batch.*` (zero: every
+    /// run folds); only while the speed layer holds them all.
+    pub fold_every: std::time::Duration,
     /// Tests only: pause before publishing (see [`PublishPause`]).
     pub pause_before_publish: Option<PublishPause>,
     /// Tests only: pause once the shadow tables are loaded, before their
@@ -95,6 +100,7 @@ impl RunConfig {
             findings: crate::findings::Thresholds::default(),
             sales_database_url: None,
             model_refresh: DEFAULT_MODEL_REFRESH,
+            fold_every: DEFAULT_FOLD_EVERY,
             progress: false,
             notify_webhook: None,
             engine: Engine::InProcess,
@@ -106,6 +112,8 @@ impl RunConfig {
 
 /// Default of [`RunConfig::model_refresh`].
 pub const DEFAULT_MODEL_REFRESH: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+/// Default of [`RunConfig::fold_every`].
+pub const DEFAULT_FOLD_EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -135,6 +143,10 @@ pub enum RunError {
     Fenced { ours: i64, current: i64 },
     #[error("publishing would move partition {partition}'s cut back from {published} to {planned}; nothing published")]
     CutMovesBack { partition: i32, published: i64, planned: i64 },
+    #[error(
+        "the speed layer's positions changed while this run computed, and it no longer holds the records the run left to it for {view}; nothing published, the next run folds them"
+    )]
+    SpeedMoved { view: &'static str },
 }
 
 /// Where a run waits between its quality gate and its publish, or while it
@@ -165,6 +177,9 @@ pub enum RunOutcome {
         /// Views recomputed over all history by an incremental run because
         /// their definition changed since they were last published.
         backfilled: Vec<&'static str>,
+        /// Views whose new records this run left to the speed layer for a
+        /// later fold (see [`RunConfig::fold_every`]).
+        deferred: Vec<&'static str>,
         /// Milliseconds spent preparing (the lock, the snapshot, the lake's
         /// reconciliation), computing, checking, publishing, and in all.
         prepare_ms: u64,
@@ -339,9 +354,15 @@ async fn locked_run(
     };
     let (ages, catalog_published) = table_ages(pool).await?;
     let catalog_changed = catalog_published != Some(catalog_version);
+    let folds = if plan.full { plan::Folds::default() } else { folds(pool, config.fold_every).await? };
     let mut computed = Vec::new();
-    for (view, refresh) in plan.views(views::all(), &touched, catalog_changed) {
+    let mut deferred = Vec::new();
+    for (view, refresh) in plan.views(views::all(), &touched, catalog_changed, &folds) {
         progress.inc(1);
+        if let plan::Refresh::Defer { from } = refresh {
+            deferred.push((view.name, from));
+            continue;
+        }
         progress.set_message(format!("computing {}", view.name));
         computed.push(compute::view(&ctx, &plan, view, refresh).await?);
     }
@@ -384,6 +405,7 @@ async fn locked_run(
         history: &cut_history,
         catalog_version,
         pause_while_loading: config.pause_while_loading.as_ref(),
+        deferred: &deferred,
     };
     let rows = match publish::publish(&mut conn, &computed, &record).await {
         Ok(rows) => rows,
@@ -416,15 +438,17 @@ async fn locked_run(
         "publish": publish_ms,
         "total": started.elapsed().as_millis() as u64
     }))
-    .bind(match (plan.full, plan.redefined.is_empty()) {
-        (true, _) => "full: every hour recomputed".to_string(),
-        (false, true) => format!("incremental: {} hours recomputed", touched.len()),
-        (false, false) => format!(
-            "incremental: {} hours recomputed, all hours of {} (definition changed)",
-            touched.len(),
-            plan.redefined.join(", ")
-        ),
-    })
+    .bind(
+        match (plan.full, plan.redefined.is_empty()) {
+            (true, _) => "full: every hour recomputed".to_string(),
+            (false, true) => format!("incremental: {} hours recomputed", touched.len()),
+            (false, false) => format!(
+                "incremental: {} hours recomputed, all hours of {} (definition changed)",
+                touched.len(),
+                plan.redefined.join(", ")
+            ),
+        } + &deferred_note(&deferred),
+    )
     .execute(pool)
     .await?;
     progress.set_message("checking the complete hours");
@@ -445,6 +469,7 @@ async fn locked_run(
         hours: (!plan.full).then_some(touched.len()),
         tables,
         backfilled: plan.redefined,
+        deferred: deferred.iter().map(|(name, _)| *name).collect(),
         cut: plan.cut,
         rows,
         prepare_ms,
@@ -478,6 +503,54 @@ async fn dedup_history(
     let seeded = seeded.into_iter().map(|(p, o)| (Partition(p), Offset(o))).collect();
     let known = crate::dedup::Known { stored: &stored, unpositioned: &unpositioned, seeded: &seeded };
     Ok(crate::dedup::cut_history(ctx, table, &plan.previous, &plan.cut, &known, window_micros).await?)
+}
+
+/// `; <views> left to the speed layer` when a run deferred folds.
+fn deferred_note(deferred: &[(&str, OffsetCut)]) -> String {
+    if deferred.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = deferred.iter().map(|(name, _)| *name).collect();
+    format!("; {} left to the speed layer until its fold", names.join(", "))
+}
+
+/// What decides an incremental run's folds: the views pending since an
+/// earlier run, and the records the speed layer holds.
+async fn folds(pool: &PgPool, every: std::time::Duration) -> Result<plan::Folds, RunError> {
+    let rows: Vec<(String, serde_json::Value, f64)> = sqlx::query_as(
+        "SELECT view_name, folded_cut, extract(epoch FROM now() - pending_since)::float8 FROM ops.view_folds",
+    )
+    .fetch_all(pool)
+    .await?;
+    let pending = rows
+        .into_iter()
+        .map(|(name, cut, secs)| (name, (cut_from_json(&cut), std::time::Duration::from_secs_f64(secs.max(0.0)))))
+        .collect();
+    let mut conn = pool.acquire().await?;
+    Ok(plan::Folds { pending, every, ..speed_side(&mut conn).await? })
+}
+
+/// What the speed layer holds: per partition where its records begin and
+/// end, and per view registered since it began, where it began that view.
+pub(crate) async fn speed_side(conn: &mut sqlx::PgConnection) -> Result<plan::Folds, RunError> {
+    let rows: Vec<(i32, Option<i64>, i64)> =
+        sqlx::query_as("SELECT kafka_partition, started_offset, next_offset FROM ops.speed_offsets")
+            .fetch_all(&mut *conn)
+            .await?;
+    let speed = rows
+        .into_iter()
+        .map(|(p, started, next)| (Partition(p), plan::SpeedSpan { started: started.map(Offset), next: Offset(next) }))
+        .collect();
+    let starts: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT name, kafka_partition, start_offset FROM ops.view_speed_start")
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut view_starts: BTreeMap<String, BTreeMap<Partition, Offset>> = BTreeMap::new();
+    for (name, p, o) in starts {
+        view_starts.entry(name).or_default().insert(Partition(p), Offset(o));
+    }
+    let view_starts = view_starts.into_iter().map(|(name, starts)| (name, starts.into_iter().collect())).collect();
+    Ok(plan::Folds { speed, view_starts, ..Default::default() })
 }
 
 /// What the last published run left: its lake version, the cut, the view
@@ -552,6 +625,7 @@ pub fn summary(outcome: &RunOutcome) -> String {
             hours,
             tables,
             backfilled,
+            deferred,
             compute_ms,
             publish_ms,
             total_ms,
@@ -572,9 +646,17 @@ pub fn summary(outcome: &RunOutcome) -> String {
             };
             let cut: Vec<String> = cut.iter().map(|(p, o)| format!("{}:{}", p.0, o.0)).collect();
             let rows: Vec<String> = rows.iter().map(|(v, n)| format!("{v} {n}")).collect();
+            let deferred = if deferred.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " The speed layer holds the new records of {} until a later run folds them.",
+                    deferred.join(", ")
+                )
+            };
             format!(
                 "Run {run_id}: the {what} of lake version {delta_version}, and {tables}. It published with the \
-                 offset cut [{}] (partition:offset); the serving views now merge the speed layer from there. \
+                 offset cut [{}] (partition:offset); the serving views now merge the speed layer from there.{deferred} \
                  Rows written: {}. Took {:.1} s ({:.1} s computing, {:.1} s publishing).",
                 cut.join(", "),
                 rows.join(", "),
@@ -611,4 +693,10 @@ fn progress_bar(show: bool, steps: u64) -> indicatif::ProgressBar {
 
 fn cut_json(cut: &OffsetCut) -> serde_json::Value {
     serde_json::Value::Object(cut.iter().map(|(p, o)| (p.0.to_string(), json!(o.0))).collect())
+}
+
+/// The cut [`cut_json`] wrote (entries it did not write are skipped).
+fn cut_from_json(value: &serde_json::Value) -> OffsetCut {
+    let entries = value.as_object().into_iter().flatten();
+    entries.filter_map(|(p, o)| Some((Partition(p.parse().ok()?), Offset(o.as_i64()?)))).collect()
 }

@@ -124,7 +124,8 @@ pub(crate) async fn touched_hours(ctx: &SessionContext, plan: &Plan) -> Result<V
 }
 
 /// Computes `view` as `refresh` says: the events below the cut, only those
-/// of the hours to recompute, or only the new offset range.
+/// of the hours to recompute, or only the offset range to fold (never a
+/// deferred view).
 pub(crate) async fn view(
     ctx: &SessionContext,
     plan: &Plan,
@@ -135,7 +136,8 @@ pub(crate) async fn view(
     let filter = match &refresh {
         Refresh::Replace => below,
         Refresh::Hours { hours, .. } => below.and(scope::in_hours(hours)),
-        Refresh::Upsert => scope::between(&plan.previous, &plan.cut),
+        Refresh::Upsert { from } => scope::between(from, &plan.cut),
+        Refresh::Defer { .. } => unreachable!("a deferred view is not computed"),
     };
     let batches = query(ctx, view.name, filter, &view.batch_sql()).await?;
     Ok(Computed { name: view.name, relation: Relation::View(view), refresh, batches })

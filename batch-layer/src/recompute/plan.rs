@@ -77,8 +77,70 @@ pub enum Refresh {
     Replace,
     /// Recompute the listed hours below the cut and replace those hours.
     Hours { key: &'static str, hours: Vec<Hour> },
-    /// Fold the rows of the new offset range in with the merge rules.
-    Upsert,
+    /// Fold the rows of the offsets from `from` (the cut the view's batch
+    /// rows reach: the published one, or older when folds were deferred)
+    /// to the new cut in with the merge rules.
+    Upsert { from: OffsetCut },
+    /// Leave the batch rows as they are: the speed layer holds every record
+    /// between the cut they reach and the new one, and the view's measures
+    /// all merge by `max` or `min`, so the serving merge is the same
+    /// whichever side holds them (see [`Folds`]). `from`: the cut they reach.
+    Defer { from: OffsetCut },
+}
+
+/// Where one partition's records in the speed layer begin and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpeedSpan {
+    /// Where its position began (`None`: not known, a row written by hand).
+    pub started: Option<Offset>,
+    /// The next offset it has not counted.
+    pub next: Offset,
+}
+
+/// What decides whether an incremental run folds a view whose measures all
+/// merge by `max` or `min`, or leaves the new records to the speed layer
+/// for a later fold: folding them every run rewrites rows the speed layer
+/// already holds (most of an incremental publish, docs/BENCHMARKS.md), and
+/// one fold of several hours touches each row once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Folds {
+    /// The views whose batch rows lag the published cut: the cut they
+    /// reach, and how long the records above it have waited for a fold.
+    pub pending: BTreeMap<String, (OffsetCut, Duration)>,
+    /// Per partition, the records the speed layer holds; a partition it
+    /// holds no position in holds nothing the batch may leave to it.
+    pub speed: BTreeMap<Partition, SpeedSpan>,
+    /// Per view added or redefined since the speed layer began, where it
+    /// began computing that view (`ops.view_speed_start`).
+    pub view_starts: BTreeMap<String, OffsetCut>,
+    /// A fold waits at most this long (zero: every run folds).
+    pub every: Duration,
+}
+
+impl Folds {
+    /// Whether the speed layer holds every record of `view` from `from` up
+    /// to `to`.
+    pub fn speed_holds(&self, view: &str, from: &OffsetCut, to: &OffsetCut) -> bool {
+        let view_start = |p| self.view_starts.get(view).map_or(Offset(0), |starts| starts.get(p));
+        to.iter().filter(|(p, o)| from.get(*p) < *o).all(|(p, o)| match self.speed.get(&p) {
+            Some(SpeedSpan { started: Some(started), next }) => {
+                (*started).max(view_start(p)) <= from.get(p) && *next >= o
+            }
+            _ => false,
+        })
+    }
+
+    /// How a max-only view is brought to `plan`'s cut: left to the speed
+    /// layer while its pending records are younger than [`Folds::every`]
+    /// and the speed layer holds them all, folded otherwise.
+    fn refresh(&self, view: &str, plan: &Plan) -> Refresh {
+        let (from, waited) = self.pending.get(view).cloned().unwrap_or((plan.previous.clone(), Duration::ZERO));
+        if from != plan.cut && waited < self.every && self.speed_holds(view, &from, &plan.cut) {
+            Refresh::Defer { from }
+        } else {
+            Refresh::Upsert { from }
+        }
+    }
 }
 
 /// The views whose fingerprint differs from the one on record. A full run
@@ -171,12 +233,14 @@ impl Plan {
     /// to do are left out. `touched`: the hours of the events between the
     /// previous cut and the new one (ignored by a full run). A view over
     /// the catalog is recomputed whole when the catalog changed, as a full
-    /// run would compute it.
+    /// run would compute it. A max-only view is folded or deferred as
+    /// `folds` says.
     pub fn views(
         &self,
         views: &'static [ViewDef],
         touched: &[Hour],
         catalog_changed: bool,
+        folds: &Folds,
     ) -> Vec<(&'static ViewDef, Refresh)> {
         views
             .iter()
@@ -190,7 +254,7 @@ impl Plan {
                     }
                     Refresh::Hours { key, hours: touched.to_vec() }
                 } else if view.mergeable_by_upsert() {
-                    Refresh::Upsert
+                    folds.refresh(view.name, self)
                 } else {
                     Refresh::Replace
                 };
@@ -445,12 +509,16 @@ mod tests {
         assert_eq!(views::all(), [*product_demand_hourly(), *user_product_state()], "the cases name every view");
         for (name, plan, n, want) in cases {
             let got: Vec<(&str, String)> = plan
-                .views(views::all(), &hours(n), false)
+                .views(views::all(), &hours(n), false, &Folds::default())
                 .into_iter()
                 .map(|(v, r)| {
                     let r = match r {
                         Refresh::Replace => "replace".to_string(),
-                        Refresh::Upsert => "upsert".to_string(),
+                        Refresh::Upsert { from } => {
+                            assert_eq!(from, plan.previous, "nothing pending: from the published cut");
+                            "upsert".to_string()
+                        }
+                        Refresh::Defer { .. } => "defer".to_string(),
                         Refresh::Hours { key, hours } => {
                             assert_eq!(key, "hour");
                             format!("hours:{}", hours.len())
@@ -465,13 +533,110 @@ mod tests {
     }
 
     #[test]
+    fn max_only_views_are_left_to_the_speed_layer_while_it_holds_their_records() {
+        let hour = Duration::from_secs(3600);
+        let span = |started: Option<i64>, next: i64| SpeedSpan { started: started.map(Offset), next: Offset(next) };
+        let holding = BTreeMap::from([(Partition(0), span(Some(100), 250))]);
+        let pending_at =
+            |o: i64, waited: u32| BTreeMap::from([("user_product_state".to_string(), (cut(&[(0, o)]), hour * waited))]);
+        type Case = (
+            &'static str,
+            BTreeMap<Partition, SpeedSpan>,
+            BTreeMap<String, (OffsetCut, Duration)>,
+            Duration,
+            (bool, i64),
+        );
+        // (name, speed spans, pending folds, every, (deferred, from the cut at)): the
+        // plan moves partition 0's cut from 100 to 200.
+        let cases: [Case; 9] = [
+            ("the speed layer holds the new range: deferred", holding.clone(), BTreeMap::new(), 6 * hour, (true, 100)),
+            ("folds every run when told to", holding.clone(), BTreeMap::new(), Duration::ZERO, (false, 100)),
+            ("no position in the partition: folded", BTreeMap::new(), BTreeMap::new(), 6 * hour, (false, 100)),
+            (
+                "a position of unknown start: folded",
+                BTreeMap::from([(Partition(0), span(None, 250))]),
+                BTreeMap::new(),
+                6 * hour,
+                (false, 100),
+            ),
+            (
+                "the speed layer is behind the new cut: folded",
+                BTreeMap::from([(Partition(0), span(Some(100), 199))]),
+                BTreeMap::new(),
+                6 * hour,
+                (false, 100),
+            ),
+            (
+                "its records begin above the batch rows: folded",
+                BTreeMap::from([(Partition(0), span(Some(150), 250))]),
+                BTreeMap::new(),
+                6 * hour,
+                (false, 100),
+            ),
+            (
+                "a pending fold younger than the limit stays pending",
+                BTreeMap::from([(Partition(0), span(Some(0), 250))]),
+                pending_at(40, 5),
+                6 * hour,
+                (true, 40),
+            ),
+            (
+                "a pending fold at the limit folds everything since",
+                BTreeMap::from([(Partition(0), span(Some(0), 250))]),
+                pending_at(40, 6),
+                6 * hour,
+                (false, 40),
+            ),
+            (
+                "a pending range the speed layer does not hold from its start folds",
+                holding.clone(),
+                pending_at(40, 1),
+                6 * hour,
+                (false, 40),
+            ),
+        ];
+        for (name, speed, pending, every, want) in cases {
+            let folds = Folds { pending, speed, every, ..Default::default() };
+            let got = plan(false, &[]).views(views::all(), &hours(1), false, &folds);
+            let state = got.iter().find(|(v, _)| v.name == "user_product_state").map(|(_, r)| r.clone());
+            let want = match want {
+                (true, from) => Refresh::Defer { from: cut(&[(0, from)]) },
+                (false, from) => Refresh::Upsert { from: cut(&[(0, from)]) },
+            };
+            assert_eq!(state, Some(want), "{name}");
+            assert!(
+                got.iter().any(|(v, r)| v.name == "product_demand_hourly" && matches!(r, Refresh::Hours { .. })),
+                "{name}: the hourly view is recomputed as ever"
+            );
+        }
+        // A view registered after the range began: the speed layer holds
+        // its records only from where it began computing it.
+        let registered_at = |o: i64| BTreeMap::from([("user_product_state".to_string(), cut(&[(0, o)]))]);
+        let state = |folds: &Folds| {
+            let got = plan(false, &[]).views(views::all(), &hours(1), false, folds);
+            got.into_iter().find(|(v, _)| v.name == "user_product_state").map(|(_, r)| r)
+        };
+        let late =
+            Folds { speed: holding.clone(), view_starts: registered_at(120), every: 6 * hour, ..Default::default() };
+        assert_eq!(state(&late), Some(Refresh::Upsert { from: cut(&[(0, 100)]) }), "registered at 120");
+        let early = Folds { view_starts: registered_at(100), ..late };
+        assert_eq!(state(&early), Some(Refresh::Defer { from: cut(&[(0, 100)]) }), "registered at 100");
+        // A full or redefining run replaces the view whatever is pending.
+        let folds = Folds { pending: pending_at(40, 1), speed: holding, every: 6 * hour, ..Default::default() };
+        for plan in [plan(true, &[]), plan(false, &["user_product_state"])] {
+            let got = plan.views(views::all(), &hours(1), false, &folds);
+            assert!(got.iter().any(|(v, r)| v.name == "user_product_state" && *r == Refresh::Replace));
+        }
+    }
+
+    #[test]
     fn a_view_over_the_catalog_is_replaced_when_the_catalog_changed() {
         let text = "SELECT date_trunc('hour', e.event_time) AS hour, p.category AS category, count(*) AS n
                     FROM events AS e LEFT JOIN products AS p ON p.product_id = e.product_id GROUP BY 1, 2";
         let by_category = shared_schema::view_sql::parse("views/by_category.sql", text).unwrap();
         let set: &'static [ViewDef] = vec![*product_demand_hourly(), by_category].leak();
         let refreshes = |catalog_changed| -> Vec<(&str, bool)> {
-            let views = plan(false, &[]).views(set, &hours(1), catalog_changed);
+            let views = plan(false, &[]).views(set, &hours(1), catalog_changed, &Folds::default());
             views.into_iter().map(|(v, r)| (v.name, matches!(r, Refresh::Replace))).collect()
         };
         assert_eq!(refreshes(false), [("product_demand_hourly", false), ("by_category", false)]);

@@ -49,6 +49,9 @@ pub(crate) struct Record<'a> {
     pub(crate) catalog_version: Option<i64>,
     /// Tests only: where the load waits before its commit.
     pub(crate) pause_while_loading: Option<&'a super::PublishPause>,
+    /// The views left to the speed layer (`Refresh::Defer`), each with the
+    /// cut its batch rows reach.
+    pub(crate) deferred: &'a [(&'static str, OffsetCut)],
 }
 
 fn staging_table(name: &str) -> String {
@@ -102,6 +105,7 @@ pub(crate) async fn publish(
 
     let mut tx = conn.begin().await?;
     fence(&mut tx, record).await?;
+    record_folds(&mut tx, computed, record).await?;
     for Computed { name, relation, refresh, batches } in computed.iter().filter(|c| !c.replaces_all()) {
         let staging = staging_table(name);
         sqlx::raw_sql(AssertSqlSafe(format!("CREATE TEMP TABLE {staging} (LIKE batch.{name}) ON COMMIT DROP")))
@@ -121,12 +125,14 @@ pub(crate) async fn publish(
                     .await?;
                 sqlx::raw_sql(AssertSqlSafe(insert)).execute(&mut *tx).await?;
             }
-            (Refresh::Upsert, Relation::View(view)) => {
+            (Refresh::Upsert { .. }, Relation::View(view)) => {
                 // Prunes the speed rows it makes dominated (`prune_against`).
                 sqlx::raw_sql(AssertSqlSafe(view.batch_fold_sql(&staging))).execute(&mut *tx).await?;
             }
-            (Refresh::Replace, _) | (Refresh::Upsert, Relation::Table(_)) => {
-                unreachable!("relations replaced whole are loaded into their shadow; batch tables are replaced")
+            (Refresh::Replace, _) | (Refresh::Upsert { .. }, Relation::Table(_)) | (Refresh::Defer { .. }, _) => {
+                unreachable!(
+                    "relations replaced whole are loaded into their shadow; batch tables are replaced; deferred views are not computed"
+                )
             }
         }
         written.insert(name.to_string(), n);
@@ -271,6 +277,35 @@ pub(crate) async fn publish(
     Ok(written)
 }
 
+/// Records which views' batch rows reach the new cut (those written) and
+/// which lag it (`ops.view_folds`), after checking in this transaction that
+/// the speed layer still holds what a deferred view leaves to it (its
+/// position could have been reset while the run computed).
+async fn record_folds(tx: &mut PgConnection, computed: &[Computed], record: &Record<'_>) -> Result<(), RunError> {
+    let written: Vec<&str> =
+        computed.iter().filter(|c| matches!(c.relation, Relation::View(_))).map(|c| c.name).collect();
+    sqlx::query("DELETE FROM ops.view_folds WHERE view_name = ANY($1)").bind(&written).execute(&mut *tx).await?;
+    if record.deferred.is_empty() {
+        return Ok(());
+    }
+    let folds = super::speed_side(&mut *tx).await?;
+    for (view, from) in record.deferred {
+        if !folds.speed_holds(view, from, record.cut) {
+            return Err(RunError::SpeedMoved { view });
+        }
+        // A view already pending keeps its cut and the time it began.
+        sqlx::query(
+            "INSERT INTO ops.view_folds (view_name, folded_cut, pending_since) VALUES ($1, $2, now())
+             ON CONFLICT (view_name) DO NOTHING",
+        )
+        .bind(view)
+        .bind(super::cut_json(from))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// For each view this publish wrote, the relation whose rows its speed
 /// rows are pruned against (see `ViewDef::speed_prune_sql`): the whole new
 /// relation when it was replaced; the rows written (the staging table)
@@ -294,7 +329,7 @@ fn prune_against(
                 Some((view, shadows.get(c.name).cloned().unwrap_or_else(|| format!("batch.{}", c.name))))
             }
             (Relation::View(view), Refresh::Hours { .. }) => Some((view, staging_table(c.name))),
-            (Relation::View(_), Refresh::Upsert) | (Relation::Table(_), _) => None,
+            (Relation::View(_), Refresh::Upsert { .. } | Refresh::Defer { .. }) | (Relation::Table(_), _) => None,
         })
         .collect()
 }
@@ -319,7 +354,8 @@ fn rollup_scope(rollup: &Rollup, computed: &[Computed]) -> Option<RollupScope> {
     for c in &read {
         match &c.refresh {
             Refresh::Hours { hours, .. } => starts.extend(hours.iter().map(|h| h.start())),
-            Refresh::Replace | Refresh::Upsert => return Some(RollupScope::All),
+            Refresh::Replace | Refresh::Upsert { .. } => return Some(RollupScope::All),
+            Refresh::Defer { .. } => {}
         }
     }
     starts.sort_unstable();
@@ -442,7 +478,10 @@ mod tests {
         };
         // Rewritten hours: against the rows written, never the batch table;
         // folded: by the fold itself.
-        let incremental = [view(product_demand_hourly(), hours), view(user_product_state(), Refresh::Upsert)];
+        let incremental = [
+            view(product_demand_hourly(), hours),
+            view(user_product_state(), Refresh::Upsert { from: Default::default() }),
+        ];
         assert_eq!(names(&incremental), [("product_demand_hourly", "batch_staging_product_demand_hourly".to_string())]);
         // Replaced: against the whole new relation, the shadow about to be swapped in.
         let full = [view(user_product_state(), Refresh::Replace), table(&DEMAND_BASELINE)];
@@ -455,7 +494,7 @@ mod tests {
     fn rollups_follow_what_the_publish_wrote() {
         let hours = |h: &[i64]| Refresh::Hours { key: "hour", hours: h.iter().map(|h| hour(*h)).collect() };
         let demand_hours = view(product_demand_hourly(), hours(&[7, 5, 7]));
-        let state = view(user_product_state(), Refresh::Upsert);
+        let state = view(user_product_state(), Refresh::Upsert { from: Default::default() });
         // Only the written hours, once each, in order.
         let written = [demand_hours, state];
         let starts = vec![hour(5).start(), hour(7).start()];
@@ -473,7 +512,13 @@ mod tests {
         // leaves both alone.
         let full = [view(product_demand_hourly(), Refresh::Replace)];
         assert_eq!(rollup_scope(&CATEGORY_DEMAND_ROLLUP, &full), Some(RollupScope::All));
-        assert_eq!(rollup_scope(&DEMAND_LEVEL_ROLLUP, &[view(user_product_state(), Refresh::Upsert)]), None);
+        assert_eq!(
+            rollup_scope(
+                &DEMAND_LEVEL_ROLLUP,
+                &[view(user_product_state(), Refresh::Upsert { from: Default::default() })]
+            ),
+            None
+        );
         // Popularity is as of the newest hour: whole whenever demand was written.
         assert_eq!(rollup_scope(&POPULAR_ROLLUP, &written), Some(RollupScope::All));
         assert_eq!(rollup_scope(&POPULAR_ROLLUP, &baseline), None);
