@@ -44,6 +44,18 @@ async fn example_rows(pool: &PgPool) -> BTreeMap<String, Vec<serde_json::Value>>
     schema_rows(pool, "serving").await.into_iter().filter(|(name, _)| names.contains(&name.as_str())).collect()
 }
 
+/// `batch.user_product_state`, every column, in key order.
+async fn read_batch_state(pool: &PgPool) -> Vec<serde_json::Value> {
+    sqlx::query_scalar("SELECT to_jsonb(b) FROM batch.user_product_state b ORDER BY user_id, product_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn speed_user_state_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM speed.user_product_state").fetch_one(pool).await.unwrap()
+}
+
 type Carts = BTreeMap<(DateTime<Utc>, String), (i64, i64, i64)>;
 
 /// `serving.cart_abandonment_hourly` (a view file): adds, removes, purchases.
@@ -83,7 +95,11 @@ async fn batch_landing_changes_no_serving_number() {
 
     let mut truths: Vec<Truth> = Vec::new();
     let mut total = 0i64;
-    for round in 0..2u64 {
+    let mut batch_state = Vec::new();
+    // Round 0 is the first (full) run; round 1 leaves the user-product
+    // state's new records to the speed layer, which holds them all; round
+    // 2 is told to fold, and folds what round 1 left too.
+    for round in 0..3u64 {
         let truth = generator::run(generator_args(&stack, &topic, 40 + round, 3)).await.unwrap();
         total += (truth.events_sent + truth.bad_sent) as i64;
         truths.push(truth);
@@ -104,11 +120,18 @@ async fn batch_landing_changes_no_serving_number() {
         // The reader is reading before the run begins (a read takes
         // milliseconds), and once more after it.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let outcome = recompute::run(&run_config).await.unwrap();
+        let config = match round {
+            2 => RunConfig { fold_every: std::time::Duration::ZERO, ..run_config.clone() },
+            _ => run_config.clone(),
+        };
+        let speed_state_before = speed_user_state_rows(&pool).await;
+        let outcome = recompute::run(&config).await.unwrap();
         stop.store(true, Ordering::Relaxed);
         let (seen, reads) = watcher.await.unwrap();
         assert!(reads >= 2, "the reader read {reads} times during the batch run");
-        let RunOutcome::Published { cut, rows, hours, .. } = outcome else { panic!("round {round}: {outcome:?}") };
+        let RunOutcome::Published { cut, rows, hours, deferred, .. } = outcome else {
+            panic!("round {round}: {outcome:?}")
+        };
         eprintln!("round {round}: {reads} reads during the batch landing, totals {seen:?}");
         assert_eq!(seen.len(), 1, "round {round}: a reader saw the totals change while the batch landed: {seen:?}");
 
@@ -123,6 +146,25 @@ async fn batch_landing_changes_no_serving_number() {
         assert_eq!(user_state(&pool).await, users_before, "round {round}: user_product_state moved");
         assert_tables_match(&example_rows(&pool).await, &files_before, &format!("round {round}: a view file moved"));
         assert_eq!(carts(&pool).await, expected_carts(&expected), "cart_abandonment_hourly after the landing");
+
+        // The user-product state: deferred in round 1 (its batch rows and
+        // the speed layer's stay as they were), folded otherwise (the speed
+        // rows the batch rows now dominate are gone).
+        let pending: Vec<(String,)> =
+            sqlx::query_as("SELECT view_name FROM ops.view_folds").fetch_all(&pool).await.unwrap();
+        if round == 1 {
+            assert_eq!(deferred, ["user_product_state"], "round 1");
+            assert!(!rows.contains_key("user_product_state"), "round 1 wrote {rows:?}");
+            assert_eq!(read_batch_state(&pool).await, batch_state, "round 1: the batch rows moved");
+            assert_eq!(speed_user_state_rows(&pool).await, speed_state_before, "round 1: speed rows were pruned");
+            assert_eq!(pending, [("user_product_state".to_string(),)]);
+        } else {
+            assert!(deferred.is_empty(), "round {round}: {deferred:?}");
+            assert!(rows["user_product_state"] > 0, "round {round}: {rows:?}");
+            assert!(speed_user_state_rows(&pool).await < speed_state_before, "round {round}: nothing pruned");
+            assert!(pending.is_empty(), "round {round}: {pending:?}");
+        }
+        batch_state = read_batch_state(&pool).await;
 
         // Speed rows below the cut are gone; the batch holds them now.
         let stale: i64 = sqlx::query_scalar(
@@ -153,7 +195,12 @@ async fn batch_landing_changes_no_serving_number() {
     assert!(matches!(recompute::run(&run_config).await.unwrap(), RunOutcome::Unchanged { .. }));
     let runs: Vec<(String,)> =
         sqlx::query_as("SELECT status FROM ops.batch_runs ORDER BY run_id").fetch_all(&pool).await.unwrap();
-    assert_eq!(runs, [("published".to_string(),), ("published".to_string(),)]);
+    assert_eq!(runs, vec![("published".to_string(),); 3]);
+
+    // The fold of two runs' records is the state a full run computes.
+    let full = recompute::run(&RunConfig { full: true, ..run_config.clone() }).await.unwrap();
+    assert!(matches!(full, RunOutcome::Published { .. }), "{full:?}");
+    assert_eq!(read_batch_state(&pool).await, batch_state, "the folds differ from a full recompute");
 
     shutdown.cancel();
     speed.await.unwrap().unwrap();
