@@ -57,7 +57,9 @@ impl std::fmt::Display for Timing {
 /// published state is known and after every run that did not fail, and
 /// cleared by a failed run; the metrics are the batch layer's:
 /// `batch_runs_total{outcome}`, `batch_run_seconds{phase}`,
-/// `batch_rows_published{table}`, `batch_cut_offset{partition}` and
+/// `batch_rows_published{table}`, `batch_cut_offset{partition}`,
+/// `batch_fold_pending{view}` (1 while a view's new records are left to the
+/// speed layer, see [`RunConfig::fold_every`]) and
 /// `batch_last_success_timestamp_seconds`; after runs, at most once per
 /// `maintenance.every`, the lake's maintenance (`batch_maintain_runs_total`,
 /// `batch_maintain_seconds`, `batch_lake_files{table}`).
@@ -149,7 +151,17 @@ fn record(outcome: &Result<RunOutcome, recompute::RunError>) {
     metrics::counter!("batch_runs_total", "outcome" => label).increment(1);
     let now = Utc::now().timestamp_millis() as f64 / 1000.0;
     match outcome {
-        Ok(RunOutcome::Published { cut, rows, prepare_ms, compute_ms, check_ms, publish_ms, total_ms, .. }) => {
+        Ok(RunOutcome::Published {
+            cut,
+            rows,
+            deferred,
+            prepare_ms,
+            compute_ms,
+            check_ms,
+            publish_ms,
+            total_ms,
+            ..
+        }) => {
             let phases = [
                 ("prepare", prepare_ms),
                 ("compute", compute_ms),
@@ -166,6 +178,7 @@ fn record(outcome: &Result<RunOutcome, recompute::RunError>) {
             for (p, o) in cut.iter() {
                 metrics::gauge!("batch_cut_offset", "partition" => p.0.to_string()).set(o.0 as f64);
             }
+            record_pending_folds(deferred);
             metrics::gauge!("batch_last_success_timestamp_seconds").set(now);
         }
         Ok(RunOutcome::Unchanged { .. }) => metrics::gauge!("batch_last_success_timestamp_seconds").set(now),
@@ -190,6 +203,18 @@ async fn record_last_published(pool: &sqlx::PgPool) {
         sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut").fetch_all(pool).await.unwrap_or_default();
     for (p, o) in cut {
         metrics::gauge!("batch_cut_offset", "partition" => p.to_string()).set(o as f64);
+    }
+    let pending: Vec<String> =
+        sqlx::query_scalar("SELECT view_name FROM ops.view_folds").fetch_all(pool).await.unwrap_or_default();
+    record_pending_folds(&pending);
+}
+
+/// `batch_fold_pending{view}` of every view whose fold may wait: 1 for
+/// those in `pending`, 0 for the others.
+fn record_pending_folds(pending: &[impl AsRef<str>]) {
+    for view in shared_schema::views::all().iter().filter(|v| v.mergeable_by_upsert()) {
+        let waits = pending.iter().any(|p| p.as_ref() == view.name);
+        metrics::gauge!("batch_fold_pending", "view" => view.name).set(if waits { 1.0 } else { 0.0 });
     }
 }
 

@@ -212,6 +212,10 @@ async fn every_service_runs_under_its_own_role_and_writes_only_its_own() {
         sqlx::query_scalar::<_, i64>("SELECT sum(cut_offset)::bigint FROM ops.cut").fetch_one(&owner).await.unwrap()
             as f64;
     assert_eq!(integration_tests::checks::metric_sum(&page, "batch_cut_offset"), cut, "{page}");
+    // Whether the run left user_product_state to the speed layer or folded it.
+    let pending = count(&owner, "SELECT count(*) FROM ops.view_folds WHERE view_name = 'user_product_state'").await;
+    let gauge = format!("batch_fold_pending{{view=\"user_product_state\"}} {pending}");
+    assert!(page.contains(&gauge), "{gauge}: {page}");
     // After its first run the schedule maintains the lake, under its role.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
