@@ -199,6 +199,9 @@ pub struct Known<'a> {
     pub unpositioned: &'a [Partition],
     /// The cut each partition's stored seed reaches.
     pub seeded: &'a BTreeMap<Partition, Offset>,
+    /// The newest time per partition between the previous cut and the new
+    /// one, when the caller read it already (else it is read here).
+    pub scanned: Option<&'a BTreeMap<Partition, i64>>,
 }
 
 /// Computes the [`CutHistory`] of a run moving the cut from `previous` to
@@ -213,13 +216,17 @@ pub async fn cut_history(
     known: &Known<'_>,
     window_micros: i64,
 ) -> Result<CutHistory, LakeError> {
-    let Known { stored, unpositioned, seeded } = *known;
+    let Known { stored, unpositioned, seeded, scanned } = *known;
     let scan = |source| LakeError::Scan { table: lake::EVENTS_TABLE.to_string(), source };
     // Offsets below the previous cut are summed up by the stored newest
     // time; where none is stored (published before duplicates were judged)
     // the whole partition is read.
     let from: OffsetCut = previous.iter().filter(|(p, _)| stored.contains_key(p)).collect();
-    let mut newest = newest_between(ctx, &from, cut).await.map_err(scan)?;
+    let mut newest = match scanned {
+        // The same range, read already.
+        Some(scanned) if from == *previous => scanned.clone(),
+        _ => newest_between(ctx, &from, cut).await.map_err(scan)?,
+    };
     for (p, t) in stored {
         let n = newest.entry(*p).or_insert(*t);
         *n = (*n).max(*t);

@@ -347,11 +347,8 @@ async fn locked_run(
     let prepare_ms = started.elapsed().as_millis() as u64;
     let progress = progress_bar(config.progress, (views::all().len() + BATCH_TABLES.len() + 2) as u64);
     progress.set_message("finding the hours new events touched");
-    let touched = if plan.needs_touched_hours() {
-        plan::cover(&compute::touched_hours(&ctx, &plan).await?, plan::MAX_HOUR_RUNS)
-    } else {
-        Vec::new()
-    };
+    let new_range = if plan.needs_touched_hours() { Some(compute::new_range(&ctx, &plan).await?) } else { None };
+    let touched = new_range.as_ref().map(|r| plan::cover(&r.hours, plan::MAX_HOUR_RUNS)).unwrap_or_default();
     let (ages, catalog_published) = table_ages(pool).await?;
     let catalog_changed = catalog_published != Some(catalog_version);
     let folds = if plan.full { plan::Folds::default() } else { folds(pool, config.fold_every).await? };
@@ -376,7 +373,9 @@ async fn locked_run(
         computed.push(done);
     }
     progress.set_message("duplicates: newest times and the speed layer's seed");
-    let cut_history = dedup_history(pool, &ctx, &table, &plan, deployment.dedup_window_micros).await?;
+    let scanned = new_range.map(|r| r.newest);
+    let cut_history =
+        dedup_history(pool, &ctx, &table, &plan, scanned.as_ref(), deployment.dedup_window_micros).await?;
     let compute_ms = compute_started.elapsed().as_millis() as u64;
 
     let check_started = Instant::now();
@@ -482,12 +481,15 @@ async fn locked_run(
 
 /// What the publish records for duplicates (see [`crate::dedup`]): the
 /// newest time per partition below the new cut, and the seed for the
-/// partitions the speed layer holds no position in yet.
+/// partitions the speed layer holds no position in yet. `scanned`: the
+/// newest times between the previous cut and the new one, when the run
+/// read them already ([`compute::NewRange`]).
 async fn dedup_history(
     pool: &PgPool,
     ctx: &datafusion::prelude::SessionContext,
     table: &deltalake::DeltaTable,
     plan: &plan::Plan,
+    scanned: Option<&BTreeMap<Partition, i64>>,
     window_micros: i64,
 ) -> Result<crate::dedup::CutHistory, RunError> {
     let stored: Vec<(i32, chrono::DateTime<chrono::Utc>)> =
@@ -501,7 +503,7 @@ async fn dedup_history(
     let seeded: Vec<(i32, i64)> =
         sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.dedup_seed_cut").fetch_all(pool).await?;
     let seeded = seeded.into_iter().map(|(p, o)| (Partition(p), Offset(o))).collect();
-    let known = crate::dedup::Known { stored: &stored, unpositioned: &unpositioned, seeded: &seeded };
+    let known = crate::dedup::Known { stored: &stored, unpositioned: &unpositioned, seeded: &seeded, scanned };
     Ok(crate::dedup::cut_history(ctx, table, &plan.previous, &plan.cut, &known, window_micros).await?)
 }
 

@@ -102,25 +102,44 @@ pub(crate) async fn lake_next(
     Ok(lake::committed_offsets(table, topic, partitions).await?)
 }
 
-/// The hours of the events between the previous cut and the new one.
-pub(crate) async fn touched_hours(ctx: &SessionContext, plan: &Plan) -> Result<Vec<Hour>, RunError> {
-    use arrow::array::AsArray;
-    use arrow::datatypes::TimestampMicrosecondType;
+/// What the events between the previous cut and the new one touched: their
+/// hours, and per partition the newest event time among them (what the
+/// publish's duplicates history needs of the same range, read in the same
+/// scan).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NewRange {
+    pub(crate) hours: Vec<Hour>,
+    pub(crate) newest: BTreeMap<Partition, i64>,
+}
+
+/// Reads [`NewRange`]: one scan of the new offsets, grouped by partition and
+/// hour.
+pub(crate) async fn new_range(ctx: &SessionContext, plan: &Plan) -> Result<NewRange, RunError> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Int32Type, TimestampMicrosecondType};
     let failed = |source| RunError::Compute { view: "touched hours", source };
     scope::register_events(ctx, scope::between(&plan.previous, &plan.cut)).await.map_err(failed)?;
-    let batches =
-        async { ctx.sql(&format!("SELECT DISTINCT {HOUR_EXPR} AS hour FROM events e")).await?.collect().await }
-            .await
-            .map_err(failed)?;
-    let mut hours: Vec<Hour> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<TimestampMicrosecondType>().iter().flatten().collect::<Vec<_>>())
-        .filter_map(chrono::DateTime::from_timestamp_micros)
-        .map(Hour::of)
-        .collect();
-    hours.sort();
-    hours.dedup();
-    Ok(hours)
+    let sql = format!(
+        "SELECT e.kafka_partition, {HOUR_EXPR} AS hour, max(e.event_time) AS newest FROM events e GROUP BY 1, 2"
+    );
+    let batches = async { ctx.sql(&sql).await?.collect().await }.await.map_err(failed)?;
+    let mut range = NewRange::default();
+    for b in &batches {
+        let partitions = b.column(0).as_primitive::<Int32Type>();
+        let hours = b.column(1).as_primitive::<TimestampMicrosecondType>();
+        let times = b.column(2).as_primitive::<TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            if partitions.is_null(i) || hours.is_null(i) || times.is_null(i) {
+                continue;
+            }
+            range.hours.extend(chrono::DateTime::from_timestamp_micros(hours.value(i)).map(Hour::of));
+            let newest = range.newest.entry(Partition(partitions.value(i))).or_insert(times.value(i));
+            *newest = (*newest).max(times.value(i));
+        }
+    }
+    range.hours.sort();
+    range.hours.dedup();
+    Ok(range)
 }
 
 /// Computes `view` as `refresh` says: the events below the cut, only those

@@ -253,7 +253,9 @@ async fn a_lake_that_lost_records_publishes_nothing_until_the_loss_is_accepted()
 
 /// The duplicates seed (`ops.dedup_seed`) is continued from publish to
 /// publish with the new offsets' keys (an incremental run reads only
-/// those); what it holds is what one read of the lake would give.
+/// those); what it holds is what one read of the lake would give. The
+/// newest time each publish records with the cut (read in the scan that
+/// finds the touched hours) is the lake's below the cut.
 #[tokio::test]
 async fn the_duplicates_seed_continued_by_incremental_runs_equals_one_read_whole() {
     let Setup { stack, topic, url, pool, lake, _dir } = setup("seed_continued").await;
@@ -267,13 +269,43 @@ async fn the_duplicates_seed_continued_by_incremental_runs_equals_one_read_whole
                 .unwrap();
         rows
     };
+    // Per partition, the newest time recorded with the cut, and the
+    // lake's newest event below it.
+    let newest = || async {
+        use datafusion::arrow::array::{Array, AsArray};
+        use datafusion::arrow::datatypes::TimestampMicrosecondType;
+        let cut: Vec<(i32, i64, Option<DateTime<Utc>>)> =
+            sqlx::query_as("SELECT kafka_partition, cut_offset, newest_event_time FROM ops.cut ORDER BY 1")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let ctx = datafusion::prelude::SessionContext::new();
+        let table = lake.open(EVENTS_TABLE).await.unwrap().unwrap();
+        batch_layer::lake::register(&ctx, "events", &table).await.unwrap();
+        let mut pairs = Vec::new();
+        for (p, cut, recorded) in cut {
+            let sql =
+                format!("SELECT max(event_time) FROM events WHERE kafka_partition = {p} AND kafka_offset < {cut}");
+            let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+            let max = batches[0].column(0).as_primitive::<TimestampMicrosecondType>();
+            let lake = (!max.is_null(0)).then(|| DateTime::from_timestamp_micros(max.value(0)).unwrap());
+            pairs.push((p, recorded, lake));
+        }
+        pairs
+    };
     for batch in 0..3 {
-        let records: Vec<_> = (0..200)
-            .map(|i| event(&format!("b{batch}-{i}"), &format!("u{}", i % 9), "p-1", t0 + TimeDelta::seconds(i)))
-            .collect();
+        // Each batch ten minutes later than the one before.
+        let at = |i: i64| t0 + TimeDelta::seconds(600 * batch + i);
+        let records: Vec<_> =
+            (0..200).map(|i| event(&format!("b{batch}-{i}"), &format!("u{}", i % 9), "p-1", at(i))).collect();
         send_records(stack.brokers(), &topic, &records).unwrap();
         ingest(&stack, &topic, &lake, &url).await;
         assert!(matches!(recompute::run(&run).await.unwrap(), RunOutcome::Published { .. }), "batch {batch}");
+        let pairs = newest().await;
+        assert!(!pairs.is_empty(), "batch {batch}: no cut");
+        for (p, recorded, lake) in pairs {
+            assert_eq!(recorded, lake, "batch {batch}, partition {p}: the newest time recorded with the cut");
+        }
     }
     let continued = seed().await;
     assert_eq!(continued.len(), 600, "every key of the window, none twice");
