@@ -5,7 +5,7 @@
 # (bench_serving) on the local stack, never the platform's. Prints a table
 # and rewrites the "## Serving layer" section of docs/BENCHMARKS.md.
 #
-#   USERS=100000 DURATION=30s RATE_CONNECTIONS=20 scripts/bench-serving.sh
+#   USERS=100000 SPEED_PAIRS=200000 DURATION=30s scripts/bench-serving.sh
 set -euo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "$0")/bench-lib.sh"
@@ -19,6 +19,10 @@ DB=${BENCH_DATABASE:-bench_serving}
 URL="$PG_SERVER/$DB"
 USERS=${USERS:-100000}
 PRODUCTS=${PRODUCTS:-5000}
+# (user, product) rows the speed layer holds: as many as six hours of the
+# shop's traffic leave there while the batch defers their fold
+# (`--fold-every`, docs/BENCHMARKS.md "The incremental run, phase by phase").
+SPEED_PAIRS=${SPEED_PAIRS:-200000}
 DURATION=${DURATION:-30s}
 ADDR=${BENCH_ADDR:-127.0.0.1:18080}
 OPS_ADDR=${BENCH_OPS_ADDR:-127.0.0.1:18081}
@@ -34,7 +38,7 @@ serve_bench_ready "$PG_SERVER"
 say "database $DB: $USERS users, $PRODUCTS products"
 psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 "$BIN" --database-url "$URL" migrate 2>/dev/null
-psql "$URL" -v ON_ERROR_STOP=1 -q -v users="$USERS" -v products="$PRODUCTS" <<'SQL'
+psql "$URL" -v ON_ERROR_STOP=1 -q -v users="$USERS" -v products="$PRODUCTS" -v speed_pairs="$SPEED_PAIRS" <<'SQL'
 -- Written where the batch layer writes; serving.* views read it.
 -- Demand in the current hour makes the popular list (1000 products).
 INSERT INTO batch.product_demand_hourly (hour, product_id, views, cart_adds, cart_removes, purchases, units, revenue_cents)
@@ -51,6 +55,14 @@ SELECT 'u-' || u, 'p-' || ((u * 7 + i * 13) % :products + 1),
        CASE WHEN (u + i) % 3 = 0 THEN now() - (u % 1000 + i) * interval '9 minutes' END,
        CASE WHEN (u + i) % 7 = 0 THEN now() - (u % 1000 + i) * interval '8 minutes' END
 FROM generate_series(1, :users) AS u, generate_series(0, 9) AS i;
+-- The speed layer's rows of the last hours, spread over the users: newer
+-- views of products they had, and products new to them.
+INSERT INTO speed.user_product_state (user_id, product_id, last_viewed_at, last_carted_at)
+SELECT 'u-' || (n % :users + 1), 'p-' || ((n * 11) % :products + 1),
+       now() - (n % 360) * interval '1 minute',
+       CASE WHEN n % 5 = 0 THEN now() - (n % 360) * interval '1 minute' END
+FROM generate_series(1, :speed_pairs) AS n
+ON CONFLICT DO NOTHING;
 ANALYZE;
 SQL
 
@@ -125,8 +137,9 @@ section=$(cat <<MD
 ## Serving layer
 
 \`make bench-serving\` ($when, commit $rev): \`GET /api/recommendations/{user_id}?k=10\`
-for a random one of $USERS users (10 products each in \`user_product_state\`,
-$PRODUCTS products with 20 similar ones each), through \`serving-layer serve\`
+for a random one of $USERS users (10 products each in \`batch.user_product_state\`,
+$SPEED_PAIRS rows in \`speed.user_product_state\` as while the batch defers
+their fold, $PRODUCTS products with 20 similar ones each), through \`serving-layer serve\`
 (release profile) and PostgreSQL, wrk on the same
 machine: $cores cores ($cpu), shared by wrk, the server and PostgreSQL;
 load average $load when the runs ended (other work on the machine
