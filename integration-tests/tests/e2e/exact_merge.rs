@@ -205,3 +205,75 @@ async fn batch_landing_changes_no_serving_number() {
     shutdown.cancel();
     speed.await.unwrap().unwrap();
 }
+
+/// A run that left the user-product state to the speed layer checks again,
+/// in its publish's transaction, that the speed layer still holds what it
+/// leaves there: a position that began anew while the run computed (as
+/// after a reset) refuses the publish, and the next run folds.
+#[tokio::test]
+async fn a_deferred_fold_is_refused_when_the_speed_layer_began_anew_during_the_run() {
+    use batch_layer::recompute::{PublishPause, RunError};
+    let stack = Stack::from_env();
+    let FreshStream { topic, dlq, url, pool } = stack.fresh_stream("fold_refused", 2, 100).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::parse(dir.path().to_str().unwrap()).unwrap();
+    let ingest_config = IngestConfig::catch_up(stack.brokers(), &topic, &lake);
+    let run_config = RunConfig::new(url.clone(), lake.clone(), topic.clone());
+    let shutdown = CancellationToken::new();
+    let speed =
+        tokio::spawn(stream::run(SpeedConfig::single_instance(stack.brokers(), &topic, &dlq, &url), shutdown.clone()));
+    let mut total = 0i64;
+    for round in 0..2u64 {
+        let truth = generator::run(generator_args(&stack, &topic, 50 + round, 2)).await.unwrap();
+        total += (truth.events_sent + truth.bad_sent) as i64;
+        wait_for_speed(&pool, total).await;
+        ingest::run(ingest_config.clone(), CancellationToken::new()).await.unwrap();
+        if round == 0 {
+            assert!(matches!(recompute::run(&run_config).await.unwrap(), RunOutcome::Published { .. }));
+        }
+    }
+    let cut_before: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut ORDER BY 1").fetch_all(&pool).await.unwrap();
+    let batch_before = read_batch_state(&pool).await;
+
+    let pause = PublishPause::default();
+    let paused = RunConfig { pause_before_publish: Some(pause.clone()), ..run_config.clone() };
+    let run = tokio::spawn(async move { recompute::run(&paused).await });
+    tokio::time::timeout(std::time::Duration::from_secs(300), pause.reached.notified())
+        .await
+        .expect("the run reached its publish");
+    // The positions now begin where they stand: the records between the
+    // batch rows and them are no longer known to be in the speed layer.
+    sqlx::query("UPDATE ops.speed_offsets SET started_offset = next_offset").execute(&pool).await.unwrap();
+    pause.resume.notify_one();
+    match run.await.unwrap() {
+        Err(RunError::SpeedMoved { view }) => assert_eq!(view, "user_product_state"),
+        other => panic!("the run should have been refused: {other:?}"),
+    }
+    let cut_after: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, cut_offset FROM ops.cut ORDER BY 1").fetch_all(&pool).await.unwrap();
+    assert_eq!(cut_after, cut_before, "nothing published");
+    assert_eq!(read_batch_state(&pool).await, batch_before, "nothing published");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM ops.view_folds").fetch_one(&pool).await.unwrap();
+    assert_eq!(pending, 0, "no fold recorded as pending");
+    let status: (String, Option<String>) =
+        sqlx::query_as("SELECT status, message FROM ops.batch_runs ORDER BY run_id DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status.0, "failed", "{status:?}");
+    assert!(status.1.as_deref().is_some_and(|m| m.contains("speed layer")), "{status:?}");
+
+    // The next run finds the speed layer no longer holds the range and folds.
+    let RunOutcome::Published { deferred, rows, .. } = recompute::run(&run_config).await.unwrap() else {
+        panic!("the next run did not publish")
+    };
+    assert!(deferred.is_empty(), "{deferred:?}");
+    assert!(rows["user_product_state"] > 0, "{rows:?}");
+    let folded = read_batch_state(&pool).await;
+    let full = recompute::run(&RunConfig { full: true, ..run_config.clone() }).await.unwrap();
+    assert!(matches!(full, RunOutcome::Published { .. }), "{full:?}");
+    assert_eq!(read_batch_state(&pool).await, folded, "the fold differs from a full recompute");
+    shutdown.cancel();
+    speed.await.unwrap().unwrap();
+}
