@@ -216,11 +216,41 @@ async fn purchases_and_products_newer_than_the_similarity_are_recommended() {
     let mut platform = Platform::published("recs_launch", 61).await;
     let category_of: BTreeMap<String, String> =
         platform.pairs.iter().filter_map(|p| Some((p.0.clone(), p.3.clone()?))).collect();
-    // The launch's category is the first product's; the buyer's product
-    // is the first one of another category.
-    let (first, category) = category_of.iter().next().map(|(p, c)| (p.clone(), c.clone())).unwrap();
+    // u-looker will view two products of the launch's category: its list is
+    // what is similar to either (weight 1 each), and the launch at two seeds
+    // of its category times the category's prior (the median of its
+    // products' best score with another product of the category). The
+    // generated similarities depend on the clock's hour, so the category is
+    // one whose prior puts the launch among the first ten.
+    let expected_for = |first: &str, seen: &str, category: &str| {
+        let mut best: BTreeMap<&str, f64> = BTreeMap::new();
+        let same = |p: &&Pair| p.3.as_deref() == Some(category) && p.4.as_deref() == Some(category);
+        for p in platform.pairs.iter().filter(same) {
+            let b = best.entry(p.0.as_str()).or_insert(f64::MIN);
+            *b = b.max(p.2);
+        }
+        let prior = median(best.into_values().collect());
+        let mut want = platform.similar_to(&[(seen, 1.0), (first, 1.0)]);
+        want.push(("p-launch".into(), 2.0 * prior));
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        want.truncate(10);
+        want
+    };
+    let mut categories: Vec<&String> = category_of.values().collect();
+    categories.sort();
+    categories.dedup();
+    let (first, seen, category, want) = categories
+        .iter()
+        .filter_map(|category| {
+            let mut members = category_of.iter().filter(|(_, c)| c == category).map(|(p, _)| p.clone());
+            let (first, seen) = (members.next()?, members.next()?);
+            let want = expected_for(&first, &seen, category);
+            want.iter().any(|w| w.0 == "p-launch").then(|| (first, seen, (*category).clone(), want))
+        })
+        .next()
+        .expect("a category whose prior puts the launch among the first ten");
+    // The buyer's product is the first one of another category.
     let (bought, _) = category_of.iter().find(|(_, c)| **c != category).unwrap();
-    let seen = category_of.iter().find(|(p, c)| **c == category && **p != first).expect("a second product").0;
 
     // The launch enters the catalog; the next run copies the catalog but
     // leaves similarity alone (it refreshes every six hours).
@@ -241,27 +271,11 @@ async fn purchases_and_products_newer_than_the_similarity_are_recommended() {
     let now = Utc::now();
     let mut records: Vec<_> =
         (0..20).map(|i| event_record(&format!("u-fan-{i}"), "p-launch", "page_view", now)).collect();
-    records.push(event_record("u-looker", seen, "page_view", now));
+    records.push(event_record("u-looker", &seen, "page_view", now));
     records.push(event_record("u-looker", &first, "page_view", now));
     records.push(event_record("u-buyer", bought, "purchase", now));
     platform.send(&records);
 
-    // The category's prior: the median of its products' best score with
-    // another product of the category.
-    let mut best: BTreeMap<&str, f64> = BTreeMap::new();
-    let same = |p: &&Pair| p.3.as_deref() == Some(&category) && p.4.as_deref() == Some(&category);
-    for p in platform.pairs.iter().filter(same) {
-        let b = best.entry(p.0.as_str()).or_insert(f64::MIN);
-        *b = b.max(p.2);
-    }
-    let prior = median(best.into_values().collect());
-    // u-looker's list: what is similar to either product seen (weight 1
-    // each), and the launch at two seeds of its category times the prior.
-    let mut want = platform.similar_to(&[(seen, 1.0), (&first, 1.0)]);
-    want.push(("p-launch".into(), 2.0 * prior));
-    want.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    want.truncate(10);
-    assert!(want.iter().any(|w| w.0 == "p-launch"), "the prior puts the launch among the first ten: {want:?}");
     let (looker, source, _) =
         platform.wait_for("u-looker", "the launch", |products, _| products.iter().any(|p| p.0 == "p-launch")).await;
     assert_eq!(source, "personalized");
